@@ -1,0 +1,36 @@
+# entropy-probe: `make demo` runs the main job, `make test` the tests.
+# Both create .venv and install what a fresh machine lacks. TORCH_SPEC is overridable,
+# e.g. `make test TORCH_SPEC='torch==2.5.1'`; on our CI machines torch==2.13.0 is the local CPU build.
+PYTHON     ?= python3
+VENV       ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY         := $(VENV)/bin/python
+STAMP      := $(VENV)/.installed
+DEMO_OUT   ?= runs/demo
+PYTEST_ARGS ?= -n 2
+
+.PHONY: install test demo validate bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+demo: $(STAMP)
+	$(VENV)/bin/entropy-probe demo --out $(DEMO_OUT)
+
+validate: $(STAMP)
+	$(VENV)/bin/entropy-probe validate --out runs/validate
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_engines.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
