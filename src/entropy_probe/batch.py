@@ -1,0 +1,185 @@
+"""The rollout batch: N sequences grouped into units (one prompt with its G >= 2 responses).
+
+A response token at position t has log-prob ``log pi(input_ids[t] | input_ids[<t])``, read from the
+logits at position t-1 (DESIGN section 2). Everything the probe later assumes is checked here, once,
+so that every later error can name the field and the row or unit at fault.
+
+>>> import torch
+>>> ids = torch.tensor([[5, 1, 2], [5, 2, 0], [6, 1, 0], [6, 2, 2]])
+>>> resp = torch.tensor([[0, 1, 1], [0, 1, 1], [0, 1, 0], [0, 1, 1]])
+>>> b = RolloutBatch(ids, torch.ones_like(ids), resp, torch.tensor([7, 7, 3, 3]),
+...                  rewards=torch.tensor([1.0, 0.0, 0.5, 0.5]))
+>>> b.n_units, b.unit_ids.tolist(), b.response_lengths.tolist()
+(2, [7, 3], [2, 2, 1, 2])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+def _first_bad_row(bad: Tensor) -> int:
+    """Index of the first row (dim 0) where ``bad`` holds anywhere."""
+    rows = bad.reshape(bad.shape[0], -1).any(dim=1).nonzero()
+    return int(rows[0, 0])
+
+
+@dataclass
+class RolloutBatch:
+    """N sampled sequences, validated on construction.
+
+    Fields (N sequences, T positions):
+        input_ids: ``(N, T)`` integer token ids, prompt then response, padded either side.
+        attention_mask: ``(N, T)`` 1 for real tokens, 0 for padding.
+        response_mask: ``(N, T)`` 1 where the token is a response token; a subset of attention_mask,
+            never at position 0 (its log-prob needs the logits of the position before).
+        group_ids: ``(N,)`` integer id of the prompt each sequence answers; a unit is one group id.
+        rewards: ``(N,)`` scalar reward per sequence (advantages are then derived from them).
+        advantages: ``(N,)`` advantages as computed by the caller (``advantage_estimator="given"``).
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    response_mask: Tensor
+    group_ids: Tensor
+    rewards: Tensor | None = None
+    advantages: Tensor | None = None
+    # Derived on construction: unit structure.
+    unit_ids: Tensor = field(init=False, repr=False)
+    unit_index: Tensor = field(init=False, repr=False)
+    unit_sizes: Tensor = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._validate_shapes()
+        self._validate_masks()
+        self._validate_scalars()
+        # Units in order of first appearance; unit_index[i] is sequence i's unit (0..B-1).
+        uniq, inverse = torch.unique(self.group_ids, return_inverse=True)
+        first = torch.full((len(uniq),), self.n_sequences, dtype=torch.long)
+        first.scatter_reduce_(0, inverse, torch.arange(self.n_sequences), reduce="amin")
+        order = torch.argsort(first)
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(len(order))
+        self.unit_ids = uniq[order]
+        self.unit_index = rank[inverse]
+        self.unit_sizes = torch.bincount(self.unit_index, minlength=len(uniq))
+        small = (self.unit_sizes < 2).nonzero()
+        if len(small):
+            u = int(small[0, 0])
+            raise ValueError(
+                f"RolloutBatch.group_ids: unit {int(self.unit_ids[u])} has "
+                f"{int(self.unit_sizes[u])} response(s); every unit needs at least 2 (the "
+                "leave-one-out baseline and group advantages need a second response)"
+            )
+
+    # ---- validation -------------------------------------------------------------------------
+    def _validate_shapes(self) -> None:
+        for name in ("input_ids", "attention_mask", "response_mask", "group_ids"):
+            if not isinstance(getattr(self, name), Tensor):
+                raise ValueError(f"RolloutBatch.{name} must be a torch.Tensor, got "
+                                 f"{type(getattr(self, name)).__name__}")
+        if self.input_ids.dim() != 2:
+            raise ValueError(f"RolloutBatch.input_ids must be (N, T), got shape {tuple(self.input_ids.shape)}")
+        if self.input_ids.dtype.is_floating_point or self.input_ids.dtype == torch.bool:
+            raise ValueError(f"RolloutBatch.input_ids must hold integer token ids, got {self.input_ids.dtype}")
+        n, t = self.input_ids.shape
+        if n == 0 or t < 2:
+            raise ValueError(f"RolloutBatch.input_ids has shape {(n, t)}; need N >= 1 sequences and T >= 2 positions")
+        for name in ("attention_mask", "response_mask"):
+            if tuple(getattr(self, name).shape) != (n, t):
+                raise ValueError(f"RolloutBatch.{name} has shape {tuple(getattr(self, name).shape)}, "
+                                 f"expected {(n, t)} like input_ids")
+        for name in ("group_ids", "rewards", "advantages"):
+            x = getattr(self, name)
+            if x is not None and tuple(x.shape) != (n,):
+                raise ValueError(f"RolloutBatch.{name} has shape {tuple(x.shape)}, expected ({n},): one per sequence")
+        if self.group_ids.dtype.is_floating_point:
+            raise ValueError(f"RolloutBatch.group_ids must be integers, got {self.group_ids.dtype}")
+        if self.rewards is None and self.advantages is None:
+            raise ValueError("RolloutBatch: give rewards or advantages (neither was given)")
+        if (self.input_ids < 0).any():
+            raise ValueError(f"RolloutBatch.input_ids: row {_first_bad_row(self.input_ids < 0)} has a negative token id")
+
+    def _validate_masks(self) -> None:
+        for name in ("attention_mask", "response_mask"):
+            m = getattr(self, name)
+            bad = (m != 0) & (m != 1)
+            if bad.any():
+                raise ValueError(f"RolloutBatch.{name}: row {_first_bad_row(bad)} holds values other than 0 and 1")
+        attn, resp = self.attention_mask.bool(), self.response_mask.bool()
+        outside = resp & ~attn
+        if outside.any():
+            raise ValueError(f"RolloutBatch.response_mask: row {_first_bad_row(outside)} marks a padding position "
+                             "(attention_mask 0) as a response token")
+        if resp[:, 0].any():
+            raise ValueError(f"RolloutBatch.response_mask: row {_first_bad_row(resp[:, :1])} marks position 0 as a "
+                             "response token; its log-prob needs a token before it")
+        empty = resp.sum(dim=1) == 0
+        if empty.any():
+            raise ValueError(f"RolloutBatch.response_mask: row {_first_bad_row(empty)} has an empty response "
+                             "(no response token)")
+        # The token before each response token must be real, else its logits see only padding.
+        prev_pad = resp[:, 1:] & ~attn[:, :-1]
+        if prev_pad.any():
+            raise ValueError(f"RolloutBatch.response_mask: row {_first_bad_row(prev_pad)} has a response token "
+                             "right after padding; responses must follow a real prompt token")
+
+    def _validate_scalars(self) -> None:
+        for name in ("rewards", "advantages"):
+            x = getattr(self, name)
+            if x is None:
+                continue
+            if not isinstance(x, Tensor) or not x.dtype.is_floating_point:
+                raise ValueError(f"RolloutBatch.{name} must be a floating-point tensor")
+            bad = ~torch.isfinite(x)
+            if bad.any():
+                raise ValueError(f"RolloutBatch.{name}: row {_first_bad_row(bad)} is {float(x[bad][0])} "
+                                 "(not finite)")
+
+    # ---- structure ----------------------------------------------------------------------------
+    @property
+    def n_sequences(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def n_units(self) -> int:
+        return int(self.unit_ids.shape[0])
+
+    @property
+    def response_lengths(self) -> Tensor:
+        """``(N,)`` number of response tokens L_i per sequence."""
+        return self.response_mask.sum(dim=1)
+
+    @property
+    def device(self) -> torch.device:
+        return self.input_ids.device
+
+    def rows_of_units(self, units: Tensor | list[int]) -> Tensor:
+        """Row indices of the given units (positions 0..B-1), grouped unit by unit."""
+        units = torch.as_tensor(units, dtype=torch.long, device=self.unit_index.device)
+        order = torch.argsort(self.unit_index, stable=True)  # rows sorted by unit
+        starts = torch.cumsum(self.unit_sizes, 0) - self.unit_sizes
+        return torch.cat([order[starts[u]: starts[u] + self.unit_sizes[u]] for u in units.tolist()])
+
+    def select_units(self, units: Tensor | list[int]) -> "RolloutBatch":
+        """The sub-batch of the given units (positions 0..B-1), in the given order."""
+        rows = self.rows_of_units(units)
+        pick = lambda x: None if x is None else x[rows.to(x.device)]  # noqa: E731
+        return RolloutBatch(pick(self.input_ids), pick(self.attention_mask), pick(self.response_mask),
+                            pick(self.group_ids), rewards=pick(self.rewards), advantages=pick(self.advantages))
+
+    def microbatches(self, units_per_batch: int):
+        """Yield ``(unit_positions, sub_batch)`` chunks of at most ``units_per_batch`` units."""
+        if units_per_batch < 1:
+            raise ValueError(f"microbatch_units must be >= 1, got {units_per_batch}")
+        for start in range(0, self.n_units, units_per_batch):
+            units = list(range(start, min(start + units_per_batch, self.n_units)))
+            yield units, self.select_units(units)
+
+    def to(self, device: torch.device | str) -> "RolloutBatch":
+        mv = lambda x: None if x is None else x.to(device)  # noqa: E731
+        return RolloutBatch(mv(self.input_ids), mv(self.attention_mask), mv(self.response_mask),
+                            mv(self.group_ids), rewards=mv(self.rewards), advantages=mv(self.advantages))

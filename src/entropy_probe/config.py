@@ -1,0 +1,73 @@
+"""``ProbeConfig``: every option of the probe, one documented field each (DESIGN section 10)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+from .direction import DIRECTIONS
+from .logprobs import WEIGHTINGS
+from .objectives import ADVANTAGE_ESTIMATORS, LOSS_AGGREGATIONS, X_ESTIMATORS
+
+ENGINES = ("backward", "jvp")
+
+
+@dataclass
+class ProbeConfig:
+    """Options of ``EntropyProbe``. Defaults follow GRPO with Adam and the founding note."""
+
+    lr: float | None = None
+    """Learning rate eta of the step being forecast. None: the optimizer's (first group's) lr."""
+    temperature: float = 1.0
+    """Sampling temperature; the policy is softmax(logits / temperature)."""
+    microbatch_units: int = 4
+    """Units per forward in passes that batch units (U gradient, truth, jvp engine)."""
+    entropy_weighting: str = "token-mean"
+    """How S_w weights a response's tokens: "token-mean" (w = m / L, the default) or "sum" (w = m)."""
+    x_estimator: str = "unbiased"
+    """Entropy-gradient estimate X_n: "unbiased" (with the pathwise term) or "seed" (the note's L_X)."""
+    direction: str = "adam-preconditioned"
+    """Update direction v: "adam-preconditioned" (the note), "optimizer-step" or "sgd"."""
+    loss_aggregation: str = "seq-mean-token-mean"
+    """Policy loss aggregation of the run: "seq-mean-token-mean" (GRPO), "seq-mean-token-sum",
+    "token-mean" (DAPO), "seq-mean-token-sum-norm" (Dr. GRPO)."""
+    advantage_estimator: str | None = None
+    """"grpo", "rloo", "dr-grpo" (from rewards) or "given" (batch.advantages). None: "given" when the
+    batch carries advantages, else "grpo"."""
+    engine: str = "backward"
+    """How the s_n are computed: "backward" (one backward per E unit) or "jvp" (forward mode)."""
+    max_grad_norm: float | None = None
+    """The run's clip_grad_norm_ threshold, applied by direction="optimizer-step". None: no clipping."""
+    norm_length: int | None = None
+    """Dr. GRPO's constant length for "seq-mean-token-sum-norm". None: the longest response of U."""
+    unconditional_se: bool = True
+    """Also compute se_total (adds the variance over U; costs one more pass over U)."""
+    truth_alphas: tuple[float, ...] = (1.0,)
+    """Step fractions alpha at which run(truth=True) measures the entropy after theta + alpha*eta*v."""
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, name: str, msg: str) -> None:
+            if not ok:
+                raise ValueError(f"ProbeConfig.{name}: {msg}, got {getattr(self, name)!r}")
+
+        need(self.lr is None or (math.isfinite(self.lr) and self.lr > 0), "lr", "must be a finite number > 0 or None")
+        need(math.isfinite(self.temperature) and self.temperature > 0, "temperature", "must be a finite number > 0")
+        need(isinstance(self.microbatch_units, int) and self.microbatch_units >= 1, "microbatch_units",
+             "must be an integer >= 1")
+        need(self.entropy_weighting in WEIGHTINGS, "entropy_weighting", f"must be one of {WEIGHTINGS}")
+        need(self.x_estimator in X_ESTIMATORS, "x_estimator", f"must be one of {X_ESTIMATORS}")
+        need(self.direction in DIRECTIONS, "direction", f"must be one of {DIRECTIONS}")
+        need(self.loss_aggregation in LOSS_AGGREGATIONS, "loss_aggregation", f"must be one of {LOSS_AGGREGATIONS}")
+        need(self.advantage_estimator is None or self.advantage_estimator in ADVANTAGE_ESTIMATORS,
+             "advantage_estimator", f"must be None or one of {ADVANTAGE_ESTIMATORS}")
+        need(self.engine in ENGINES, "engine", f"must be one of {ENGINES}")
+        need(self.max_grad_norm is None or (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0),
+             "max_grad_norm", "must be a finite number > 0 or None")
+        need(self.norm_length is None or (isinstance(self.norm_length, int) and self.norm_length >= 1),
+             "norm_length", "must be an integer >= 1 or None")
+        self.truth_alphas = tuple(float(a) for a in self.truth_alphas)
+        need(len(self.truth_alphas) > 0 and all(math.isfinite(a) for a in self.truth_alphas), "truth_alphas",
+             "must be a non-empty sequence of finite numbers")
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,97 @@
+"""Teacher-forced token log-probs of the policy ``softmax(logits / temperature)``.
+
+Three details decide whether these numbers are right:
+- position ids come from the attention mask, so a left-padded row sees the same positions as an
+  unpadded one (GPT-2's learned position embeddings are wrong without them);
+- log-softmax runs in fp32 whatever the model's dtype, so bf16 models give usable S_i;
+- non-finite logits are an error naming the row, never a silent NaN downstream.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+import torch
+from torch import Tensor, nn
+
+from .batch import RolloutBatch, _first_bad_row
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """0, 1, 2, ... over the real tokens of each row; padding gets 0 (it is masked anyway)."""
+    return (attention_mask.long().cumsum(dim=1) - 1).clamp_min(0)
+
+
+def _accepts_position_ids(model: nn.Module) -> bool:
+    params = inspect.signature(model.forward).parameters
+    return "position_ids" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def model_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
+                 params: dict[str, Tensor] | None = None) -> Tensor:
+    """Call ``model(input_ids=..., attention_mask=...[, position_ids=...])`` and return ``(N, T, V)`` logits.
+
+    With ``params``, the call is ``torch.func.functional_call(model, params, ...)``: the parameters
+    named there replace the module's own for this call only (the truth and the jvp engine use it).
+    """
+    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask)
+    if _accepts_position_ids(model):
+        kwargs["position_ids"] = position_ids_from_mask(attention_mask)
+    out = model(**kwargs) if params is None else torch.func.functional_call(model, params, (), kwargs)
+    logits = out if isinstance(out, Tensor) else getattr(out, "logits", None)
+    if logits is None:
+        raise ValueError(f"model returned {type(out).__name__}; expected logits (N, T, V) or an object with .logits")
+    if logits.dim() != 3 or tuple(logits.shape[:2]) != tuple(input_ids.shape):
+        raise ValueError(f"model logits have shape {tuple(logits.shape)}; expected (N, T, V) with "
+                         f"(N, T) = {tuple(input_ids.shape)}")
+    return logits
+
+
+@dataclass
+class SequenceLogProbs:
+    """Per-sequence sums of response-token log-probs (all ``(N,)``, fp32).
+
+    seq: S_i = sum_k m_ik l_ik, the sequence log-prob (what the policy gradient differentiates).
+    weighted: S_w,i = sum_k w_ik l_ik, with w = m / L_i ("token-mean") or w = m ("sum").
+    """
+
+    seq: Tensor
+    weighted: Tensor
+
+
+def token_logprobs(logits: Tensor, input_ids: Tensor, temperature: float) -> Tensor:
+    """``(N, T)`` fp32 log-probs; entry t is ``log pi(input_ids[t] | <t)``, entry 0 is 0."""
+    shifted = logits[:, :-1].float() / temperature  # (N, T-1, V): position t-1 predicts token t
+    target = input_ids[:, 1:].unsqueeze(-1)  # (N, T-1, 1)
+    # gather - logsumexp avoids materialising a second (N, T-1, V) log-softmax tensor.
+    lp = shifted.gather(-1, target).squeeze(-1) - torch.logsumexp(shifted, dim=-1)  # (N, T-1)
+    return torch.nn.functional.pad(lp, (1, 0))  # (N, T)
+
+
+WEIGHTINGS = ("token-mean", "sum")
+
+
+def response_weights(response_mask: Tensor, weighting: str) -> Tensor:
+    """``(N, T)`` fp32 weights w_ik of S_w (DESIGN section 2)."""
+    m = response_mask.float()
+    if weighting == "token-mean":
+        return m / m.sum(dim=1, keepdim=True)
+    if weighting == "sum":
+        return m
+    raise ValueError(f"entropy_weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+
+
+def sequence_logprobs(model: nn.Module, batch: RolloutBatch, temperature: float, weighting: str,
+                      params: dict[str, Tensor] | None = None) -> SequenceLogProbs:
+    """Teacher-forced S_i and S_w,i of every sequence, differentiable in the model (or in ``params``)."""
+    ids, attn, resp = batch.input_ids, batch.attention_mask, batch.response_mask
+    logits = model_logits(model, ids, attn, params)
+    finite = torch.isfinite(logits.detach()).all(dim=-1) | ~attn.bool()  # (N, T); padding may hold anything
+    if not finite.all():
+        row = _first_bad_row(~finite)
+        raise ValueError(f"model logits are not finite for sequence {row} (group "
+                         f"{int(batch.group_ids[row])}) of the batch: NaN or inf at a real token")
+    # where, not multiply: padding logits may be inf and 0 * inf is NaN.
+    lp = torch.where(resp.bool(), token_logprobs(logits, ids, temperature), 0.0)  # (N, T)
+    w = response_weights(resp, weighting)
+    return SequenceLogProbs(seq=lp.sum(dim=1), weighted=(lp * w).sum(dim=1))

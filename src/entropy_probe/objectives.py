@@ -1,0 +1,126 @@
+"""The two scalar objectives the probe differentiates, as per-sequence coefficients.
+
+Every quantity the probe needs is linear in the per-sequence log-probs S_i and S_w,i with
+coefficients that are constant (detached) given the batch:
+
+- the policy-gradient surrogate of one U unit m (DESIGN section 4), ascent convention:
+  ``J_m = sum_{i in m} c_i S_i``, so ``grad J_m`` is a backward of that sum and ``grad J_m . u``
+  is ``sum_i c_i dS_i``;
+- the entropy-gradient estimate of one E unit n (DESIGN section 3):
+  ``X_n = grad( sum_{i in n} a_i S_i + e_i S_w,i )`` with
+  ``a_i = -(S_w,i - b_i) / G``, ``b_i = mean_{j != i} S_w,j`` and ``e_i = -1/G`` (unbiased) or 0
+  (``"seed"``: the founding note's ``L_X = -mean(detach(S_w - S_w^LOO) * S)``).
+
+Writing them as coefficients lets the backward engine and the jvp engine share one definition.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .batch import RolloutBatch
+
+ADVANTAGE_ESTIMATORS = ("grpo", "rloo", "dr-grpo", "given")
+LOSS_AGGREGATIONS = ("seq-mean-token-mean", "seq-mean-token-sum", "token-mean", "seq-mean-token-sum-norm")
+X_ESTIMATORS = ("unbiased", "seed")
+GRPO_STD_EPS = 1e-6  # as TRL and verl: A = (r - mean) / (std + 1e-6), std unbiased
+
+
+def _group_sum(x: Tensor, batch: RolloutBatch) -> Tensor:
+    """``(B,)`` per-unit sums of a per-sequence ``(N,)`` tensor."""
+    return torch.zeros(batch.n_units, dtype=x.dtype, device=x.device).index_add_(0, batch.unit_index.to(x.device), x)
+
+
+def _per_sequence(x_unit: Tensor, batch: RolloutBatch) -> Tensor:
+    """Broadcast a per-unit ``(B,)`` tensor back to ``(N,)`` sequences."""
+    return x_unit[batch.unit_index.to(x_unit.device)]
+
+
+def advantages(batch: RolloutBatch, estimator: str | None) -> Tensor:
+    """``(N,)`` advantages. ``None`` means "given" when the batch has advantages, else "grpo"."""
+    if estimator is None:
+        estimator = "given" if batch.advantages is not None else "grpo"
+    if estimator not in ADVANTAGE_ESTIMATORS:
+        raise ValueError(f"advantage_estimator must be one of {ADVANTAGE_ESTIMATORS}, got {estimator!r}")
+    if estimator == "given":
+        if batch.advantages is None:
+            raise ValueError("advantage_estimator='given' needs RolloutBatch.advantages; the batch has only rewards")
+        return batch.advantages.float()
+    if batch.rewards is None:
+        raise ValueError(f"advantage_estimator={estimator!r} needs RolloutBatch.rewards; the batch has only "
+                         "advantages (use advantage_estimator='given')")
+    r = batch.rewards.double()
+    g = _per_sequence(batch.unit_sizes.to(r.device).double(), batch)
+    mean = _per_sequence(_group_sum(r, batch), batch) / g
+    centred = r - mean
+    if estimator == "dr-grpo":
+        a = centred
+    elif estimator == "rloo":
+        a = centred * g / (g - 1)  # r_i - mean_{j != i} r_j
+    else:  # grpo: group z-score with the unbiased std
+        std = (_per_sequence(_group_sum(centred ** 2, batch), batch) / (g - 1)).sqrt()
+        a = centred / (std + GRPO_STD_EPS)
+    return a.float()
+
+
+@dataclass(frozen=True)
+class UpdateTotals:
+    """Batch-wide normalisers of the loss aggregation (global over ranks under DDP)."""
+
+    n_units: int
+    n_sequences: int
+    n_tokens: int
+    max_length: int
+
+    @staticmethod
+    def of(batch: RolloutBatch) -> "UpdateTotals":
+        lengths = batch.response_lengths
+        return UpdateTotals(batch.n_units, batch.n_sequences, int(lengths.sum()), int(lengths.max()))
+
+
+def policy_gradient_coefficients(batch: RolloutBatch, adv: Tensor, aggregation: str, totals: UpdateTotals,
+                                 norm_length: int | None = None) -> Tensor:
+    """``(N,)`` c_i with ``J_U = sum_i c_i S_i`` and ``J_m = B_U * sum_{i in m} c_i S_i``.
+
+    Returned already multiplied by B_U so that ``J_m`` is a plain sum over the unit's sequences and
+    ``J_U = mean_m J_m``.
+    aggregation: "seq-mean-token-mean" (GRPO), "seq-mean-token-sum", "token-mean" (DAPO: one mean
+    over every response token of the batch), "seq-mean-token-sum-norm" (Dr. GRPO: token sums over a
+    constant length, ``norm_length`` or else the longest response of the batch).
+    """
+    lengths = batch.response_lengths.to(adv.device).float()
+    if aggregation == "seq-mean-token-mean":
+        c = adv / (lengths * totals.n_sequences)
+    elif aggregation == "seq-mean-token-sum":
+        c = adv / totals.n_sequences
+    elif aggregation == "token-mean":
+        c = adv / totals.n_tokens
+    elif aggregation == "seq-mean-token-sum-norm":
+        c = adv / (totals.n_sequences * float(norm_length or totals.max_length))
+    else:
+        raise ValueError(f"loss_aggregation must be one of {LOSS_AGGREGATIONS}, got {aggregation!r}")
+    return c * totals.n_units
+
+
+def entropy_gradient_coefficients(weighted: Tensor, batch: RolloutBatch, estimator: str) -> tuple[Tensor, Tensor]:
+    """``(a, e)``, each ``(N,)``: the E-unit surrogate is ``sum_{i in n} a_i S_i + e_i S_w,i``.
+
+    ``weighted`` holds S_w,i; it is detached here (the score-function coefficient is a constant).
+    """
+    if estimator not in X_ESTIMATORS:
+        raise ValueError(f"x_estimator must be one of {X_ESTIMATORS}, got {estimator!r}")
+    sw = weighted.detach()
+    g = _per_sequence(batch.unit_sizes.to(sw.device).to(sw.dtype), batch)
+    loo_baseline = (_per_sequence(_group_sum(sw, batch), batch) - sw) / (g - 1)  # b_i = mean_{j != i} S_w,j
+    a = -(sw - loo_baseline) / g
+    e = -1.0 / g if estimator == "unbiased" else torch.zeros_like(g)
+    return a, e
+
+
+def unit_entropy(weighted: Tensor, batch: RolloutBatch) -> Tensor:
+    """``(B,)`` per-unit entropy estimates ``-(1/G) sum_i S_w,i`` (nats)."""
+    sw = weighted.detach()
+    return -_group_sum(sw, batch) / batch.unit_sizes.to(sw.device).to(sw.dtype)

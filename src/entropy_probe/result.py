@@ -1,0 +1,81 @@
+"""What a probe call returns: ``ProbeResult`` and, with ``truth=True``, ``TruthResult``.
+
+Metric names of ``to_dict()`` (flat, JSON-ready, for loggers), all under ``entropy_probe/``:
+
+==================  ==========================================================================
+delta_h1            predicted entropy change of the step, ``eta * Xbar_E . v`` (nats)
+se_cond_e           its SE over E with U fixed (the founding note's key result)
+var_cond_e          ``se_cond_e ** 2``
+se_jackknife        delete-one jackknife SE over E units (cross-check of se_cond_e)
+se_total            unconditional SE, adding the variance over U (None without U)
+entropy             entropy of the policy on E before the step, ``mean_n -(1/G) sum S_w`` (nats)
+n_eval_units        B_E
+n_update_units      B_U (0 when the direction was given)
+lr                  eta
+truth/delta_h       measured change at alpha = 1 (or the last alpha), self-normalised IS
+truth/se            its jackknife SE over E units
+truth/ess           effective sample size of the importance weights
+truth/se_diff       jackknife SE of ``delta_h - delta_h1`` on the same E
+truth/slope         least-squares slope of delta_h(alpha) through the origin
+==================  ==========================================================================
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+PREFIX = "entropy_probe/"
+
+
+@dataclass
+class TruthResult:
+    """The measured entropy change of ``theta + alpha * eta * v`` (DESIGN section 6)."""
+
+    delta_h: float
+    se: float
+    ess: float
+    se_diff: float
+    alphas: list[float] = field(default_factory=list)
+    delta_h_at: list[float] = field(default_factory=list)
+    se_at: list[float] = field(default_factory=list)
+    ess_at: list[float] = field(default_factory=list)
+    slope: float = math.nan
+
+    def to_dict(self) -> dict:
+        out = {f"{PREFIX}truth/{k}": getattr(self, k) for k in ("delta_h", "se", "ess", "se_diff", "slope")}
+        for a, d in zip(self.alphas, self.delta_h_at):
+            out[f"{PREFIX}truth/delta_h@{a:g}"] = d
+        return out
+
+
+@dataclass
+class ProbeResult:
+    """The forecast of one optimizer step's entropy change, with its uncertainty."""
+
+    delta_h1: float
+    se_cond_e: float
+    var_cond_e: float
+    se_jackknife: float
+    se_total: float | None
+    entropy: float
+    n_eval_units: int
+    n_update_units: int
+    lr: float
+    per_unit: Tensor  # (B_E,) float64 s_n, in eval-unit order: unit n contributes lr * s_n / B_E
+    eval_unit_ids: Tensor  # (B_E,) group id of each eval unit
+    truth: TruthResult | None = None
+
+    def interval(self, z: float = 1.96) -> tuple[float, float]:
+        """The forecast's normal interval over E, ``delta_h1 -+ z * se_cond_e``."""
+        return self.delta_h1 - z * self.se_cond_e, self.delta_h1 + z * self.se_cond_e
+
+    def to_dict(self) -> dict:
+        keys = ("delta_h1", "se_cond_e", "var_cond_e", "se_jackknife", "se_total", "entropy",
+                "n_eval_units", "n_update_units", "lr")
+        out = {f"{PREFIX}{k}": getattr(self, k) for k in keys}
+        if self.truth is not None:
+            out.update(self.truth.to_dict())
+        return out

@@ -1,0 +1,153 @@
+"""An exactly enumerable problem: a tabular policy whose every response can be listed.
+
+Vocabulary {EOS=0, a=1, b=2}; prompts are short strings over {a, b} (different lengths, so batches
+are left-padded); a response ends at EOS or after ``max_len`` tokens. With V = 3 and max_len = 3
+there are 1 + 2 + 4 * 3 = 15 responses per prompt, so the entropy
+
+    H(theta) = mean_x sum_y pi(y | x) * (-S_w(y))
+
+and its gradient (autograd through the sum) are exact. Tests and ``entropy-probe validate`` measure
+the probe's estimators against them.
+
+>>> import torch
+>>> policy = TabularPolicy(seed=0)
+>>> resp = enumerate_responses(policy)
+>>> p = torch.exp(resp.seq_logprobs(policy)).reshape(len(policy.prompts), -1).sum(dim=1)
+>>> torch.allclose(p, torch.ones_like(p))   # a proper distribution per prompt
+True
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import product
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from .batch import RolloutBatch
+from .logprobs import position_ids_from_mask, sequence_logprobs
+
+EOS, A, B = 0, 1, 2
+DEFAULT_PROMPTS = ((A,), (B,), (A, B), (B, B, A))
+
+
+class TabularPolicy(nn.Module):
+    """``logits[t] = table[position_t, token_{t-1}, token_t]``: autoregressive, tiny, exact.
+
+    Called like a Hugging Face causal LM: ``model(input_ids, attention_mask, position_ids)`` -> logits.
+    """
+
+    def __init__(self, vocab_size: int = 3, max_len: int = 3, prompts=DEFAULT_PROMPTS, scale: float = 1.0,
+                 seed: int = 0):
+        super().__init__()
+        self.vocab_size, self.max_len = vocab_size, max_len
+        self.prompts = tuple(tuple(p) for p in prompts)
+        self.max_positions = max(len(p) for p in self.prompts) + max_len
+        gen = torch.Generator().manual_seed(seed)
+        # (positions, previous token or "none", current token, next-token logits)
+        self.table = nn.Parameter(scale * torch.randn(self.max_positions, vocab_size + 1, vocab_size, vocab_size,
+                                                      generator=gen))
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None) -> Tensor:
+        if position_ids is None:
+            position_ids = position_ids_from_mask(attention_mask)
+        real = attention_mask.bool()
+        prev = torch.nn.functional.pad(input_ids[:, :-1], (1, 0), value=self.vocab_size)  # (N, T)
+        prev_real = torch.nn.functional.pad(real[:, :-1], (1, 0), value=False)
+        prev = torch.where(prev_real, prev, self.vocab_size)  # "none" before the first real token
+        pos = position_ids.clamp(0, self.max_positions - 1)
+        return self.table[pos, prev, input_ids.clamp(0, self.vocab_size - 1)]  # (N, T, V)
+
+
+@dataclass
+class EnumeratedResponses:
+    """Every (prompt, response) pair, one row each, prompts in order, responses in a fixed order."""
+
+    input_ids: Tensor  # (P * R, T)
+    attention_mask: Tensor
+    response_mask: Tensor
+    prompt_index: Tensor  # (P * R,)
+    responses: list[tuple[int, ...]]  # the R responses
+
+    def batch(self, rows: Tensor | None = None, rewards: Tensor | None = None) -> RolloutBatch:
+        sel = slice(None) if rows is None else rows
+        n = self.input_ids[sel].shape[0]
+        return RolloutBatch(self.input_ids[sel], self.attention_mask[sel], self.response_mask[sel],
+                            self.prompt_index[sel], rewards=torch.zeros(n) if rewards is None else rewards)
+
+    def seq_logprobs(self, policy: nn.Module, temperature: float = 1.0) -> Tensor:
+        return sequence_logprobs(policy, self.batch(), temperature, "sum").seq
+
+
+def all_responses(vocab_size: int, max_len: int) -> list[tuple[int, ...]]:
+    """Token strings ending at the first EOS, or cut at max_len."""
+    out = []
+    for length in range(1, max_len + 1):
+        for toks in product(range(vocab_size), repeat=length):
+            if EOS in toks[:-1]:
+                continue  # EOS ends a response
+            if length < max_len and toks[-1] != EOS:
+                continue  # shorter than max_len only when it ends with EOS
+            out.append(toks)
+    return out
+
+
+def enumerate_responses(policy: TabularPolicy) -> EnumeratedResponses:
+    responses = all_responses(policy.vocab_size, policy.max_len)
+    width = max(len(p) for p in policy.prompts) + policy.max_len
+    rows, attn, resp, pidx = [], [], [], []
+    for pi, prompt in enumerate(policy.prompts):
+        for r in responses:
+            seq = list(prompt) + list(r)
+            pad = width - len(seq)
+            rows.append([EOS] * pad + seq)  # left padding
+            attn.append([0] * pad + [1] * len(seq))
+            resp.append([0] * (pad + len(prompt)) + [1] * len(r))
+            pidx.append(pi)
+    t = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
+    return EnumeratedResponses(t(rows), t(attn), t(resp), t(pidx), responses)
+
+
+def exact_entropy(policy: TabularPolicy, weighting: str = "token-mean", temperature: float = 1.0) -> Tensor:
+    """``H(theta) = mean_x sum_y pi(y|x) (-S_w(y))``, differentiable in the policy's parameters."""
+    resp = enumerate_responses(policy)
+    lp = sequence_logprobs(policy, resp.batch(), temperature, weighting)
+    per_row = torch.exp(lp.seq) * -lp.weighted  # (P * R,)
+    return per_row.reshape(len(policy.prompts), -1).sum(dim=1).mean()
+
+
+def exact_directional_derivative(policy: TabularPolicy, v: dict[str, Tensor], weighting: str = "token-mean",
+                                 temperature: float = 1.0) -> float:
+    """``grad H(theta) . v`` by autograd through the enumerated entropy."""
+    params = {n: p for n, p in policy.named_parameters() if p.requires_grad}
+    grads = torch.autograd.grad(exact_entropy(policy, weighting, temperature), list(params.values()))
+    return float(sum((g.double() * v[n].double()).sum() for n, g in zip(params, grads)))
+
+
+def default_reward(prompt: tuple[int, ...], response: tuple[int, ...]) -> float:
+    """Reward the responses that echo the prompt's first token then stop: a learnable, graded target."""
+    body = [t for t in response if t != EOS]
+    return float(sum(t == prompt[0] for t in body)) / max(len(body), 1) + 0.5 * float(response[-1] == EOS)
+
+
+def sample_enumerated(policy: TabularPolicy, n_units: int, group_size: int = 4, seed: int = 0,
+                      temperature: float = 1.0,
+                      reward_fn: Callable[[tuple, tuple], float] = default_reward) -> RolloutBatch:
+    """Exact samples: prompts uniformly, G responses each from the enumerated pi(y|x). Seeded, RNG-neutral."""
+    if group_size < 2:
+        raise ValueError(f"group_size must be >= 2, got {group_size}")
+    resp = enumerate_responses(policy)
+    n_resp = len(resp.responses)
+    with torch.no_grad():
+        probs = torch.exp(resp.seq_logprobs(policy, temperature)).reshape(len(policy.prompts), n_resp)  # (P, R)
+    gen = torch.Generator().manual_seed(seed)
+    prompt_of_unit = torch.randint(len(policy.prompts), (n_units,), generator=gen)
+    draws = torch.multinomial(probs[prompt_of_unit], group_size, replacement=True, generator=gen)  # (B, G)
+    rows = (prompt_of_unit[:, None] * n_resp + draws).reshape(-1)  # (B * G,)
+    rewards = torch.tensor([reward_fn(policy.prompts[int(prompt_of_unit[u])], resp.responses[int(d)])
+                            for u in range(n_units) for d in draws[u]], dtype=torch.float32)
+    b = resp.batch(rows, rewards)
+    return RolloutBatch(b.input_ids, b.attention_mask, b.response_mask,
+                        torch.arange(n_units).repeat_interleave(group_size), rewards=rewards)

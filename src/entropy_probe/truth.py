@@ -1,0 +1,105 @@
+"""The truth: the entropy change the step really causes, measured on E (DESIGN section 6).
+
+The step ``theta' = theta + alpha * eta * v`` is applied functionally (``torch.func.functional_call``),
+so the live model is never modified. E was sampled at theta; the entropy at theta' is estimated with
+self-normalised importance weights ``w_i = exp(S_i(theta') - S_i(theta))``. Units weigh equally
+whatever their group size (as in the entropy target ``E_x E_y``):
+
+    H_hat(theta') = sum_n (1/G_n) sum_{i in n} w_i h_i' / sum_n (1/G_n) sum_{i in n} w_i,  h_i' = -S_w,i(theta')
+
+which is the design's ``sum_i w_i h_i' / sum_i w_i`` when every G_n is equal. At alpha = 0 every
+weight is 1 and the change is exactly 0. SEs are delete-one-unit jackknives, also for the
+difference truth - prediction (same E, so the two are correlated).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .batch import RolloutBatch
+from .logprobs import sequence_logprobs
+from .objectives import _group_sum
+from .result import TruthResult
+from .statistics import jackknife_se_of
+
+Vector = dict[str, Tensor]
+
+
+def stepped_parameters(params: dict[str, nn.Parameter], v: Vector, step: float) -> Vector:
+    """``{name: theta + step * v}`` in each parameter's dtype (no autograd, the live model untouched)."""
+    with torch.no_grad():
+        return {name: (p.float() + step * v[name]).to(p.dtype) for name, p in params.items()}
+
+
+@torch.no_grad()
+def logprobs_at(module: nn.Module, params: Vector, batch: RolloutBatch, *, temperature: float, weighting: str,
+                microbatch_units: int) -> tuple[Tensor, Tensor]:
+    """``(S_i, S_w,i)`` of every sequence, ``(N,)`` fp32 in row order, under the given parameters."""
+    seq = torch.empty(batch.n_sequences, dtype=torch.float32, device=batch.device)
+    weighted = torch.empty_like(seq)
+    for units, mb in batch.microbatches(microbatch_units):
+        rows = batch.rows_of_units(units).to(seq.device)
+        lp = sequence_logprobs(module, mb, temperature, weighting, params=params)
+        seq[rows], weighted[rows] = lp.seq, lp.weighted
+    return seq, weighted
+
+
+def _unit_sums(batch: RolloutBatch, seq0: Tensor, w0: Tensor, seq1: Tensor, w1: Tensor):
+    """Per-unit ``(A_n, D_n, C_n)`` in float64: numerator, denominator and base entropy sums / G_n."""
+    g = batch.unit_sizes.to(seq0.device).double()
+    weight = torch.exp(seq1.double() - seq0.double())  # (N,) importance weights
+    num = _group_sum(weight * -w1.double(), batch) / g
+    den = _group_sum(weight, batch) / g
+    base = _group_sum(-w0.double(), batch) / g
+    return num, den, base, weight
+
+
+def entropy_change(batch: RolloutBatch, seq0: Tensor, w0: Tensor, seq1: Tensor, w1: Tensor,
+                   predicted_per_unit: Tensor | None = None, lr: float = 0.0):
+    """``(delta_h, se, ess, se_diff)`` from log-probs at theta (0) and theta' (1).
+
+    ``predicted_per_unit``: the s_n; with ``lr`` it gives the jackknife of truth - prediction.
+    """
+    num, den, base, weight = _unit_sums(batch, seq0, w0, seq1, w1)
+    b = num.numel()
+    delta = float(num.sum() / den.sum() - base.sum() / b)
+    ess = float(weight.sum() ** 2 / (weight ** 2).sum())
+    if b < 2:
+        return delta, 0.0, ess, 0.0
+    loo = (num.sum() - num) / (den.sum() - den) - (base.sum() - base) / (b - 1)  # delta_(-n)
+    se = jackknife_se_of(loo)
+    se_diff = 0.0
+    if predicted_per_unit is not None:
+        s = predicted_per_unit.double().to(loo.device)
+        se_diff = jackknife_se_of(loo - lr * (s.sum() - s) / (b - 1))
+    return delta, se, ess, se_diff
+
+
+def measure_truth(module: nn.Module, params: dict[str, nn.Parameter], batch: RolloutBatch, v: Vector,
+                  per_unit: Tensor, *, lr: float, alphas: tuple[float, ...], temperature: float, weighting: str,
+                  microbatch_units: int) -> TruthResult:
+    """The truth at each alpha; the headline numbers are those at the last alpha (1 by default).
+
+    The log-probs at theta are re-evaluated through the same microbatched forward as those at theta',
+    so that at alpha = 0 the weights are exactly 1.
+    """
+    for a in alphas:
+        if not math.isfinite(a):
+            raise ValueError(f"truth alphas must be finite, got {a!r}")
+    opts = dict(temperature=temperature, weighting=weighting, microbatch_units=microbatch_units)
+    seq0, w0 = logprobs_at(module, dict(params), batch, **opts)
+    rows = []
+    for alpha in alphas:
+        seq1, w1 = logprobs_at(module, stepped_parameters(params, v, alpha * lr), batch, **opts)
+        # The prediction at alpha is alpha * delta_h1; its per-unit pieces scale the same way.
+        rows.append(entropy_change(batch, seq0, w0, seq1, w1, per_unit * alpha, lr))
+    deltas = [r[0] for r in rows]
+    a = torch.tensor(alphas, dtype=torch.float64)
+    d = torch.tensor(deltas, dtype=torch.float64)
+    slope = float((a * d).sum() / (a * a).sum()) if float((a * a).sum()) > 0 else math.nan
+    last = rows[-1]
+    return TruthResult(delta_h=last[0], se=last[1], ess=last[2], se_diff=last[3], alphas=list(alphas),
+                       delta_h_at=deltas, se_at=[r[1] for r in rows], ess_at=[r[2] for r in rows], slope=slope)
