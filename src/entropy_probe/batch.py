@@ -66,6 +66,10 @@ class RolloutBatch:
         self.unit_ids = uniq[order]
         self.unit_index = rank[inverse]
         self.unit_sizes = torch.bincount(self.unit_index, minlength=len(uniq))
+        # Rows sorted by unit and where each unit starts there: rows_of_units is then slicing only.
+        self._rows_by_unit = torch.argsort(self.unit_index, stable=True)
+        self._unit_ends = torch.cumsum(self.unit_sizes, 0).tolist()
+        self._unit_starts = [e - n for e, n in zip(self._unit_ends, self.unit_sizes.tolist())]
         small = (self.unit_sizes < 2).nonzero()
         if len(small):
             u = int(small[0, 0])
@@ -159,10 +163,9 @@ class RolloutBatch:
 
     def rows_of_units(self, units: Tensor | list[int]) -> Tensor:
         """Row indices of the given units (positions 0..B-1), grouped unit by unit."""
-        units = torch.as_tensor(units, dtype=torch.long, device=self.unit_index.device)
-        order = torch.argsort(self.unit_index, stable=True)  # rows sorted by unit
-        starts = torch.cumsum(self.unit_sizes, 0) - self.unit_sizes
-        return torch.cat([order[starts[u]: starts[u] + self.unit_sizes[u]] for u in units.tolist()])
+        units = torch.as_tensor(units, dtype=torch.long).reshape(-1).tolist()
+        ends = self._unit_ends
+        return torch.cat([self._rows_by_unit[self._unit_starts[u]: ends[u]] for u in units])
 
     def select_units(self, units: Tensor | list[int]) -> "RolloutBatch":
         """The sub-batch of the given units (positions 0..B-1), in the given order."""
