@@ -161,3 +161,163 @@ def _split_cases(rank: int, world: int) -> None:
 
 def test_units_split_over_two_ranks_give_the_one_process_result():
     _launch(_split_cases)
+
+
+# ---- 2. no DDP gradient synchronisation inside the probe; Llama rotary buffers, broadcast_buffers ----
+def _tiny_llama(seed: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+    return LlamaForCausalLM(cfg)
+
+
+def _random_rollouts(n_units: int, group_size: int, seed: int, vocab: int = 32) -> ep.RolloutBatch:
+    """Prompts of 3 tokens, responses of 2 to 4 tokens (right padding), rewards in [0, 1)."""
+    gen = torch.Generator().manual_seed(seed)
+    n, width = n_units * group_size, 3 + 4
+    ids = torch.randint(1, vocab, (n, width), generator=gen)
+    lengths = torch.randint(2, 5, (n,), generator=gen)  # (N,)
+    pos = torch.arange(width)  # (T,)
+    attn = (pos[None, :] < 3 + lengths[:, None]).long()  # (N, T)
+    resp = attn * (pos[None, :] >= 3).long()  # (N, T)
+    return ep.RolloutBatch(ids * attn, attn, resp, torch.arange(n_units).repeat_interleave(group_size),
+                           rewards=torch.rand(n, generator=gen))
+
+
+def _counting_hook(state: dict, bucket):
+    """DDP's own all-reduce, counted: every gradient synchronisation passes through here."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    state["calls"] += 1
+    return default_hooks.allreduce_hook(None, bucket)
+
+
+def _ddp_backward(model: DDP, batch: ep.RolloutBatch) -> None:
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # (N, T, V)
+    logits.float().logsumexp(-1).mean().backward()
+
+
+def _no_sync_cases(rank: int, world: int) -> None:
+    model = _tiny_llama(seed=0)
+    twin = copy.deepcopy(model)  # the same run without the probe
+    assert any("rotary" in name for name, _ in model.named_buffers())
+    probed = DDP(model, broadcast_buffers=True)
+    reference = DDP(twin, broadcast_buffers=True)
+    calls = {"calls": 0}
+    probed.register_comm_hook(calls, _counting_hook)
+    train1, train2 = _random_rollouts(2, 2, seed=100 + rank), _random_rollouts(2, 2, seed=200 + rank)
+
+    _ddp_backward(probed, train1)
+    _ddp_backward(reference, train1)
+    synced = calls["calls"]
+    assert synced > 0  # the hook sees DDP's synchronisation
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    U, E = _random_rollouts(3, 3, seed=1), _random_rollouts(4, 3, seed=2)
+    u_units, e_units = [[0, 1], [2]][rank], [[0], [1, 2, 3]][rank]
+    cfg = ep.ProbeConfig(lr=1e-3, direction="sgd")
+    probe = ep.EntropyProbe(probed, None, cfg)
+    result = probe.run(U.select_units(u_units), E.select_units(e_units), truth=True)
+    probe.update_direction(U.select_units(u_units))
+    assert calls["calls"] == synced, "a probe backward triggered DDP's gradient all-reduce"
+    for n, p in model.named_parameters():
+        assert torch.equal(p.grad, grads[n]) and torch.equal(p.detach(), params[n]), n
+
+    # The next DDP step sees exactly what it would have seen without the probe.
+    _ddp_backward(probed, train2)
+    _ddp_backward(reference, train2)
+    assert calls["calls"] > synced
+    for (n, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert torch.equal(p.grad, q.grad), f"{n}: .grad after the probe differs from DDP without it"
+
+    # And the Llama result is the one-process result.
+    ref = ep.EntropyProbe(model, None, cfg).run(U, E, truth=True)
+    _assert_same_as_single(result, ref, truth=True)
+    _same_on_every_rank(result)
+
+
+def test_probe_never_syncs_ddp_gradients_and_handles_llama_rotary_buffers():
+    _launch(_no_sync_cases)
+
+
+# ---- 3. disagreeing ranks raise on every rank; collectives are bounded by the timeout ---------------
+class _TableWithBias(nn.Module):
+    """The tabular policy plus a second parameter (a logit bias), so ranks can differ in their count."""
+
+    def __init__(self):
+        super().__init__()
+        self.policy = TabularPolicy(seed=5)
+        self.bias = nn.Parameter(torch.zeros(self.policy.vocab_size))
+
+    def forward(self, input_ids, attention_mask, position_ids=None):
+        return self.policy(input_ids, attention_mask, position_ids) + self.bias  # (N, T, V)
+
+
+def _expect_raise(rank: int, call, match_by_rank: dict[int, str], case: str) -> None:
+    try:
+        with pytest.raises(ValueError, match=match_by_rank[rank]):
+            call()
+    except BaseException as e:  # pytest's Failed is a BaseException
+        raise AssertionError(f"rank {rank}, case {case!r}: {e}") from e
+
+
+def _disagreement_cases(rank: int, world: int) -> None:
+    model = _TableWithBias()
+    ddp = DDP(model)
+    U = sample_enumerated(model.policy, n_units=2, seed=rank)
+    E = sample_enumerated(model.policy, n_units=2, seed=10 + rank)
+    cfg = ep.ProbeConfig(lr=0.1)
+    v = ep.EntropyProbe(ddp, None, cfg).update_direction(U)
+    both = lambda msg: {0: msg, 1: msg}  # noqa: E731
+
+    # different configs
+    _expect_raise(rank, lambda: ep.EntropyProbe(ddp, None, ep.ProbeConfig(lr=0.1 * (1 + rank))).run(U, E),
+                  both("disagree on ProbeConfig"), "config")
+    # one rank forecasts U, the other a given direction; or one asks for the truth
+    _expect_raise(rank, lambda: ep.EntropyProbe(ddp, None, cfg).run(
+        U if rank == 0 else None, E, direction=None if rank == 0 else v), both("disagree on the call"), "mode")
+    _expect_raise(rank, lambda: ep.EntropyProbe(ddp, None, cfg).run(U, E, truth=rank == 1),
+                  both("disagree on the call"), "truth")
+    # a direction of a different shape on rank 1: it names the tensor, rank 0 names rank 1
+    bad = dict(v, bias=torch.zeros(7)) if rank == 1 else v
+    _expect_raise(rank, lambda: ep.EntropyProbe(ddp, None, cfg).run(eval_batch=E, direction=bad),
+                  {0: r"rank\(s\) \[1\] of 2 failed their input checks", 1: r"direction\['bias'\] has shape"},
+                  "direction shape")
+    # directions of the same shape but different values
+    _expect_raise(rank, lambda: ep.EntropyProbe(ddp, None, cfg).run(
+        eval_batch=E, direction={n: t * (1 + rank) for n, t in v.items()}), both("disagree on direction"),
+        "direction values")
+    # different numbers of trainable parameters
+    model.bias.requires_grad_(rank == 0)
+    _expect_raise(rank, lambda: ep.EntropyProbe(ddp, None, cfg).run(U, E),
+                  both("disagree on trainable parameters"), "parameters")
+    _expect_raise(rank, lambda: ep.EntropyProbe(ddp, None, cfg).update_direction(U),
+                  both("disagree on trainable parameters"), "parameters, update_direction")
+    model.bias.requires_grad_(True)
+    # no rank holds E units: every rank says so
+    _expect_raise(rank, lambda: ep.EntropyProbe(ddp, None, cfg).run(U, None),
+                  both("no rank holds any evaluation unit"), "no E")
+
+    # After all that the process group is healthy and an agreeing call works.
+    _same_on_every_rank(ep.EntropyProbe(ddp, None, cfg).run(U, E, truth=True))
+
+    # FSDP is refused with a clear error.
+    from torch.distributed.fsdp import fully_shard
+
+    with pytest.raises(ValueError, match="FSDP / DTensor-sharded models are not supported"):
+        ep.EntropyProbe(fully_shard(copy.deepcopy(model.policy)), None, cfg)
+
+    # A rank that never joins: the other's first collective ends at the group's timeout, not in a hang.
+    short = dist.new_group(timeout=timedelta(seconds=2))
+    lonely = DDP(copy.deepcopy(model), process_group=short)
+    if rank == 0:
+        with pytest.raises(RuntimeError, match="(?i)timed out"):  # gloo: "Timed out waiting 2000ms for recv"
+            ep.EntropyProbe(lonely, None, cfg).run(U, E)
+    dist.barrier()
+
+
+def test_disagreeing_ranks_raise_on_every_rank_instead_of_hanging():
+    _launch(_disagreement_cases)
