@@ -4,8 +4,8 @@ The probe calls only the communicator's methods, so that one process and N ranks
 
 - ``check_same(what, fields, error)``: every rank passes the same fingerprint (config, parameter
   names and shapes, the call's mode; ``fields()`` builds it, only when there are several ranks),
-  else a ValueError on every rank; a rank whose local input
-  checks failed (``error``) makes every rank raise instead of leaving the others waiting;
+  else a ValueError on every rank; a rank whose local input checks failed (``error``) makes every
+  rank raise instead of leaving the others waiting;
 - ``stack(t)``: ``(world, *t.shape)``, every rank's t in rank order (one all_gather);
 - ``gather(t, sizes=None)``: the concatenation over ranks, in rank order, of tensors whose first
   dimension differs between ranks (the sizes are gathered first unless given; padded all_gather);
