@@ -32,7 +32,8 @@ from .batch import RolloutBatch
 from .caller_state import preserved_caller_state
 from .config import ProbeConfig
 from .direction import UpdateDirection, build_direction
-from .distributed import communicator_for, unwrap
+from .distributed import (all_reduce_vector, call_fingerprint, communicator_for, global_totals, merged_moments,
+                          unwrap)
 from .objectives import UpdateTotals, advantages, policy_gradient_coefficients, unit_entropy
 from .projections import EvalProjections, eval_projections, update_gradient, update_projections
 from .result import ProbeResult
@@ -48,6 +49,9 @@ class EntropyProbe:
         ``requires_grad`` count.
     optimizer: the run's optimizer (read, never written); needed for "optimizer-step", for the
         preconditioner of "adam-preconditioned" and for ``lr`` when ``config.lr`` is None.
+
+    Under DDP (docs/distributed.md) every rank calls the probe with its own share of U and E units
+    (``None`` for a rank holding none); every rank gets the same result.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
@@ -78,30 +82,52 @@ class EntropyProbe:
         return lr
 
     # ---- 1. rollout batch U -> update direction v -----------------------------------------------
-    def _update_coefficients(self, batch: RolloutBatch) -> Tensor:
+    def _update_coefficients(self, batch: RolloutBatch, totals: UpdateTotals) -> Tensor:
         """c_i with ``J_m = sum_{i in m} c_i S_i`` (global normalisers under DDP)."""
         cfg = self.config
-        totals = UpdateTotals.of(batch)  # TODO(ddp): all-reduce across ranks
         return policy_gradient_coefficients(batch, advantages(batch, cfg.advantage_estimator),
                                             cfg.loss_aggregation, totals, cfg.norm_length)
 
-    def _direction_from(self, batch: RolloutBatch, params: dict[str, nn.Parameter]) -> tuple[UpdateDirection, Tensor]:
+    def _direction_from(self, batch: RolloutBatch | None, params: dict[str, nn.Parameter]
+                        ) -> tuple[UpdateDirection, Tensor | None, int]:
+        """(v, the c_i of this rank's U units, B_U over all ranks); ``batch`` is None on a rank without U units."""
         cfg = self.config
-        _check_batch(batch, "update_batch")
-        coeff = self._update_coefficients(batch)
-        grad_sum = update_gradient(self.module, params, batch, coeff, temperature=cfg.temperature,
-                                   weighting=cfg.entropy_weighting, microbatch_units=cfg.microbatch_units)
-        n_units = batch.n_units
+        local = UpdateTotals.of(batch) if batch is not None else UpdateTotals(0, 0, 0, 0)
+        totals, _ = global_totals(self.comm, local)  # the loss normalisers are global under DDP
+        if totals.n_units == 0:
+            raise ValueError("update_batch: no rank holds any update unit")
+        grad_sum, coeff = {name: None for name in params}, None
+        if batch is not None:
+            _check_batch(batch, "update_batch")
+            coeff = self._update_coefficients(batch, totals)
+            grad_sum = update_gradient(self.module, params, batch, coeff, temperature=cfg.temperature,
+                                       weighting=cfg.entropy_weighting, microbatch_units=cfg.microbatch_units)
+        grad_sum = all_reduce_vector(self.comm, grad_sum, params)  # one all-reduce; the same bits on every rank
+        n_units = totals.n_units
         grad_j = {name: None if g is None else g / n_units for name, g in grad_sum.items()}  # grad J_U = mean_m
         for name, g in grad_j.items():
             if g is not None and not torch.isfinite(g).all():
                 raise ValueError(f"update_batch: the policy gradient of parameter {name!r} is not finite")
-        return build_direction(cfg.direction, grad_j, params, self.optimizer, self.lr, cfg.max_grad_norm), coeff
+        return build_direction(cfg.direction, grad_j, params, self.optimizer, self.lr, cfg.max_grad_norm), coeff, n_units
 
-    def update_direction(self, update_batch: RolloutBatch) -> dict[str, Tensor]:
-        """v of DESIGN section 4 as ``{name: fp32 tensor}``; pass it back as ``run(direction=v)``."""
+    def update_direction(self, update_batch: RolloutBatch | None) -> dict[str, Tensor]:
+        """v of DESIGN section 4 as ``{name: fp32 tensor}``; pass it back as ``run(direction=v)``.
+
+        Under DDP every rank calls it with its share of U (None for none) and gets the same v.
+        """
+        params, lr, error = None, None, None
+        try:
+            if update_batch is None and self.comm.world_size == 1:
+                raise ValueError("update_direction: update_batch is required")
+            if update_batch is not None:
+                _check_batch(update_batch, "update_batch")
+            params, lr = self.parameters(), self.lr
+        except ValueError as e:
+            error = e
+        self.comm.check_same("EntropyProbe.update_direction", lambda: call_fingerprint(
+            "update_direction", self.config, lr, params, self.optimizer, None), error)
         with preserved_caller_state(self.module):
-            direction, _ = self._direction_from(update_batch, self.parameters())
+            direction, _, _ = self._direction_from(update_batch, params)
         return direction.v
 
     def _given_direction(self, v: dict[str, Tensor], params: dict[str, nn.Parameter]) -> UpdateDirection:
@@ -132,10 +158,6 @@ class EntropyProbe:
             proj = eval_projections_jvp(self.module, params, batch, v, microbatch_units=cfg.microbatch_units, **opts)
         else:
             proj = eval_projections(self.module, params, batch, v, **opts)
-        bad = (~torch.isfinite(proj.s)).nonzero()
-        if len(bad):
-            unit = int(bad[0, 0])
-            raise ValueError(f"eval_batch: s_n is not finite for unit {int(batch.unit_ids[unit])} (position {unit})")
         return proj
 
     # ---- the whole call ------------------------------------------------------------------------
@@ -146,48 +168,82 @@ class EntropyProbe:
         With ``truth=True`` the step is also applied functionally and the real change measured.
         Parameters, ``.grad``, optimizer state, RNG and train/eval mode are unchanged afterwards.
         """
-        if eval_batch is None:
-            raise ValueError("run: eval_batch is required")
-        if (update_batch is None) == (direction is None):
-            raise ValueError("run: give exactly one of update_batch and direction")
-        _check_batch(eval_batch, "eval_batch")
-        cfg, lr = self.config, self.lr
-        params = self.parameters()
+        cfg, comm = self.config, self.comm
+        # 0. local input checks, then one agreement check across ranks before any other collective
+        params, lr, given, error = None, None, None, None
+        try:
+            if eval_batch is None and comm.world_size == 1:
+                raise ValueError("run: eval_batch is required")
+            if update_batch is not None and direction is not None or (
+                    update_batch is None and direction is None and comm.world_size == 1):
+                raise ValueError("run: give exactly one of update_batch and direction")
+            if eval_batch is not None:
+                _check_batch(eval_batch, "eval_batch")
+            if update_batch is not None:
+                _check_batch(update_batch, "update_batch")
+            params, lr = self.parameters(), self.lr
+            given = None if direction is None else self._given_direction(direction, params)
+        except ValueError as e:
+            error = e
+        mode = "direction" if direction is not None else "update_batch"
+        comm.check_same("EntropyProbe.run", lambda: call_fingerprint(
+            f"run({mode}, truth={bool(truth)})", cfg, lr, params, self.optimizer, None if given is None else given.v),
+            error)
         with preserved_caller_state(self.module):
             # 1. the update direction v, from U or as given
-            if direction is None:
-                upd, coeff = self._direction_from(update_batch, params)
+            if given is None:
+                upd, coeff, n_update = self._direction_from(update_batch, params)
             else:
-                upd, coeff = self._given_direction(direction, params), None
+                upd, coeff, n_update = given, None, 0
             want_total = cfg.unconditional_se and upd.scale is not None
-            # 2. per-unit projections on E
-            proj = self._project(eval_batch, params, upd.v, want_x_sum=want_total)
-            # 3. statistics over E with U fixed
-            s = self.comm.gather(proj.s)  # (B_E,) over all ranks
-            n_eval = int(s.numel())
-            moments = moments_update(s)
+            # 2. per-unit projections on this rank's E units
+            if eval_batch is not None:
+                proj = self._project(eval_batch, params, upd.v, want_x_sum=want_total)
+                local_entropy = unit_entropy(proj.weighted, eval_batch).double().sum()
+                local_ids = eval_batch.unit_ids
+            else:  # a rank holding no E units under DDP
+                proj = EvalProjections(torch.zeros(0, device=_device_of(params)), None, None,
+                                       {n: torch.zeros_like(x) for n, x in upd.v.items()} if want_total else None)
+                local_entropy, local_ids = torch.zeros((), dtype=torch.float64), torch.zeros(0, dtype=torch.long)
+            # 3. statistics over E with U fixed: float64 moments merged over ranks, then the s_n themselves
+            moments, entropy_sum, sizes = merged_moments(comm, moments_update(proj.s), local_entropy.reshape(1))
+            n_eval = int(moments.count)
+            if n_eval == 0:
+                raise ValueError("eval_batch: no rank holds any evaluation unit")
+            s = comm.gather(proj.s, sizes)  # (B_E,) over all ranks, rank order: jackknife and attribution
+            unit_ids = comm.gather(local_ids, sizes)  # (B_E,)
+            bad = (~torch.isfinite(s)).nonzero()
+            if len(bad):
+                unit = int(bad[0, 0])
+                raise ValueError(f"eval_batch: s_n is not finite for unit {int(unit_ids[unit])} (position {unit})")
             var_e, se_e = conditional_variance(moments, lr)
             delta_h1 = lr * float(moments.mean)
             se_jack = jackknife_se(s, lr)
-            entropy = float(unit_entropy(proj.weighted, eval_batch).double().mean())
+            entropy = float(entropy_sum[0]) / n_eval
             # 4. the variance over U: t_m = Xbar_E . Y_m with Y_m = scale * grad J_m
             se_total = None
             if want_total:
-                u = {name: upd.scale[name] * x / n_eval for name, x in proj.x_sum.items()}
-                t = update_projections(self.module, params, update_batch, coeff, u, temperature=cfg.temperature,
-                                       weighting=cfg.entropy_weighting)
-                se_total = math.sqrt(var_e + update_variance_term(self.comm.gather(t), lr))
+                x_sum = all_reduce_vector(comm, proj.x_sum, params)  # sum_n X_n over all ranks
+                u = {name: upd.scale[name] * x / n_eval for name, x in x_sum.items()}
+                t = torch.zeros(0, device=s.device)
+                if update_batch is not None:
+                    t = update_projections(self.module, params, update_batch, coeff, u, temperature=cfg.temperature,
+                                           weighting=cfg.entropy_weighting)
+                se_total = math.sqrt(var_e + update_variance_term(comm.gather(t), lr))
             # 5. the truth
             truth_result = None
             if truth:
                 truth_result = measure_truth(self.module, params, eval_batch, upd.v, s, lr=lr,
                                              alphas=cfg.truth_alphas, temperature=cfg.temperature,
-                                             weighting=cfg.entropy_weighting, microbatch_units=cfg.microbatch_units)
+                                             weighting=cfg.entropy_weighting, microbatch_units=cfg.microbatch_units,
+                                             comm=comm)
         return ProbeResult(delta_h1=delta_h1, se_cond_e=se_e, var_cond_e=var_e, se_jackknife=se_jack,
-                           se_total=se_total, entropy=entropy, n_eval_units=n_eval,
-                           n_update_units=0 if update_batch is None else update_batch.n_units, lr=lr,
-                           per_unit=s.detach().double().cpu(), eval_unit_ids=eval_batch.unit_ids.cpu(),
-                           truth=truth_result)
+                           se_total=se_total, entropy=entropy, n_eval_units=n_eval, n_update_units=n_update, lr=lr,
+                           per_unit=s.detach().double().cpu(), eval_unit_ids=unit_ids.cpu(), truth=truth_result)
+
+
+def _device_of(params: dict[str, nn.Parameter]) -> torch.device:
+    return next(iter(params.values())).device
 
 
 def _check_batch(batch, name: str) -> None:

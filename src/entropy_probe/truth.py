@@ -47,26 +47,32 @@ def logprobs_at(module: nn.Module, params: Vector, batch: RolloutBatch, *, tempe
     return seq, weighted
 
 
-def _unit_sums(batch: RolloutBatch, seq0: Tensor, w0: Tensor, seq1: Tensor, w1: Tensor):
-    """Per-unit ``(A_n, D_n, C_n)`` in float64: numerator, denominator and base entropy sums / G_n."""
+def _unit_sums(batch: RolloutBatch, seq0: Tensor, w0: Tensor, seq1: Tensor, w1: Tensor) -> Tensor:
+    """``(B, 5)`` float64 per-unit sums: numerator A_n, denominator D_n, base entropy C_n (each / G_n),
+    and the sums of the importance weights and of their squares (for the ESS)."""
     g = batch.unit_sizes.to(seq0.device).double()
     weight = torch.exp(seq1.double() - seq0.double())  # (N,) importance weights
     num = _group_sum(weight * -w1.double(), batch) / g
     den = _group_sum(weight, batch) / g
     base = _group_sum(-w0.double(), batch) / g
-    return num, den, base, weight
+    return torch.stack([num, den, base, _group_sum(weight, batch), _group_sum(weight * weight, batch)], dim=1)
 
 
-def entropy_change(batch: RolloutBatch, seq0: Tensor, w0: Tensor, seq1: Tensor, w1: Tensor,
-                   predicted_per_unit: Tensor | None = None, lr: float = 0.0):
+def entropy_change(batch: RolloutBatch | None, seq0: Tensor, w0: Tensor, seq1: Tensor, w1: Tensor,
+                   predicted_per_unit: Tensor | None = None, lr: float = 0.0, comm=None):
     """``(delta_h, se, ess, se_diff)`` from log-probs at theta (0) and theta' (1).
 
     ``predicted_per_unit``: the s_n; with ``lr`` it gives the jackknife of truth - prediction.
+    ``comm``: under DDP the per-unit sums of every rank are gathered (rank order), so the ratio,
+    the jackknife and the ESS are global; ``batch`` is None on a rank holding no E units.
     """
-    num, den, base, weight = _unit_sums(batch, seq0, w0, seq1, w1)
+    sums = _unit_sums(batch, seq0, w0, seq1, w1) if batch is not None else torch.zeros((0, 5), dtype=torch.float64)
+    if comm is not None:
+        sums = comm.gather(sums)  # (B_E, 5) over all ranks
+    num, den, base, w_sum, w2_sum = sums.unbind(dim=1)
     b = num.numel()
     delta = float(num.sum() / den.sum() - base.sum() / b)
-    ess = float(weight.sum() ** 2 / (weight ** 2).sum())
+    ess = float(w_sum.sum() ** 2 / w2_sum.sum())
     if b < 2:
         return delta, 0.0, ess, 0.0
     loo = (num.sum() - num) / (den.sum() - den) - (base.sum() - base) / (b - 1)  # delta_(-n)
@@ -80,22 +86,24 @@ def entropy_change(batch: RolloutBatch, seq0: Tensor, w0: Tensor, seq1: Tensor, 
 
 def measure_truth(module: nn.Module, params: dict[str, nn.Parameter], batch: RolloutBatch, v: Vector,
                   per_unit: Tensor, *, lr: float, alphas: tuple[float, ...], temperature: float, weighting: str,
-                  microbatch_units: int) -> TruthResult:
+                  microbatch_units: int, comm=None) -> TruthResult:
     """The truth at each alpha; the headline numbers are those at the last alpha (1 by default).
 
     The log-probs at theta are re-evaluated through the same microbatched forward as those at theta',
-    so that at alpha = 0 the weights are exactly 1.
+    so that at alpha = 0 the weights are exactly 1. Under DDP (``comm``) ``per_unit`` holds every
+    rank's s_n and ``batch`` is this rank's share of E (None if it holds none).
     """
     for a in alphas:
         if not math.isfinite(a):
             raise ValueError(f"truth alphas must be finite, got {a!r}")
     opts = dict(temperature=temperature, weighting=weighting, microbatch_units=microbatch_units)
-    seq0, w0 = logprobs_at(module, dict(params), batch, **opts)
+    seq0, w0 = logprobs_at(module, dict(params), batch, **opts) if batch is not None else (None, None)
     rows = []
     for alpha in alphas:
-        seq1, w1 = logprobs_at(module, stepped_parameters(params, v, alpha * lr), batch, **opts)
+        seq1, w1 = (logprobs_at(module, stepped_parameters(params, v, alpha * lr), batch, **opts)
+                    if batch is not None else (None, None))
         # The prediction at alpha is alpha * delta_h1; its per-unit pieces scale the same way.
-        rows.append(entropy_change(batch, seq0, w0, seq1, w1, per_unit * alpha, lr))
+        rows.append(entropy_change(batch, seq0, w0, seq1, w1, per_unit * alpha, lr, comm=comm))
     deltas = [r[0] for r in rows]
     a = torch.tensor(alphas, dtype=torch.float64)
     d = torch.tensor(deltas, dtype=torch.float64)
