@@ -49,7 +49,7 @@ def tiny_gpt2(seed: int = 0, vocab: int = 11, dropout: float = 0.0):
 
     torch.manual_seed(seed)
     cfg = GPT2Config(vocab_size=vocab, n_positions=32, n_embd=16, n_layer=2, n_head=2, resid_pdrop=dropout,
-                     embd_pdrop=dropout, attn_pdrop=dropout)
+                     embd_pdrop=dropout, attn_pdrop=dropout, bos_token_id=0, eos_token_id=0)
     return GPT2LMHeadModel(cfg)
 
 
