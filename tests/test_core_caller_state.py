@@ -191,3 +191,15 @@ def test_probe_runs_in_eval_mode_whatever_the_callers_mode():
     in_eval = probe.run(update, evaluation)
     assert first.delta_h1 == second.delta_h1 == in_eval.delta_h1
     assert torch.equal(first.per_unit, in_eval.per_unit)
+
+
+def test_probe_works_inside_no_grad():
+    """Callers often log under torch.no_grad(): the probe still differentiates, with the same result."""
+    model, opt = caller_setup()
+    update, evaluation = random_batch(3, vocab=VOCAB, seed=1), random_batch(4, vocab=VOCAB, seed=2)
+    probe = ep.EntropyProbe(model, opt, ep.ProbeConfig(direction="adam-preconditioned"))
+    plain = probe.run(update, evaluation)
+    with torch.no_grad():
+        inside = probe.run(update, evaluation)
+        assert not torch.is_grad_enabled()  # and grad mode comes back off
+    assert inside.delta_h1 == plain.delta_h1 and inside.se_total == plain.se_total

@@ -185,3 +185,22 @@ def test_zero_advantages_give_exactly_zero(direction, with_state, zeros):
     assert r.delta_h1 == 0.0 and r.se_cond_e == 0.0 and r.var_cond_e == 0.0 and r.se_jackknife == 0.0
     assert r.se_total == 0.0
     assert torch.equal(r.per_unit, torch.zeros(5, dtype=torch.float64))
+
+
+def test_se_total_absent_without_u_and_result_dict_is_json_ready():
+    import json
+
+    model = TinyLM(seed=0)
+    update, evaluation = random_batch(3, seed=1), random_batch(4, seed=2)
+    probe = ep.EntropyProbe(model, config=ep.ProbeConfig(lr=ETA, direction="sgd"))
+    given = probe.run(eval_batch=evaluation, direction=probe.update_direction(update))
+    full = probe.run(update, evaluation)
+    no_total = ep.EntropyProbe(model, config=ep.ProbeConfig(lr=ETA, direction="sgd", unconditional_se=False)).run(
+        update, evaluation)
+    assert given.se_total is None and given.n_update_units == 0 and no_total.se_total is None
+    assert full.n_update_units == 3 and full.se_total >= full.se_cond_e
+    # the same v from U or given: the same s_n, bit for bit
+    assert torch.equal(given.per_unit, full.per_unit) and given.delta_h1 == full.delta_h1
+    d = json.loads(json.dumps(full.to_dict()))
+    assert d["entropy_probe/delta_h1"] == full.delta_h1 and d["entropy_probe/n_eval_units"] == 4
+    assert d["entropy_probe/se_total"] == full.se_total and all(k.startswith("entropy_probe/") for k in d)
