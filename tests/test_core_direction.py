@@ -161,3 +161,21 @@ def test_adam_preconditioned_direction_by_hand(warm_steps):
                 v_hat = g[name] ** 2  # Adam's first step: (1 - beta2) g^2 / (1 - beta2)
             expected = group["lr"] / eta * g[name] / (v_hat.sqrt() + eps)
             torch.testing.assert_close(v[name], expected, rtol=1e-5, atol=1e-7)
+
+
+def test_adamw_without_the_decoupled_flag_is_still_decoupled():
+    """Before torch 2.7 AdamW was not an Adam subclass and its groups had no ``decoupled_weight_decay``
+    key (the package supports torch >= 2.4): the probe must still apply decoupled decay for AdamW."""
+    model = TinyLM(seed=6)
+    case = StepCase("AdamW", 2, 2)
+    optimizer = make_optimizer(model, case)
+    for k in range(2):
+        real_step(model, optimizer, random_batch(4, seed=60 + k), case)
+    batch = random_batch(4, seed=61)
+    probe = ep.EntropyProbe(model, optimizer, ep.ProbeConfig(direction="optimizer-step"))
+    with_flag = probe.update_direction(batch)
+    for group in optimizer.param_groups:
+        del group["decoupled_weight_decay"]  # as an AdamW of torch 2.4-2.6 holds its groups
+    without_flag = probe.update_direction(batch)
+    for name in with_flag:
+        assert torch.equal(with_flag[name], without_flag[name]), name
