@@ -183,11 +183,11 @@ def flat_grad(scalar: Tensor, params: dict[str, nn.Parameter]) -> np.ndarray:
     """``d scalar / d params`` flattened in named_parameters order, float64 (zeros where unused)."""
     gs = torch.autograd.grad(scalar, list(params.values()), retain_graph=True, allow_unused=True)
     return np.concatenate([(torch.zeros_like(p) if g is None else g).double().reshape(-1).numpy()
-                           for g, p in zip(gs, params.values())])
+                           for g, p in zip(gs, params.values())])  # (P,)
 
 
 def flat(vec: dict[str, Tensor], params: dict[str, nn.Parameter]) -> np.ndarray:
-    return np.concatenate([vec[n].double().reshape(-1).numpy() for n in params])
+    return np.concatenate([vec[n].double().reshape(-1).numpy() for n in params])  # (P,)
 
 
 def per_sequence_grads(model, batch, temperature=1.0, weighting="token-mean"):

@@ -74,7 +74,7 @@ def real_step(model, optimizer, batch, case: StepCase) -> float | None:
 
 
 def flat_params(model) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])  # (P,)
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
@@ -99,7 +99,7 @@ def test_optimizer_step_direction_equals_real_step(case: StepCase):
     theta = flat_params(model).clone()
     # a parameter outside v (frozen) must stay where it is: predicted = theta there
     predicted = torch.cat([(p.detach() + eta * v[n]).reshape(-1) if n in v else p.detach().reshape(-1)
-                           for n, p in model.named_parameters()])
+                           for n, p in model.named_parameters()])  # (P,)
 
     norm = real_step(model, optimizer, update, case)
     if case.clip is not None:

@@ -55,8 +55,8 @@ def test_fused_dot_equals_flattened_dot():
     v = {n: torch.randn(p.shape, generator=gen) for n, p in params.items()}
     grads[next(iter(grads))] = None  # a parameter the loss does not reach
     flat_g = torch.cat([(torch.zeros_like(p) if grads[n] is None else grads[n]).reshape(-1)
-                        for n, p in params.items()])
-    flat_v = torch.cat([v[n].reshape(-1) for n in params])
+                        for n, p in params.items()])  # (P,)
+    flat_v = torch.cat([v[n].reshape(-1) for n in params])  # (P,)
     d = dot(grads, v)
     assert d.dim() == 0 and d.dtype == torch.float32
     assert float(d) == pytest.approx(float(flat_g.double() @ flat_v.double()), rel=1e-5)

@@ -147,7 +147,7 @@ def test_se_total_against_materialised_y(kind, clip):
     gj_units = brute_force_grad_j_units(model, update, numpy_advantages(update, "grpo"), "seq-mean-token-mean")
     gj = gj_units.mean(0)  # grad J_U = mean_m grad J_m
     sizes = [p.numel() for p in params.values()]
-    grad_j = {n: torch.from_numpy(chunk).reshape(p.shape)
+    grad_j = {n: torch.from_numpy(chunk).reshape(p.shape)  # (P,) -> parameter shapes
               for (n, p), chunk in zip(params.items(), np.split(gj, np.cumsum(sizes)[:-1]))}
     scale, offset = hand_y_scale(model, optimizer, kind, grad_j, eta, clip)
     y = gj_units * flat(scale, params)  # (B_U, P) Y_m
@@ -204,3 +204,16 @@ def test_se_total_absent_without_u_and_result_dict_is_json_ready():
     d = json.loads(json.dumps(full.to_dict()))
     assert d["entropy_probe/delta_h1"] == full.delta_h1 and d["entropy_probe/n_eval_units"] == 4
     assert d["entropy_probe/se_total"] == full.se_total and all(k.startswith("entropy_probe/") for k in d)
+
+
+def test_results_do_not_depend_on_microbatch_units():
+    """Microbatching only regroups the same sums: 1, 3 or 50 units per forward give the same numbers."""
+    model = TinyLM(seed=8)
+    optimizer = _warm_adamw(model)
+    update, evaluation = random_batch(7, seed=10), random_batch(5, seed=11)
+    results = [ep.EntropyProbe(model, optimizer, ep.ProbeConfig(direction="optimizer-step", microbatch_units=k))
+               .run(update, evaluation) for k in (1, 3, 50)]
+    for r in results[1:]:  # fp32 sums in a different order: agreement to float32 rounding
+        assert r.delta_h1 == pytest.approx(results[0].delta_h1, rel=1e-5)
+        assert r.se_total == pytest.approx(results[0].se_total, rel=1e-5)
+        torch.testing.assert_close(r.per_unit, results[0].per_unit, rtol=1e-5, atol=1e-9)

@@ -57,7 +57,7 @@ def exact_pathwise(policy: TabularPolicy, v: dict, weighting: str) -> float:
     resp = enumerate_responses(policy)
     seq, weighted = hand_sequence_logprobs(policy, resp.batch(), 1.0, weighting)
     prob = torch.exp(seq).detach()  # pi(y|x), constant: only the pathwise derivative remains
-    target = (prob * weighted).reshape(len(policy.prompts), -1).sum(1).mean()
+    target = (prob * weighted).reshape(len(policy.prompts), -1).sum(1).mean()  # (P, R) -> scalar
     (g,) = torch.autograd.grad(target, [policy.table])
     return float((g.double() * v["table"].double()).sum())
 
@@ -77,7 +77,7 @@ def test_exact_entropy_matches_hand_enumeration():
         seq, weighted = hand_sequence_logprobs(policy, resp.batch(), 1.0, weighting)
         p = torch.exp(seq).reshape(len(policy.prompts), -1)  # (P, R)
         torch.testing.assert_close(p.sum(1), torch.ones(len(policy.prompts)))
-        hand = (p * -weighted.reshape(p.shape)).sum(1).mean()
+        hand = (p * -weighted.reshape(p.shape)).sum(1).mean()  # (P, R)
         torch.testing.assert_close(exact_entropy(policy, weighting), hand)
 
 
