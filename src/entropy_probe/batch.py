@@ -51,6 +51,8 @@ class RolloutBatch:
     unit_ids: Tensor = field(init=False, repr=False)
     unit_index: Tensor = field(init=False, repr=False)
     unit_sizes: Tensor = field(init=False, repr=False)
+    _row_order: Tensor = field(init=False, repr=False, compare=False)  # rows sorted by unit (stable)
+    _unit_spans: list = field(init=False, repr=False, compare=False)  # (start, size) of each unit there
 
     def __post_init__(self) -> None:
         self._validate_shapes()
@@ -66,10 +68,10 @@ class RolloutBatch:
         self.unit_ids = uniq[order]
         self.unit_index = rank[inverse]
         self.unit_sizes = torch.bincount(self.unit_index, minlength=len(uniq))
-        # Rows sorted by unit and where each unit starts there: rows_of_units is then slicing only.
-        self._rows_by_unit = torch.argsort(self.unit_index, stable=True)
-        self._unit_ends = torch.cumsum(self.unit_sizes, 0).tolist()
-        self._unit_starts = [e - n for e, n in zip(self._unit_ends, self.unit_sizes.tolist())]
+        # Sorted once here: the per-unit loops ask for one unit's rows B times.
+        self._row_order = torch.argsort(self.unit_index, stable=True)
+        starts = torch.cumsum(self.unit_sizes, 0) - self.unit_sizes
+        self._unit_spans = list(zip(starts.tolist(), self.unit_sizes.tolist()))
         small = (self.unit_sizes < 2).nonzero()
         if len(small):
             u = int(small[0, 0])
@@ -163,9 +165,8 @@ class RolloutBatch:
 
     def rows_of_units(self, units: Tensor | list[int]) -> Tensor:
         """Row indices of the given units (positions 0..B-1), grouped unit by unit."""
-        units = torch.as_tensor(units, dtype=torch.long).reshape(-1).tolist()
-        ends = self._unit_ends
-        return torch.cat([self._rows_by_unit[self._unit_starts[u]: ends[u]] for u in units])
+        spans = [self._unit_spans[u] for u in torch.as_tensor(units, dtype=torch.long).tolist()]
+        return torch.cat([self._row_order[start: start + size] for start, size in spans])
 
     def select_units(self, units: Tensor | list[int]) -> "RolloutBatch":
         """The sub-batch of the given units (positions 0..B-1), in the given order."""

@@ -67,10 +67,12 @@ def optimizer_hyper(model_params: dict[str, nn.Parameter], optimizer: torch.opti
                 raise ValueError(f"optimizer.param_groups[{gi}]['params'][{pi}] (shape {tuple(p.shape)}) is not a "
                                  "trainable parameter of the model; the optimizer must hold the model's parameters")
             lr = group["lr"]
+            # torch < 2.7: AdamW is not an Adam subclass and its groups carry no decoupled_weight_decay key.
+            decoupled = bool(group.get("decoupled_weight_decay", False)) or isinstance(optimizer, torch.optim.AdamW)
             hyper[name] = ParamHyper(
                 lr=float(lr), betas=tuple(float(b) for b in group.get("betas", (0.9, 0.999))),
                 eps=float(group.get("eps", 1e-8)), weight_decay=float(group.get("weight_decay", 0.0)),
-                decoupled=bool(group.get("decoupled_weight_decay", False)), amsgrad=bool(group.get("amsgrad", False)),
+                decoupled=decoupled, amsgrad=bool(group.get("amsgrad", False)),
                 state=optimizer.state.get(p) or None)
     return hyper
 
@@ -78,7 +80,7 @@ def optimizer_hyper(model_params: dict[str, nn.Parameter], optimizer: torch.opti
 def _require_adam(optimizer, kind: str) -> None:
     if optimizer is None:
         raise ValueError(f"direction={kind!r} needs an optimizer (torch.optim.Adam or AdamW); none was given")
-    if not isinstance(optimizer, torch.optim.Adam):
+    if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):  # separate classes before torch 2.7
         raise ValueError(f"direction={kind!r} supports torch.optim.Adam and AdamW; got {type(optimizer).__name__}")
 
 

@@ -89,8 +89,12 @@ def sequence_logprobs(model: nn.Module, batch: RolloutBatch, temperature: float,
     finite = torch.isfinite(logits.detach()).all(dim=-1) | ~attn.bool()  # (N, T); padding may hold anything
     if not finite.all():
         row = _first_bad_row(~finite)
-        raise ValueError(f"model logits are not finite for sequence {row} (group "
-                         f"{int(batch.group_ids[row])}) of the batch: NaN or inf at a real token")
+        # ``batch`` may be a microbatch of whole units: name the unit and the response's place in it,
+        # which are the same in the caller's batch (units keep their row order), not the row here.
+        group = int(batch.group_ids[row])
+        within = int((batch.group_ids[:row] == group).sum())
+        raise ValueError(f"model logits are not finite for response {within} of unit {group} (group id; "
+                         "responses counted from 0 in batch order): NaN or inf at a real token")
     # where, not multiply: padding logits may be inf and 0 * inf is NaN.
     lp = torch.where(resp.bool(), token_logprobs(logits, ids, temperature), 0.0)  # (N, T)
     w = response_weights(resp, weighting)

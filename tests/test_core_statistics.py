@@ -1,0 +1,219 @@
+"""Statistics of the s_n (DESIGN section 5) against numpy, closed forms and a brute force.
+
+- delta_h1, Var_E, SE_E equal numpy's mean / ddof=1 variance on the probe's own s_n;
+- the jackknife equals the closed form ``eta sqrt(var(s)/B)`` (exact for a mean);
+- Chan-merged float64 moments survive a 1e6 common offset where the note's float32 S2 - B mean^2 fails;
+- B_E < 2: SE 0 and a warning;
+- se_total: the V_Y term against per-unit Y_m materialised by hand, t_m = Xbar_E . Y_m, var by numpy;
+- all advantages zero: delta_h1 exactly 0 and SE 0.
+
+Run: ``PYTHONPATH=src pytest -q tests/test_core_statistics.py``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import entropy_probe as ep
+from entropy_probe import RolloutBatch
+from entropy_probe.statistics import conditional_variance, jackknife_se, moments_merge, moments_update
+from core_support import (TinyLM, brute_force_grad_j_units, brute_force_x, flat, numpy_advantages, random_batch,
+                          trainable)
+
+ETA = 1e-2
+
+
+def _warm_adamw(model, steps=2, lrs=(1e-2, 3e-3)):
+    """AdamW with two groups (different lr and decay) and real state from ``steps`` real steps."""
+    opt = torch.optim.AdamW([dict(params=[model.tok, model.pos, *model.hidden.parameters()], lr=lrs[0],
+                                  weight_decay=0.1),
+                             dict(params=list(model.head.parameters()), lr=lrs[1], weight_decay=0.0)],
+                            betas=(0.8, 0.95), eps=1e-6)
+    for k in range(steps):
+        opt.zero_grad()
+        out = model(input_ids=torch.tensor([[1, 2, 3, 4]]), attention_mask=torch.ones(1, 4, dtype=torch.long))
+        (out.square().mean() * (k + 1)).backward()
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return opt
+
+
+def test_statistics_equal_numpy_on_the_same_s():
+    model = TinyLM(seed=0)
+    update, evaluation = random_batch(4, seed=1), random_batch(9, group_size=[2, 3, 4] * 3, seed=2)
+    r = ep.EntropyProbe(model, config=ep.ProbeConfig(lr=ETA, direction="sgd")).run(update, evaluation)
+    s = r.per_unit.numpy()
+    assert s.dtype == np.float64 and s.shape == (9,) and r.n_eval_units == 9
+    b = len(s)
+    assert r.delta_h1 == pytest.approx(ETA * s.mean(), rel=1e-12)
+    assert r.var_cond_e == pytest.approx(ETA ** 2 * s.var(ddof=1) / b, rel=1e-12)
+    assert r.se_cond_e == pytest.approx(ETA * math.sqrt(s.var(ddof=1) / b), rel=1e-12)
+    assert r.se_jackknife == pytest.approx(r.se_cond_e, rel=1e-10)
+    assert r.interval() == pytest.approx((r.delta_h1 - 1.96 * r.se_cond_e, r.delta_h1 + 1.96 * r.se_cond_e))
+    assert torch.equal(r.eval_unit_ids, evaluation.unit_ids)
+
+
+@pytest.mark.parametrize("b", [2, 3, 17, 200])
+def test_jackknife_equals_closed_form_and_explicit_deletion(b):
+    s = torch.from_numpy(np.random.default_rng(b).standard_t(3, size=b))
+    x = s.numpy()
+    loo = np.array([ETA * np.delete(x, n).mean() for n in range(b)])  # Z_(-n), by deleting
+    explicit = math.sqrt((b - 1) / b * ((loo - loo.mean()) ** 2).sum())
+    closed = ETA * math.sqrt(x.var(ddof=1) / b)
+    assert jackknife_se(s, ETA) == pytest.approx(explicit, rel=1e-10)
+    assert jackknife_se(s, ETA) == pytest.approx(closed, rel=1e-10)
+
+
+def test_chan_merge_keeps_precision_under_a_large_offset():
+    """s_n = 1e6 + N(0, 1): float64 Chan-merged chunks keep the variance; the note's float32 formula does not."""
+    gen = np.random.default_rng(0)
+    s32 = (1e6 + gen.normal(size=4000)).astype(np.float32)  # the probe's s_n are fp32 device scalars
+    exact_var = s32.astype(np.float64).var(ddof=1)  # numpy, two-pass in float64
+    cuts = [0, 1, 37, 1000, 1001, 2500, 4000]  # uneven chunks, one of a single value (as ranks would send)
+    m = moments_update(torch.from_numpy(s32[:0]))
+    for lo, hi in zip(cuts[:-1], cuts[1:]):
+        m = moments_merge(m, moments_update(torch.from_numpy(s32[lo:hi])))
+    var, se = conditional_variance(m, lr=1.0)
+    assert int(m.count) == 4000
+    assert float(m.mean) == pytest.approx(s32.astype(np.float64).mean(), rel=1e-15)
+    assert var * 4000 == pytest.approx(exact_var, rel=1e-9)
+    # The note: S1, S2 all-reduced as float32 scalars, then (S2 - B sbar^2) / (B - 1).
+    t = torch.from_numpy(s32)
+    s1, s2, n = t.sum(dtype=torch.float32), (t * t).sum(dtype=torch.float32), torch.tensor(4000.0)
+    note_var = float((s2 - n * (s1 / n) ** 2) / (n - 1))
+    print(f"variance: exact {exact_var:.6f}, Chan float64 {var * 4000:.6f}, note float32 {note_var:.6g}")
+    assert abs(note_var - exact_var) > 10 * exact_var  # catastrophic cancellation: not even the magnitude
+
+
+def test_fewer_than_two_eval_units_gives_se_zero_with_a_warning():
+    model = TinyLM(seed=0)
+    update, evaluation = random_batch(3, seed=1), random_batch(1, seed=2)
+    probe = ep.EntropyProbe(model, config=ep.ProbeConfig(lr=ETA, direction="sgd"))
+    with pytest.warns(RuntimeWarning, match="fewer than 2 units"):
+        r = probe.run(update, evaluation)
+    assert r.n_eval_units == 1 and r.delta_h1 != 0 and math.isfinite(r.delta_h1)
+    assert r.se_cond_e == 0.0 and r.var_cond_e == 0.0 and r.se_jackknife == 0.0
+
+
+# ---- se_total against a brute force ------------------------------------------------------------------
+def hand_y_scale(model, optimizer, kind, grad_j, eta, clip):
+    """Per-parameter ``(scale, b)`` with ``v = b + scale * grad J_U`` and ``Y_m = scale * grad J_m``, by hand."""
+    params = trainable(model)
+    norm = math.sqrt(sum(float(g.double().square().sum()) for g in grad_j.values()))
+    c = 1.0 if clip is None else min(1.0, clip / (norm + 1e-6))  # clip_grad_norm_'s coefficient
+    scale, offset = {}, {}
+    for group in optimizer.param_groups:
+        b1, b2 = group["betas"]
+        for p in group["params"]:
+            name = next(n for n, q in params.items() if q is p)
+            g, st, ratio = grad_j[name].double(), optimizer.state[p], group["lr"] / eta
+            step = int(st["step"])
+            if kind == "sgd":
+                scale[name], offset[name] = torch.full_like(g, ratio), torch.zeros_like(g)
+            elif kind == "adam-preconditioned":
+                v_hat = st["exp_avg_sq"].double() / (1 - b2 ** step)
+                scale[name], offset[name] = ratio / (v_hat.sqrt() + group["eps"]), torch.zeros_like(g)
+            else:  # optimizer-step (AdamW): descent gradient d = -c g, t = step + 1
+                t = step + 1
+                d = -c * g
+                second = b2 * st["exp_avg_sq"].double() + (1 - b2) * d * d
+                denom = second.sqrt() / math.sqrt(1 - b2 ** t) + group["eps"]
+                bc1 = 1 - b1 ** t
+                scale[name] = ratio * (1 - b1) * c / (bc1 * denom)
+                offset[name] = (-ratio * b1 * st["exp_avg"].double() / (bc1 * denom)
+                                - ratio * group["weight_decay"] * p.detach().double())
+    return scale, offset
+
+
+@pytest.mark.parametrize("kind,clip", [("sgd", None), ("adam-preconditioned", None), ("optimizer-step", None),
+                                       ("optimizer-step", 1e-3)])
+def test_se_total_against_materialised_y(kind, clip):
+    model = TinyLM(seed=5)
+    optimizer = _warm_adamw(model)
+    update = random_batch(5, group_size=[2, 3, 4, 3, 2], seed=6)
+    evaluation = random_batch(6, group_size=[3, 2, 4, 3, 3, 2], seed=7)
+    probe = ep.EntropyProbe(model, optimizer, ep.ProbeConfig(direction=kind, max_grad_norm=clip, microbatch_units=2))
+    r = probe.run(update, evaluation)
+    eta = probe.lr
+    params = trainable(model)
+    v = flat(probe.update_direction(update), params)
+
+    x = brute_force_x(model, evaluation)  # (B_E, P) X_n, per-sequence backward passes
+    np.testing.assert_allclose(r.per_unit.numpy(), x @ v, rtol=1e-4, atol=1e-6 * np.abs(x @ v).max())
+    gj_units = brute_force_grad_j_units(model, update, numpy_advantages(update, "grpo"), "seq-mean-token-mean")
+    gj = gj_units.mean(0)  # grad J_U = mean_m grad J_m
+    sizes = [p.numel() for p in params.values()]
+    grad_j = {n: torch.from_numpy(chunk).reshape(p.shape)  # (P,) -> parameter shapes
+              for (n, p), chunk in zip(params.items(), np.split(gj, np.cumsum(sizes)[:-1]))}
+    scale, offset = hand_y_scale(model, optimizer, kind, grad_j, eta, clip)
+    y = gj_units * flat(scale, params)  # (B_U, P) Y_m
+    # the exact split v = b + mean_m Y_m
+    np.testing.assert_allclose(v, flat(offset, params) + y.mean(0), rtol=1e-4, atol=1e-5 * np.abs(v).max())
+    t = y @ x.mean(0)  # t_m = Xbar_E . Y_m
+    var_y = eta ** 2 * t.var(ddof=1) / len(t)
+    expected = math.sqrt(r.var_cond_e + var_y)
+    print(f"{kind} clip={clip}: se_cond_e={r.se_cond_e:.3e} se_total={r.se_total:.3e} V_Y share="
+          f"{var_y / (r.var_cond_e + var_y):.2f}")
+    assert var_y > 0.01 * r.var_cond_e  # the V_Y term matters here, so the comparison has teeth
+    assert r.se_total == pytest.approx(expected, rel=1e-4)
+
+
+# ---- advantages all zero -------------------------------------------------------------------------------
+def _zero_advantage_batch(kind: str, n_units=4, seed=0) -> RolloutBatch:
+    b = random_batch(n_units, seed=seed)
+    if kind == "given":
+        return RolloutBatch(b.input_ids, b.attention_mask, b.response_mask, b.group_ids,
+                            advantages=torch.zeros(b.n_sequences))
+    tied = b.unit_index.float() * 0.37  # every response of a unit gets the same reward: grpo gives exactly 0
+    return RolloutBatch(b.input_ids, b.attention_mask, b.response_mask, b.group_ids, rewards=tied)
+
+
+@pytest.mark.parametrize("direction", ["adam-preconditioned", "sgd"])
+@pytest.mark.parametrize("with_state", [False, True])
+@pytest.mark.parametrize("zeros", ["given", "tied-rewards"])
+def test_zero_advantages_give_exactly_zero(direction, with_state, zeros):
+    model = TinyLM(seed=3)
+    optimizer = _warm_adamw(model) if with_state else None
+    probe = ep.EntropyProbe(model, optimizer, ep.ProbeConfig(lr=ETA, direction=direction))
+    update, evaluation = _zero_advantage_batch(zeros), random_batch(5, seed=9)
+    assert all(float(t.abs().max()) == 0.0 for t in probe.update_direction(update).values())
+    r = probe.run(update, evaluation)
+    assert r.delta_h1 == 0.0 and r.se_cond_e == 0.0 and r.var_cond_e == 0.0 and r.se_jackknife == 0.0
+    assert r.se_total == 0.0
+    assert torch.equal(r.per_unit, torch.zeros(5, dtype=torch.float64))
+
+
+def test_se_total_absent_without_u_and_result_dict_is_json_ready():
+    import json
+
+    model = TinyLM(seed=0)
+    update, evaluation = random_batch(3, seed=1), random_batch(4, seed=2)
+    probe = ep.EntropyProbe(model, config=ep.ProbeConfig(lr=ETA, direction="sgd"))
+    given = probe.run(eval_batch=evaluation, direction=probe.update_direction(update))
+    full = probe.run(update, evaluation)
+    no_total = ep.EntropyProbe(model, config=ep.ProbeConfig(lr=ETA, direction="sgd", unconditional_se=False)).run(
+        update, evaluation)
+    assert given.se_total is None and given.n_update_units == 0 and no_total.se_total is None
+    assert full.n_update_units == 3 and full.se_total >= full.se_cond_e
+    # the same v from U or given: the same s_n, bit for bit
+    assert torch.equal(given.per_unit, full.per_unit) and given.delta_h1 == full.delta_h1
+    d = json.loads(json.dumps(full.to_dict()))
+    assert d["entropy_probe/delta_h1"] == full.delta_h1 and d["entropy_probe/n_eval_units"] == 4
+    assert d["entropy_probe/se_total"] == full.se_total and all(k.startswith("entropy_probe/") for k in d)
+
+
+def test_results_do_not_depend_on_microbatch_units():
+    """Microbatching only regroups the same sums: 1, 3 or 50 units per forward give the same numbers."""
+    model = TinyLM(seed=8)
+    optimizer = _warm_adamw(model)
+    update, evaluation = random_batch(7, seed=10), random_batch(5, seed=11)
+    results = [ep.EntropyProbe(model, optimizer, ep.ProbeConfig(direction="optimizer-step", microbatch_units=k))
+               .run(update, evaluation) for k in (1, 3, 50)]
+    for r in results[1:]:  # fp32 sums in a different order: agreement to float32 rounding
+        assert r.delta_h1 == pytest.approx(results[0].delta_h1, rel=1e-5)
+        assert r.se_total == pytest.approx(results[0].se_total, rel=1e-5)
+        torch.testing.assert_close(r.per_unit, results[0].per_unit, rtol=1e-5, atol=1e-9)
