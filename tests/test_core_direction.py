@@ -140,7 +140,8 @@ def test_sgd_direction_is_the_gradient_with_group_lr_ratio(groups):
 
 @pytest.mark.parametrize("warm_steps", [0, 2])
 def test_adam_preconditioned_direction_by_hand(warm_steps):
-    """v = (lr_group/eta) grad J_U / (sqrt(v_hat) + eps); v_hat = exp_avg_sq / (1 - beta2^t), or g^2 fresh."""
+    """v = (lr_group/eta) grad J_U / (sqrt(v_hat) + eps) with the v_hat Adam's next step uses:
+    (beta2 exp_avg_sq + (1 - beta2) g^2) / (1 - beta2^(t+1)), which is g^2 when fresh."""
     model = TinyLM(seed=4)
     case = StepCase("AdamW", warm_steps, 2)
     optimizer = make_optimizer(model, case)
@@ -156,7 +157,8 @@ def test_adam_preconditioned_direction_by_hand(warm_steps):
             name = next(n for n, q in model.named_parameters() if q is p)
             if warm_steps:
                 state = optimizer.state[p]
-                v_hat = state["exp_avg_sq"] / (1 - beta2 ** int(state["step"]))
+                t = int(state["step"]) + 1
+                v_hat = (beta2 * state["exp_avg_sq"] + (1 - beta2) * g[name] ** 2) / (1 - beta2 ** t)
             else:
                 v_hat = g[name] ** 2  # Adam's first step: (1 - beta2) g^2 / (1 - beta2)
             expected = group["lr"] / eta * g[name] / (v_hat.sqrt() + eps)

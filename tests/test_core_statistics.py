@@ -115,7 +115,8 @@ def hand_y_scale(model, optimizer, kind, grad_j, eta, clip):
             if kind == "sgd":
                 scale[name], offset[name] = torch.full_like(g, ratio), torch.zeros_like(g)
             elif kind == "adam-preconditioned":
-                v_hat = st["exp_avg_sq"].double() / (1 - b2 ** step)
+                # the v_hat of Adam's next step: this gradient folded in, bias-corrected at t = step + 1
+                v_hat = (b2 * st["exp_avg_sq"].double() + (1 - b2) * g * g) / (1 - b2 ** (step + 1))
                 scale[name], offset[name] = ratio / (v_hat.sqrt() + group["eps"]), torch.zeros_like(g)
             else:  # optimizer-step (AdamW): descent gradient d = -c g, t = step + 1
                 t = step + 1

@@ -6,8 +6,8 @@ Every direction has the form ``v = b + scale * grad J_U`` with ``scale`` and ``b
 
 - "sgd": ``scale = lr_group / eta``, ``b = 0``.
 - "adam-preconditioned" (the note): ``scale = (lr_group / eta) / (sqrt(v_hat) + eps)`` with ``v_hat``
-  the bias-corrected second moment of the optimizer's state; with no state yet, the ``v_hat`` of
-  Adam's own first step, ``g^2``. ``b = 0``.
+  the bias-corrected second moment Adam's next step would use, ``(b2 * exp_avg_sq + (1 - b2) g^2) /
+  (1 - b2^(t+1))``; with no state yet that is Adam's own first step, ``g^2``. ``b = 0``.
 - "optimizer-step": exactly ``(theta_next - theta) / eta`` of ``torch.optim.Adam``/``AdamW``: the
   momentum, bias corrections, the second moment updated with this gradient, (decoupled) weight decay,
   per-group learning rates and ``clip_grad_norm_``. The optimizer's state is only read.
@@ -131,12 +131,13 @@ def build_direction(kind: str, grad_j: dict[str, Tensor | None], params: dict[st
             scale[name] = torch.full_like(g, ratio)
             v[name] = ratio * g
         elif kind == "adam-preconditioned":
+            # The v_hat of the step Adam is about to take: this gradient folded into the second moment,
+            # bias-corrected. With no state it is g^2 (the design's "first step"); using the stored
+            # moment alone would give coordinates never seen before P = 1/eps.
             beta2, eps = h.betas[1], h.eps
-            step = _step_of(h.state)
-            if step == 0:
-                v_hat = g * g  # Adam's own first step: (1 - b2) g^2 / (1 - b2)
-            else:
-                v_hat = h.state["exp_avg_sq"].float() / (1 - beta2 ** step)
+            step = _step_of(h.state) + 1
+            exp_avg_sq = h.state["exp_avg_sq"].float() if h.state and "exp_avg_sq" in h.state else torch.zeros_like(g)
+            v_hat = exp_avg_sq.mul(beta2).addcmul(g, g, value=1 - beta2) / (1 - beta2 ** step)
             scale[name] = ratio / (v_hat.sqrt() + eps)
             v[name] = scale[name] * g
         else:
