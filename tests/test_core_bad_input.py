@@ -64,7 +64,6 @@ BATCH_CASES = [
     ("nan advantage", dict(rewards=None, advantages=_row(REWARDS, 2, math.nan)),
      r"RolloutBatch\.advantages: row 2 is nan"),
     ("integer rewards", dict(rewards=torch.tensor([1, 0, 1, 0])), r"RolloutBatch\.rewards must be a floating"),
-    ("no rewards or advantages", dict(rewards=None), r"RolloutBatch: give rewards or advantages"),
 ]
 
 
@@ -180,6 +179,8 @@ PROBE_CASES = [
      r"advantage_estimator='given' needs RolloutBatch\.advantages"),
     ("rewards missing", lambda: _probe(M, advantage_estimator="rloo").run(random_batch(2, advantages=True), E),
      r"advantage_estimator='rloo' needs RolloutBatch\.rewards"),
+    ("update batch without rewards or advantages",
+     lambda: _probe(M).run(batch_with(rewards=None), E), r"update_batch: the RolloutBatch has neither rewards"),
     ("no eval batch", lambda: _probe(M).run(U), r"run: eval_batch is required"),
     ("update batch and direction", lambda: _probe(M).run(U, E, direction=_v(M)), r"run: give exactly one of"),
     ("neither update batch nor direction", lambda: _probe(M).run(eval_batch=E), r"run: give exactly one of"),

@@ -65,3 +65,16 @@ def test_to_device_keeps_everything():
     c = b.to("cpu")
     for name in ("input_ids", "attention_mask", "response_mask", "group_ids", "rewards", "unit_index"):
         assert torch.equal(getattr(b, name), getattr(c, name))
+
+
+def test_eval_batch_needs_no_rewards():
+    """Only the update batch's policy gradient uses rewards; an evaluation batch may carry none."""
+    import entropy_probe as ep
+    from core_support import TinyLM
+
+    model = TinyLM(seed=0)
+    U, E = random_batch(3, seed=1), random_batch(3, seed=2)
+    bare = RolloutBatch(E.input_ids, E.attention_mask, E.response_mask, E.group_ids)
+    probe = ep.EntropyProbe(model, config=ep.ProbeConfig(lr=1e-2, direction="sgd"))
+    with_rewards, without = probe.run(U, E), probe.run(U, bare)
+    assert without.delta_h1 == with_rewards.delta_h1 and without.se_cond_e == with_rewards.se_cond_e

@@ -39,6 +39,7 @@ class RolloutBatch:
         group_ids: ``(N,)`` integer id of the prompt each sequence answers; a unit is one group id.
         rewards: ``(N,)`` scalar reward per sequence (advantages are then derived from them).
         advantages: ``(N,)`` advantages as computed by the caller (``advantage_estimator="given"``).
+        An update batch needs one of the two; an evaluation batch needs neither.
     """
 
     input_ids: Tensor
@@ -104,8 +105,6 @@ class RolloutBatch:
                 raise ValueError(f"RolloutBatch.{name} has shape {tuple(x.shape)}, expected ({n},): one per sequence")
         if self.group_ids.dtype.is_floating_point:
             raise ValueError(f"RolloutBatch.group_ids must be integers, got {self.group_ids.dtype}")
-        if self.rewards is None and self.advantages is None:
-            raise ValueError("RolloutBatch: give rewards or advantages (neither was given)")
         if (self.input_ids < 0).any():
             raise ValueError(f"RolloutBatch.input_ids: row {_first_bad_row(self.input_ids < 0)} has a negative token id")
 

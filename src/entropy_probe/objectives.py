@@ -41,6 +41,9 @@ def _per_sequence(x_unit: Tensor, batch: RolloutBatch) -> Tensor:
 
 def advantages(batch: RolloutBatch, estimator: str | None) -> Tensor:
     """``(N,)`` advantages. ``None`` means "given" when the batch has advantages, else "grpo"."""
+    if batch.rewards is None and batch.advantages is None:
+        raise ValueError("update_batch: the RolloutBatch has neither rewards nor advantages; the policy "
+                         "gradient needs one of them")
     if estimator is None:
         estimator = "given" if batch.advantages is not None else "grpo"
     if estimator not in ADVANTAGE_ESTIMATORS:
