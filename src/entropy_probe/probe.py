@@ -174,8 +174,13 @@ class EntropyProbe:
             se_total = None
             if want_total:
                 u = {name: upd.scale[name] * x / n_eval for name, x in proj.x_sum.items()}
-                t = update_projections(self.module, params, update_batch, coeff, u, temperature=cfg.temperature,
-                                       weighting=cfg.entropy_weighting)
+                if cfg.engine == "jvp":
+                    from .projections_jvp import update_projections_jvp
+                    t = update_projections_jvp(self.module, params, update_batch, coeff, u, temperature=cfg.temperature,
+                                               weighting=cfg.entropy_weighting, microbatch_units=cfg.microbatch_units)
+                else:
+                    t = update_projections(self.module, params, update_batch, coeff, u, temperature=cfg.temperature,
+                                           weighting=cfg.entropy_weighting)
                 se_total = math.sqrt(var_e + update_variance_term(self.comm.gather(t), lr))
             # 5. the truth
             truth_result = None
