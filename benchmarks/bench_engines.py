@@ -5,8 +5,9 @@ Run (one command; CPU unless a GPU is present, a few minutes on 2 CPU cores):
     make bench
     PYTHONPATH=src python benchmarks/bench_engines.py [--device cuda] [--quick] [--out runs/bench]
 
-What it measures, every figure a ratio of timings taken in this process (median of --repeats runs
-after one warm-up run):
+What it measures, every figure a ratio of timings taken in this process (fastest of --repeats
+interleaved rounds after a warm-up round; on CPU with one thread the clock is the process's CPU time,
+so that other processes on a shared machine do not distort it; on CUDA the wall clock):
 
 1. per model size (tiny / small / medium, built from config, G = 8 responses per prompt):
    the probe's E pass (delta_h1 + SE over E: every s_n, then the statistics) of each engine
@@ -172,23 +173,33 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fns: dict, device: str, repeats: int, warmup: bool = True) -> dict:
-    """Fastest wall seconds of each ``fn()`` over ``repeats`` rounds, after one warm-up round.
+CLOCK = {"fn": time.perf_counter, "name": "wall clock (time.perf_counter)"}
 
-    The contenders run interleaved, round after round, and the minimum is kept: on a shared machine
-    the load from other processes only ever adds time, and it then falls on every contender alike.
+
+def use_cpu_time() -> None:
+    """Time by this process's CPU time: with one torch thread every op runs on the calling thread, so
+    the figure is the compute itself, and other processes on a shared machine do not add to it."""
+    CLOCK.update(fn=time.process_time, name="process CPU time (time.process_time), 1 torch thread")
+
+
+def timed(fns: dict, device: str, repeats: int, warmup: bool = True) -> dict:
+    """Fastest seconds of each ``fn()`` over ``repeats`` rounds, after one warm-up round.
+
+    The contenders run interleaved, round after round, and the minimum is kept: interference only
+    ever adds time, and it then falls on every contender alike.
     """
     if warmup:
         for fn in fns.values():
             fn()
     best = {name: float("inf") for name in fns}
+    clock = CLOCK["fn"]
     for _ in range(repeats):
         for name, fn in fns.items():
             synchronize(device)
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
             synchronize(device)
-            best[name] = min(best[name], time.perf_counter() - t0)
+            best[name] = min(best[name], clock() - t0)
     return best
 
 
@@ -378,10 +389,13 @@ def main(argv=None) -> None:
     console = Console(width=150)
     if not args.device.startswith("cuda"):
         torch.set_num_threads(args.threads)
+        if args.threads == 1:
+            use_cpu_time()
     on_cuda = args.device.startswith("cuda")
     device_name = torch.cuda.get_device_name(args.device) if on_cuda else f"{platform.processor() or platform.machine()} CPU"
     how = "torch.cuda.max_memory_allocated" if on_cuda else "CPU resident-set high-water mark (VmHWM)"
-    console.log(f"device {device_name}, torch {torch.__version__}, {torch.get_num_threads()} threads, G={GROUP}")
+    console.log(f"device {device_name}, torch {torch.__version__}, {torch.get_num_threads()} threads, G={GROUP}, "
+                f"clock: {CLOCK['name']}")
     sizes = [s for s in (GPU_SIZES if on_cuda else CPU_SIZES) if s.name in args.sizes]
     results = [bench_size(size, args, console) for size in sizes]
     console.print(time_table(results, args.microbatch_units))
@@ -395,7 +409,7 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"bench_engines_{'cuda' if on_cuda else 'cpu'}.json"
     path.write_text(json.dumps(dict(device=device_name, torch=torch.__version__, threads=torch.get_num_threads(),
-                                    memory_measure=how, microbatch_units=args.microbatch_units, results=results,
+                                    memory_measure=how, clock=CLOCK["name"], microbatch_units=args.microbatch_units, results=results,
                                     targets=rows), indent=1))
     console.log(f"wrote {path}")
 
