@@ -61,7 +61,7 @@ def forward_mode_ready(module: nn.Module):
     """Math attention kernels, and every gradient-checkpointing input hook lifted; restored on exit."""
     lifted = []  # (hook dict, its full content before) for each dict we touched
     for sub in module.modules():
-        # transformers >= 4.5x keeps a list; older releases (and PEFT through them) a single handle
+        # transformers 5 keeps a list of handles; older releases (and PEFT on them) one `_require_grads_hook`
         handles = list(getattr(sub, "_require_grads_hooks", None) or ())
         handles += [getattr(sub, "_require_grads_hook")] if hasattr(sub, "_require_grads_hook") else []
         for handle in handles:
