@@ -36,6 +36,7 @@ from .distributed import (all_reduce_vector, call_fingerprint, communicator_for,
                           unwrap)
 from .objectives import UpdateTotals, advantages, policy_gradient_coefficients, unit_entropy
 from .projections import EvalProjections, eval_projections, update_gradient, update_projections
+from .projections_jvp import eval_projections_jvp, update_projections_jvp
 from .result import ProbeResult
 from .statistics import conditional_variance, jackknife_se, moments_update, update_variance_term
 from .truth import measure_truth
@@ -154,11 +155,17 @@ class EntropyProbe:
         opts = dict(temperature=cfg.temperature, weighting=cfg.entropy_weighting, estimator=cfg.x_estimator,
                     want_x_sum=want_x_sum)
         if cfg.engine == "jvp":
-            from .projections_jvp import eval_projections_jvp
-            proj = eval_projections_jvp(self.module, params, batch, v, microbatch_units=cfg.microbatch_units, **opts)
-        else:
-            proj = eval_projections(self.module, params, batch, v, **opts)
-        return proj
+            return eval_projections_jvp(self.module, params, batch, v, microbatch_units=cfg.microbatch_units, **opts)
+        return eval_projections(self.module, params, batch, v, **opts)
+
+    def _project_update(self, batch: RolloutBatch, params, coeff: Tensor, u) -> Tensor:
+        """``(B_U,)`` t_m = grad J_m . u for this rank's U units, by the configured engine."""
+        cfg = self.config
+        opts = dict(temperature=cfg.temperature, weighting=cfg.entropy_weighting)
+        if cfg.engine == "jvp":
+            return update_projections_jvp(self.module, params, batch, coeff, u,
+                                          microbatch_units=cfg.microbatch_units, **opts)
+        return update_projections(self.module, params, batch, coeff, u, **opts)
 
     # ---- the whole call ------------------------------------------------------------------------
     def run(self, update_batch: RolloutBatch | None = None, eval_batch: RolloutBatch | None = None,
@@ -227,8 +234,7 @@ class EntropyProbe:
                 u = {name: upd.scale[name] * x / n_eval for name, x in x_sum.items()}
                 t = torch.zeros(0, device=s.device)
                 if update_batch is not None:
-                    t = update_projections(self.module, params, update_batch, coeff, u, temperature=cfg.temperature,
-                                           weighting=cfg.entropy_weighting)
+                    t = self._project_update(update_batch, params, coeff, u)
                 se_total = math.sqrt(var_e + update_variance_term(comm.gather(t), lr))
             # 5. the truth
             truth_result = None

@@ -1,0 +1,139 @@
+"""The "jvp" engine: every s_n of a microbatch of E units from one forward-mode pass.
+
+s_n = v . X_n needs only the per-sequence directional derivatives ``dS_i = grad S_i . v`` and
+``dS_w,i = grad S_w,i . v`` (DESIGN section 7): X_n is the gradient of the E surrogate
+``sum_{i in n} a_i S_i + e_i S_w,i`` with (a, e) constant given the batch, so
+
+    s_n = sum_{i in n} a_i dS_i + e_i dS_w,i       (a, e from objectives.entropy_gradient_coefficients)
+
+``torch.func.jvp`` over ``functional_call`` gives (S_i, S_w,i) and (dS_i, dS_w,i) of every sequence of
+a microbatch in one pass that stores no activations for a backward. Three facts make it work on
+Hugging Face models (torch 2.13, transformers 5.23):
+
+- fused scaled-dot-product-attention kernels have no forward-mode derivative: the pass runs under
+  ``sdpa_kernel(SDPBackend.MATH)``, the composite kernel built from differentiable ops;
+- the input hook that gradient checkpointing installs (``output.requires_grad_(True)`` on the
+  embeddings) breaks ``jvp``: it is lifted for the pass and put back exactly as it was;
+- the tangent must have its parameter's dtype (v is fp32, a bf16 model's parameters are not).
+
+Entry points: ``eval_projections_jvp`` (probe.run with ``engine="jvp"``), ``update_projections_jvp``
+(t_m = grad J_m . u for se_total) and ``directional_logprobs`` (the per-sequence derivatives).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from .batch import RolloutBatch
+from .logprobs import sequence_logprobs
+from .objectives import _group_sum, entropy_gradient_coefficients
+from .projections import EvalProjections, Params, Vector, add_into, grad_of
+
+
+@dataclass
+class JvpProjections(EvalProjections):
+    """``EvalProjections`` plus the per-sequence directional derivatives, kept for attribution.
+
+    d_seq, d_weighted: ``(N,)`` fp32 ``grad S_i . v`` and ``grad S_w,i . v``, batch row order.
+    """
+
+    d_seq: Tensor | None = None
+    d_weighted: Tensor | None = None
+
+
+@dataclass
+class DirectionalLogProbs:
+    """S_i, S_w,i and their derivatives along one direction, all ``(N,)`` fp32 and detached."""
+
+    seq: Tensor
+    weighted: Tensor
+    d_seq: Tensor
+    d_weighted: Tensor
+
+
+@contextmanager
+def forward_mode_ready(module: nn.Module):
+    """Math attention kernels, and every gradient-checkpointing input hook lifted; restored on exit."""
+    lifted = []  # (hook dict, its full content before) for each dict we touched
+    for sub in module.modules():
+        # transformers 5 keeps a list of handles; older releases (and PEFT on them) one `_require_grads_hook`
+        handles = list(getattr(sub, "_require_grads_hooks", None) or ())
+        handles += [getattr(sub, "_require_grads_hook")] if hasattr(sub, "_require_grads_hook") else []
+        for handle in handles:
+            hooks = handle.hooks_dict_ref()
+            if hooks is not None and handle.id in hooks:
+                lifted.append((hooks, hooks.copy()))
+                del hooks[handle.id]
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        for hooks, before in reversed(lifted):
+            hooks.clear()
+            hooks.update(before)  # same hooks, same ids, same order
+
+
+def directional_logprobs(module: nn.Module, params: Params, batch: RolloutBatch, direction: Vector, *,
+                         temperature: float, weighting: str) -> DirectionalLogProbs:
+    """(S_i, S_w,i) and (grad S_i . d, grad S_w,i . d) for every row of ``batch``, one jvp pass.
+
+    The caller wraps it in ``forward_mode_ready``; ``direction`` is keyed like ``params``.
+    """
+    primals = {name: p.detach() for name, p in params.items()}
+    tangents = {name: direction[name].to(dtype=p.dtype) for name, p in params.items()}
+
+    def seq_and_weighted(theta):
+        lp = sequence_logprobs(module, batch, temperature, weighting, params=theta)
+        return lp.seq, lp.weighted
+
+    # no_grad: the primals are detached, nothing is built for a backward.
+    with torch.no_grad():
+        (seq, weighted), (d_seq, d_weighted) = torch.func.jvp(seq_and_weighted, (primals,), (tangents,))
+    return DirectionalLogProbs(seq.float(), weighted.float(), d_seq.float(), d_weighted.float())
+
+
+def eval_projections_jvp(module: nn.Module, params: Params, batch: RolloutBatch, v: Vector, *,
+                         microbatch_units: int, temperature: float, weighting: str, estimator: str,
+                         want_x_sum: bool) -> JvpProjections:
+    """s_n for every E unit, ``microbatch_units`` units per forward-mode pass.
+
+    With ``want_x_sum`` also ``sum_n X_n``: one reverse pass per microbatch over the E surrogate
+    summed over its units (the sum of the X_n needs no per-unit backward).
+    """
+    n = batch.n_sequences
+    seq = torch.empty(n, dtype=torch.float32, device=batch.device)
+    weighted, d_seq, d_weighted = torch.empty_like(seq), torch.empty_like(seq), torch.empty_like(seq)
+    s = torch.empty(batch.n_units, dtype=torch.float32, device=batch.device)
+    with forward_mode_ready(module):
+        for units, mb in batch.microbatches(microbatch_units):
+            rows = batch.rows_of_units(units).to(seq.device)
+            lp = directional_logprobs(module, params, mb, v, temperature=temperature, weighting=weighting)
+            a, e = entropy_gradient_coefficients(lp.weighted, mb, estimator)
+            s[torch.as_tensor(units, device=s.device)] = _group_sum(a * lp.d_seq + e * lp.d_weighted, mb)
+            seq[rows], weighted[rows] = lp.seq, lp.weighted
+            d_seq[rows], d_weighted[rows] = lp.d_seq, lp.d_weighted
+    x_sum = None
+    if want_x_sum:
+        x_sum = {name: torch.zeros_like(t) for name, t in v.items()}
+        for units, mb in batch.microbatches(microbatch_units):
+            lp = sequence_logprobs(module, mb, temperature, weighting)
+            a, e = entropy_gradient_coefficients(lp.weighted, mb, estimator)
+            add_into(x_sum, grad_of((a * lp.seq + e * lp.weighted).sum(), params))  # sum of this microbatch's X_n
+    return JvpProjections(s, seq, weighted, x_sum, d_seq=d_seq, d_weighted=d_weighted)
+
+
+def update_projections_jvp(module: nn.Module, params: Params, batch: RolloutBatch, coeff: Tensor, u: Vector, *,
+                           microbatch_units: int, temperature: float, weighting: str) -> Tensor:
+    """``(B_U,)`` t_m = grad J_m . u with ``J_m = sum_{i in m} coeff_i S_i``: ``sum_i coeff_i dS_i``."""
+    t = torch.empty(batch.n_units, dtype=torch.float32, device=batch.device)
+    with forward_mode_ready(module):
+        for units, mb in batch.microbatches(microbatch_units):
+            rows = batch.rows_of_units(units)
+            lp = directional_logprobs(module, params, mb, u, temperature=temperature, weighting=weighting)
+            t[torch.as_tensor(units, device=t.device)] = _group_sum(coeff[rows.to(coeff.device)] * lp.d_seq, mb)
+    return t
