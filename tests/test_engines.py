@@ -199,7 +199,7 @@ def test_hooks_restored_after_an_error():
     batch = padded_batch(2, 2, "left", seed=13)
     with torch.no_grad():
         model.lm_head.weight[3] = float("nan")  # every logit row gets a NaN entry
-    with pytest.raises(ValueError, match="not finite for sequence 0"):
+    with pytest.raises(ValueError, match=r"model logits are not finite for response 0 of unit"):
         eval_projections_jvp(model, params, batch, random_direction(params), microbatch_units=2, temperature=1.0,
                              weighting="sum", estimator="unbiased", want_x_sum=False)
     assert list(model.get_input_embeddings()._forward_hooks.items()) == embedding_hooks
