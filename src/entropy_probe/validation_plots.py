@@ -137,11 +137,11 @@ def truth_plot(path: Path, data: dict, lr: float, eval_units: int) -> None:
           title=f"Entropy change along the step (eta = {lr:g}, B_E = {eval_units} units)")
     a.legend(fontsize=8)
     b.axhline(1.0, color="black", ls="--", lw=1, label="1 (first order exact)")
-    b.plot(al, data["exact_ratio"], "o-", color="black", label="exact change / exact tangent")
+    b.plot(data["fine"], data["fine_ratio"], "o-", color="black", label="exact change / exact tangent")
     b.errorbar(al, data["ratio"], yerr=[Z95 * s for s in data["ratio_se"]], fmt="s-", color="tab:orange",
                capsize=4, label="truth / (alpha delta_h1), same E, +- 1.96 se_diff")
     b.set_xscale("log", base=2)
-    b.set_xticks(al, [f"1/{round(1 / x)}" if x < 1 else f"{x:g}" for x in al])
+    b.set_xticks(data["fine"], [f"1/{round(1 / x)}" if x < 1 else f"{x:g}" for x in data["fine"]])
     b.set(xlabel="step fraction alpha (log scale)", ylabel="ratio (dimensionless)",
           title="Truth / prediction -> 1 as alpha -> 0")
     b.legend(fontsize=8)
