@@ -19,8 +19,8 @@ import torch
 from scipy import stats
 
 from entropy_probe import validate
-from entropy_probe.validation_stats import (chi2_quantile, excess_kurtosis, fit_slope, tolerance_k,
-                                            wilson_interval)
+from entropy_probe.validation_stats import (chi2_quantile, excess_kurtosis, fit_slope, skewness,
+                                            studentized_coverage, tolerance_k, wilson_interval)
 
 K = tolerance_k(13)  # the harness's own k (13 statistical tests at a 1% family-wise level)
 
@@ -67,11 +67,36 @@ def test_variance_check_passes_calibrated_shards_and_fails_a_wrong_se(skewed):
         assert not bad.passed, bad
 
 
-def test_coverage_check_passes_calibrated_intervals_and_fails_narrow_ones():
-    d, _, se, _ = _shards(300, 32, seed=2)
-    assert validate.coverage_check("c", d, se, 0.0, K).passed
-    assert not validate.coverage_check("c", d, [0.7 * x for x in se], 0.0, K).passed  # covers ~84%
-    assert not validate.coverage_check("c", d, se, 0.6 * math.sqrt(1 / 32) * 4, K).passed  # biased centre
+@pytest.mark.parametrize("skewed", [False, True])
+def test_coverage_check_passes_calibrated_intervals_and_fails_narrow_ones(skewed):
+    d, _, se, s = _shards(300, 32, seed=2, skewed=skewed)
+    moments = (skewness(s), excess_kurtosis(s))
+    ok = validate.coverage_check("c", d, se, 0.0, 32, *moments, K)
+    assert ok.passed, ok
+    assert not validate.coverage_check("c", d, [0.7 * x for x in se], 0.0, 32, *moments, K).passed  # covers ~83%
+    biased = validate.coverage_check("c", d, se, 1.5 * math.sqrt(1 / 32), 32, *moments, K)  # centre off 1.5 SE
+    assert not biased.passed, biased
+
+
+@pytest.mark.parametrize("law", ["normal", "exponential", "gamma(4)"])
+@pytest.mark.parametrize("n", [16, 32])
+def test_studentized_coverage_matches_simulation(law, n):
+    gen = torch.Generator().manual_seed(n)
+    shape = (100_000, n)
+    if law == "normal":
+        x, mean, skew, kurt = torch.randn(shape, dtype=torch.float64, generator=gen), 0.0, 0.0, 0.0
+    elif law == "exponential":
+        x, mean, skew, kurt = torch.empty(shape, dtype=torch.float64).exponential_(generator=gen), 1.0, 2.0, 6.0
+    else:  # a sum of 4 exponentials
+        x = torch.empty(shape + (4,), dtype=torch.float64).exponential_(generator=gen).sum(-1)
+        mean, skew, kurt = 4.0, 1.0, 1.5
+    t = (x.mean(dim=1) - mean) / (x.var(dim=1) / n).sqrt()  # (100000,) studentized means
+    simulated = float((t.abs() <= 1.959963984540054).double().mean())
+    # Binomial SE of the simulation is 8e-4; the O(1/n^2) error of the expansion is below 0.02 at n = 16
+    # for the exponential (skewness 2, the worst case here) and below 0.007 at n = 32.
+    tol = 4 * 8e-4 + (0.02 if n == 16 else 0.007)
+    assert abs(studentized_coverage(1.959963984540054, n, skew, kurt) - simulated) <= tol
+    assert abs(studentized_coverage(1.959963984540054, n, skew, kurt) - 0.95) > 0.003  # the correction is real
 
 
 def test_unbiased_check_detects_a_bias_of_a_few_percent_of_the_spread():

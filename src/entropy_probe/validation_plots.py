@@ -27,7 +27,7 @@ def _verdict(passed: bool) -> str:
     return "pass" if passed else "FAIL"
 
 
-def calibration_plot(path: Path, shards: dict, exact: dict, checks: dict) -> None:
+def calibration_plot(path: Path, shards: dict, exact: dict, checks: dict, shard_units: int) -> None:
     """2 x 2 panels; ``shards[w]`` holds delta_h1 and se per shard for weighting w."""
     fig, ax = plt.subplots(2, 2, figsize=(13, 9.5))
     weightings = list(shards)
@@ -67,9 +67,11 @@ def calibration_plot(path: Path, shards: dict, exact: dict, checks: dict) -> Non
         for j, w in enumerate(weightings):
             c = checks[f"{key} ({w})"]
             f = c["figures"]
-            if key == "coverage":  # the Wilson interval is around the observed share; 0.95 must be inside
+            if key == "coverage":  # the Wilson interval is around the observed share; the expected one must be inside
                 lo, hi = f["wilson"]
                 label = "observed share and its Wilson interval"
+                panel.plot([j - 0.25, j + 0.25], [f["expected"]] * 2, color="black", lw=2.5,
+                           label=f"expected at B_E = {shard_units} (skewed s_n)" if j == 0 else None)
             else:  # the chi-square interval is where a calibrated ratio falls
                 lo, hi = f["interval"]
                 label = "measured ratio; bar = acceptance interval"
@@ -80,11 +82,11 @@ def calibration_plot(path: Path, shards: dict, exact: dict, checks: dict) -> Non
                 panel.plot([j, j], [lo, hi], color=colour, lw=6, alpha=0.3)
             panel.annotate(f"{f[value]:.3f} ({_verdict(c['passed'])})", (j, f[value]), xytext=(12, 0),
                            textcoords="offset points", va="center", fontsize=9)
-        panel.axhline(target, color="black", ls="--", lw=1, label=f"target {target:g}")
+        panel.axhline(target, color="black", ls="--", lw=1, label="nominal 0.95" if key == "coverage" else "target 1")
         panel.set_xticks(range(len(weightings)), [f"weighting: {w}" for w in weightings])
         panel.set_xlim(-0.6, len(weightings) - 0.4)
         panel.set(title=title, ylabel=ylabel)
-        panel.legend(fontsize=8, loc="lower right")
+        panel.legend(fontsize=8, loc="lower center")
     fig.suptitle("Calibration over E with U fixed (DESIGN section 8, checks 1 and 4)", fontsize=13)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -134,7 +136,7 @@ def truth_plot(path: Path, data: dict, lr: float, eval_units: int) -> None:
                capsize=4, label="truth (SNIS on E) +- 1.96 SE")
     a.axhline(0, color="0.8", lw=0.8)
     a.set(xlabel="step fraction alpha (theta' = theta + alpha eta v)", ylabel="entropy change (nats)",
-          title=f"Entropy change along the step (eta = {lr:g}, B_E = {eval_units} units)")
+          title=f"Entropy change along the step (eta = {lr:.3g}, B_E = {eval_units} units)")
     a.legend(fontsize=8)
     b.axhline(1.0, color="black", ls="--", lw=1, label="1 (first order exact)")
     b.plot(data["fine"], data["fine_ratio"], "o-", color="black", label="exact change / exact tangent")
