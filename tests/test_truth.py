@@ -107,13 +107,16 @@ def test_optimizer_step_truth_matches_a_real_step(kind):
     copied_model, copied_opt = copy.deepcopy((policy, opt))  # one deepcopy: the copy's opt holds the copy's params
     before_params = {n: p.detach().clone() for n, p in policy.named_parameters()}
     before_state = copy.deepcopy(opt.state_dict())
+    policy.train()
+    rng = torch.get_rng_state()
 
     probe = ep.EntropyProbe(policy, opt, ep.ProbeConfig(direction="optimizer-step", unconditional_se=False))
     result = probe.run(update, evalb, truth=True)
-    # The live model and optimizer are untouched.
+    # The live model, its grads, the optimizer, the RNG and the train flag are untouched.
     for n, p in policy.named_parameters():
         assert torch.equal(p, before_params[n]) and p.grad is None
     assert _same_state(opt.state_dict(), before_state)
+    assert torch.equal(torch.get_rng_state(), rng) and policy.training
 
     # The real step, on the copies, with the GRPO loss written out here.
     copied_opt.zero_grad()
