@@ -160,6 +160,8 @@ def test_quick_run_end_to_end(tmp_path, capsys):
     assert report["passed"] and all(c["passed"] for c in report["checks"])
     assert report["settings"]["n_shards"] >= 100
     assert report["tolerance"]["statistical_tests"] == 13 and math.isclose(report["tolerance"]["k"], K)
+    (control,) = report["controls"]  # the note's estimator is biased here, and the test sees it
+    assert control["passed"] and abs(control["figures"]["z"]) > K
     zero = next(c for c in report["checks"] if c["name"].startswith("zero"))["figures"]
     assert all(value == 0.0 for case in zero.values() for value in case.values())
     for name in ("calibration", "se_scaling", "truth_vs_prediction"):

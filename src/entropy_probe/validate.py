@@ -49,6 +49,7 @@ from .validation_stats import (FAMILY_LEVEL, chi2_ratio_interval, excess_kurtosi
                                studentized_coverage, tolerance_k, wilson_interval)
 
 Z95 = 1.959963984540054  # the probe's interval is delta_h1 -+ 1.96 SE (ProbeResult.interval)
+CONTROL = "seed estimator"  # the note's biased X_n, run on the same shards as a negative control
 
 
 @dataclass(frozen=True)
@@ -229,9 +230,14 @@ def slope_check(name: str, factors: list[int], var_by_factor: list[list[float]],
 
 # ---- the experiments --------------------------------------------------------------------------------
 def run_shards(problem: Problem, s: Settings, seed: int, advance) -> dict:
-    """K shards of B_E units, each probed with both entropy weightings along the same fixed v."""
+    """K shards of B_E units, each probed with both entropy weightings along the same fixed v.
+
+    Also with the founding note's estimator (``x_estimator="seed"``, no pathwise term), biased for
+    "token-mean" with variable lengths (DESIGN section 3): the control that the unbiasedness check can fail.
+    """
     probes = {w: _probe(problem, entropy_weighting=w) for w in WEIGHTINGS}
-    out = {w: dict(delta_h1=[], var=[], se=[], s=[]) for w in WEIGHTINGS}
+    probes[CONTROL] = _probe(problem, entropy_weighting="token-mean", x_estimator="seed")
+    out = {w: dict(delta_h1=[], var=[], se=[], s=[]) for w in probes}
     for k in range(s.n_shards):
         batch = sample_enumerated(problem.policy, s.shard_units, s.group_size, seed=_seed(seed, 2, k))
         for w, probe in probes.items():
@@ -363,6 +369,12 @@ def run_validation(seed: int, settings: Settings, out: Path, console: Console) -
     checks.append(zero)
     checks += [unbiased_check(f"unbiased vs exact ({w})", shards[w]["delta_h1"], exact[w], k) for w in WEIGHTINGS]
     checks += truth
+    # Not a check of the probe (it counts neither in the verdict nor in k): the same unbiasedness test
+    # applied to a known-biased estimator must reject it, or the test would have no power here.
+    control = unbiased_check("control: x_estimator='seed' (token-mean) is biased", shards[CONTROL]["delta_h1"],
+                             exact["token-mean"], k)
+    control.passed = not control.passed  # "passed" = the bias was detected
+    control.tolerance = f"|z| > {k:.2f}"
 
     out.mkdir(parents=True, exist_ok=True)
     by_name = {c.name: asdict(c) for c in checks}
@@ -377,7 +389,8 @@ def run_validation(seed: int, settings: Settings, out: Path, console: Console) -
         tolerance=dict(family_level=FAMILY_LEVEL, statistical_tests=n_tests, k=k),
         problem=dict(lr=problem.lr, entropy=problem.entropy, exact_grad_h_dot_v=problem.exact_slope,
                      exact_delta_h1=exact, update_units=problem.update_batch.n_units, direction="adam-preconditioned"),
-        checks=[asdict(c) for c in checks], plots={name: str(p) for name, p in plots.items()})
+        checks=[asdict(c) for c in checks], controls=[asdict(control)],
+        plots={name: str(p) for name, p in plots.items()})
     (out / "validation.json").write_text(json.dumps(report, indent=2))
     return report
 
@@ -392,6 +405,10 @@ def print_table(report: dict, console: Console) -> None:
     for c in report["checks"]:
         table.add_row(c["name"], c["measured"], c["tolerance"],
                       "[bold green]PASS[/]" if c["passed"] else "[bold red]FAIL[/]")
+    table.add_section()
+    for c in report.get("controls", []):  # informational: does not change the verdict
+        table.add_row(c["name"], c["measured"], c["tolerance"],
+                      "[yellow]detected[/]" if c["passed"] else "[yellow]missed[/]")
     console.print(table)
     verdict = "[bold green]all checks passed[/]" if report["passed"] else "[bold red]some checks FAILED[/]"
     console.print(f"{verdict}; validation.json and plots in {Path(report['plots']['calibration']).parent}")
@@ -410,8 +427,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the policy and of every sample; each seed is a new problem (default: 0)")
     parser.add_argument("--quick", action="store_true",
-                        help=f"smaller experiments (K={QUICK.n_shards} shards of {QUICK.shard_units} units): a few "
-                             "seconds, same checks, wider tolerances")
+                        help=f"smaller experiments (K={QUICK.n_shards} shards of {QUICK.shard_units} units): "
+                             "about 15 s of CPU, same checks, wider tolerances")
     args = parser.parse_args(argv)
     if args.seed < 0:
         parser.error(f"--seed must be >= 0, got {args.seed}")

@@ -80,7 +80,7 @@ def calibration_plot(path: Path, shards: dict, exact: dict, checks: dict, shard_
                            fmt="o", color=colour, capsize=6, ms=8, label=label if j == 0 else None)
             if key != "coverage":
                 panel.plot([j, j], [lo, hi], color=colour, lw=6, alpha=0.3)
-            panel.annotate(f"{f[value]:.3f} ({_verdict(c['passed'])})", (j, f[value]), xytext=(12, 0),
+            panel.annotate(f"{f[value]:.3f} ({_verdict(c['passed'])})", (j, f[value]), xytext=(14, 7),
                            textcoords="offset points", va="center", fontsize=9)
         panel.axhline(target, color="black", ls="--", lw=1, label="nominal 0.95" if key == "coverage" else "target 1")
         panel.set_xticks(range(len(weightings)), [f"weighting: {w}" for w in weightings])
