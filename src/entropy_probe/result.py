@@ -42,6 +42,7 @@ class TruthResult:
     delta_h_at: list[float] = field(default_factory=list)
     se_at: list[float] = field(default_factory=list)
     ess_at: list[float] = field(default_factory=list)
+    se_diff_at: list[float] = field(default_factory=list)
     slope: float = math.nan
 
     def to_dict(self) -> dict:

@@ -87,27 +87,46 @@ def entropy_change(batch: RolloutBatch | None, seq0: Tensor, w0: Tensor, seq1: T
 def measure_truth(module: nn.Module, params: dict[str, nn.Parameter], batch: RolloutBatch, v: Vector,
                   per_unit: Tensor, *, lr: float, alphas: tuple[float, ...], temperature: float, weighting: str,
                   microbatch_units: int, comm=None) -> TruthResult:
-    """The truth at each alpha; the headline numbers are those at the last alpha (1 by default).
+    """The truth at each alpha; the headline numbers are those at alpha = 1 when swept, else at the last alpha.
 
     The log-probs at theta are re-evaluated through the same microbatched forward as those at theta',
     so that at alpha = 0 the weights are exactly 1. Under DDP (``comm``) ``per_unit`` holds every
     rank's s_n and ``batch`` is this rank's share of E (None if it holds none).
     """
+    if len(alphas) == 0:
+        raise ValueError("truth alphas (ProbeConfig.truth_alphas) must hold at least one alpha, got ()")
     for a in alphas:
         if not math.isfinite(a):
-            raise ValueError(f"truth alphas must be finite, got {a!r}")
+            raise ValueError(f"truth alphas (ProbeConfig.truth_alphas) must be finite, got {a!r} in {tuple(alphas)!r}")
     opts = dict(temperature=temperature, weighting=weighting, microbatch_units=microbatch_units)
     seq0, w0 = logprobs_at(module, dict(params), batch, **opts) if batch is not None else (None, None)
     rows = []
     for alpha in alphas:
-        seq1, w1 = (logprobs_at(module, stepped_parameters(params, v, alpha * lr), batch, **opts)
-                    if batch is not None else (None, None))
+        seq1, w1 = None, None
+        if batch is not None:  # a rank holding no E units contributes nothing to the gathered sums
+            seq1, w1 = logprobs_at(module, stepped_parameters(params, v, alpha * lr), batch, **opts)
+            _check_weights(seq0, seq1, alpha)
         # The prediction at alpha is alpha * delta_h1; its per-unit pieces scale the same way.
         rows.append(entropy_change(batch, seq0, w0, seq1, w1, per_unit * alpha, lr, comm=comm))
     deltas = [r[0] for r in rows]
     a = torch.tensor(alphas, dtype=torch.float64)
     d = torch.tensor(deltas, dtype=torch.float64)
     slope = float((a * d).sum() / (a * a).sum()) if float((a * a).sum()) > 0 else math.nan
-    last = rows[-1]
-    return TruthResult(delta_h=last[0], se=last[1], ess=last[2], se_diff=last[3], alphas=list(alphas),
-                       delta_h_at=deltas, se_at=[r[1] for r in rows], ess_at=[r[2] for r in rows], slope=slope)
+    head = rows[list(alphas).index(1.0)] if 1.0 in alphas else rows[-1]
+    return TruthResult(delta_h=head[0], se=head[1], ess=head[2], se_diff=head[3], alphas=list(alphas),
+                       delta_h_at=deltas, se_at=[r[1] for r in rows], ess_at=[r[2] for r in rows],
+                       se_diff_at=[r[3] for r in rows], slope=slope)
+
+
+# exp(709.8) is the largest finite float64: beyond it a weight is inf and the SNIS ratio inf / inf = NaN.
+MAX_LOG_WEIGHT = 700.0
+
+
+def _check_weights(seq0: Tensor, seq1: Tensor, alpha: float) -> None:
+    """The importance weights must be finite: a step that raises a log-prob by > 700 nats is an error."""
+    log_ratio = seq1.double() - seq0.double()  # (N,)
+    bad = (~torch.isfinite(log_ratio)) | (log_ratio > MAX_LOG_WEIGHT)
+    if bad.any():
+        row = int(bad.nonzero()[0, 0])
+        raise ValueError(f"truth at alpha={alpha!r}: the importance weight of eval sequence {row} is "
+                         f"exp({float(log_ratio[row]):.4g}), not representable; the step is far too large")
