@@ -69,8 +69,9 @@ def test_short_demo_files_agree_with_each_other(tmp_path):
         assert 0 <= r["reward"] <= 1 and 0 <= r["reward_update"] <= 1
         # The real AdamW step (optimizer.step() after clip_grad_norm_) is theta + eta * v of the
         # forecast: equal up to fp32 round-off, which Adam rescales in directions whose gradient is
-        # analytically 0 (GPT-2's key biases); observed ~3e-6, 1e-4 leaves room for other BLAS.
-        assert r["step_relative_error"] < 1e-4
+        # analytically 0 (GPT-2's key biases): observed 3e-6 here, 2e-4 at worst over the 40 steps of the
+        # full demo. A real mismatch is far above 1e-3: dropping the loss's 1/B_U or the clipping gives 7e-2.
+        assert r["step_relative_error"] < 1e-3
 
     # The summary is recomputable from the rows.
     col = lambda k: np.array([r[k] for r in rows], dtype=float)  # noqa: E731
@@ -102,9 +103,29 @@ def test_short_demo_is_reproducible_for_a_seed(tmp_path):
     assert c["steps"][0]["forecast"] != a["steps"][0]["forecast"]
 
 
+def test_grpo_raises_reward_and_lowers_entropy(tmp_path):
+    """16 steps at the demo's defaults (smaller E and F): learning must be visible beyond noise.
+
+    Entropy: the summed paired fresh-sample changes against their SE (independent steps, so
+    variances add). Reward: mean of the last 4 steps minus the first 4, SE from the per-step SEs
+    (independent fresh samples). Both one-sided at 3 SE (p = 0.0013 under "nothing changes").
+    """
+    argv = ["--steps", "16", "--eval-prompts", "16", "--measure-prompts", "64", "--seed", "0", "--out", str(tmp_path)]
+    assert demo.main(argv) == 0
+    doc = json.loads((tmp_path / "demo.json").read_text())
+    s, rows = doc["summary"], doc["steps"]
+    assert s["sum_measured"] < -3 * s["sum_measured_se"]
+    reward = np.array([r["reward"] for r in rows])
+    reward_se = np.array([r["reward_se"] for r in rows])
+    rise = reward[-4:].mean() - reward[:4].mean()
+    assert rise == pytest.approx(s["reward_end"] - s["reward_start"], abs=1e-12)
+    assert rise > 3 * np.sqrt((reward_se[-4:] ** 2).sum() + (reward_se[:4] ** 2).sum()) / 4
+    assert s["entropy_end"] < s["entropy_start"]
+
+
 def test_llama_class_runs_too(tmp_path):
     doc = run_demo(tmp_path, extra=["--arch", "llama", "--steps", "1"])
-    assert doc["steps"][0]["step_relative_error"] < 1e-4 and math.isfinite(doc["steps"][0]["truth"])
+    assert doc["steps"][0]["step_relative_error"] < 1e-3 and math.isfinite(doc["steps"][0]["truth"])
 
 
 def test_help_lists_every_option(capsys):
