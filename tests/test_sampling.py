@@ -180,9 +180,21 @@ def test_generate_samples_the_policy_over_whole_responses():
     assert stats.chi2.sf(chi_square(counts, wrong)[0], dof) < ALPHA
 
 
-def test_generate_first_token_matches_softmax_of_the_logits():
+def hub_like_defaults(model: GPT2LMHeadModel) -> GPT2LMHeadModel:
+    """A generation_config like a Hub model's, every field of which would reshape the distribution."""
+    g = model.generation_config
+    g.do_sample, g.top_k, g.top_p, g.temperature = True, 2, 0.5, 0.3
+    g.no_repeat_ngram_size, g.suppress_tokens, g.repetition_penalty, g.min_new_tokens = 1, [0], 1.5, 3
+    return model
+
+
+@pytest.mark.parametrize("defaults", ["blank", "hub-like"])
+def test_generate_first_token_matches_softmax_of_the_logits(defaults):
     vocab, eos = 6, 5
     model = tiny_gpt2(vocab, seed=1)
+    if defaults == "hub-like":  # the model's own generation defaults must not leak into the sampler
+        hub_like_defaults(model)
+        before = model.generation_config.to_dict()
     prompts = [[2], [0, 1, 4, 4]]
     g = 4000
     b = sample_rollouts(model, prompts, group_size=g, max_new_tokens=1, eos_token_id=eos,
@@ -193,6 +205,8 @@ def test_generate_first_token_matches_softmax_of_the_logits():
                              for p in prompts])
     stat, dof = chi_square(counts, probs)
     assert stats.chi2.sf(stat, dof) > ALPHA, (stat, dof)
+    if defaults == "hub-like":
+        assert model.generation_config.to_dict() == before  # put back as it was
 
 
 def test_generate_is_scored_consistently_by_sequence_logprobs():

@@ -126,15 +126,26 @@ def _generate_hf(module, ids: Tensor, attn: Tensor, max_new_tokens: int, eos: in
                  temperature: float) -> Tensor:
     """``(N, Tp + L)`` prompt and sampled tokens from ``generate`` (KV cache, pure sampling)."""
     config = pure_sampling_config(max_new_tokens, eos, pad, temperature)
-    return module.generate(input_ids=ids, attention_mask=attn, generation_config=config)
+    # generate() fills every field left None from model.generation_config (a Hub model's may carry
+    # top_p, suppress_tokens, no_repeat_ngram_size, ...). A blank one for the call lets only the
+    # neutral global defaults in; the model's own is put back afterwards.
+    from transformers import GenerationConfig
+
+    saved = module.generation_config
+    module.generation_config = GenerationConfig()
+    try:
+        return module.generate(input_ids=ids, attention_mask=attn, generation_config=config)
+    finally:
+        module.generation_config = saved
 
 
 def pure_sampling_config(max_new_tokens: int, eos: int, pad: int, temperature: float, **extra):
     """A ``GenerationConfig`` that samples exactly from ``softmax(logits / temperature)``.
 
-    Every field set explicitly: top_k=0 and top_p=1.0 switch off truncation (GenerationConfig's
-    top_k default is 50); no repetition penalty, no minimum length, one beam. ``extra``: further
-    fields (tests ask for ``output_scores``).
+    top_k=0 and top_p=1.0 switch off truncation (the global default top_k is 50); no repetition
+    penalty, no minimum length, one beam. ``extra``: further fields (tests ask for ``output_scores``).
+    Fields left None are filled from ``model.generation_config`` by ``generate``; ``_generate_hf``
+    blanks that for the call.
     """
     from transformers import GenerationConfig
 
