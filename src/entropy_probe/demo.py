@@ -147,8 +147,11 @@ def rl_step(step: int, model, optimizer, probe: EntropyProbe, task: SortingTask,
             prompt_gen: torch.Generator) -> dict:
     """Sample U, E and F; forecast; step; measure. Returns one row of steps.csv."""
     pc = probe.config
-    sample = lambda prompts, seed: sample_rollouts(model, prompts, cfg.group_size, task.max_new_tokens,  # noqa: E731
-                                                   task.eos, task.reward, pc.temperature, seed)
+
+    def sample(prompts, seed: int) -> RolloutBatch:
+        return sample_rollouts(model, prompts, cfg.group_size, task.max_new_tokens, task.eos, task.reward,
+                               pc.temperature, seed)
+
     u_batch = sample(task.prompts(cfg.update_prompts, prompt_gen), _seed(cfg, step, 0))
     e_batch = sample(task.prompts(cfg.eval_prompts, prompt_gen), _seed(cfg, step, 1))
     f_prompts = task.prompts(cfg.measure_prompts, prompt_gen)
