@@ -10,8 +10,9 @@ Public API (DESIGN section 10)::
 
 from .batch import RolloutBatch
 from .config import ProbeConfig
+from .loss import policy_loss
 from .probe import EntropyProbe
 from .result import ProbeResult, TruthResult
 
-__all__ = ["RolloutBatch", "ProbeConfig", "EntropyProbe", "ProbeResult", "TruthResult"]
+__all__ = ["RolloutBatch", "ProbeConfig", "EntropyProbe", "ProbeResult", "TruthResult", "policy_loss"]
 __version__ = "0.1.0"

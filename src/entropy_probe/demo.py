@@ -35,7 +35,8 @@ from torch import nn
 from .batch import RolloutBatch
 from .config import ProbeConfig
 from .logprobs import sequence_logprobs
-from .objectives import UpdateTotals, advantages, policy_gradient_coefficients, unit_entropy
+from .loss import policy_loss
+from .objectives import unit_entropy
 from .probe import EntropyProbe
 from .sampling import sample_rollouts
 from .sorting_task import SortingTask
@@ -92,15 +93,6 @@ def build_model(cfg: DemoConfig, task: SortingTask) -> nn.Module:
                              bos_token_id=None, eos_token_id=task.eos, pad_token_id=task.eos)
         return LlamaForCausalLM(config)
     raise ValueError(f"demo --arch must be 'gpt2' or 'llama', got {cfg.arch!r}")
-
-
-def policy_loss(model: nn.Module, batch: RolloutBatch, probe_cfg: ProbeConfig) -> torch.Tensor:
-    """``-J_U``, the GRPO loss, built from the same coefficients the probe differentiates."""
-    adv = advantages(batch, probe_cfg.advantage_estimator)
-    coeff = policy_gradient_coefficients(batch, adv, probe_cfg.loss_aggregation, UpdateTotals.of(batch),
-                                         probe_cfg.norm_length)
-    seq = sequence_logprobs(model, batch, probe_cfg.temperature, probe_cfg.entropy_weighting).seq
-    return -(coeff * seq).sum() / batch.n_units  # J_U = mean over units of J_m = sum_i c_i S_i
 
 
 def supervised_warmup(model: nn.Module, optimizer: torch.optim.Optimizer, task: SortingTask, cfg: DemoConfig,
