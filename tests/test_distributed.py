@@ -129,6 +129,8 @@ def _split_cases(rank: int, world: int) -> None:
         ("E 4+0, U 1+3, sgd, Dr. GRPO (global max length), rloo", ([0], [1, 2, 3]), ([0, 1, 2, 3], []),
          ep.ProbeConfig(direction="sgd", lr=0.1, loss_aggregation="seq-mean-token-sum-norm",
                         advantage_estimator="rloo", entropy_weighting="sum"), True),
+        ("uneven 1+3, jvp engine (x_sum all-reduced, t_m gathered)", ([0], [1, 2, 3]), ([0, 1, 2], [3]),
+         ep.ProbeConfig(engine="jvp", microbatch_units=2), True),
     ]
     for name, u_split, e_split, cfg, truth in cases:
         probe = ep.EntropyProbe(ddp, optimizer, cfg)
