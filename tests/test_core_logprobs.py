@@ -71,3 +71,24 @@ def test_functional_call_params_replace_the_modules_own():
     got = sequence_logprobs(model, batch, 1.0, "sum", params=shifted).seq
     torch.testing.assert_close(got, sequence_logprobs(other, batch, 1.0, "sum").seq)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("build", ["tiny_gpt2", "tiny_llama"])
+@pytest.mark.parametrize("weighting", ["token-mean", "sum"])
+def test_hugging_face_models_skip_prompt_logits_with_the_same_result(build, weighting):
+    """HF models are asked for the logits from the earliest response position on (``logits_to_keep``);
+    the log-probs equal the hand computation from the full (N, T, V) logits."""
+    import core_support
+
+    model = getattr(core_support, build)(seed=3).eval()
+    batch = random_batch(3, seed=8, vocab=11)
+    first = int(batch.response_mask.to(torch.uint8).argmax(1).min())
+    assert first >= 2, "the test batch needs a prompt of at least 2 tokens to skip any logits"
+    asked = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: asked.append(kw.get("logits_to_keep")), with_kwargs=True)
+    lp = sequence_logprobs(model, batch, 0.8, weighting)
+    hook.remove()
+    assert asked == [batch.input_ids.shape[1] - first + 1]
+    seq, weighted = hand_sequence_logprobs(model, batch, 0.8, weighting)
+    torch.testing.assert_close(lp.seq, seq, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lp.weighted, weighted, rtol=1e-5, atol=1e-5)

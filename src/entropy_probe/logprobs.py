@@ -9,6 +9,7 @@ Three details decide whether these numbers are right:
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 import torch
@@ -22,26 +23,38 @@ def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(dim=1) - 1).clamp_min(0)
 
 
-def _accepts_position_ids(model: nn.Module) -> bool:
-    params = inspect.signature(model.forward).parameters
-    return "position_ids" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+@functools.lru_cache(maxsize=None)
+def _forward_parameters(cls: type) -> tuple[frozenset, bool]:
+    """(named parameters of ``cls.forward``, whether it takes ``**kwargs``), once per model class."""
+    params = inspect.signature(cls.forward).parameters
+    return frozenset(params), any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def _accepts(model: nn.Module, name: str, via_kwargs: bool = True) -> bool:
+    names, var_kw = _forward_parameters(type(model))
+    return name in names or (via_kwargs and var_kw)
 
 
 def model_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
-                 params: dict[str, Tensor] | None = None) -> Tensor:
-    """Call ``model(input_ids=..., attention_mask=...[, position_ids=...])`` and return ``(N, T, V)`` logits.
+                 params: dict[str, Tensor] | None = None, keep_last: int | None = None) -> Tensor:
+    """Call ``model(input_ids=..., attention_mask=...[, position_ids=...])`` and return ``(N, K, V)`` logits.
 
-    With ``params``, the call is ``torch.func.functional_call(model, params, ...)``: the parameters
-    named there replace the module's own for this call only (the truth and the jvp engine use it).
+    K = T, or K = ``keep_last`` (the last positions only) when the model takes Hugging Face's
+    ``logits_to_keep``: the LM head and the log-softmax then skip the prompt, often the costliest
+    part for a large vocabulary. With ``params``, the call is ``torch.func.functional_call(model,
+    params, ...)``: the parameters named there replace the module's own for this call only.
     """
     kwargs = dict(input_ids=input_ids, attention_mask=attention_mask)
-    if _accepts_position_ids(model):
+    if _accepts(model, "position_ids"):
         kwargs["position_ids"] = position_ids_from_mask(attention_mask)
+    if keep_last is not None and keep_last < input_ids.shape[1] and _accepts(model, "logits_to_keep", False):
+        kwargs["logits_to_keep"] = keep_last
     out = model(**kwargs) if params is None else torch.func.functional_call(model, params, (), kwargs)
     logits = out if isinstance(out, Tensor) else getattr(out, "logits", None)
     if logits is None:
         raise ValueError(f"model returned {type(out).__name__}; expected logits (N, T, V) or an object with .logits")
-    if logits.dim() != 3 or tuple(logits.shape[:2]) != tuple(input_ids.shape):
+    expected = {tuple(input_ids.shape), (input_ids.shape[0], kwargs.get("logits_to_keep", -1))}
+    if logits.dim() != 3 or tuple(logits.shape[:2]) not in expected:
         raise ValueError(f"model logits have shape {tuple(logits.shape)}; expected (N, T, V) with "
                          f"(N, T) = {tuple(input_ids.shape)}")
     return logits
@@ -85,7 +98,10 @@ def sequence_logprobs(model: nn.Module, batch: RolloutBatch, temperature: float,
                       params: dict[str, Tensor] | None = None) -> SequenceLogProbs:
     """Teacher-forced S_i and S_w,i of every sequence, differentiable in the model (or in ``params``)."""
     ids, attn, resp = batch.input_ids, batch.attention_mask, batch.response_mask
-    logits = model_logits(model, ids, attn, params)
+    first = int(resp.to(torch.uint8).argmax(dim=1).min())  # earliest response column of the batch (>= 1)
+    logits = model_logits(model, ids, attn, params, keep_last=ids.shape[1] - first + 1)  # (N, K, V)
+    offset = ids.shape[1] - logits.shape[1]  # logits cover positions offset..T-1; none before is needed
+    ids, attn, resp = ids[:, offset:], attn[:, offset:], resp[:, offset:]  # (N, K)
     finite = torch.isfinite(logits.detach()).all(dim=-1) | ~attn.bool()  # (N, T); padding may hold anything
     if not finite.all():
         row = _first_bad_row(~finite)
