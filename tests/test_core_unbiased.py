@@ -103,7 +103,7 @@ def test_delta_h1_is_unbiased_against_exact_enumeration(problem, case: Case):
     z_truth = (result.delta_h1 - truth) / se
     print(f"{case}: delta_h1={result.delta_h1:.4e} exact={truth:.4e} se={se:.2e} z={z_truth:.2f} "
           f"bias/se={(expectation - truth) / se:.2f}")
-    # delta_h1 is a mean of 3000 iid s_n: normal to a good approximation, so |z| > 4 has
+    # delta_h1 is a mean of 2000 iid s_n: normal to a good approximation, so |z| > 4 has
     # probability 6e-5 under unbiasedness (seeded, so the test is deterministic).
     assert abs(z_own) < 4
     if case.biased:
