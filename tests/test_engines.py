@@ -11,7 +11,6 @@ import warnings
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import entropy_probe as ep
 from entropy_probe.batch import RolloutBatch
@@ -19,47 +18,25 @@ from entropy_probe.logprobs import sequence_logprobs
 from entropy_probe.projections import dot, eval_projections, grad_of
 from entropy_probe.projections_jvp import directional_logprobs, eval_projections_jvp, forward_mode_ready
 from entropy_probe.toy import TabularPolicy, sample_enumerated
+from core_support import random_batch, tiny_gpt2, tiny_llama, trainable
 
 VOCAB = 48
 RTOL = 1e-5  # DESIGN section 7
 
 
 def tiny_model(kind: str) -> torch.nn.Module:
-    """A two-layer HF causal LM from config (no download), in train mode like a live policy."""
-    torch.manual_seed(0)
-    if kind == "gpt2":
-        cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=32, bos_token_id=0,
-                         eos_token_id=0)
-        return GPT2LMHeadModel(cfg)
-    cfg = LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=32, bos_token_id=0,
-                      eos_token_id=0, pad_token_id=0)
-    return LlamaForCausalLM(cfg)
+    """A two-layer HF causal LM from config (no download)."""
+    return (tiny_gpt2 if kind == "gpt2" else tiny_llama)(seed=0, vocab=VOCAB)
 
 
 def padded_batch(n_units: int, group: int, padding: str, seed: int) -> RolloutBatch:
-    """Prompts of 2..4 and responses of 1..6 tokens, padded on the ``padding`` side."""
-    gen = torch.Generator().manual_seed(seed)
-    n, width = n_units * group, 10
-    ids = torch.zeros(n, width, dtype=torch.long)
-    attn, resp = torch.zeros_like(ids), torch.zeros_like(ids)
-    for i in range(n):
-        lp, lr = int(torch.randint(2, 5, (1,), generator=gen)), int(torch.randint(1, 7, (1,), generator=gen))
-        start = width - lp - lr if padding == "left" else 0
-        ids[i, start:start + lp + lr] = torch.randint(1, VOCAB, (lp + lr,), generator=gen)
-        attn[i, start:start + lp + lr] = 1
-        resp[i, start + lp:start + lp + lr] = 1
-    groups = torch.arange(n_units).repeat_interleave(group)
-    return RolloutBatch(ids, attn, resp, groups, rewards=torch.randn(n, generator=gen))
+    """Prompts of 1..4 and responses of 1..6 tokens, padded on the ``padding`` side (same rows either side)."""
+    return random_batch(n_units, group, vocab=VOCAB, seed=seed, side=padding, max_prompt=4, max_response=6)
 
 
 def random_direction(params) -> dict:
     gen = torch.Generator().manual_seed(1)
     return {name: torch.randn(p.shape, generator=gen) for name, p in params.items()}
-
-
-def trainable(model) -> dict:
-    return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
