@@ -35,7 +35,7 @@ from .direction import UpdateDirection, build_direction
 from .distributed import (all_reduce_vector, call_fingerprint, communicator_for, global_totals, merged_moments,
                           unwrap)
 from .objectives import UpdateTotals, advantages, policy_gradient_coefficients, unit_entropy
-from .projections import EvalProjections, eval_projections, update_gradient, update_projections
+from .projections import EvalProjections, eval_projections, first_nonfinite, update_gradient, update_projections
 from .projections_jvp import eval_projections_jvp, update_projections_jvp
 from .result import ProbeResult
 from .statistics import conditional_variance, jackknife_se, moments_update, update_variance_term
@@ -106,9 +106,9 @@ class EntropyProbe:
         grad_sum = all_reduce_vector(self.comm, grad_sum, params)  # one all-reduce; the same bits on every rank
         n_units = totals.n_units
         grad_j = {name: None if g is None else g / n_units for name, g in grad_sum.items()}  # grad J_U = mean_m
-        for name, g in grad_j.items():
-            if g is not None and not torch.isfinite(g).all():
-                raise ValueError(f"update_batch: the policy gradient of parameter {name!r} is not finite")
+        bad = first_nonfinite(grad_j)
+        if bad is not None:
+            raise ValueError(f"update_batch: the policy gradient of parameter {bad!r} is not finite")
         return build_direction(cfg.direction, grad_j, params, self.optimizer, self.lr, cfg.max_grad_norm), coeff, n_units
 
     def update_direction(self, update_batch: RolloutBatch | None) -> dict[str, Tensor]:
@@ -144,9 +144,10 @@ class EntropyProbe:
             if not isinstance(t, Tensor) or tuple(t.shape) != tuple(p.shape):
                 shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
                 raise ValueError(f"direction[{name!r}] has shape {shape}, the parameter has {tuple(p.shape)}")
-            if not torch.isfinite(t).all():
-                raise ValueError(f"direction[{name!r}] is not finite")
             out[name] = t.detach().to(device=p.device, dtype=torch.float32)
+        bad = first_nonfinite(out)
+        if bad is not None:
+            raise ValueError(f"direction[{bad!r}] is not finite")
         return UpdateDirection(v=out)
 
     # ---- 2. rollout batch E -> per-unit projections s_n -------------------------------------------

@@ -39,6 +39,16 @@ def dot(grads: dict[str, Tensor | None], vec: Vector) -> Tensor:
     return torch.stack(terms).sum()
 
 
+def first_nonfinite(vec: dict[str, Tensor | None]) -> str | None:
+    """The name of the first entry holding a NaN or inf, or None; one host sync for the whole vector."""
+    names = [name for name, t in vec.items() if t is not None]
+    if not names:
+        return None
+    ok = torch.stack([torch.isfinite(vec[name]).all().to(vec[names[0]].device) for name in names])  # (K,)
+    bad = (~ok).nonzero()
+    return names[int(bad[0, 0])] if len(bad) else None
+
+
 def add_into(acc: Vector, grads: dict[str, Tensor | None]) -> None:
     for name, g in grads.items():
         if g is not None:
