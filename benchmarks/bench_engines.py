@@ -46,8 +46,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from
 from entropy_probe.batch import RolloutBatch  # noqa: E402
 from entropy_probe.logprobs import sequence_logprobs  # noqa: E402
 from entropy_probe.objectives import UpdateTotals, advantages, policy_gradient_coefficients  # noqa: E402
-from entropy_probe.projections import eval_projections  # noqa: E402
-from entropy_probe.projections_jvp import eval_projections_jvp  # noqa: E402
+from entropy_probe.config import ProbeConfig  # noqa: E402
+from entropy_probe.engines import eval_projections  # noqa: E402
 from entropy_probe.statistics import conditional_variance, moments_update  # noqa: E402
 
 GROUP = 8  # responses per prompt (G)
@@ -125,9 +125,8 @@ def training_step(model, params, batch: RolloutBatch, microbatch_units: int) -> 
     """One training forward+backward over the batch (GRPO surrogate, grads accumulated into .grad)."""
     coeff = policy_gradient_coefficients(batch, advantages(batch, "grpo"), "seq-mean-token-mean",
                                          UpdateTotals.of(batch))
-    for units, mb in batch.microbatches(microbatch_units):
-        rows = batch.rows_of_units(units).to(coeff.device)
-        loss = -(coeff[rows] * sequence_logprobs(model, mb, 1.0, WEIGHTING).seq).sum()
+    for mb in batch.microbatches(microbatch_units):
+        loss = -(coeff[mb.rows] * sequence_logprobs(model, mb.batch, 1.0, WEIGHTING).seq).sum()
         loss.backward()
     model.zero_grad(set_to_none=True)
 
@@ -157,11 +156,9 @@ def note_loop(model, params, batch: RolloutBatch, muY: dict) -> torch.Tensor:
 def probe_e_pass(engine: str, microbatch_units: int):
     """delta_h1 + SE over E with one engine: every s_n, then the moments."""
     def run(model, params, batch, v):
-        opts = dict(temperature=1.0, weighting=WEIGHTING, estimator=ESTIMATOR, want_x_sum=False)
-        if engine == "jvp":
-            proj = eval_projections_jvp(model, params, batch, v, microbatch_units=microbatch_units, **opts)
-        else:
-            proj = eval_projections(model, params, batch, v, **opts)
+        cfg = ProbeConfig(engine=engine, microbatch_units=microbatch_units, entropy_weighting=WEIGHTING,
+                          x_estimator=ESTIMATOR)
+        proj = eval_projections(model, params, batch, v, cfg)
         conditional_variance(moments_update(proj.s), LR)
         return proj.s
     return run

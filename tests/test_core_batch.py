@@ -48,9 +48,10 @@ def test_select_units_round_trip():
 def test_microbatches_cover_every_unit_once(k):
     b = interleaved()
     seen = []
-    for units, mb in b.microbatches(k):
+    for units, rows, mb in b.microbatches(k):
         assert 1 <= len(units) <= k and mb.n_units == len(units)
-        assert torch.equal(mb.input_ids, b.input_ids[b.rows_of_units(units)])
+        assert torch.equal(rows, b.rows_of_units(units))
+        assert torch.equal(mb.input_ids, b.input_ids[rows])
         seen += units
     assert seen == list(range(b.n_units))
 

@@ -21,7 +21,7 @@ from torch import nn
 
 import entropy_probe as ep
 import entropy_probe.probe as probe_module
-import entropy_probe.projections as projections_module
+import entropy_probe.engines.backward as projections_module
 from core_support import random_batch, tiny_gpt2
 
 VOCAB = 11

@@ -17,7 +17,7 @@ import torch
 
 import entropy_probe as ep
 from entropy_probe.logprobs import position_ids_from_mask, sequence_logprobs, token_logprobs
-from entropy_probe.projections import dot, grad_of
+from entropy_probe.vectors import dot, grad_of
 from core_support import (TinyLM, brute_force_x, flat, hand_token_logprobs, random_batch, tiny_gpt2, tiny_llama,
                           trainable)
 
@@ -45,7 +45,7 @@ def test_backward_engine_matches_brute_force(kind):
 
 
 def test_fused_dot_equals_flattened_dot():
-    """projections.dot (one fused reduction) equals the dot of the flattened vectors; None grads count 0."""
+    """vectors.dot (one fused reduction) equals the dot of the flattened vectors; None grads count 0."""
     model = tiny_gpt2(seed=1, vocab=VOCAB)
     params = trainable(model)
     batch = random_batch(2, vocab=VOCAB, seed=3)

@@ -13,6 +13,7 @@ Run: ``PYTHONPATH=src pytest -q tests/test_core_statistics.py``.
 from __future__ import annotations
 
 import math
+from statistics import NormalDist
 
 import numpy as np
 import pytest
@@ -53,7 +54,8 @@ def test_statistics_equal_numpy_on_the_same_s():
     assert r.var_cond_e == pytest.approx(ETA ** 2 * s.var(ddof=1) / b, rel=1e-12)
     assert r.se_cond_e == pytest.approx(ETA * math.sqrt(s.var(ddof=1) / b), rel=1e-12)
     assert r.se_jackknife == pytest.approx(r.se_cond_e, rel=1e-10)
-    assert r.interval() == pytest.approx((r.delta_h1 - 1.96 * r.se_cond_e, r.delta_h1 + 1.96 * r.se_cond_e))
+    z = NormalDist().inv_cdf(0.975)  # 1.95996...: the 95% interval
+    assert r.interval() == pytest.approx((r.delta_h1 - z * r.se_cond_e, r.delta_h1 + z * r.se_cond_e), rel=1e-12)
     assert torch.equal(r.eval_unit_ids, evaluation.unit_ids)
 
 

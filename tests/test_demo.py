@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from entropy_probe import demo
-from entropy_probe.sorting_task import SortingTask
+from entropy_probe.demo.task import SortingTask
+from entropy_probe.statistics import Z95
 
 SHORT = ["--steps", "3", "--warmup-steps", "4", "--update-prompts", "4", "--eval-prompts", "6",
          "--measure-prompts", "8", "--group-size", "4", "--width", "32", "--layers", "1", "--heads", "2",
@@ -53,7 +54,7 @@ def test_short_demo_files_agree_with_each_other(tmp_path):
     img = matplotlib.image.imread(tmp_path / "demo.png")
     assert img.ndim == 3 and img.shape[0] > 400 and img.shape[1] > 600
 
-    z = demo.Z95
+    z = Z95
     for r in rows:
         assert r["forecast_lo95"] == pytest.approx(r["forecast"] - z * r["forecast_se"], abs=1e-12)
         assert r["forecast_hi95"] == pytest.approx(r["forecast"] + z * r["forecast_se"], abs=1e-12)

@@ -15,8 +15,10 @@ import torch
 import entropy_probe as ep
 from entropy_probe.batch import RolloutBatch
 from entropy_probe.logprobs import sequence_logprobs
-from entropy_probe.projections import dot, eval_projections, grad_of
-from entropy_probe.projections_jvp import directional_logprobs, eval_projections_jvp, forward_mode_ready
+from entropy_probe.config import ProbeConfig
+from entropy_probe.engines import backward, jvp
+from entropy_probe.engines.jvp import directional_logprobs, forward_mode_ready
+from entropy_probe.vectors import dot, grad_of
 from entropy_probe.toy import TabularPolicy, sample_enumerated
 from core_support import random_batch, tiny_gpt2, tiny_llama, trainable
 
@@ -56,14 +58,15 @@ def assert_engines_agree(model, batch, microbatch_units: int, temperature: float
     v = random_direction(params)
     for weighting in ("token-mean", "sum"):
         for estimator in ("unbiased", "seed"):
-            opts = dict(temperature=temperature, weighting=weighting, estimator=estimator, want_x_sum=True)
-            bwd = eval_projections(model, params, batch, v, **opts)
-            jvp = eval_projections_jvp(model, params, batch, v, microbatch_units=microbatch_units, **opts)
-            assert jvp.s.shape == (batch.n_units,)
-            assert rel_err(jvp.s, bwd.s) <= RTOL, (weighting, estimator, jvp.s, bwd.s)
-            assert rel_err(jvp.seq_logprob, bwd.seq_logprob) <= RTOL
-            assert rel_err(jvp.weighted, bwd.weighted) <= RTOL
-            assert vector_rel_err(jvp.x_sum, bwd.x_sum) <= RTOL, (weighting, estimator)
+            cfg = ProbeConfig(temperature=temperature, entropy_weighting=weighting, x_estimator=estimator,
+                              microbatch_units=microbatch_units)
+            bwd = backward.eval_projections(model, params, batch, v, cfg, want_x_sum=True)
+            fwd = jvp.eval_projections(model, params, batch, v, cfg, want_x_sum=True)
+            assert fwd.s.shape == (batch.n_units,)
+            assert rel_err(fwd.s, bwd.s) <= RTOL, (weighting, estimator, fwd.s, bwd.s)
+            assert rel_err(fwd.seq_logprob, bwd.seq_logprob) <= RTOL
+            assert rel_err(fwd.weighted, bwd.weighted) <= RTOL
+            assert vector_rel_err(fwd.x_sum, bwd.x_sum) <= RTOL, (weighting, estimator)
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
@@ -80,9 +83,9 @@ def test_jvp_sees_padding_sides_alike(kind):
     model = tiny_model(kind).eval()
     params = trainable(model)
     v = random_direction(params)
-    opts = dict(microbatch_units=3, temperature=1.0, weighting="token-mean", estimator="unbiased", want_x_sum=False)
-    left = eval_projections_jvp(model, params, padded_batch(4, 3, "left", seed=5), v, **opts)
-    right = eval_projections_jvp(model, params, padded_batch(4, 3, "right", seed=5), v, **opts)
+    cfg = ProbeConfig(microbatch_units=3)
+    left = jvp.eval_projections(model, params, padded_batch(4, 3, "left", seed=5), v, cfg)
+    right = jvp.eval_projections(model, params, padded_batch(4, 3, "right", seed=5), v, cfg)
     assert rel_err(left.s, right.s) <= RTOL
 
 
@@ -107,7 +110,7 @@ def test_per_sequence_derivatives_match_a_backward():
     v = random_direction(params)
     batch = padded_batch(3, 4, "left", seed=7)
     with forward_mode_ready(model):
-        lp = directional_logprobs(model, params, batch, v, temperature=1.0, weighting="token-mean")
+        lp = directional_logprobs(model, params, batch, v, ProbeConfig())
     r = torch.randn(batch.n_sequences, generator=torch.Generator().manual_seed(8))
     for got, field in ((lp.d_seq, "seq"), (lp.d_weighted, "weighted")):
         surrogate = getattr(sequence_logprobs(model, batch, 1.0, "token-mean"), field)
@@ -177,6 +180,6 @@ def test_hooks_restored_after_an_error():
     with torch.no_grad():
         model.lm_head.weight[3] = float("nan")  # every logit row gets a NaN entry
     with pytest.raises(ValueError, match=r"model logits are not finite for response 0 of unit"):
-        eval_projections_jvp(model, params, batch, random_direction(params), microbatch_units=2, temperature=1.0,
-                             weighting="sum", estimator="unbiased", want_x_sum=False)
+        jvp.eval_projections(model, params, batch, random_direction(params),
+                             ProbeConfig(microbatch_units=2, entropy_weighting="sum"))
     assert list(model.get_input_embeddings()._forward_hooks.items()) == embedding_hooks

@@ -18,8 +18,9 @@ import pytest
 import torch
 from scipy import stats
 
-from entropy_probe import validate
-from entropy_probe.validation_stats import (chi2_quantile, excess_kurtosis, fit_slope, skewness,
+from entropy_probe.validation import checks, run
+from entropy_probe.validation import problem as vproblem
+from entropy_probe.validation.stats import (chi2_quantile, excess_kurtosis, fit_slope, skewness,
                                             studentized_coverage, tolerance_k, wilson_interval)
 
 K = tolerance_k(13)  # the harness's own k (13 statistical tests at a 1% family-wise level)
@@ -60,10 +61,10 @@ def test_slope_fit_recovers_a_known_line():
 def test_variance_check_passes_calibrated_shards_and_fails_a_wrong_se(skewed):
     d, var, _, s = _shards(300, 32, seed=1, skewed=skewed)
     kurt = excess_kurtosis(s)
-    ok = validate.variance_check("v", d, var, kurt, 32, K)
+    ok = checks.variance_check("v", d, var, kurt, 32, K)
     assert ok.passed, ok
     for factor in (0.5, 2.0):  # an SE off by sqrt(2) either way: the ratio is 2 or 1/2
-        bad = validate.variance_check("v", d, [factor * v for v in var], kurt, 32, K)
+        bad = checks.variance_check("v", d, [factor * v for v in var], kurt, 32, K)
         assert not bad.passed, bad
 
 
@@ -71,10 +72,10 @@ def test_variance_check_passes_calibrated_shards_and_fails_a_wrong_se(skewed):
 def test_coverage_check_passes_calibrated_intervals_and_fails_narrow_ones(skewed):
     d, _, se, s = _shards(300, 32, seed=2, skewed=skewed)
     moments = (skewness(s), excess_kurtosis(s))
-    ok = validate.coverage_check("c", d, se, 0.0, 32, *moments, K)
+    ok = checks.coverage_check("c", d, se, 0.0, 32, *moments, K)
     assert ok.passed, ok
-    assert not validate.coverage_check("c", d, [0.7 * x for x in se], 0.0, 32, *moments, K).passed  # covers ~83%
-    biased = validate.coverage_check("c", d, se, 1.5 * math.sqrt(1 / 32), 32, *moments, K)  # centre off 1.5 SE
+    assert not checks.coverage_check("c", d, [0.7 * x for x in se], 0.0, 32, *moments, K).passed  # covers ~83%
+    biased = checks.coverage_check("c", d, se, 1.5 * math.sqrt(1 / 32), 32, *moments, K)  # centre off 1.5 SE
     assert not biased.passed, biased
 
 
@@ -102,34 +103,34 @@ def test_studentized_coverage_matches_simulation(law, n):
 def test_unbiased_check_detects_a_bias_of_a_few_percent_of_the_spread():
     d, _, _, _ = _shards(300, 32, seed=3)
     se_of_mean = math.sqrt(1 / 32 / 300)
-    assert validate.unbiased_check("u", d, 0.0, K).passed
-    assert not validate.unbiased_check("u", d, 6 * se_of_mean, K).passed
+    assert checks.unbiased_check("u", d, 0.0, K).passed
+    assert not checks.unbiased_check("u", d, 6 * se_of_mean, K).passed
 
 
 def test_slope_check_accepts_one_over_sqrt_c_and_rejects_an_se_that_does_not_shrink():
     factors = [1, 2, 4, 8]
     good = [_shards(24, 16 * c, seed=10 + c)[1] for c in factors]  # Var_E of shards of 16 c units
-    fit = validate.slope_check("s", factors, good, K)
+    fit = checks.slope_check("s", factors, good, K)
     assert fit.passed, fit
     flat = [_shards(24, 16, seed=20 + c)[1] for c in factors]  # the SE of 16 units whatever c
-    assert not validate.slope_check("s", factors, flat, K).passed
+    assert not checks.slope_check("s", factors, flat, K).passed
 
 
 # ---- the command ------------------------------------------------------------------------------------
 def test_same_seed_same_numbers():
-    tiny = validate.Settings(n_shards=3, shard_units=4, scale_units=4, scale_replicates=2, truth_units=8)
+    tiny = vproblem.Settings(n_shards=3, shard_units=4, scale_units=4, scale_replicates=2, truth_units=8)
     runs = []
     for _ in range(2):
-        problem = validate.build_problem(7, tiny)
-        runs.append((problem.lr, validate.run_shards(problem, tiny, 7, lambda: None)))
+        prob = vproblem.build_problem(7, tiny)
+        runs.append((prob.lr, checks.run_shards(prob, tiny, 7, lambda: None)))
     assert runs[0] == runs[1]
-    other = validate.run_shards(validate.build_problem(8, tiny), tiny, 8, lambda: None)
+    other = checks.run_shards(vproblem.build_problem(8, tiny), tiny, 8, lambda: None)
     assert other != runs[0][1]
 
 
 def test_help_lists_the_options(capsys):
     with pytest.raises(SystemExit) as exc:
-        validate.main(["--help"])
+        run.main(["--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
     for option in ("--out", "--seed", "--quick"):
@@ -140,13 +141,13 @@ def test_exit_status_is_1_when_a_check_fails(monkeypatch, tmp_path, capsys):
     report = dict(passed=False, seed=0, runtime_s=0.0, tolerance=dict(k=3.0),
                   checks=[dict(name="a check", measured="x", tolerance="y", passed=False)],
                   plots=dict(calibration=str(tmp_path / "calibration.png")))
-    monkeypatch.setattr(validate, "run_validation", lambda *args, **kwargs: report)
-    assert validate.main(["--out", str(tmp_path)]) == 1
+    monkeypatch.setattr(run, "run_validation", lambda *args, **kwargs: report)
+    assert run.main(["--out", str(tmp_path)]) == 1
     assert "FAIL" in capsys.readouterr().out
 
 
 def test_quick_run_end_to_end(tmp_path, capsys):
-    assert validate.main(["--quick", "--out", str(tmp_path), "--seed", "0"]) == 0
+    assert run.main(["--quick", "--out", str(tmp_path), "--seed", "0"]) == 0
     out = capsys.readouterr().out
     assert "all checks passed" in out and "PASS" in out
     report = json.loads((tmp_path / "validation.json").read_text())

@@ -16,6 +16,7 @@ so that every later error can name the field and the row or unit at fault.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Iterator, NamedTuple
 
 import torch
 from torch import Tensor
@@ -174,15 +175,27 @@ class RolloutBatch:
         return RolloutBatch(pick(self.input_ids), pick(self.attention_mask), pick(self.response_mask),
                             pick(self.group_ids), rewards=pick(self.rewards), advantages=pick(self.advantages))
 
-    def microbatches(self, units_per_batch: int):
-        """Yield ``(unit_positions, sub_batch)`` chunks of at most ``units_per_batch`` units."""
+    def microbatches(self, units_per_batch: int) -> Iterator[Microbatch]:
+        """The one microbatch loop of every pass: chunks of at most ``units_per_batch`` whole units."""
         if units_per_batch < 1:
             raise ValueError(f"microbatch_units must be >= 1, got {units_per_batch}")
         for start in range(0, self.n_units, units_per_batch):
             units = list(range(start, min(start + units_per_batch, self.n_units)))
-            yield units, self.select_units(units)
+            yield Microbatch(units, self.rows_of_units(units).to(self.device), self.select_units(units))
 
     def to(self, device: torch.device | str) -> "RolloutBatch":
         mv = lambda x: None if x is None else x.to(device)  # noqa: E731
         return RolloutBatch(mv(self.input_ids), mv(self.attention_mask), mv(self.response_mask),
                             mv(self.group_ids), rewards=mv(self.rewards), advantages=mv(self.advantages))
+
+
+class Microbatch(NamedTuple):
+    """Whole units of a batch, as one forward sees them.
+
+    units: positions 0..B-1 of the units in the full batch; rows: ``(n,)`` their rows in the full
+    batch (on its device), grouped unit by unit, the row order of ``batch``.
+    """
+
+    units: list[int]
+    rows: Tensor
+    batch: RolloutBatch

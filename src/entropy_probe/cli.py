@@ -11,7 +11,7 @@ import sys
 
 COMMANDS = {
     "demo": ("entropy_probe.demo", "GRPO fine-tuning of a tiny transformer with the probe forecasting every step"),
-    "validate": ("entropy_probe.validate", "calibration and unbiasedness checks on a built-in enumerable policy"),
+    "validate": ("entropy_probe.validation", "calibration and unbiasedness checks on a built-in enumerable policy"),
 }
 
 

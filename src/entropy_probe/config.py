@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 from .direction import DIRECTIONS
 from .logprobs import WEIGHTINGS
@@ -12,9 +12,23 @@ from .objectives import ADVANTAGE_ESTIMATORS, LOSS_AGGREGATIONS, X_ESTIMATORS
 ENGINES = ("backward", "jvp")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ProbeConfig:
-    """Options of ``EntropyProbe``. Defaults follow GRPO with Adam and the founding note."""
+    """Options of ``EntropyProbe``. Defaults follow GRPO with Adam and the founding note.
+
+    Frozen and validated once, here: change a field with ``dataclasses.replace(config, lr=...)``,
+    which validates the new value.
+
+    >>> import dataclasses
+    >>> cfg = dataclasses.replace(ProbeConfig(), engine="jvp")
+    >>> cfg.engine
+    'jvp'
+    >>> try:
+    ...     dataclasses.replace(cfg, engine="jvpp")
+    ... except ValueError as e:
+    ...     print(e)
+    ProbeConfig.engine: must be one of ('backward', 'jvp'), got 'jvpp'
+    """
 
     lr: float | None = None
     """Learning rate eta of the step being forecast. None: the optimizer's (first group's) lr."""
@@ -65,7 +79,7 @@ class ProbeConfig:
              "max_grad_norm", "must be a finite number > 0 or None")
         need(self.norm_length is None or (isinstance(self.norm_length, int) and self.norm_length >= 1),
              "norm_length", "must be an integer >= 1 or None")
-        self.truth_alphas = tuple(float(a) for a in self.truth_alphas)
+        object.__setattr__(self, "truth_alphas", tuple(float(a) for a in self.truth_alphas))  # frozen: set once
         need(len(self.truth_alphas) > 0 and all(math.isfinite(a) for a in self.truth_alphas), "truth_alphas",
              "must be a non-empty sequence of finite numbers")
 

@@ -21,7 +21,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
+
+from .vectors import Params
 
 DIRECTIONS = ("adam-preconditioned", "optimizer-step", "sgd")
 CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_: coef = max_norm / (total_norm + 1e-6)
@@ -48,7 +50,7 @@ class ParamHyper:
     state: dict | None = None
 
 
-def optimizer_hyper(model_params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer | None,
+def optimizer_hyper(model_params: Params, optimizer: torch.optim.Optimizer | None,
                     default_lr: float) -> dict[str, ParamHyper]:
     """Per-parameter hyper-parameters; a trainable parameter the optimizer does not hold gets lr 0."""
     if optimizer is None:
@@ -102,15 +104,13 @@ def _step_of(state: dict | None) -> int:
     return int(step.item() if isinstance(step, Tensor) else step)
 
 
-def build_direction(kind: str, grad_j: dict[str, Tensor | None], params: dict[str, nn.Parameter],
+def build_direction(kind: str, grad_j: dict[str, Tensor | None], params: Params,
                     optimizer: torch.optim.Optimizer | None, lr: float,
                     max_grad_norm: float | None = None) -> UpdateDirection:
     """v (fp32) and its scale from ``grad_j`` = grad J_U (None where the parameter got no gradient).
 
     A parameter with no gradient is skipped by ``optimizer.step()``; here it gets v = 0.
     """
-    if kind not in DIRECTIONS:
-        raise ValueError(f"direction must be one of {DIRECTIONS}, got {kind!r}")
     if kind != "sgd" and optimizer is not None:
         _require_adam(optimizer, kind)
     if kind == "optimizer-step":

@@ -34,8 +34,9 @@ from torch import Tensor, nn
 
 from .objectives import UpdateTotals
 from .statistics import Moments, moments_merge
+from .vectors import Params
 
-Vector = dict[str, "Tensor | None"]
+Vector = dict[str, "Tensor | None"]  # a vector whose entries may be None (a parameter no gradient reached)
 
 
 class SingleProcess:
@@ -179,17 +180,16 @@ def communicator_for(model: nn.Module):
 
 
 # ---- the probe's reductions -------------------------------------------------------------------
-def global_totals(comm, local: UpdateTotals) -> tuple[UpdateTotals, list[int]]:
-    """The loss normalisers over every rank's U units (sums; the max length is a max), and the
-    number of U units of each rank. One all_gather of four integers."""
+def global_totals(comm, local: UpdateTotals) -> UpdateTotals:
+    """The loss normalisers over every rank's U units (sums; the max length is a max).
+    One all_gather of four integers."""
     mine = torch.tensor([local.n_units, local.n_sequences, local.n_tokens, local.max_length], dtype=torch.int64)
     table = comm.stack(mine)  # (world, 4)
     n_units, n_sequences, n_tokens = (int(x) for x in table[:, :3].sum(dim=0))
-    totals = UpdateTotals(n_units, n_sequences, n_tokens, int(table[:, 3].max()))
-    return totals, table[:, 0].tolist()
+    return UpdateTotals(n_units, n_sequences, n_tokens, int(table[:, 3].max()))
 
 
-def all_reduce_vector(comm, vec: Vector, params: dict[str, nn.Parameter]) -> Vector:
+def all_reduce_vector(comm, vec: Vector, params: Params) -> Vector:
     """The sum over ranks of a parameter-keyed fp32 vector (None: nothing reached it on this rank).
 
     One flat fp32 buffer, ``numel + number of tensors`` long, one all-reduce; the trailing entries
@@ -238,7 +238,7 @@ FINGERPRINT_FIELDS = ("the call", "ProbeConfig", "learning rate", "trainable par
                       "direction")
 
 
-def call_fingerprint(call: str, config, lr: float | None, params: dict[str, nn.Parameter] | None, optimizer,
+def call_fingerprint(call: str, config, lr: float | None, params: Params | None, optimizer,
                      given: dict[str, Tensor] | None) -> dict:
     """What every rank's probe call must agree on (``check_same``), ``FINGERPRINT_FIELDS`` in order.
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import inspect
 from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 

@@ -2,14 +2,14 @@
 
 Reads top to bottom as the data flow of one call:
 
-    rollout batch U -> update direction v        (objectives, direction, projections.update_gradient)
-    rollout batch E -> per-unit projections s_n  (projections.eval_projections or the jvp engine)
+    rollout batch U -> update direction v        (objectives, direction, engines.update_gradient)
+    rollout batch E -> per-unit projections s_n  (engines.eval_projections: backward or jvp)
     s_n -> statistics                            (statistics: delta_h1, SE over E, jackknife)
-    Xbar_E, U -> variance over U                 (projections.update_projections: se_total)
+    Xbar_E, U -> variance over U                 (engines.update_projections: se_total)
     v, E -> truth                                (truth: the step applied functionally)
     -> ProbeResult
 
-Run the README example with ``python -c "import entropy_probe"``; a minimal call:
+A minimal call, on the exactly enumerable policy of ``entropy_probe.toy``:
 
 >>> import torch, entropy_probe as ep
 >>> from entropy_probe.toy import TabularPolicy, sample_enumerated
@@ -24,6 +24,7 @@ Run the README example with ``python -c "import entropy_probe"``; a minimal call
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -32,14 +33,37 @@ from .batch import RolloutBatch
 from .caller_state import preserved_caller_state
 from .config import ProbeConfig
 from .direction import UpdateDirection, build_direction
-from .distributed import (all_reduce_vector, call_fingerprint, communicator_for, global_totals, merged_moments,
-                          unwrap)
+from .distributed import (
+    all_reduce_vector,
+    call_fingerprint,
+    communicator_for,
+    global_totals,
+    merged_moments,
+    unwrap,
+)
+from .engines import EvalProjections, eval_projections, update_gradient, update_projections
 from .objectives import UpdateTotals, advantages, policy_gradient_coefficients, unit_entropy
-from .projections import EvalProjections, eval_projections, first_nonfinite, update_gradient, update_projections
-from .projections_jvp import eval_projections_jvp, update_projections_jvp
 from .result import ProbeResult
 from .statistics import conditional_variance, jackknife_se, moments_update, update_variance_term
 from .truth import measure_truth
+from .vectors import Params, first_nonfinite
+
+
+@dataclass
+class EvalStatistics:
+    """Step 3 of a call: the E statistics, over all ranks.
+
+    s, unit_ids: ``(B_E,)`` the s_n and their group ids in rank order; the rest as in ``ProbeResult``.
+    """
+
+    s: Tensor
+    unit_ids: Tensor
+    n_eval: int
+    delta_h1: float
+    var_cond_e: float
+    se_cond_e: float
+    se_jackknife: float
+    entropy: float
 
 
 class EntropyProbe:
@@ -64,7 +88,7 @@ class EntropyProbe:
         self.comm = communicator_for(model)
 
     # ---- parameters and learning rate ---------------------------------------------------------
-    def parameters(self) -> dict[str, nn.Parameter]:
+    def parameters(self) -> Params:
         """The trainable parameters, keyed by the unwrapped model's ``named_parameters()``."""
         params = {name: p for name, p in self.module.named_parameters() if p.requires_grad}
         if not params:
@@ -89,20 +113,19 @@ class EntropyProbe:
         return policy_gradient_coefficients(batch, advantages(batch, cfg.advantage_estimator),
                                             cfg.loss_aggregation, totals, cfg.norm_length)
 
-    def _direction_from(self, batch: RolloutBatch | None, params: dict[str, nn.Parameter]
+    def _direction_from(self, batch: RolloutBatch | None, params: Params
                         ) -> tuple[UpdateDirection, Tensor | None, int]:
         """(v, the c_i of this rank's U units, B_U over all ranks); ``batch`` is None on a rank without U units."""
         cfg = self.config
         local = UpdateTotals.of(batch) if batch is not None else UpdateTotals(0, 0, 0, 0)
-        totals, _ = global_totals(self.comm, local)  # the loss normalisers are global under DDP
+        totals = global_totals(self.comm, local)  # the loss normalisers are global under DDP
         if totals.n_units == 0:
             raise ValueError("update_batch: no rank holds any update unit")
         grad_sum, coeff = {name: None for name in params}, None
         if batch is not None:
             _check_batch(batch, "update_batch")
             coeff = self._update_coefficients(batch, totals)
-            grad_sum = update_gradient(self.module, params, batch, coeff, temperature=cfg.temperature,
-                                       weighting=cfg.entropy_weighting, microbatch_units=cfg.microbatch_units)
+            grad_sum = update_gradient(self.module, params, batch, coeff, cfg)
         grad_sum = all_reduce_vector(self.comm, grad_sum, params)  # one all-reduce; the same bits on every rank
         n_units = totals.n_units
         grad_j = {name: None if g is None else g / n_units for name, g in grad_sum.items()}  # grad J_U = mean_m
@@ -131,7 +154,7 @@ class EntropyProbe:
             direction, _, _ = self._direction_from(update_batch, params)
         return direction.v
 
-    def _given_direction(self, v: dict[str, Tensor], params: dict[str, nn.Parameter]) -> UpdateDirection:
+    def _given_direction(self, v: dict[str, Tensor], params: Params) -> UpdateDirection:
         if not isinstance(v, dict):
             raise ValueError(f"direction must be a dict {{name: tensor}} from update_direction(), got {type(v).__name__}")
         missing, extra = sorted(set(params) - set(v)), sorted(set(v) - set(params))
@@ -151,39 +174,58 @@ class EntropyProbe:
         return UpdateDirection(v=out)
 
     # ---- 2. rollout batch E -> per-unit projections s_n -------------------------------------------
-    def _project(self, batch: RolloutBatch, params, v, want_x_sum: bool) -> EvalProjections:
-        cfg = self.config
-        opts = dict(temperature=cfg.temperature, weighting=cfg.entropy_weighting, estimator=cfg.x_estimator,
-                    want_x_sum=want_x_sum)
-        if cfg.engine == "jvp":
-            return eval_projections_jvp(self.module, params, batch, v, microbatch_units=cfg.microbatch_units, **opts)
-        return eval_projections(self.module, params, batch, v, **opts)
+    def _project_eval(self, batch: RolloutBatch | None, params: Params, upd: UpdateDirection,
+                      want_x_sum: bool) -> tuple[EvalProjections, Tensor, Tensor]:
+        """(projections, this rank's summed unit entropies, its unit ids); empty on a rank without E units."""
+        if batch is not None:
+            proj = eval_projections(self.module, params, batch, upd.v, self.config, want_x_sum)
+            return proj, unit_entropy(proj.weighted, batch).double().sum(), batch.unit_ids
+        empty = torch.zeros(0, device=_device_of(params))
+        x_sum = {n: torch.zeros_like(x) for n, x in upd.v.items()} if want_x_sum else None
+        proj = EvalProjections(empty, empty, empty, x_sum)
+        return proj, torch.zeros((), dtype=torch.float64), torch.zeros(0, dtype=torch.long)
 
-    def _project_update(self, batch: RolloutBatch, params, coeff: Tensor, u) -> Tensor:
-        """``(B_U,)`` t_m = grad J_m . u for this rank's U units, by the configured engine."""
-        cfg = self.config
-        opts = dict(temperature=cfg.temperature, weighting=cfg.entropy_weighting)
-        if cfg.engine == "jvp":
-            return update_projections_jvp(self.module, params, batch, coeff, u,
-                                          microbatch_units=cfg.microbatch_units, **opts)
-        return update_projections(self.module, params, batch, coeff, u, **opts)
+    # ---- 3. s_n -> statistics over E with U fixed -------------------------------------------------
+    def _eval_statistics(self, proj: EvalProjections, local_entropy: Tensor, local_ids: Tensor,
+                         lr: float) -> EvalStatistics:
+        """float64 moments merged over ranks, then the s_n themselves for the jackknife and attribution."""
+        comm = self.comm
+        moments, entropy_sum, sizes = merged_moments(comm, moments_update(proj.s), local_entropy.reshape(1))
+        n_eval = int(moments.count)
+        if n_eval == 0:
+            raise ValueError("eval_batch: no rank holds any evaluation unit")
+        s = comm.gather(proj.s, sizes)  # (B_E,) over all ranks, rank order
+        unit_ids = comm.gather(local_ids, sizes)  # (B_E,)
+        bad = (~torch.isfinite(s)).nonzero()
+        if len(bad):
+            unit = int(bad[0, 0])
+            raise ValueError(f"eval_batch: s_n is not finite for unit {int(unit_ids[unit])} (position {unit})")
+        var_e, se_e = conditional_variance(moments, lr)
+        return EvalStatistics(s=s, unit_ids=unit_ids, n_eval=n_eval, delta_h1=lr * float(moments.mean),
+                              var_cond_e=var_e, se_cond_e=se_e, se_jackknife=jackknife_se(s, lr),
+                              entropy=float(entropy_sum[0]) / n_eval)
+
+    # ---- 4. Xbar_E, U -> the variance over U ------------------------------------------------------
+    def _se_total(self, update_batch: RolloutBatch | None, params: Params, upd: UpdateDirection,
+                  coeff: Tensor | None, proj: EvalProjections, stats: EvalStatistics, lr: float) -> float:
+        """``sqrt(var_cond_e + V_Y)`` with the note's ``t_m = Xbar_E . Y_m``, ``Y_m = scale * grad J_m``."""
+        x_sum = all_reduce_vector(self.comm, proj.x_sum, params)  # sum_n X_n over all ranks
+        u = {name: upd.scale[name] * x / stats.n_eval for name, x in x_sum.items()}
+        t = torch.zeros(0, device=stats.s.device)
+        if update_batch is not None:
+            t = update_projections(self.module, params, update_batch, coeff, u, self.config)
+        return math.sqrt(stats.var_cond_e + update_variance_term(self.comm.gather(t), lr))
 
     # ---- the whole call ------------------------------------------------------------------------
-    def run(self, update_batch: RolloutBatch | None = None, eval_batch: RolloutBatch | None = None,
-            truth: bool = False, direction: dict[str, Tensor] | None = None) -> ProbeResult:
-        """Forecast the step on ``update_batch`` (or along a given ``direction``), measured on ``eval_batch``.
-
-        With ``truth=True`` the step is also applied functionally and the real change measured.
-        Parameters, ``.grad``, optimizer state, RNG and train/eval mode are unchanged afterwards.
-        """
-        cfg, comm = self.config, self.comm
-        # 0. local input checks, then one agreement check across ranks before any other collective
+    def _checked_call(self, update_batch, eval_batch, direction, truth: bool):
+        """(params, lr, the given direction or None) after the local input checks and one agreement
+        check across ranks, made before any other collective so that a bad rank cannot hang the rest."""
         params, lr, given, error = None, None, None, None
         try:
-            if eval_batch is None and comm.world_size == 1:
+            if eval_batch is None and self.comm.world_size == 1:
                 raise ValueError("run: eval_batch is required")
             if update_batch is not None and direction is not None or (
-                    update_batch is None and direction is None and comm.world_size == 1):
+                    update_batch is None and direction is None and self.comm.world_size == 1):
                 raise ValueError("run: give exactly one of update_batch and direction")
             if eval_batch is not None:
                 _check_batch(eval_batch, "eval_batch")
@@ -194,62 +236,42 @@ class EntropyProbe:
         except ValueError as e:
             error = e
         mode = "direction" if direction is not None else "update_batch"
-        comm.check_same("EntropyProbe.run", lambda: call_fingerprint(
-            f"run({mode}, truth={bool(truth)})", cfg, lr, params, self.optimizer, None if given is None else given.v),
-            error)
+        self.comm.check_same("EntropyProbe.run", lambda: call_fingerprint(
+            f"run({mode}, truth={bool(truth)})", self.config, lr, params, self.optimizer,
+            None if given is None else given.v), error)
+        return params, lr, given
+
+    def run(self, update_batch: RolloutBatch | None = None, eval_batch: RolloutBatch | None = None,
+            truth: bool = False, direction: dict[str, Tensor] | None = None) -> ProbeResult:
+        """Forecast the step on ``update_batch`` (or along a given ``direction``), measured on ``eval_batch``.
+
+        With ``truth=True`` the step is also applied functionally and the real change measured.
+        Parameters, ``.grad``, optimizer state, RNG and train/eval mode are unchanged afterwards.
+        """
+        params, lr, given = self._checked_call(update_batch, eval_batch, direction, truth)
         with preserved_caller_state(self.module):
-            # 1. the update direction v, from U or as given
-            if given is None:
+            if given is None:  # 1. the update direction v, from U or as given
                 upd, coeff, n_update = self._direction_from(update_batch, params)
             else:
                 upd, coeff, n_update = given, None, 0
-            want_total = cfg.unconditional_se and upd.scale is not None
-            # 2. per-unit projections on this rank's E units
-            if eval_batch is not None:
-                proj = self._project(eval_batch, params, upd.v, want_x_sum=want_total)
-                local_entropy = unit_entropy(proj.weighted, eval_batch).double().sum()
-                local_ids = eval_batch.unit_ids
-            else:  # a rank holding no E units under DDP
-                proj = EvalProjections(torch.zeros(0, device=_device_of(params)), None, None,
-                                       {n: torch.zeros_like(x) for n, x in upd.v.items()} if want_total else None)
-                local_entropy, local_ids = torch.zeros((), dtype=torch.float64), torch.zeros(0, dtype=torch.long)
-            # 3. statistics over E with U fixed: float64 moments merged over ranks, then the s_n themselves
-            moments, entropy_sum, sizes = merged_moments(comm, moments_update(proj.s), local_entropy.reshape(1))
-            n_eval = int(moments.count)
-            if n_eval == 0:
-                raise ValueError("eval_batch: no rank holds any evaluation unit")
-            s = comm.gather(proj.s, sizes)  # (B_E,) over all ranks, rank order: jackknife and attribution
-            unit_ids = comm.gather(local_ids, sizes)  # (B_E,)
-            bad = (~torch.isfinite(s)).nonzero()
-            if len(bad):
-                unit = int(bad[0, 0])
-                raise ValueError(f"eval_batch: s_n is not finite for unit {int(unit_ids[unit])} (position {unit})")
-            var_e, se_e = conditional_variance(moments, lr)
-            delta_h1 = lr * float(moments.mean)
-            se_jack = jackknife_se(s, lr)
-            entropy = float(entropy_sum[0]) / n_eval
-            # 4. the variance over U: t_m = Xbar_E . Y_m with Y_m = scale * grad J_m
+            want_total = self.config.unconditional_se and upd.scale is not None
+            proj, local_entropy, local_ids = self._project_eval(eval_batch, params, upd, want_total)  # 2.
+            stats = self._eval_statistics(proj, local_entropy, local_ids, lr)  # 3.
             se_total = None
-            if want_total:
-                x_sum = all_reduce_vector(comm, proj.x_sum, params)  # sum_n X_n over all ranks
-                u = {name: upd.scale[name] * x / n_eval for name, x in x_sum.items()}
-                t = torch.zeros(0, device=s.device)
-                if update_batch is not None:
-                    t = self._project_update(update_batch, params, coeff, u)
-                se_total = math.sqrt(var_e + update_variance_term(comm.gather(t), lr))
-            # 5. the truth
+            if want_total:  # 4.
+                se_total = self._se_total(update_batch, params, upd, coeff, proj, stats, lr)
             truth_result = None
-            if truth:
-                truth_result = measure_truth(self.module, params, eval_batch, upd.v, s, lr=lr,
-                                             alphas=cfg.truth_alphas, temperature=cfg.temperature,
-                                             weighting=cfg.entropy_weighting, microbatch_units=cfg.microbatch_units,
-                                             comm=comm)
-        return ProbeResult(delta_h1=delta_h1, se_cond_e=se_e, var_cond_e=var_e, se_jackknife=se_jack,
-                           se_total=se_total, entropy=entropy, n_eval_units=n_eval, n_update_units=n_update, lr=lr,
-                           per_unit=s.detach().double().cpu(), eval_unit_ids=unit_ids.cpu(), truth=truth_result)
+            if truth:  # 5. the step applied functionally
+                truth_result = measure_truth(self.module, params, upd.v, lr, eval_batch, stats.s, self.config,
+                                             self.comm)
+        return ProbeResult(delta_h1=stats.delta_h1, se_cond_e=stats.se_cond_e, var_cond_e=stats.var_cond_e,
+                           se_jackknife=stats.se_jackknife, se_total=se_total, entropy=stats.entropy,
+                           n_eval_units=stats.n_eval, n_update_units=n_update, lr=lr,
+                           per_unit=stats.s.detach().double().cpu(), eval_unit_ids=stats.unit_ids.cpu(),
+                           truth=truth_result)
 
 
-def _device_of(params: dict[str, nn.Parameter]) -> torch.device:
+def _device_of(params: Params) -> torch.device:
     return next(iter(params.values())).device
 
 

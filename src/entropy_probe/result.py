@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
+from .statistics import Z95
+
 PREFIX = "entropy_probe/"
 
 
@@ -69,7 +71,7 @@ class ProbeResult:
     eval_unit_ids: Tensor  # (B_E,) group id of each eval unit
     truth: TruthResult | None = None
 
-    def interval(self, z: float = 1.96) -> tuple[float, float]:
+    def interval(self, z: float = Z95) -> tuple[float, float]:
         """The forecast's normal interval over E, ``delta_h1 -+ z * se_cond_e``."""
         return self.delta_h1 - z * self.se_cond_e, self.delta_h1 + z * self.se_cond_e
 

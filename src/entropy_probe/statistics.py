@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import math
 import warnings
+from statistics import NormalDist
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+Z95 = NormalDist().inv_cdf(0.975)  # 1.95996...: the two-sided 95% normal quantile
 
 
 class Moments(NamedTuple):

@@ -15,58 +15,67 @@ difference truth - prediction (same E, so the two are correlated).
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from .batch import RolloutBatch
-from .logprobs import sequence_logprobs
-from .objectives import _group_sum
+from .config import ProbeConfig
+from .logprobs import SequenceLogProbs, sequence_logprobs
+from .objectives import group_sum
 from .result import TruthResult
 from .statistics import jackknife_se_of
+from .vectors import Params, Vector
 
-Vector = dict[str, Tensor]
 
-
-def stepped_parameters(params: dict[str, nn.Parameter], v: Vector, step: float) -> Vector:
+def stepped_parameters(params: Params, v: Vector, step: float) -> Vector:
     """``{name: theta + step * v}`` in each parameter's dtype (no autograd, the live model untouched)."""
     with torch.no_grad():
         return {name: (p.float() + step * v[name]).to(p.dtype) for name, p in params.items()}
 
 
 @torch.no_grad()
-def logprobs_at(module: nn.Module, params: Vector, batch: RolloutBatch, *, temperature: float, weighting: str,
-                microbatch_units: int) -> tuple[Tensor, Tensor]:
-    """``(S_i, S_w,i)`` of every sequence, ``(N,)`` fp32 in row order, under the given parameters."""
+def logprobs_at(module: nn.Module, params: Vector, batch: RolloutBatch, cfg: ProbeConfig) -> SequenceLogProbs:
+    """``S_i`` and ``S_w,i`` of every sequence, ``(N,)`` fp32 in row order, under the given parameters."""
     seq = torch.empty(batch.n_sequences, dtype=torch.float32, device=batch.device)
     weighted = torch.empty_like(seq)
-    for units, mb in batch.microbatches(microbatch_units):
-        rows = batch.rows_of_units(units).to(seq.device)
-        lp = sequence_logprobs(module, mb, temperature, weighting, params=params)
-        seq[rows], weighted[rows] = lp.seq, lp.weighted
-    return seq, weighted
+    for mb in batch.microbatches(cfg.microbatch_units):
+        lp = sequence_logprobs(module, mb.batch, cfg.temperature, cfg.entropy_weighting, params=params)
+        seq[mb.rows], weighted[mb.rows] = lp.seq, lp.weighted
+    return SequenceLogProbs(seq, weighted)
 
 
-def _unit_sums(batch: RolloutBatch, seq0: Tensor, w0: Tensor, seq1: Tensor, w1: Tensor) -> Tensor:
+class Change(NamedTuple):
+    """A measured entropy change: ``delta_h`` (nats), its jackknife ``se``, the importance weights'
+    effective sample size ``ess``, and ``se_diff``, the jackknife SE of ``delta_h - prediction``."""
+
+    delta_h: float
+    se: float
+    ess: float
+    se_diff: float
+
+
+def _unit_sums(batch: RolloutBatch, before: SequenceLogProbs, after: SequenceLogProbs) -> Tensor:
     """``(B, 5)`` float64 per-unit sums: numerator A_n, denominator D_n, base entropy C_n (each / G_n),
     and the sums of the importance weights and of their squares (for the ESS)."""
-    g = batch.unit_sizes.to(seq0.device).double()
-    weight = torch.exp(seq1.double() - seq0.double())  # (N,) importance weights
-    num = _group_sum(weight * -w1.double(), batch) / g
-    den = _group_sum(weight, batch) / g
-    base = _group_sum(-w0.double(), batch) / g
-    return torch.stack([num, den, base, _group_sum(weight, batch), _group_sum(weight * weight, batch)], dim=1)
+    g = batch.unit_sizes.to(before.seq.device).double()
+    weight = torch.exp(after.seq.double() - before.seq.double())  # (N,) importance weights
+    num = group_sum(weight * -after.weighted.double(), batch) / g
+    den = group_sum(weight, batch) / g
+    base = group_sum(-before.weighted.double(), batch) / g
+    return torch.stack([num, den, base, group_sum(weight, batch), group_sum(weight * weight, batch)], dim=1)
 
 
-def entropy_change(batch: RolloutBatch | None, seq0: Tensor, w0: Tensor, seq1: Tensor, w1: Tensor,
-                   predicted_per_unit: Tensor | None = None, lr: float = 0.0, comm=None):
-    """``(delta_h, se, ess, se_diff)`` from log-probs at theta (0) and theta' (1).
+def entropy_change(batch: RolloutBatch | None, before: SequenceLogProbs | None, after: SequenceLogProbs | None,
+                   predicted_per_unit: Tensor | None = None, lr: float = 0.0, comm=None) -> Change:
+    """The entropy change on E from log-probs at theta (``before``) and theta' (``after``).
 
     ``predicted_per_unit``: the s_n; with ``lr`` it gives the jackknife of truth - prediction.
     ``comm``: under DDP the per-unit sums of every rank are gathered (rank order), so the ratio,
     the jackknife and the ESS are global; ``batch`` is None on a rank holding no E units.
     """
-    sums = _unit_sums(batch, seq0, w0, seq1, w1) if batch is not None else torch.zeros((0, 5), dtype=torch.float64)
+    sums = _unit_sums(batch, before, after) if batch is not None else torch.zeros((0, 5), dtype=torch.float64)
     if comm is not None:
         sums = comm.gather(sums)  # (B_E, 5) over all ranks
     num, den, base, w_sum, w2_sum = sums.unbind(dim=1)
@@ -74,48 +83,43 @@ def entropy_change(batch: RolloutBatch | None, seq0: Tensor, w0: Tensor, seq1: T
     delta = float(num.sum() / den.sum() - base.sum() / b)
     ess = float(w_sum.sum() ** 2 / w2_sum.sum())
     if b < 2:
-        return delta, 0.0, ess, 0.0
+        return Change(delta, 0.0, ess, 0.0)
     loo = (num.sum() - num) / (den.sum() - den) - (base.sum() - base) / (b - 1)  # delta_(-n)
     se = jackknife_se_of(loo)
     se_diff = 0.0
     if predicted_per_unit is not None:
         s = predicted_per_unit.double().to(loo.device)
         se_diff = jackknife_se_of(loo - lr * (s.sum() - s) / (b - 1))
-    return delta, se, ess, se_diff
+    return Change(delta, se, ess, se_diff)
 
 
-def measure_truth(module: nn.Module, params: dict[str, nn.Parameter], batch: RolloutBatch, v: Vector,
-                  per_unit: Tensor, *, lr: float, alphas: tuple[float, ...], temperature: float, weighting: str,
-                  microbatch_units: int, comm=None) -> TruthResult:
-    """The truth at each alpha; the headline numbers are those at alpha = 1 when swept, else at the last alpha.
+def measure_truth(module: nn.Module, params: Params, v: Vector, lr: float, batch: RolloutBatch | None,
+                  per_unit: Tensor, cfg: ProbeConfig, comm=None) -> TruthResult:
+    """The truth at each ``cfg.truth_alphas``; the headline numbers are those at alpha = 1 when swept,
+    else at the last alpha.
 
     The log-probs at theta are re-evaluated through the same microbatched forward as those at theta',
     so that at alpha = 0 the weights are exactly 1. Under DDP (``comm``) ``per_unit`` holds every
     rank's s_n and ``batch`` is this rank's share of E (None if it holds none).
     """
-    if len(alphas) == 0:
-        raise ValueError("truth alphas (ProbeConfig.truth_alphas) must hold at least one alpha, got ()")
-    for a in alphas:
-        if not math.isfinite(a):
-            raise ValueError(f"truth alphas (ProbeConfig.truth_alphas) must be finite, got {a!r} in {tuple(alphas)!r}")
-    opts = dict(temperature=temperature, weighting=weighting, microbatch_units=microbatch_units)
-    seq0, w0 = logprobs_at(module, dict(params), batch, **opts) if batch is not None else (None, None)
-    rows = []
+    alphas = cfg.truth_alphas
+    before = logprobs_at(module, dict(params), batch, cfg) if batch is not None else None
+    changes = []
     for alpha in alphas:
-        seq1, w1 = None, None
+        after = None
         if batch is not None:  # a rank holding no E units contributes nothing to the gathered sums
-            seq1, w1 = logprobs_at(module, stepped_parameters(params, v, alpha * lr), batch, **opts)
-            _check_weights(seq0, seq1, alpha)
+            after = logprobs_at(module, stepped_parameters(params, v, alpha * lr), batch, cfg)
+            _check_weights(before.seq, after.seq, alpha)
         # The prediction at alpha is alpha * delta_h1; its per-unit pieces scale the same way.
-        rows.append(entropy_change(batch, seq0, w0, seq1, w1, per_unit * alpha, lr, comm=comm))
-    deltas = [r[0] for r in rows]
+        changes.append(entropy_change(batch, before, after, per_unit * alpha, lr, comm=comm))
+    deltas = [c.delta_h for c in changes]
     a = torch.tensor(alphas, dtype=torch.float64)
     d = torch.tensor(deltas, dtype=torch.float64)
     slope = float((a * d).sum() / (a * a).sum()) if float((a * a).sum()) > 0 else math.nan
-    head = rows[list(alphas).index(1.0)] if 1.0 in alphas else rows[-1]
-    return TruthResult(delta_h=head[0], se=head[1], ess=head[2], se_diff=head[3], alphas=list(alphas),
-                       delta_h_at=deltas, se_at=[r[1] for r in rows], ess_at=[r[2] for r in rows],
-                       se_diff_at=[r[3] for r in rows], slope=slope)
+    head = changes[list(alphas).index(1.0)] if 1.0 in alphas else changes[-1]
+    return TruthResult(delta_h=head.delta_h, se=head.se, ess=head.ess, se_diff=head.se_diff, alphas=list(alphas),
+                       delta_h_at=deltas, se_at=[c.se for c in changes], ess_at=[c.ess for c in changes],
+                       se_diff_at=[c.se_diff for c in changes], slope=slope)
 
 
 # exp(709.8) is the largest finite float64: beyond it a weight is inf and the SNIS ratio inf / inf = NaN.

@@ -16,7 +16,7 @@ Hugging Face models (torch 2.13, transformers 5.23):
   embeddings) breaks ``jvp``: it is lifted for the pass and put back exactly as it was;
 - the tangent must have its parameter's dtype (v is fp32, a bf16 model's parameters are not).
 
-Entry points: ``eval_projections_jvp`` (probe.run with ``engine="jvp"``), ``update_projections_jvp``
+Entry points: ``eval_projections`` (probe.run with ``engine="jvp"``), ``update_projections``
 (t_m = grad J_m . u for se_total) and ``directional_logprobs`` (the per-sequence derivatives).
 """
 
@@ -29,21 +29,12 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .batch import RolloutBatch
-from .logprobs import sequence_logprobs
-from .objectives import _group_sum, entropy_gradient_coefficients
-from .projections import EvalProjections, Params, Vector, add_into, grad_of
-
-
-@dataclass
-class JvpProjections(EvalProjections):
-    """``EvalProjections`` plus the per-sequence directional derivatives, kept for attribution.
-
-    d_seq, d_weighted: ``(N,)`` fp32 ``grad S_i . v`` and ``grad S_w,i . v``, batch row order.
-    """
-
-    d_seq: Tensor | None = None
-    d_weighted: Tensor | None = None
+from ..batch import RolloutBatch
+from ..config import ProbeConfig
+from ..logprobs import sequence_logprobs
+from ..objectives import entropy_gradient_coefficients, group_sum
+from ..vectors import Params, Vector, add_into, grad_of
+from .projections import EvalProjections
 
 
 @dataclass
@@ -78,8 +69,8 @@ def forward_mode_ready(module: nn.Module):
             hooks.update(before)  # same hooks, same ids, same order
 
 
-def directional_logprobs(module: nn.Module, params: Params, batch: RolloutBatch, direction: Vector, *,
-                         temperature: float, weighting: str) -> DirectionalLogProbs:
+def directional_logprobs(module: nn.Module, params: Params, batch: RolloutBatch, direction: Vector,
+                         cfg: ProbeConfig) -> DirectionalLogProbs:
     """(S_i, S_w,i) and (grad S_i . d, grad S_w,i . d) for every row of ``batch``, one jvp pass.
 
     The caller wraps it in ``forward_mode_ready``; ``direction`` is keyed like ``params``.
@@ -88,7 +79,7 @@ def directional_logprobs(module: nn.Module, params: Params, batch: RolloutBatch,
     tangents = {name: direction[name].to(dtype=p.dtype) for name, p in params.items()}
 
     def seq_and_weighted(theta):
-        lp = sequence_logprobs(module, batch, temperature, weighting, params=theta)
+        lp = sequence_logprobs(module, batch, cfg.temperature, cfg.entropy_weighting, params=theta)
         return lp.seq, lp.weighted
 
     # no_grad: the primals are detached, nothing is built for a backward.
@@ -97,43 +88,35 @@ def directional_logprobs(module: nn.Module, params: Params, batch: RolloutBatch,
     return DirectionalLogProbs(seq.float(), weighted.float(), d_seq.float(), d_weighted.float())
 
 
-def eval_projections_jvp(module: nn.Module, params: Params, batch: RolloutBatch, v: Vector, *,
-                         microbatch_units: int, temperature: float, weighting: str, estimator: str,
-                         want_x_sum: bool) -> JvpProjections:
-    """s_n for every E unit, ``microbatch_units`` units per forward-mode pass.
+def eval_projections(module: nn.Module, params: Params, batch: RolloutBatch, v: Vector, cfg: ProbeConfig,
+                     want_x_sum: bool = False) -> EvalProjections:
+    """s_n for every E unit, ``cfg.microbatch_units`` units per forward-mode pass.
 
     With ``want_x_sum`` also ``sum_n X_n``: one reverse pass per microbatch over the E surrogate
     summed over its units (the sum of the X_n needs no per-unit backward).
     """
-    n = batch.n_sequences
-    seq = torch.empty(n, dtype=torch.float32, device=batch.device)
-    weighted, d_seq, d_weighted = torch.empty_like(seq), torch.empty_like(seq), torch.empty_like(seq)
-    s = torch.empty(batch.n_units, dtype=torch.float32, device=batch.device)
+    out = EvalProjections.empty(batch, v, want_x_sum)
     with forward_mode_ready(module):
-        for units, mb in batch.microbatches(microbatch_units):
-            rows = batch.rows_of_units(units).to(seq.device)
-            lp = directional_logprobs(module, params, mb, v, temperature=temperature, weighting=weighting)
-            a, e = entropy_gradient_coefficients(lp.weighted, mb, estimator)
-            s[torch.as_tensor(units, device=s.device)] = _group_sum(a * lp.d_seq + e * lp.d_weighted, mb)
-            seq[rows], weighted[rows] = lp.seq, lp.weighted
-            d_seq[rows], d_weighted[rows] = lp.d_seq, lp.d_weighted
-    x_sum = None
-    if want_x_sum:
-        x_sum = {name: torch.zeros_like(t) for name, t in v.items()}
-        for units, mb in batch.microbatches(microbatch_units):
-            lp = sequence_logprobs(module, mb, temperature, weighting)
-            a, e = entropy_gradient_coefficients(lp.weighted, mb, estimator)
-            add_into(x_sum, grad_of((a * lp.seq + e * lp.weighted).sum(), params))  # sum of this microbatch's X_n
-    return JvpProjections(s, seq, weighted, x_sum, d_seq=d_seq, d_weighted=d_weighted)
+        for mb in batch.microbatches(cfg.microbatch_units):
+            lp = directional_logprobs(module, params, mb.batch, v, cfg)
+            a, e = entropy_gradient_coefficients(lp.weighted, mb.batch, cfg.x_estimator)
+            out.s[torch.as_tensor(mb.units, device=out.s.device)] = group_sum(a * lp.d_seq + e * lp.d_weighted,
+                                                                              mb.batch)
+            out.seq_logprob[mb.rows], out.weighted[mb.rows] = lp.seq, lp.weighted
+    if out.x_sum is not None:
+        for mb in batch.microbatches(cfg.microbatch_units):
+            lp = sequence_logprobs(module, mb.batch, cfg.temperature, cfg.entropy_weighting)
+            a, e = entropy_gradient_coefficients(lp.weighted, mb.batch, cfg.x_estimator)
+            add_into(out.x_sum, grad_of((a * lp.seq + e * lp.weighted).sum(), params))  # this microbatch's X_n
+    return out
 
 
-def update_projections_jvp(module: nn.Module, params: Params, batch: RolloutBatch, coeff: Tensor, u: Vector, *,
-                           microbatch_units: int, temperature: float, weighting: str) -> Tensor:
+def update_projections(module: nn.Module, params: Params, batch: RolloutBatch, coeff: Tensor, u: Vector,
+                       cfg: ProbeConfig) -> Tensor:
     """``(B_U,)`` t_m = grad J_m . u with ``J_m = sum_{i in m} coeff_i S_i``: ``sum_i coeff_i dS_i``."""
     t = torch.empty(batch.n_units, dtype=torch.float32, device=batch.device)
     with forward_mode_ready(module):
-        for units, mb in batch.microbatches(microbatch_units):
-            rows = batch.rows_of_units(units)
-            lp = directional_logprobs(module, params, mb, u, temperature=temperature, weighting=weighting)
-            t[torch.as_tensor(units, device=t.device)] = _group_sum(coeff[rows.to(coeff.device)] * lp.d_seq, mb)
+        for mb in batch.microbatches(cfg.microbatch_units):
+            lp = directional_logprobs(module, params, mb.batch, u, cfg)
+            t[torch.as_tensor(mb.units, device=t.device)] = group_sum(coeff[mb.rows] * lp.d_seq, mb.batch)
     return t

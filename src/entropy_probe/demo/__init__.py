@@ -1,0 +1,17 @@
+"""``entropy-probe demo``: GRPO on a digit-sorting task with the probe forecasting every step.
+
+``config`` (options and command line), ``task`` (the sorting task), ``train`` (the GRPO loop with the
+probe), ``report`` (summary, files, plot, table). See docs/demo.md.
+"""
+
+from __future__ import annotations
+
+from .config import DemoConfig, parse_args
+from .train import run
+
+__all__ = ["DemoConfig", "main", "parse_args", "run"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    run(parse_args(argv))
+    return 0

@@ -1,0 +1,33 @@
+"""Engines for the per-unit projections: the one place that dispatches on ``ProbeConfig.engine``.
+
+``backward`` (one reverse pass per E unit, the note's loop) and ``jvp`` (forward mode, a microbatch
+of units per pass) compute the same numbers (DESIGN section 7); ``update_gradient`` (grad J_U) is
+reverse mode whichever engine is configured.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from ..batch import RolloutBatch
+from ..config import ProbeConfig
+from ..vectors import Params, Vector
+from . import backward, jvp
+from .backward import update_gradient
+from .projections import EvalProjections
+
+__all__ = ["EvalProjections", "eval_projections", "update_gradient", "update_projections"]
+
+
+def eval_projections(module: nn.Module, params: Params, batch: RolloutBatch, v: Vector, cfg: ProbeConfig,
+                     want_x_sum: bool = False) -> EvalProjections:
+    """s_n = v . X_n for every unit of ``batch`` (and ``sum_n X_n`` when asked), by the configured engine."""
+    engine = jvp if cfg.engine == "jvp" else backward
+    return engine.eval_projections(module, params, batch, v, cfg, want_x_sum)
+
+
+def update_projections(module: nn.Module, params: Params, batch: RolloutBatch, coeff: Tensor, u: Vector,
+                       cfg: ProbeConfig) -> Tensor:
+    """``(B_U,)`` t_m = grad J_m . u for every U unit, by the configured engine."""
+    engine = jvp if cfg.engine == "jvp" else backward
+    return engine.update_projections(module, params, batch, coeff, u, cfg)
