@@ -10,9 +10,11 @@ Public API (DESIGN section 10)::
 
 from .batch import RolloutBatch
 from .config import ProbeConfig
+from .guard import EntropyGuard, GuardDecision
 from .loss import policy_loss
 from .probe import EntropyProbe
 from .result import ProbeResult, TruthResult
 
-__all__ = ["RolloutBatch", "ProbeConfig", "EntropyProbe", "ProbeResult", "TruthResult", "policy_loss"]
+__all__ = ["RolloutBatch", "ProbeConfig", "EntropyProbe", "ProbeResult", "TruthResult", "policy_loss",
+           "EntropyGuard", "GuardDecision"]
 __version__ = "0.1.0"
