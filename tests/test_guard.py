@@ -11,9 +11,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import io
 import math
+import re
+from pathlib import Path
 from statistics import NormalDist
 
 import pytest
@@ -85,7 +89,8 @@ def test_first_order_scale_solves_the_budget_equation_and_is_the_probe_at_the_sc
     # and the guard finds that step exactly on budget
     scaled = ep.EntropyProbe(policy, config=dataclasses.replace(probe.config, lr=d.scale * r.lr))
     r_c = scaled.run(eval_batch=E, direction=v)
-    assert math.isclose(r_c.delta_h1, d.forecast, rel_tol=1e-9) and math.isclose(r_c.se_cond_e, d.se, rel_tol=1e-9)
+    assert math.isclose(r_c.delta_h1, d.forecast, rel_tol=1e-9)
+    assert math.isclose(r_c.se_cond_e, d.se, rel_tol=1e-9)
     d_c = ep.EntropyGuard(max_drop, level).decide(r_c)
     assert d_c.scale == 1.0 and d_c.reason == WITHIN and math.isclose(d_c.bound, -max_drop, rel_tol=1e-9)
 
@@ -146,6 +151,7 @@ def test_second_order_scale_solves_the_budget_equation(seed, s_mean, q_mean, rho
     assert second_order_bound(r, 1.0, level) < -max_drop  # the full step is over budget
     d = ep.EntropyGuard(max_drop, level).decide(r)
     assert d.reason == SCALED and d.order == 2
+    assert all(type(x) is float for x in (d.scale, d.forecast, d.bound, d.se))  # JSON-ready, no numpy scalars
     assert abs(second_order_bound(r, d.scale, level) + max_drop) <= 1e-9
     assert math.isclose(d.forecast, d.scale * r.delta_h1 + d.scale**2 * r.delta_h2, rel_tol=1e-12)
     above = torch.linspace(d.scale + 1e-7, 1.0, 4001, dtype=torch.float64)
@@ -154,8 +160,8 @@ def test_second_order_scale_solves_the_budget_equation(seed, s_mean, q_mean, rho
 
 def test_second_order_takes_the_step_not_the_path():
     """Curvature that first deepens then undoes the drop: the full step is within budget, scale 1."""
-    r = SecondOrderResult(torch.full((8,), -1.0, dtype=torch.float64), torch.full((8,), 1.8, dtype=torch.float64),
-                          lr=1.0)  # forecast c (-1) + c^2 0.9: -0.278 at c = 0.56, -0.1 at c = 1; SE 0
+    s, q = torch.full((8,), -1.0, dtype=torch.float64), torch.full((8,), 1.8, dtype=torch.float64)
+    r = SecondOrderResult(s, q, lr=1.0)  # forecast c (-1) + c^2 0.9: -0.278 at c = 0.56, -0.1 at c = 1; SE 0
     d = ep.EntropyGuard(max_drop=0.2).decide(r)
     assert (d.scale, d.reason) == (1.0, WITHIN) and math.isclose(d.forecast, -0.1)
 
@@ -352,3 +358,21 @@ def test_guarded_exact_entropy_change_stays_within_budget_at_the_level():
     # (a guard with, say, z = 3 would give ~1.0 and waste the budget). Measured: 0.94 (600 draws: 0.942).
     assert max(scales) < 1
     assert rate <= level + 3 * se, (rate, level, se)
+
+
+def test_readme_guard_example_runs_after_the_readme_example():
+    """The README's guard block, run in the scope of its first example, takes one guarded step."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.DOTALL)
+    guard_block = next(b for b in blocks if "EntropyGuard" in b)
+    scope: dict = {}
+    with contextlib.redirect_stdout(io.StringIO()):
+        exec(compile(blocks[0], "README.md", "exec"), scope)  # noqa: S102 (the README as written)
+    model, optimizer = scope["model"], scope["optimizer"]
+    lr, before = optimizer.param_groups[0]["lr"], [p.detach().clone() for p in model.parameters()]
+    exec(compile(guard_block, "README.md", "exec"), scope)  # noqa: S102
+    decision = scope["decision"]
+    assert decision.reason in (SCALED, WITHIN, RAISES, NO_STEP) and 0 < decision.scale <= 1
+    assert decision.bound >= -1e-3 - 1e-12  # the step taken is within the README's budget at its bound
+    assert optimizer.param_groups[0]["lr"] == lr and any(not torch.equal(b, p) for b, p in
+                                                         zip(before, model.parameters()))

@@ -82,7 +82,7 @@ class GuardDecision:
 
 @dataclass(frozen=True)
 class Forecast:
-    """The forecast as a function of the scale: ``F(c) = c d1 + c^2 d2``, ``SE(c)^2 = c^2 (a + b c + k c^2)``."""
+    """The forecast at scale c, ``F(c) = c d1 + c^2 d2``, and its SE, ``SE(c)^2 = c^2 (a + b c + k c^2)``."""
 
     d1: float
     d2: float
@@ -137,7 +137,7 @@ class EntropyGuard:
         """
         scale = float(decision.scale)
         if not (math.isfinite(scale) and 0 < scale <= 1):
-            raise ValueError(f"EntropyGuard.applied: decision.scale must be in (0, 1], got {decision.scale!r}")
+            raise ValueError(f"EntropyGuard.applied: decision.scale must be in (0, 1], got {scale!r}")
         inner = unwrap_optimizer(optimizer)
         saved = [group["lr"] for group in inner.param_groups]
         restored = False
@@ -181,7 +181,7 @@ class EntropyGuard:
         # split [0, 1] into pieces where g keeps its sign; the answer ends the last piece with g >= 0.
         quartic = [fc.d2**2 - z * z * fc.k, 2 * fc.d1 * fc.d2 - z * z * fc.b,
                    fc.d1**2 + 2 * m * fc.d2 - z * z * fc.a, 2 * m * fc.d1, m * m]  # highest power first
-        roots = sorted(r.real for r in np.roots(quartic) if abs(r.imag) < 1e-9 and 0 < r.real < 1)
+        roots = sorted(float(r.real) for r in np.roots(quartic) if abs(r.imag) < 1e-9 and 0 < r.real < 1)
         edges = [0.0, *roots, 1.0]
         mids = [(lo + hi) / 2 for lo, hi in itertools.pairwise(edges)]
         lo, hi = 0.0, 1.0
@@ -189,7 +189,7 @@ class EntropyGuard:
             if g(left) >= 0 > g(right):
                 lo, hi = left, right
                 break
-        return bisect(g, lo, hi)
+        return float(bisect(g, lo, hi))
 
 
 def bisect(g, lo: float, hi: float, tol: float = 1e-13) -> float:
@@ -229,7 +229,8 @@ def _per_unit_moments(result, q, d1: float, d2: float, lr: float) -> tuple[float
         raise ValueError(f"EntropyGuard: result.per_unit or result.{PER_UNIT_Q} is not finite")
     x, y = lr * s, lr * lr / 2 * q  # unit n's contributions to delta_h1 and delta_h2, times B_E
     for name, values, total in (("per_unit", x, d1), (PER_UNIT_Q, y, d2)):
-        if not math.isclose(float(values.mean()), total, rel_tol=1e-6, abs_tol=1e-12 * float(values.abs().max())):
+        tiny = 1e-12 * float(values.abs().max())
+        if not math.isclose(float(values.mean()), total, rel_tol=1e-6, abs_tol=tiny):
             raise ValueError(f"EntropyGuard: result.{name} does not average to the forecast it belongs to "
                              f"({float(values.mean())} vs {total}): expected s_n with delta_h1 = lr mean(s) "
                              f"and q_n with delta_h2 = lr^2/2 mean(q)")
