@@ -158,6 +158,27 @@ def test_second_order_scale_solves_the_budget_equation(seed, s_mean, q_mean, rho
     assert all(second_order_bound(r, float(c), level) < -max_drop for c in above)  # the largest root
 
 
+def test_second_order_scale_matches_a_brute_force_search_over_random_results():
+    """Second method: the largest c on a 20001-point grid whose bound, from the per-unit values at c
+    by definition, is within budget; the solver's scale must sit in the grid cell above it."""
+    gen = torch.Generator().manual_seed(11)
+    grid = torch.linspace(0, 1, 20001, dtype=torch.float64)[1:]  # (C,)
+    z, reasons = NormalDist().inv_cdf(0.9), set()
+    for _ in range(100):
+        mean_s, mean_q, noise = torch.randn(3, generator=gen, dtype=torch.float64) * torch.tensor([1, 3, 1])
+        s = mean_s + noise.abs() * torch.randn(16, generator=gen, dtype=torch.float64)
+        q = mean_q + 3 * noise.abs() * torch.randn(16, generator=gen, dtype=torch.float64)
+        r = SecondOrderResult(s, q, lr=0.5)
+        max_drop = 10 ** float(torch.empty(1, dtype=torch.float64).uniform_(-2, 0.5, generator=gen))
+        d = ep.EntropyGuard(max_drop, level=0.9).decide(r)
+        x = grid[:, None] * r.lr * s + grid[:, None] ** 2 * r.lr**2 / 2 * q  # (C, B_E) per-unit values at c
+        bound = x.mean(dim=1) - z * x.std(dim=1) / math.sqrt(16)  # (C,)
+        brute = 1.0 if bool(bound[-1] >= -max_drop) else float(grid[bound >= -max_drop].max())
+        assert brute - 1e-12 <= d.scale <= brute + 1 / 20000, (brute, d)
+        reasons.add(d.reason)
+    assert {SCALED, WITHIN, RAISES} <= reasons  # the draws cover the cases
+
+
 def test_second_order_takes_the_step_not_the_path():
     """Curvature that first deepens then undoes the drop: the full step is within budget, scale 1."""
     s, q = torch.full((8,), -1.0, dtype=torch.float64), torch.full((8,), 1.8, dtype=torch.float64)

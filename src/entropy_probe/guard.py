@@ -89,6 +89,7 @@ class Forecast:
     a: float
     b: float
     k: float
+    order: int  # 2 when the result carried delta_h2
 
     def at(self, c: float) -> tuple[float, float]:
         """(forecast, SE) at scale c."""
@@ -166,7 +167,7 @@ class EntropyGuard:
 
     def _decision(self, fc: Forecast, c: float, reason: str) -> GuardDecision:
         forecast, se = fc.at(c)
-        return GuardDecision(c, reason, forecast, forecast - self.z * se, se, 1 if fc.first_order else 2)
+        return GuardDecision(c, reason, forecast, forecast - self.z * se, se, fc.order)
 
     def _solve(self, fc: Forecast) -> float:
         """The largest root in (0, 1) of ``g(c) = max_drop + bound(c)``, given g(0) > 0 > g(1)."""
@@ -181,7 +182,9 @@ class EntropyGuard:
         # split [0, 1] into pieces where g keeps its sign; the answer ends the last piece with g >= 0.
         quartic = [fc.d2**2 - z * z * fc.k, 2 * fc.d1 * fc.d2 - z * z * fc.b,
                    fc.d1**2 + 2 * m * fc.d2 - z * z * fc.a, 2 * m * fc.d1, m * m]  # highest power first
-        roots = sorted(float(r.real) for r in np.roots(quartic) if abs(r.imag) < 1e-9 and 0 < r.real < 1)
+        # every root's real part is an edge: a complex pair adds a harmless split, and a real root
+        # (possibly double, found with a small imaginary part) is never missed
+        roots = sorted(float(r.real) for r in np.roots(quartic) if 0 < r.real < 1)
         edges = [0.0, *roots, 1.0]
         mids = [(lo + hi) / 2 for lo, hi in itertools.pairwise(edges)]
         lo, hi = 0.0, 1.0
@@ -208,15 +211,15 @@ def forecast_of(result) -> Forecast:
     if se1 < 0 or lr < 0:
         raise ValueError(f"EntropyGuard: result.se_cond_e ({se1}) and result.lr ({lr}) must be >= 0")
     if getattr(result, "delta_h2", None) is None:
-        return Forecast(d1, 0.0, se1 * se1, 0.0, 0.0)
+        return Forecast(d1, 0.0, se1 * se1, 0.0, 0.0, 1)
     d2 = _finite(result, "delta_h2")
     q = getattr(result, PER_UNIT_Q, None)
     if q is not None:
         a, b, k = _per_unit_moments(result, q, d1, d2, lr)
-        return Forecast(d1, d2, a, b, k)
+        return Forecast(d1, d2, a, b, k, 2)
     se2 = getattr(result, "se_delta_h2", None)
     se2 = 0.0 if se2 is None else _finite(result, "se_delta_h2")
-    return Forecast(d1, d2, se1 * se1, 2 * se1 * se2, se2 * se2)  # SE(c) = c se1 + c^2 se2
+    return Forecast(d1, d2, se1 * se1, 2 * se1 * se2, se2 * se2, 2)  # SE(c) = c se1 + c^2 se2
 
 
 def _per_unit_moments(result, q, d1: float, d2: float, lr: float) -> tuple[float, float, float]:
