@@ -85,6 +85,8 @@ def test_first_order_scale_solves_the_budget_equation_and_is_the_probe_at_the_sc
     assert abs(lower_bound(r, d.scale, level) + max_drop) <= 1e-9  # binding: bound at c == -max_drop
     assert lower_bound(r, d.scale * (1 + 1e-6), level) < -max_drop  # and c is the largest such scale
     assert math.isclose(d.bound, -max_drop, rel_tol=1e-9) and math.isclose(d.forecast, d.scale * r.delta_h1)
+    assert d.to_dict() == {"entropy_probe/guard_scale": d.scale, "entropy_probe/guard_forecast": d.forecast,
+                           "entropy_probe/guard_bound": d.bound, "entropy_probe/guard_se": d.se}
     # second method: the probe itself at lr c * eta forecasts c times the change with c times the SE,
     # and the guard finds that step exactly on budget
     scaled = ep.EntropyProbe(policy, config=dataclasses.replace(probe.config, lr=d.scale * r.lr))
