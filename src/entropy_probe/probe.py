@@ -30,8 +30,10 @@ from torch import Tensor, nn
 
 from .batch import RolloutBatch
 from .caller_state import preserved_caller_state
+from .change import EvalState, MeasuredChange, measure_change
 from .config import ProbeConfig
 from .direction import UpdateDirection, build_direction
+from .from_grad import direction_from_grad, grad_checksums, optimizer_lr, unwrap_optimizer
 from .distributed import (all_reduce_vector, call_fingerprint, communicator_for, global_totals, merged_moments,
                           unwrap)
 from .objectives import UpdateTotals, advantages, policy_gradient_coefficients, unit_entropy
@@ -59,7 +61,7 @@ class EntropyProbe:
                  config: ProbeConfig | None = None):
         self.model = model
         self.module = unwrap(model)
-        self.optimizer = optimizer
+        self.optimizer = unwrap_optimizer(optimizer)  # accelerate's AcceleratedOptimizer holds it in .optimizer
         self.config = config if config is not None else ProbeConfig()
         self.comm = communicator_for(model)
 
@@ -77,10 +79,14 @@ class EntropyProbe:
             return float(self.config.lr)
         if self.optimizer is None:
             raise ValueError("ProbeConfig.lr is None and no optimizer was given: set lr or pass the optimizer")
-        lr = float(self.optimizer.param_groups[0]["lr"])
-        if not (math.isfinite(lr) and lr > 0):
-            raise ValueError(f"optimizer.param_groups[0]['lr'] is {lr}; the probe needs a finite lr > 0")
+        lr = optimizer_lr(self.optimizer)  # 0 at warm-up: the forecast is then exactly 0
+        if not (math.isfinite(lr) and lr >= 0):
+            raise ValueError(f"optimizer.param_groups[0]['lr'] is {lr}; the probe needs a finite lr >= 0")
         return lr
+
+    def _v_lr(self) -> float:
+        """The rate v is normalised by: the optimizer's own, so that ``ProbeConfig.lr`` scales the whole step."""
+        return self.lr if self.optimizer is None else optimizer_lr(self.optimizer)
 
     # ---- 1. rollout batch U -> update direction v -----------------------------------------------
     def _update_coefficients(self, batch: RolloutBatch, totals: UpdateTotals) -> Tensor:
@@ -109,7 +115,8 @@ class EntropyProbe:
         bad = first_nonfinite(grad_j)
         if bad is not None:
             raise ValueError(f"update_batch: the policy gradient of parameter {bad!r} is not finite")
-        return build_direction(cfg.direction, grad_j, params, self.optimizer, self.lr, cfg.max_grad_norm), coeff, n_units
+        direction = build_direction(cfg.direction, grad_j, params, self.optimizer, self._v_lr(), cfg.max_grad_norm)
+        return direction, coeff, n_units
 
     def update_direction(self, update_batch: RolloutBatch | None) -> dict[str, Tensor]:
         """v of DESIGN section 4 as ``{name: fp32 tensor}``; pass it back as ``run(direction=v)``.
@@ -170,10 +177,12 @@ class EntropyProbe:
 
     # ---- the whole call ------------------------------------------------------------------------
     def run(self, update_batch: RolloutBatch | None = None, eval_batch: RolloutBatch | None = None,
-            truth: bool = False, direction: dict[str, Tensor] | None = None) -> ProbeResult:
-        """Forecast the step on ``update_batch`` (or along a given ``direction``), measured on ``eval_batch``.
+            truth: bool = False, direction: dict[str, Tensor] | None = None, from_grad: bool = False) -> ProbeResult:
+        """Forecast the step on ``update_batch`` (or along a given ``direction``, or the step the optimizer
+        will take from the ``.grad`` now on the parameters: ``from_grad=True``), measured on ``eval_batch``.
 
-        With ``truth=True`` the step is also applied functionally and the real change measured.
+        With ``truth=True`` the step is also applied functionally and the real change measured; after the
+        real ``optimizer.step()``, ``measure_change(result)`` measures it on the same E.
         Parameters, ``.grad``, optimizer state, RNG and train/eval mode are unchanged afterwards.
         """
         cfg, comm = self.config, self.comm
@@ -182,21 +191,23 @@ class EntropyProbe:
         try:
             if eval_batch is None and comm.world_size == 1:
                 raise ValueError("run: eval_batch is required")
-            if update_batch is not None and direction is not None or (
-                    update_batch is None and direction is None and comm.world_size == 1):
-                raise ValueError("run: give exactly one of update_batch and direction")
+            n_sources = (update_batch is not None) + (direction is not None) + bool(from_grad)
+            if n_sources > 1 or (n_sources == 0 and comm.world_size == 1):
+                raise ValueError("run: give exactly one of update_batch, direction and from_grad=True")
             if eval_batch is not None:
                 _check_batch(eval_batch, "eval_batch")
             if update_batch is not None:
                 _check_batch(update_batch, "update_batch")
             params, lr = self.parameters(), self.lr
             given = None if direction is None else self._given_direction(direction, params)
+            if from_grad:
+                given = direction_from_grad(cfg.direction, params, self.optimizer, self._v_lr())
         except ValueError as e:
             error = e
-        mode = "direction" if direction is not None else "update_batch"
+        mode = "from_grad" if from_grad else "direction" if direction is not None else "update_batch"
         comm.check_same("EntropyProbe.run", lambda: call_fingerprint(
-            f"run({mode}, truth={bool(truth)})", cfg, lr, params, self.optimizer, None if given is None else given.v),
-            error)
+            f"run({mode}, truth={bool(truth)})", cfg, lr, params, self.optimizer,
+            None if given is None or from_grad else given.v, grad_checksums(params) if from_grad else None), error)
         with preserved_caller_state(self.module):
             # 1. the update direction v, from U or as given
             if given is None:
@@ -208,13 +219,15 @@ class EntropyProbe:
             if eval_batch is not None:
                 proj = self._project(eval_batch, params, upd.v, want_x_sum=want_total)
                 local_entropy = unit_entropy(proj.weighted, eval_batch).double().sum()
-                local_ids = eval_batch.unit_ids
+                local_ids, local_dropped = eval_batch.unit_ids, eval_batch.n_dropped_rows
             else:  # a rank holding no E units under DDP
                 proj = EvalProjections(torch.zeros(0, device=_device_of(params)), None, None,
                                        {n: torch.zeros_like(x) for n, x in upd.v.items()} if want_total else None)
                 local_entropy, local_ids = torch.zeros((), dtype=torch.float64), torch.zeros(0, dtype=torch.long)
+                local_dropped = 0
             # 3. statistics over E with U fixed: float64 moments merged over ranks, then the s_n themselves
-            moments, entropy_sum, sizes = merged_moments(comm, moments_update(proj.s), local_entropy.reshape(1))
+            extra = torch.stack([local_entropy.cpu(), torch.tensor(float(local_dropped), dtype=torch.float64)])
+            moments, entropy_sum, sizes = merged_moments(comm, moments_update(proj.s), extra)
             n_eval = int(moments.count)
             if n_eval == 0:
                 raise ValueError("eval_batch: no rank holds any evaluation unit")
@@ -244,9 +257,29 @@ class EntropyProbe:
                                              alphas=cfg.truth_alphas, temperature=cfg.temperature,
                                              weighting=cfg.entropy_weighting, microbatch_units=cfg.microbatch_units,
                                              comm=comm)
+        state = EvalState(eval_batch, proj.seq_logprob, proj.weighted)
         return ProbeResult(delta_h1=delta_h1, se_cond_e=se_e, var_cond_e=var_e, se_jackknife=se_jack,
                            se_total=se_total, entropy=entropy, n_eval_units=n_eval, n_update_units=n_update, lr=lr,
-                           per_unit=s.detach().double().cpu(), eval_unit_ids=unit_ids.cpu(), truth=truth_result)
+                           per_unit=s.detach().double().cpu(), eval_unit_ids=unit_ids.cpu(), truth=truth_result,
+                           n_dropped_rows=int(entropy_sum[1]), eval_state=state)
+
+    def measure_change(self, result: ProbeResult) -> MeasuredChange:
+        """After the real ``optimizer.step()``: the entropy change on ``result``'s E, one forward at the
+        current parameters against the log-probs kept from the forecast pass (DESIGN section 11).
+
+        Under DDP every rank calls it with its own result. The caller's state is unchanged.
+        """
+        state = getattr(result, "eval_state", None)
+        error = None
+        if not isinstance(state, EvalState):
+            error = ValueError("measure_change: result must be a ProbeResult returned by this probe's run()")
+        cfg = self.config
+        self.comm.check_same("EntropyProbe.measure_change", lambda: call_fingerprint(
+            "measure_change", cfg, result.lr, self.parameters(), self.optimizer, None), error)
+        with preserved_caller_state(self.module):
+            return measure_change(self.module, self.parameters(), state, result.per_unit, result.lr,
+                                  temperature=cfg.temperature, weighting=cfg.entropy_weighting,
+                                  microbatch_units=cfg.microbatch_units, comm=self.comm)
 
 
 def _device_of(params: dict[str, nn.Parameter]) -> torch.device:
@@ -256,3 +289,7 @@ def _device_of(params: dict[str, nn.Parameter]) -> torch.device:
 def _check_batch(batch, name: str) -> None:
     if not isinstance(batch, RolloutBatch):
         raise ValueError(f"run: {name} must be an entropy_probe.RolloutBatch, got {type(batch).__name__}")
+    if name == "update_batch" and batch.n_dropped_rows:
+        # The trainer's loss normalisers count such rows (they add 0 to the sums): dropping them would not.
+        raise ValueError(f"update_batch: {batch.n_dropped_rows} row(s) have no response token; an update batch "
+                         "must keep every row its loss counts (use from_grad=True to forecast the trainer's step)")
