@@ -181,3 +181,20 @@ def test_prompts_are_tokenised_as_trl_tokenises_them(attached_run):
         EntropyProbeCallback(EVAL_PROMPTS, group_size=1)
     with pytest.raises(ValueError, match="eval_prompts: a prompt must be a string or a list"):
         tokenise_prompt(tok, 3)
+
+
+def test_the_example_runs(tmp_path, monkeypatch, capsys):
+    import runpy
+    import sys
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "trl_grpo.py"
+    monkeypatch.setattr(sys, "argv", ["trl_grpo.py", "--out", str(tmp_path), "--steps", "3"])
+    threads = torch.get_num_threads()
+    try:
+        runpy.run_path(str(example), run_name="__main__")
+    finally:
+        torch.set_num_threads(threads)
+    assert "3 steps in" in capsys.readouterr().out
+    assert len((tmp_path / JSONL_NAME).read_text().splitlines()) == 3
+    assert (tmp_path / "forecast_vs_measured.png").stat().st_size > 0
