@@ -29,24 +29,30 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE))
 
-import entropy_probe as ep  # noqa: E402
-from bench_engines import CPU_SIZES, GROUP, build_model, rollout_batch, timed, use_cpu_time  # noqa: E402
-from entropy_probe.logprobs import sequence_logprobs  # noqa: E402
-from entropy_probe.objectives import UpdateTotals, advantages, policy_gradient_coefficients  # noqa: E402
+from bench_engines import CPU_SIZES, GROUP, build_model, rollout_batch, timed, use_cpu_time
+
+import entropy_probe as ep
+from entropy_probe.logprobs import sequence_logprobs
+from entropy_probe.objectives import UpdateTotals, advantages, policy_gradient_coefficients
 
 
 def surrogate_backward(model, batch, microbatch_units: int = 4) -> None:
     """The trainer's backward: the GRPO surrogate over U, gradients accumulated microbatch by microbatch."""
-    coeff = policy_gradient_coefficients(batch, advantages(batch, "grpo"), "seq-mean-token-mean",
-                                         UpdateTotals.of(batch))
+    coeff = policy_gradient_coefficients(
+        batch, advantages(batch, "grpo"), "seq-mean-token-mean", UpdateTotals.of(batch)
+    )
     for units, mb in batch.microbatches(microbatch_units):
         rows = batch.rows_of_units(units)
-        (-(coeff[rows] * sequence_logprobs(model, mb, 1.0, "token-mean").seq).sum() / batch.n_units).backward()
+        (
+            -(coeff[rows] * sequence_logprobs(model, mb, 1.0, "token-mean").seq).sum() / batch.n_units
+        ).backward()
 
 
 def contenders(size, units: int) -> dict:
-    update, evaluation = rollout_batch(size, units, seed=1, device="cpu"), rollout_batch(size, units, seed=2,
-                                                                                         device="cpu")
+    update, evaluation = (
+        rollout_batch(size, units, seed=1, device="cpu"),
+        rollout_batch(size, units, seed=2, device="cpu"),
+    )
     trained = build_model(size, "cpu")
     train_opt = torch.optim.AdamW(trained.parameters(), lr=1e-6)
 
@@ -83,16 +89,28 @@ def main() -> None:
     for size in [s for s in CPU_SIZES if s.name in args.sizes]:
         best = timed(contenders(size, args.units), "cpu", args.repeats)
         train = best["training step"]
-        row = dict(size=size.name, units=args.units, group=GROUP, seconds=best,
-                   ratio={k: v / train for k, v in best.items() if k != "training step"})
+        row = {
+            "size": size.name,
+            "units": args.units,
+            "group": GROUP,
+            "seconds": best,
+            "ratio": {k: v / train for k, v in best.items() if k != "training step"},
+        }
         rows.append(row)
-        print(f"{size.name}: training step {train:.3f} s; " + "; ".join(
-            f"{k} {best[k]:.3f} s = {r:.2f}x" for k, r in row["ratio"].items()), flush=True)
+        print(
+            f"{size.name}: training step {train:.3f} s; "
+            + "; ".join(f"{k} {best[k]:.3f} s = {r:.2f}x" for k, r in row["ratio"].items()),
+            flush=True,
+        )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = dict(torch=torch.__version__, machine=platform.processor() or platform.machine(), threads=1,
-                clock="process CPU time")
-    (out / "bench_from_grad.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    meta = {
+        "torch": torch.__version__,
+        "machine": platform.processor() or platform.machine(),
+        "threads": 1,
+        "clock": "process CPU time",
+    }
+    (out / "bench_from_grad.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

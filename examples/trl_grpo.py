@@ -31,16 +31,27 @@ def build_tokenizer():
     vocab = {w: i for i, w in enumerate(["<pad>", "<eos>", "<unk>", *WORDS])}
     tok = Tokenizer(WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
 
 
 def build_model(tokenizer):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+    cfg = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
     model = Qwen2ForCausalLM(cfg)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -49,7 +60,9 @@ def build_model(tokenizer):
 
 def prompts(n: int, seed: int) -> list[str]:
     gen = torch.Generator().manual_seed(seed)
-    return [" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (3,), generator=gen)) for _ in range(n)]
+    return [
+        " ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (3,), generator=gen)) for _ in range(n)
+    ]
 
 
 def reward_a(completions, **kwargs) -> list[float]:
@@ -65,10 +78,23 @@ def plot(records: list[dict], path: Path) -> None:
 
     steps = [r["step"] for r in records]
     fig, ax = plt.subplots(figsize=(8, 4))
-    ax.errorbar(steps, [r["delta_h1"] for r in records], yerr=[1.96 * r["se_cond_e"] for r in records], fmt="o",
-                color="tab:blue", capsize=2, label="forecast before the step (± 95%)")
-    ax.plot(steps, [r["measured/delta_h"] for r in records], "x", color="tab:red", markersize=8,
-            label="measured after the real step (same E)")
+    ax.errorbar(
+        steps,
+        [r["delta_h1"] for r in records],
+        yerr=[1.96 * r["se_cond_e"] for r in records],
+        fmt="o",
+        color="tab:blue",
+        capsize=2,
+        label="forecast before the step (± 95%)",
+    )
+    ax.plot(
+        steps,
+        [r["measured/delta_h"] for r in records],
+        "x",
+        color="tab:red",
+        markersize=8,
+        label="measured after the real step (same E)",
+    )
     ax.axhline(0, color="grey", lw=0.5)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("entropy change (nats per token)")
@@ -96,15 +122,42 @@ def main() -> None:
     from datasets import Dataset
 
     tokenizer = build_tokenizer()
-    args = GRPOConfig(output_dir=str(out), max_steps=opts.steps, learning_rate=3e-3, per_device_train_batch_size=32,
-                      num_generations=8, max_completion_length=8, temperature=1.0, bf16=False, use_cpu=True,
-                      gradient_checkpointing=False, logging_steps=1, report_to="none", save_strategy="no",
-                      disable_tqdm=False, beta=0.0, loss_type="dapo", seed=0)
-    trainer = GRPOTrainer(model=build_model(tokenizer), reward_funcs=reward_a, args=args,
-                          train_dataset=Dataset.from_dict({"prompt": prompts(256, seed=1)}),
-                          processing_class=tokenizer)
-    callback = attach(trainer, EntropyProbeCallback(prompts(8, seed=2), every=1, group_size=8, max_new_tokens=8,
-                                                    config=ProbeConfig(direction="optimizer-step")))
+    args = GRPOConfig(
+        output_dir=str(out),
+        max_steps=opts.steps,
+        learning_rate=3e-3,
+        per_device_train_batch_size=32,
+        num_generations=8,
+        max_completion_length=8,
+        temperature=1.0,
+        bf16=False,
+        use_cpu=True,
+        gradient_checkpointing=False,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=False,
+        beta=0.0,
+        loss_type="dapo",
+        seed=0,
+    )
+    trainer = GRPOTrainer(
+        model=build_model(tokenizer),
+        reward_funcs=reward_a,
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": prompts(256, seed=1)}),
+        processing_class=tokenizer,
+    )
+    callback = attach(
+        trainer,
+        EntropyProbeCallback(
+            prompts(8, seed=2),
+            every=1,
+            group_size=8,
+            max_new_tokens=8,
+            config=ProbeConfig(direction="optimizer-step"),
+        ),
+    )
     start = time.time()
     trainer.train()
     records = [json.loads(line) for line in (out / "entropy_probe.jsonl").read_text().splitlines()]
@@ -112,11 +165,15 @@ def main() -> None:
     forecast = torch.tensor([r["delta_h1"] for r in records])
     measured = torch.tensor([r["measured/delta_h"] for r in records])
     corr = float(torch.corrcoef(torch.stack([forecast, measured]))[0, 1])
-    print(f"{len(records)} steps in {time.time() - start:.0f} s; forecast vs measured: correlation {corr:.2f}, "
-          f"summed over the run {float(forecast.sum()):+.3f} vs {float(measured.sum()):+.3f} nats")
+    print(
+        f"{len(records)} steps in {time.time() - start:.0f} s; forecast vs measured: correlation {corr:.2f}, "
+        f"summed over the run {float(forecast.sum()):+.3f} vs {float(measured.sum()):+.3f} nats"
+    )
     rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
-    print(f"reward {rewards[0]:.2f} -> {rewards[-1]:.2f}; wrote {out / 'entropy_probe.jsonl'} and "
-          f"{out / 'forecast_vs_measured.png'}")
+    print(
+        f"reward {rewards[0]:.2f} -> {rewards[-1]:.2f}; wrote {out / 'entropy_probe.jsonl'} and "
+        f"{out / 'forecast_vs_measured.png'}"
+    )
     assert callback.records == records
 
 

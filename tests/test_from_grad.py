@@ -1,4 +1,4 @@
-"""``run(eval_batch=E, from_grad=True)`` and ``measure_change`` against real optimizer steps (DESIGN section 11).
+"""``run(eval_batch=E, from_grad=True)`` and ``measure_change`` against real optimizer steps (DESIGN 11).
 
 v is built from the ``.grad`` the caller's own backward left (a loss the probe cannot mirror: the policy
 surrogate plus a KL-like term, clipped), so ``theta + lr * v`` must be what the real ``optimizer.step()``
@@ -9,13 +9,22 @@ truth of the same step. Run: ``PYTHONPATH=src pytest -q tests/test_from_grad.py`
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import pytest
 import torch
+from core_support import (
+    TinyLM,
+    hand_objective,
+    hand_token_logprobs,
+    numpy_advantages,
+    random_batch,
+    trainable,
+)
 
 import entropy_probe as ep
-from core_support import TinyLM, hand_objective, hand_token_logprobs, numpy_advantages, random_batch, trainable
 from entropy_probe.from_grad import direction_from_grad
 
 
@@ -32,15 +41,19 @@ class Case:
 
 
 CASES = [Case(o, w, g) for o in ("Adam", "AdamW") for w in (0, 3) for g in (1, 2)] + [
-    Case("AdamW", 2, 2, amsgrad=True), Case("SGD", 0, 2, clip=None)]
+    Case("AdamW", 2, 2, amsgrad=True),
+    Case("SGD", 0, 2, clip=None),
+]
 
 
 def make_optimizer(model: TinyLM, case: Case) -> torch.optim.Optimizer:
     if case.groups == 1:
-        groups = [dict(params=list(model.parameters()), lr=1e-2, weight_decay=0.05)]
+        groups = [{"params": list(model.parameters()), "lr": 1e-2, "weight_decay": 0.05}]
     else:
-        groups = [dict(params=[model.tok, model.pos, *model.hidden.parameters()], lr=1e-2, weight_decay=0.1),
-                  dict(params=list(model.head.parameters()), lr=3e-3, weight_decay=0.0)]
+        groups = [
+            {"params": [model.tok, model.pos, *model.hidden.parameters()], "lr": 1e-2, "weight_decay": 0.1},
+            {"params": list(model.head.parameters()), "lr": 3e-3, "weight_decay": 0.0},
+        ]
     if case.opt == "SGD":  # direction "sgd" is -grad: the plain SGD step, no decay or momentum; an SGD-sized
         # lr, so that the step stands well above the fp32 rounding of theta (real_v below is read from it)
         return torch.optim.SGD([dict(g, weight_decay=0.0, lr=10 * g["lr"]) for g in groups])
@@ -75,17 +88,24 @@ def flat_params(model) -> torch.Tensor:
 
 
 def snapshot(model, opt) -> dict:
-    return dict(params={n: p.detach().clone() for n, p in model.named_parameters()},
-                grads={n: None if p.grad is None else (p.grad, p.grad.clone()) for n, p in model.named_parameters()},
-                opt=copy.deepcopy(opt.state_dict()), rng=torch.get_rng_state(),
-                modes={n: m.training for n, m in model.named_modules()})
+    return {
+        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "grads": {
+            n: None if p.grad is None else (p.grad, p.grad.clone()) for n, p in model.named_parameters()
+        },
+        "opt": copy.deepcopy(opt.state_dict()),
+        "rng": torch.get_rng_state(),
+        "modes": {n: m.training for n, m in model.named_modules()},
+    }
 
 
 def assert_unchanged(before: dict, model, opt) -> None:
     for n, p in model.named_parameters():
         assert torch.equal(p.detach(), before["params"][n]), n
         g = before["grads"][n]
-        assert (p.grad is None) if g is None else (p.grad is g[0] and torch.equal(p.grad, g[1])), f"{n}: .grad"
+        assert (p.grad is None) if g is None else (p.grad is g[0] and torch.equal(p.grad, g[1])), (
+            f"{n}: .grad"
+        )
     after = opt.state_dict()
     assert after["param_groups"] == before["opt"]["param_groups"]
     assert after["state"].keys() == before["opt"]["state"].keys()
@@ -115,7 +135,8 @@ def test_from_grad_v_is_the_real_step_and_measure_change_is_its_truth(case: Case
     after = flat_params(model)
     err = float((after - predicted).norm())
     # fp32 on both sides: 1e-6 of |theta| (the requirement); relative to the step the error is the rounding
-    # of theta + lr*v, ~2^-24 |theta| / |step| (a wrong bias correction or decay is off by far more than 1e-4).
+    # of theta + lr*v, ~2^-24 |theta| / |step| (a wrong bias correction or decay is off by far more
+    # than 1e-4).
     assert err / float(theta.norm()) < 1e-6
     assert err / float((after - theta).norm()) < 1e-4
 
@@ -123,8 +144,9 @@ def test_from_grad_v_is_the_real_step_and_measure_change_is_its_truth(case: Case
     model_before = TinyLM(seed=1)
     model_before.load_state_dict(before["params"])
     real_v = {n: (p.detach() - before["params"][n]) / result.lr for n, p in model.named_parameters()}
-    along = ep.EntropyProbe(model_before, config=ep.ProbeConfig(lr=result.lr)).run(eval_batch=eval_batch,
-                                                                                   direction=real_v)
+    along = ep.EntropyProbe(model_before, config=ep.ProbeConfig(lr=result.lr)).run(
+        eval_batch=eval_batch, direction=real_v
+    )
     assert abs(along.delta_h1 - result.delta_h1) <= 1e-4 * abs(result.delta_h1)  # fp32 rounding of real_v
 
     measured = probe.measure_change(result)
@@ -145,15 +167,16 @@ def test_adam_preconditioned_from_grad_is_p_times_minus_grad():
             continue
         st = opt.state[p]
         t = int(st["step"]) + 1
-        v_hat = (beta2 * st["exp_avg_sq"] + (1 - beta2) * p.grad ** 2) / (1 - beta2 ** t)
+        v_hat = (beta2 * st["exp_avg_sq"] + (1 - beta2) * p.grad**2) / (1 - beta2**t)
         torch.testing.assert_close(v[n], -p.grad / (v_hat.sqrt() + eps), rtol=1e-6, atol=0)
 
 
 def test_config_lr_overrides_eta_and_scales_the_whole_step():
     model, opt = setup(Case("AdamW", 2, 2))
     eval_batch = random_batch(5, seed=12)
-    base = ep.EntropyProbe(model, opt, ep.ProbeConfig(direction="optimizer-step")).run(eval_batch=eval_batch,
-                                                                                       from_grad=True)
+    base = ep.EntropyProbe(model, opt, ep.ProbeConfig(direction="optimizer-step")).run(
+        eval_batch=eval_batch, from_grad=True
+    )
     double = ep.EntropyProbe(model, opt, ep.ProbeConfig(lr=2e-2, direction="optimizer-step"))
     result = double.run(eval_batch=eval_batch, from_grad=True, truth=True)
     assert result.lr == 2e-2 and base.lr == 1e-2
@@ -214,7 +237,9 @@ def test_from_grad_errors_name_the_problem_and_leave_state_intact():
 def _with_empty_rows(batch: ep.RolloutBatch, rows: list[int]) -> ep.RolloutBatch:
     resp = batch.response_mask.clone()
     resp[rows] = 0  # a truncation the trainer masked
-    return ep.RolloutBatch(batch.input_ids, batch.attention_mask, resp, batch.group_ids, rewards=batch.rewards)
+    return ep.RolloutBatch(
+        batch.input_ids, batch.attention_mask, resp, batch.group_ids, rewards=batch.rewards
+    )
 
 
 def test_eval_rows_without_response_are_dropped_and_counted():
@@ -222,15 +247,25 @@ def test_eval_rows_without_response_are_dropped_and_counted():
     full = random_batch(4, group_size=4, seed=21)
     masked = _with_empty_rows(full, [1, 6, 7])  # unit 0 keeps 3 rows, unit 1 keeps 2
     keep = [i for i in range(full.n_sequences) if i not in (1, 6, 7)]
-    kept = ep.RolloutBatch(full.input_ids[keep], full.attention_mask[keep], full.response_mask[keep],
-                           full.group_ids[keep])
+    kept = ep.RolloutBatch(
+        full.input_ids[keep], full.attention_mask[keep], full.response_mask[keep], full.group_ids[keep]
+    )
     probe = ep.EntropyProbe(model, opt, ep.ProbeConfig(direction="optimizer-step"))
     a, b = probe.run(eval_batch=masked, from_grad=True), probe.run(eval_batch=kept, from_grad=True)
     assert (a.n_dropped_rows, b.n_dropped_rows, a.n_eval_units) == (3, 0, 4)
     assert a.to_dict()["entropy_probe/n_dropped_rows"] == 3
     assert a.delta_h1 == b.delta_h1 and a.se_cond_e == b.se_cond_e and torch.equal(a.per_unit, b.per_unit)
     gid = int(full.group_ids[4])
-    with pytest.raises(ValueError, match=rf"unit {gid} has 1 response\(s\) \(3 row\(s\) with an empty response"):
+    with pytest.raises(
+        ValueError, match=rf"unit {gid} has 1 response\(s\) \(3 row\(s\) with an empty response"
+    ):
         _with_empty_rows(full, [4, 5, 6])
     with pytest.raises(ValueError, match=r"update_batch: 3 row\(s\) have no response token"):
         probe.run(update_batch=masked, eval_batch=kept)
+
+
+
+def test_the_core_imports_without_trl():
+    """``trl`` is an optional extra: ``import entropy_probe`` loads neither it nor the integrations."""
+    code = "import sys, entropy_probe; assert not {'trl', 'entropy_probe.integrations'} & set(sys.modules)"
+    subprocess.run([sys.executable, "-c", code], check=True)

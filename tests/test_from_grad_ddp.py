@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from core_support import TinyLM, hand_objective, hand_token_logprobs, numpy_advantages, random_batch
+from test_distributed import _close, _launch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import entropy_probe as ep
-from core_support import TinyLM, hand_objective, hand_token_logprobs, numpy_advantages, random_batch
-from test_distributed import _close, _launch
 
 
 def _ranks_from_grad(rank: int, world: int) -> None:
@@ -24,8 +24,9 @@ def _ranks_from_grad(rank: int, world: int) -> None:
     opt = torch.optim.AdamW(ddp.parameters(), lr=1e-2, weight_decay=0.05)
     cfg = ep.ProbeConfig(direction="optimizer-step")
     update = random_batch(4, seed=50 + rank)  # each rank's own share of U
-    loss = -hand_objective(hand_token_logprobs(ddp, update), update, numpy_advantages(update, "grpo"),
-                           "seq-mean-token-mean")
+    loss = -hand_objective(
+        hand_token_logprobs(ddp, update), update, numpy_advantages(update, "grpo"), "seq-mean-token-mean"
+    )
     loss.backward()  # DDP averages .grad over the ranks
     eval_all = random_batch(6, seed=11)
     mine = eval_all.select_units(list(range(3 * rank, 3 * rank + 3)))
@@ -43,8 +44,9 @@ def _ranks_from_grad(rank: int, world: int) -> None:
     assert abs(measured.delta_h - ref.truth.delta_h) < 1e-6  # the real step is the forecast's step
 
     opt.zero_grad()
-    loss = -hand_objective(hand_token_logprobs(ddp, update), update, numpy_advantages(update, "grpo"),
-                           "seq-mean-token-mean")
+    loss = -hand_objective(
+        hand_token_logprobs(ddp, update), update, numpy_advantages(update, "grpo"), "seq-mean-token-mean"
+    )
     loss.backward()
     if rank == 1:  # a rank whose gradient is not the average the others hold
         ddp.module.head.bias.grad.mul_(1.001)

@@ -13,8 +13,10 @@ import torch
 
 WORDS = ["a", "b", "c", "d", "e", "f", "g", "h", "user:", "assistant:"]
 SPECIAL = ["<pad>", "<eos>", "<unk>"]
-CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + ' ' }}{% endfor %}"
-                 "{% if add_generation_prompt %}{{ 'assistant:' }}{% endif %}")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + ' ' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'assistant:' }}{% endif %}"
+)
 
 
 def word_tokenizer():
@@ -26,7 +28,9 @@ def word_tokenizer():
     vocab = {w: i for i, w in enumerate(SPECIAL + WORDS)}
     tok = Tokenizer(WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
     fast.chat_template = CHAT_TEMPLATE
     return fast
 
@@ -35,10 +39,19 @@ def tiny_qwen2(tokenizer, seed: int = 0):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
-    cfg = Qwen2Config(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
-                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                      bos_token_id=None, tie_word_embeddings=False)
+    cfg = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+    )
     model = Qwen2ForCausalLM(cfg)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -68,10 +81,25 @@ def grpo_trainer(output_dir, callbacks=(), seed: int = 0, steps: int = 2, **over
 
     tokenizer = word_tokenizer()
     conversational = overrides.pop("conversational", False)
-    opts = dict(output_dir=str(output_dir), max_steps=steps, learning_rate=1e-2, per_device_train_batch_size=8,
-                num_generations=4, max_completion_length=4, temperature=1.0, bf16=False, use_cpu=True,
-                gradient_checkpointing=False, logging_steps=1, report_to="none", save_strategy="no", seed=seed,
-                disable_tqdm=True, dataloader_num_workers=0, beta=0.0)
+    opts = {
+        "output_dir": str(output_dir),
+        "max_steps": steps,
+        "learning_rate": 1e-2,
+        "per_device_train_batch_size": 8,
+        "num_generations": 4,
+        "max_completion_length": 4,
+        "temperature": 1.0,
+        "bf16": False,
+        "use_cpu": True,
+        "gradient_checkpointing": False,
+        "logging_steps": 1,
+        "report_to": "none",
+        "save_strategy": "no",
+        "seed": seed,
+        "disable_tqdm": True,
+        "dataloader_num_workers": 0,
+        "beta": 0.0,
+    }
     opts.update(overrides)
     args = GRPOConfig(**opts)
     model = tiny_qwen2(tokenizer, seed)
@@ -79,6 +107,11 @@ def grpo_trainer(output_dir, callbacks=(), seed: int = 0, steps: int = 2, **over
         path = Path(output_dir) / "initial_model"
         model.save_pretrained(path)
         model.config._name_or_path = str(path)
-    return GRPOTrainer(model=model, reward_funcs=reward_a, args=args,
-                       train_dataset=prompt_dataset(16, seed, conversational), processing_class=tokenizer,
-                       callbacks=list(callbacks))
+    return GRPOTrainer(
+        model=model,
+        reward_funcs=reward_a,
+        args=args,
+        train_dataset=prompt_dataset(16, seed, conversational),
+        processing_class=tokenizer,
+        callbacks=list(callbacks),
+    )

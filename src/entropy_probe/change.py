@@ -46,15 +46,31 @@ class MeasuredChange:
         return {f"{PREFIX}measured/{k}": getattr(self, k) for k in ("delta_h", "se", "ess", "se_diff")}
 
 
-def measure_change(module: nn.Module, params: dict[str, nn.Parameter], state: EvalState, per_unit: Tensor,
-                   lr: float, *, temperature: float, weighting: str, microbatch_units: int,
-                   comm=None) -> MeasuredChange:
+def measure_change(
+    module: nn.Module,
+    params: dict[str, nn.Parameter],
+    state: EvalState,
+    per_unit: Tensor,
+    lr: float,
+    *,
+    temperature: float,
+    weighting: str,
+    microbatch_units: int,
+    comm=None,
+) -> MeasuredChange:
     """One forward over ``state.batch`` at the live parameters; the change against ``state``'s log-probs."""
     seq1 = w1 = None
     if state.batch is not None:
-        seq1, w1 = logprobs_at(module, dict(params), state.batch, temperature=temperature, weighting=weighting,
-                               microbatch_units=microbatch_units)
+        seq1, w1 = logprobs_at(
+            module,
+            dict(params),
+            state.batch,
+            temperature=temperature,
+            weighting=weighting,
+            microbatch_units=microbatch_units,
+        )
         _check_weights(state.seq, seq1, 1.0)
-    delta, se, ess, se_diff = entropy_change(state.batch, state.seq, state.weighted, seq1, w1, per_unit, lr,
-                                             comm=comm)
+    delta, se, ess, se_diff = entropy_change(
+        state.batch, state.seq, state.weighted, seq1, w1, per_unit, lr, comm=comm
+    )
     return MeasuredChange(delta_h=delta, se=se, ess=ess, se_diff=se_diff)

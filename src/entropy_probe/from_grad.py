@@ -37,16 +37,22 @@ def optimizer_lr(optimizer: torch.optim.Optimizer) -> float:
     return rates[0] if rates[0] != 0 else max(rates)
 
 
-def direction_from_grad(kind: str, params: dict[str, nn.Parameter], optimizer, v_lr: float) -> UpdateDirection:
+def direction_from_grad(
+    kind: str, params: dict[str, nn.Parameter], optimizer, v_lr: float
+) -> UpdateDirection:
     """v from ``-p.grad`` by the rule ``kind``; ``v_lr`` the rate v is normalised by (0: v = 0).
 
     ``scale`` is None: there is no U batch, so no variance over U (``se_total`` is None).
     """
-    grad_j: dict[str, Tensor | None] = {name: None if p.grad is None else -p.grad.detach()  # ascent direction
-                                        for name, p in params.items()}
+    grad_j: dict[str, Tensor | None] = {
+        name: None if p.grad is None else -p.grad.detach()  # ascent direction
+        for name, p in params.items()
+    }
     if all(g is None for g in grad_j.values()):
-        raise ValueError("from_grad: no trainable parameter has a .grad; call it after loss.backward() and "
-                         "before optimizer.zero_grad()")
+        raise ValueError(
+            "from_grad: no trainable parameter has a .grad; call it after loss.backward() and "
+            "before optimizer.zero_grad()"
+        )
     bad = first_nonfinite(grad_j)
     if bad is not None:
         raise ValueError(f"from_grad: the .grad of parameter {bad!r} is not finite")
@@ -61,6 +67,7 @@ def grad_checksums(params: dict[str, nn.Parameter]) -> list:
     names = [n for n, p in params.items() if p.grad is not None]
     if not names:
         return []
-    sums = torch.stack([torch.stack([params[n].grad.double().sum(), params[n].grad.double().square().sum()])
-                        for n in names])  # (P, 2)
+    sums = torch.stack(
+        [torch.stack([params[n].grad.double().sum(), params[n].grad.double().square().sum()]) for n in names]
+    )  # (P, 2)
     return list(zip(names, sums.tolist()))

@@ -1,9 +1,9 @@
-"""``EntropyProbeCallback``: the probe inside a Hugging Face ``Trainer`` (TRL ``GRPOTrainer``, ``RLOOTrainer``, ...).
+"""``EntropyProbeCallback``: the probe inside a Hugging Face ``Trainer`` (TRL ``GRPOTrainer``, ...).
 
     from entropy_probe.integrations.trl import EntropyProbeCallback, attach
     trainer = GRPOTrainer(model=..., reward_funcs=..., args=GRPOConfig(...), train_dataset=...)
     attach(trainer, EntropyProbeCallback(eval_prompts, every=1, group_size=8, max_new_tokens=64))
-    trainer.train()   # entropy_probe/* in trainer.state.log_history, report_to and output_dir/entropy_probe.jsonl
+    trainer.train()   # entropy_probe/* in state.log_history, report_to and output_dir/entropy_probe.jsonl
 
 Per probed optimizer step (DESIGN section 16), with the ``Trainer``'s own events:
 
@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import replace
-from typing import Sequence
 
 import torch
 from transformers import TrainerCallback
@@ -61,8 +61,15 @@ class EntropyProbeCallback(TrainerCallback):
     ``records``: one dict per probed step (what each JSON line holds), in order.
     """
 
-    def __init__(self, eval_prompts: Sequence, every: int = 1, group_size: int = 8, max_new_tokens: int = 64,
-                 config: ProbeConfig | None = None, seed: int = 0):
+    def __init__(
+        self,
+        eval_prompts: Sequence,
+        every: int = 1,
+        group_size: int = 8,
+        max_new_tokens: int = 64,
+        config: ProbeConfig | None = None,
+        seed: int = 0,
+    ):
         if isinstance(eval_prompts, str) or len(eval_prompts) == 0:
             raise ValueError("EntropyProbeCallback.eval_prompts: give a non-empty list of prompts")
         if not isinstance(every, int) or every < 1:
@@ -70,7 +77,9 @@ class EntropyProbeCallback(TrainerCallback):
         if not isinstance(group_size, int) or group_size < 2:
             raise ValueError(f"EntropyProbeCallback.group_size must be an integer >= 2, got {group_size!r}")
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"EntropyProbeCallback.max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+            raise ValueError(
+                f"EntropyProbeCallback.max_new_tokens must be an integer >= 1, got {max_new_tokens!r}"
+            )
         self.eval_prompts = [p["prompt"] if isinstance(p, dict) else p for p in eval_prompts]
         self.every, self.group_size, self.max_new_tokens, self.seed = every, group_size, max_new_tokens, seed
         self.config = config if config is not None else ProbeConfig(direction="optimizer-step")
@@ -80,22 +89,33 @@ class EntropyProbeCallback(TrainerCallback):
         self._unlogged: dict = {}  # metrics of the latest probed step, for the next on_log
 
     # ---- the Trainer's events ----------------------------------------------------------------------
-    def on_pre_optimizer_step(self, args, state, control, model=None, processing_class=None, optimizer=None,
-                              **kwargs):
+    def on_pre_optimizer_step(
+        self, args, state, control, model=None, processing_class=None, optimizer=None, **kwargs
+    ):
         self._pending = None
         if state.global_step % self.every != 0:
             return
         rank, world = _rank_and_world()
-        tokenizer = getattr(processing_class, "tokenizer", processing_class)  # a multimodal processor holds one
+        tokenizer = getattr(
+            processing_class, "tokenizer", processing_class
+        )  # a multimodal processor holds one
         prompts = self._tokenised(processing_class)[rank::world]
         cfg = replace(self.config, temperature=float(getattr(args, "temperature", self.config.temperature)))
         eval_batch = None
         if prompts:
             eos = tokenizer.eos_token_id
             pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-            eval_batch = sample_rollouts(model, prompts, self.group_size, self.max_new_tokens, eos, reward_fn=None,
-                                         temperature=cfg.temperature, pad_token_id=pad,
-                                         seed=self.seed + state.global_step * world + rank)
+            eval_batch = sample_rollouts(
+                model,
+                prompts,
+                self.group_size,
+                self.max_new_tokens,
+                eos,
+                reward_fn=None,
+                temperature=cfg.temperature,
+                pad_token_id=pad,
+                seed=self.seed + state.global_step * world + rank,
+            )
         probe = EntropyProbe(model, optimizer, cfg)
         if world > 1:  # the Trainer hands callbacks the unwrapped model: the ranks combine through the group
             from ..distributed import ProcessGroupComm
@@ -112,7 +132,7 @@ class EntropyProbeCallback(TrainerCallback):
         measured = probe.measure_change(result)
         metrics = {f"{PREFIX}step": step, **result.to_dict(), **measured.to_dict()}
         metrics = {k: v for k, v in metrics.items() if v is not None}  # se_total: None without a U batch
-        self.records.append({k[len(PREFIX):]: v for k, v in metrics.items()})
+        self.records.append({k[len(PREFIX) :]: v for k, v in metrics.items()})
         self._unlogged = metrics
         if state.is_world_process_zero:
             os.makedirs(args.output_dir, exist_ok=True)
@@ -132,7 +152,9 @@ class EntropyProbeCallback(TrainerCallback):
     def _tokenised(self, processing_class) -> list[list[int]]:
         if self._prompt_ids is None:
             if processing_class is None:
-                raise ValueError("EntropyProbeCallback: the trainer has no processing_class to tokenise eval_prompts")
+                raise ValueError(
+                    "EntropyProbeCallback: the trainer has no processing_class to tokenise eval_prompts"
+                )
             self._prompt_ids = [tokenise_prompt(processing_class, p) for p in self.eval_prompts]
         return self._prompt_ids
 
@@ -143,11 +165,14 @@ def tokenise_prompt(processing_class, prompt) -> list[int]:
     if isinstance(prompt, str):
         return list(processing_class(text=[prompt])["input_ids"][0])
     if isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m for m in prompt):
-        out = processing_class.apply_chat_template(conversation=[prompt], add_generation_prompt=True, tokenize=True,
-                                                   return_dict=True)
+        out = processing_class.apply_chat_template(
+            conversation=[prompt], add_generation_prompt=True, tokenize=True, return_dict=True
+        )
         return list(out["input_ids"][0])
-    raise ValueError(f"EntropyProbeCallback.eval_prompts: a prompt must be a string or a list of "
-                     f"{{'role', 'content'}} messages, got {type(prompt).__name__}")
+    raise ValueError(
+        f"EntropyProbeCallback.eval_prompts: a prompt must be a string or a list of "
+        f"{{'role', 'content'}} messages, got {type(prompt).__name__}"
+    )
 
 
 def attach(trainer, callback: EntropyProbeCallback) -> EntropyProbeCallback:
