@@ -149,11 +149,32 @@ def test_from_grad_v_is_the_real_step_and_measure_change_is_its_truth(case: Case
     )
     assert abs(along.delta_h1 - result.delta_h1) <= 1e-4 * abs(result.delta_h1)  # fp32 rounding of real_v
 
+    before_measure = snapshot(model, opt)
     measured = probe.measure_change(result)
+    assert_unchanged(before_measure, model, opt)
     # both re-evaluate E at theta + lr*v (functionally / really stepped): equal up to fp32 rounding of theta'
     assert abs(measured.delta_h - result.truth.delta_h) < 1e-6
     assert abs(measured.se - result.truth.se) < 1e-6 and abs(measured.ess - result.truth.ess) < 1e-4
     assert measured.delta_h != 0.0  # the step really moved the entropy
+
+
+def test_a_failure_inside_the_probe_leaves_the_callers_state_intact(monkeypatch):
+    import entropy_probe.probe as probe_module
+
+    def draw_flip_and_fail(module, *args, **kwargs):
+        torch.rand(10)
+        module.train()
+        raise RuntimeError("injected failure")
+
+    model, opt = setup(Case("AdamW", 2, 2))
+    model.eval()
+    monkeypatch.setattr(probe_module, "eval_projections", draw_flip_and_fail)
+    before = snapshot(model, opt)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        ep.EntropyProbe(model, opt, ep.ProbeConfig(direction="optimizer-step")).run(
+            eval_batch=random_batch(3, seed=4), from_grad=True
+        )
+    assert_unchanged(before, model, opt)
 
 
 def test_adam_preconditioned_from_grad_is_p_times_minus_grad():

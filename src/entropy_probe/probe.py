@@ -33,9 +33,9 @@ from .caller_state import preserved_caller_state
 from .change import EvalState, MeasuredChange, measure_change
 from .config import ProbeConfig
 from .direction import UpdateDirection, build_direction
-from .from_grad import direction_from_grad, grad_checksums, optimizer_lr, unwrap_optimizer
 from .distributed import (all_reduce_vector, call_fingerprint, communicator_for, global_totals, merged_moments,
                           unwrap)
+from .from_grad import direction_from_grad, grad_checksums, optimizer_lr, unwrap_optimizer
 from .objectives import UpdateTotals, advantages, policy_gradient_coefficients, unit_entropy
 from .projections import EvalProjections, eval_projections, first_nonfinite, update_gradient, update_projections
 from .projections_jvp import eval_projections_jvp, update_projections_jvp
@@ -275,7 +275,7 @@ class EntropyProbe:
             error = ValueError("measure_change: result must be a ProbeResult returned by this probe's run()")
         cfg = self.config
         self.comm.check_same("EntropyProbe.measure_change", lambda: call_fingerprint(
-            "measure_change", cfg, result.lr, self.parameters(), self.optimizer, None), error)
+            "measure_change", cfg, getattr(result, "lr", None), self.parameters(), self.optimizer, None), error)
         with preserved_caller_state(self.module):
             return measure_change(self.module, self.parameters(), state, result.per_unit, result.lr,
                                   temperature=cfg.temperature, weighting=cfg.entropy_weighting,
