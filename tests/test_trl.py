@@ -215,3 +215,14 @@ def test_the_example_runs(tmp_path, monkeypatch, capsys):
     assert "3 steps in" in capsys.readouterr().out
     assert len((tmp_path / JSONL_NAME).read_text().splitlines()) == 3
     assert (tmp_path / "forecast_vs_measured.png").stat().st_size > 0
+
+
+def test_conversational_prompts_through_the_chat_template(tmp_path):
+    chats = [{"prompt": [{"role": "user", "content": p}]} for p in EVAL_PROMPTS[:2]]  # dataset rows
+    cb = EntropyProbeCallback(chats, group_size=3, max_new_tokens=3)
+    grpo_trainer(tmp_path, callbacks=[cb], steps=1, conversational=True).train()
+    (rec,) = cb.records
+    assert rec["n_eval_units"] == 2 and rec["measured/ess"] > 1 and rec["delta_h1"] != 0
+    batch_prompt = cb._prompt_ids[0]
+    assert batch_prompt == tokenise_prompt(word_tokenizer(), chats[0]["prompt"])
+    assert word_tokenizer().decode(batch_prompt).split()[-1] == "assistant:"  # the generation prompt
