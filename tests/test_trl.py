@@ -15,7 +15,9 @@ Run: ``PYTHONPATH=src pytest -q tests/test_trl.py`` (about 20 s on 2 cores).
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import json
 
 import numpy as np
@@ -115,25 +117,41 @@ class Reporter(TrainerCallback):
         self.sent.append(dict(logs))
 
 
+def _trainer_with_reporters(out, callbacks=(), steps: int = 3):
+    """A trainer whose ``report_to`` integrations (the Trainer's own ``get_reporting_integration_callbacks``)
+    are a ``Reporter`` and transformers' own ``PrinterCallback`` (no wandb/tensorboard is installed here);
+    the trailing progress printer is removed so that stdout shows what the integration slot printed."""
+    import transformers.trainer as trainer_module
+    from transformers.trainer_callback import PrinterCallback
+
+    reporter = Reporter()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(
+            trainer_module,
+            "get_reporting_integration_callbacks",
+            lambda report_to: [reporter, PrinterCallback()],
+        )
+        trainer = grpo_trainer(out, callbacks=callbacks, steps=steps)
+    trainer.callback_handler.callbacks.pop()  # the PrinterCallback disable_tqdm appends after user callbacks
+    return trainer, reporter
+
+
 @pytest.fixture(scope="module")
 def attached_run(tmp_path_factory):
-    """One run with ``attach`` and a reporter where ``report_to`` integrations go (the Trainer's own list)."""
-    import transformers.trainer as trainer_module
-
+    """One run with ``attach`` ahead of the reporting integrations."""
     out = tmp_path_factory.mktemp("attached")
-    reporter = Reporter()
-    with pytest.MonkeyPatch.context() as mp:  # report_to's integrations come from this function
-        mp.setattr(trainer_module, "get_reporting_integration_callbacks", lambda report_to: [reporter])
-        trainer = grpo_trainer(out, steps=3)
+    trainer, reporter = _trainer_with_reporters(out)
     cb = attach(trainer, EntropyProbeCallback(EVAL_PROMPTS, every=2, group_size=4, max_new_tokens=4))
     names = [type(c).__name__ for c in trainer.callback_handler.callbacks]
-    assert names.index("EntropyProbeCallback") < names.index("Reporter")
-    trainer.train()
-    return trainer, cb, reporter, out
+    assert names.index("EntropyProbeCallback") < names.index("Reporter") < names.index("PrinterCallback")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        trainer.train()
+    return trainer, cb, reporter, out, printed.getvalue()
 
 
 def test_metrics_reach_log_history_reporters_and_the_jsonl(attached_run):
-    trainer, cb, reporter, out = attached_run
+    trainer, cb, reporter, out, printed = attached_run
     assert [r["step"] for r in cb.records] == [1, 3]  # every=2: optimizer steps 0 and 2 (numbered 1 and 3)
     logged = {h["step"]: h for h in trainer.state.log_history if "entropy_probe/delta_h1" in h}
     assert sorted(logged) == [1, 3]
@@ -142,21 +160,20 @@ def test_metrics_reach_log_history_reporters_and_the_jsonl(attached_run):
         assert logged[rec["step"]]["entropy_probe/measured/delta_h"] == rec["measured/delta_h"]
     sent = [s for s in reporter.sent if "entropy_probe/delta_h1" in s]
     assert [s["entropy_probe/step"] for s in sent] == [1, 3]
+    assert printed.count("'entropy_probe/delta_h1'") == 2  # transformers' PrinterCallback reported them
     lines = [json.loads(x) for x in (out / JSONL_NAME).read_text().splitlines()]
     assert lines == cb.records
 
 
-def test_without_attach_log_history_still_gets_the_metrics(tmp_path):
+def test_without_attach_log_history_still_gets_the_metrics(tmp_path, capsys):
     """As ``callbacks=[cb]`` it runs after the reporters (they miss the metrics); log_history has them."""
-    import transformers.trainer as trainer_module
-
-    reporter, cb = Reporter(), EntropyProbeCallback(EVAL_PROMPTS[:2], group_size=2, max_new_tokens=3)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(trainer_module, "get_reporting_integration_callbacks", lambda report_to: [reporter])
-        trainer = grpo_trainer(tmp_path, callbacks=[cb], steps=1)
+    cb = EntropyProbeCallback(EVAL_PROMPTS[:2], group_size=2, max_new_tokens=3)
+    trainer, reporter = _trainer_with_reporters(tmp_path, callbacks=[cb], steps=1)
     trainer.train()
     assert any("entropy_probe/delta_h1" in h for h in trainer.state.log_history)
     assert not any("entropy_probe/delta_h1" in s for s in reporter.sent)
+    printed = capsys.readouterr().out
+    assert "'loss'" in printed and "entropy_probe" not in printed  # reported, without the probe's metrics
 
 
 def _final_state(trainer) -> dict:

@@ -96,9 +96,8 @@ class EntropyProbeCallback(TrainerCallback):
         if state.global_step % self.every != 0:
             return
         rank, world = _rank_and_world()
-        tokenizer = getattr(
-            processing_class, "tokenizer", processing_class
-        )  # a multimodal processor holds one
+        # a multimodal processor holds its tokenizer in .tokenizer
+        tokenizer = getattr(processing_class, "tokenizer", processing_class)
         prompts = self._tokenised(processing_class)[rank::world]
         cfg = replace(self.config, temperature=float(getattr(args, "temperature", self.config.temperature)))
         eval_batch = None
