@@ -14,7 +14,8 @@ Per probed optimizer step (DESIGN section 16), with the ``Trainer``'s own events
   prompts, as TRL does); then ``probe.run(eval_batch=E, from_grad=True)``: the forecast of the step
   the optimizer is about to take from the ``.grad`` the trainer left, whatever its loss.
 - ``on_optimizer_step``: ``probe.measure_change(result)``, the change the real step caused on E.
-- ``on_log``: the flat ``entropy_probe/*`` metrics of the latest probed step join the next log.
+- ``on_log``: the flat ``entropy_probe/*`` metrics of the latest probed step join the next log (with
+  ``logging_steps > 1`` a log carries the latest probed step; every probed step is in the JSON lines).
 
 The Trainer appends each log to ``state.log_history`` before any ``on_log`` and calls the ``report_to``
 integrations (wandb, tensorboard, ...) before callbacks passed as ``callbacks=[cb]``. The callback
