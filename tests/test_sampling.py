@@ -67,7 +67,7 @@ def test_reproducible_and_rng_and_mode_untouched(make):
 
 def test_evaluation_batch_without_reward_fn():
     model, prompts = tiny_gpt2(), [[1, 2], [2]]
-    kw = dict(group_size=3, max_new_tokens=3, eos_token_id=5, seed=4)
+    kw = {"group_size": 3, "max_new_tokens": 3, "eos_token_id": 5, "seed": 4}
     scored = sample_rollouts(model, prompts, reward_fn=lambda p, r: 1.0, **kw)
     plain = sample_rollouts(model, prompts, reward_fn=None, **kw)
     assert plain.rewards is None and plain.advantages is None
