@@ -65,6 +65,16 @@ def test_reproducible_and_rng_and_mode_untouched(make):
     assert any(o.shape != a.input_ids.shape or not torch.equal(o, a.input_ids) for o in other)
 
 
+def test_evaluation_batch_without_reward_fn():
+    model, prompts = tiny_gpt2(), [[1, 2], [2]]
+    kw = {"group_size": 3, "max_new_tokens": 3, "eos_token_id": 5, "seed": 4}
+    scored = sample_rollouts(model, prompts, reward_fn=lambda p, r: 1.0, **kw)
+    plain = sample_rollouts(model, prompts, reward_fn=None, **kw)
+    assert plain.rewards is None and plain.advantages is None
+    for name in ("input_ids", "attention_mask", "response_mask", "group_ids"):  # the same draw, only unscored
+        assert torch.equal(getattr(plain, name), getattr(scored, name)), name
+
+
 def test_left_padding_group_ids_and_rewards():
     model = tiny_gpt2()
     prompts = [[3], [1, 2, 3], [4, 4]]

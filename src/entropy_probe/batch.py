@@ -41,6 +41,9 @@ class RolloutBatch:
         rewards: ``(N,)`` scalar reward per sequence (advantages are then derived from them).
         advantages: ``(N,)`` advantages as computed by the caller (``advantage_estimator="given"``).
         An update batch needs one of the two; an evaluation batch needs neither.
+
+    Rows with no response token (e.g. truncations masked by the trainer) are dropped on construction
+    and counted in ``n_dropped_rows``; a unit left with fewer than 2 responses is an error.
     """
 
     input_ids: Tensor
@@ -55,9 +58,11 @@ class RolloutBatch:
     unit_sizes: Tensor = field(init=False, repr=False)
     _row_order: Tensor = field(init=False, repr=False, compare=False)  # rows sorted by unit (stable)
     _unit_spans: list = field(init=False, repr=False, compare=False)  # (start, size) of each unit there
+    n_dropped_rows: int = field(init=False, default=0)  # rows with no response token, dropped on construction
 
     def __post_init__(self) -> None:
         self._validate_shapes()
+        dropped_groups = self._drop_empty_responses()
         self._validate_masks()
         self._validate_scalars()
         # Units in order of first appearance; unit_index[i] is sequence i's unit (0..B-1).
@@ -77,11 +82,30 @@ class RolloutBatch:
         small = (self.unit_sizes < 2).nonzero()
         if len(small):
             u = int(small[0, 0])
+            n_gone = int((dropped_groups == self.unit_ids[u]).sum())
+            gone = f" ({n_gone} row(s) with an empty response (no response token) dropped)" if n_gone else ""
             raise ValueError(
                 f"RolloutBatch.group_ids: unit {int(self.unit_ids[u])} has "
-                f"{int(self.unit_sizes[u])} response(s); every unit needs at least 2 (the "
+                f"{int(self.unit_sizes[u])} response(s){gone}; every unit needs at least 2 (the "
                 "leave-one-out baseline and group advantages need a second response)"
             )
+
+    def _drop_empty_responses(self) -> Tensor:
+        """Drop the rows whose response_mask holds no 1 (an evaluation row the trainer masked, e.g. a
+        truncation); returns their group ids (empty when none) for the unit-size error."""
+        empty = ~(self.response_mask != 0).any(dim=1)  # (N,)
+        if not empty.any():
+            return self.group_ids[:0]
+        if empty.all():
+            raise ValueError("RolloutBatch.response_mask: every row has an empty response (no response token)")
+        keep = (~empty).nonzero().reshape(-1)  # (N_kept,)
+        dropped = self.group_ids[empty]
+        for name in ("input_ids", "attention_mask", "response_mask", "group_ids", "rewards", "advantages"):
+            x = getattr(self, name)
+            if x is not None:
+                setattr(self, name, x[keep.to(x.device)])
+        self.n_dropped_rows = int(empty.sum())
+        return dropped
 
     # ---- validation -------------------------------------------------------------------------
     def _validate_shapes(self) -> None:
@@ -123,10 +147,6 @@ class RolloutBatch:
         if resp[:, 0].any():
             raise ValueError(f"RolloutBatch.response_mask: row {_first_bad_row(resp[:, :1])} marks position 0 as a "
                              "response token; its log-prob needs a token before it")
-        empty = resp.sum(dim=1) == 0
-        if empty.any():
-            raise ValueError(f"RolloutBatch.response_mask: row {_first_bad_row(empty)} has an empty response "
-                             "(no response token)")
         # The token before each response token must be real, else its logits see only padding.
         prev_pad = resp[:, 1:] & ~attn[:, :-1]
         if prev_pad.any():
@@ -185,8 +205,10 @@ class RolloutBatch:
 
     def to(self, device: torch.device | str) -> "RolloutBatch":
         mv = lambda x: None if x is None else x.to(device)  # noqa: E731
-        return RolloutBatch(mv(self.input_ids), mv(self.attention_mask), mv(self.response_mask),
-                            mv(self.group_ids), rewards=mv(self.rewards), advantages=mv(self.advantages))
+        out = RolloutBatch(mv(self.input_ids), mv(self.attention_mask), mv(self.response_mask),
+                           mv(self.group_ids), rewards=mv(self.rewards), advantages=mv(self.advantages))
+        out.n_dropped_rows = self.n_dropped_rows
+        return out
 
 
 class Microbatch(NamedTuple):

@@ -235,14 +235,14 @@ def merged_moments(comm, local: Moments, extra: Tensor) -> tuple[Moments, Tensor
 
 
 FINGERPRINT_FIELDS = ("the call", "ProbeConfig", "learning rate", "trainable parameters", "optimizer",
-                      "direction")
+                      "direction", "gradient")
 
 
 def call_fingerprint(call: str, config, lr: float | None, params: Params | None, optimizer,
-                     given: dict[str, Tensor] | None) -> dict:
+                     given: dict[str, Tensor] | None, grads: list | None = None) -> dict:
     """What every rank's probe call must agree on (``check_same``), ``FINGERPRINT_FIELDS`` in order.
 
-    ``call`` names the call and its mode (update batch or given direction, truth); a given direction
+    ``call`` names the call and its mode (update batch, given direction or from_grad, truth); a given direction
     enters by its names, shapes and float64 checksums, so that ranks holding different v raise
     instead of silently reporting different results.
     """
@@ -257,4 +257,6 @@ def call_fingerprint(call: str, config, lr: float | None, params: Params | None,
     if given is not None:
         sums = torch.stack([torch.stack([t.double().sum(), t.double().square().sum()]) for t in given.values()])
         fields["direction"] = list(zip(given, [tuple(t.shape) for t in given.values()], sums.tolist()))
+    # from_grad: the .grad DDP averaged must be the same on every rank (from_grad.grad_checksums)
+    fields["gradient"] = grads
     return fields

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from .batch import RolloutBatch
 from .caller_state import preserved_caller_state
+from .change import EvalState, MeasuredChange, measure_change
 from .config import ProbeConfig
 from .direction import UpdateDirection, build_direction
 from .distributed import (
@@ -42,6 +43,8 @@ from .distributed import (
     unwrap,
 )
 from .engines import EvalProjections, eval_projections, update_gradient, update_projections
+from .from_grad import direction_from_grad, grad_checksums, optimizer_lr, unwrap_optimizer
+from .logprobs import SequenceLogProbs
 from .objectives import UpdateTotals, advantages, policy_gradient_coefficients, unit_entropy
 from .result import ProbeResult
 from .statistics import conditional_variance, jackknife_se, moments_update, update_variance_term
@@ -64,6 +67,7 @@ class EvalStatistics:
     se_cond_e: float
     se_jackknife: float
     entropy: float
+    n_dropped_rows: int
 
 
 class EntropyProbe:
@@ -83,7 +87,7 @@ class EntropyProbe:
                  config: ProbeConfig | None = None):
         self.model = model
         self.module = unwrap(model)
-        self.optimizer = optimizer
+        self.optimizer = unwrap_optimizer(optimizer)  # accelerate's AcceleratedOptimizer holds it in .optimizer
         self.config = config if config is not None else ProbeConfig()
         self.comm = communicator_for(model)
 
@@ -101,10 +105,14 @@ class EntropyProbe:
             return float(self.config.lr)
         if self.optimizer is None:
             raise ValueError("ProbeConfig.lr is None and no optimizer was given: set lr or pass the optimizer")
-        lr = float(self.optimizer.param_groups[0]["lr"])
-        if not (math.isfinite(lr) and lr > 0):
-            raise ValueError(f"optimizer.param_groups[0]['lr'] is {lr}; the probe needs a finite lr > 0")
+        lr = optimizer_lr(self.optimizer)  # 0 at warm-up: the forecast is then exactly 0
+        if not (math.isfinite(lr) and lr >= 0):
+            raise ValueError(f"optimizer.param_groups[0]['lr'] is {lr}; the probe needs a finite lr >= 0")
         return lr
+
+    def _v_lr(self) -> float:
+        """The rate v is normalised by: the optimizer's own, so that ``ProbeConfig.lr`` scales the whole step."""
+        return self.lr if self.optimizer is None else optimizer_lr(self.optimizer)
 
     # ---- 1. rollout batch U -> update direction v -----------------------------------------------
     def _update_coefficients(self, batch: RolloutBatch, totals: UpdateTotals) -> Tensor:
@@ -132,7 +140,8 @@ class EntropyProbe:
         bad = first_nonfinite(grad_j)
         if bad is not None:
             raise ValueError(f"update_batch: the policy gradient of parameter {bad!r} is not finite")
-        return build_direction(cfg.direction, grad_j, params, self.optimizer, self.lr, cfg.max_grad_norm), coeff, n_units
+        direction = build_direction(cfg.direction, grad_j, params, self.optimizer, self._v_lr(), cfg.max_grad_norm)
+        return direction, coeff, n_units
 
     def update_direction(self, update_batch: RolloutBatch | None) -> dict[str, Tensor]:
         """v of DESIGN section 4 as ``{name: fp32 tensor}``; pass it back as ``run(direction=v)``.
@@ -187,10 +196,11 @@ class EntropyProbe:
 
     # ---- 3. s_n -> statistics over E with U fixed -------------------------------------------------
     def _eval_statistics(self, proj: EvalProjections, local_entropy: Tensor, local_ids: Tensor,
-                         lr: float) -> EvalStatistics:
+                         local_dropped: int, lr: float) -> EvalStatistics:
         """float64 moments merged over ranks, then the s_n themselves for the jackknife and attribution."""
         comm = self.comm
-        moments, entropy_sum, sizes = merged_moments(comm, moments_update(proj.s), local_entropy.reshape(1))
+        extra = torch.stack([local_entropy.cpu(), torch.tensor(float(local_dropped), dtype=torch.float64)])
+        moments, sums, sizes = merged_moments(comm, moments_update(proj.s), extra)
         n_eval = int(moments.count)
         if n_eval == 0:
             raise ValueError("eval_batch: no rank holds any evaluation unit")
@@ -203,7 +213,7 @@ class EntropyProbe:
         var_e, se_e = conditional_variance(moments, lr)
         return EvalStatistics(s=s, unit_ids=unit_ids, n_eval=n_eval, delta_h1=lr * float(moments.mean),
                               var_cond_e=var_e, se_cond_e=se_e, se_jackknife=jackknife_se(s, lr),
-                              entropy=float(entropy_sum[0]) / n_eval)
+                              entropy=float(sums[0]) / n_eval, n_dropped_rows=int(sums[1]))
 
     # ---- 4. Xbar_E, U -> the variance over U ------------------------------------------------------
     def _se_total(self, update_batch: RolloutBatch | None, params: Params, upd: UpdateDirection,
@@ -217,38 +227,42 @@ class EntropyProbe:
         return math.sqrt(stats.var_cond_e + update_variance_term(self.comm.gather(t), lr))
 
     # ---- the whole call ------------------------------------------------------------------------
-    def _checked_call(self, update_batch, eval_batch, direction, truth: bool):
+    def _checked_call(self, update_batch, eval_batch, direction, truth: bool, from_grad: bool):
         """(params, lr, the given direction or None) after the local input checks and one agreement
         check across ranks, made before any other collective so that a bad rank cannot hang the rest."""
         params, lr, given, error = None, None, None, None
         try:
             if eval_batch is None and self.comm.world_size == 1:
                 raise ValueError("run: eval_batch is required")
-            if update_batch is not None and direction is not None or (
-                    update_batch is None and direction is None and self.comm.world_size == 1):
-                raise ValueError("run: give exactly one of update_batch and direction")
+            n_sources = (update_batch is not None) + (direction is not None) + bool(from_grad)
+            if n_sources > 1 or (n_sources == 0 and self.comm.world_size == 1):
+                raise ValueError("run: give exactly one of update_batch, direction and from_grad=True")
             if eval_batch is not None:
                 _check_batch(eval_batch, "eval_batch")
             if update_batch is not None:
                 _check_batch(update_batch, "update_batch")
             params, lr = self.parameters(), self.lr
             given = None if direction is None else self._given_direction(direction, params)
+            if from_grad:
+                given = direction_from_grad(self.config.direction, params, self.optimizer, self._v_lr())
         except ValueError as e:
             error = e
-        mode = "direction" if direction is not None else "update_batch"
+        mode = "from_grad" if from_grad else "direction" if direction is not None else "update_batch"
         self.comm.check_same("EntropyProbe.run", lambda: call_fingerprint(
             f"run({mode}, truth={bool(truth)})", self.config, lr, params, self.optimizer,
-            None if given is None else given.v), error)
+            None if given is None or from_grad else given.v, grad_checksums(params) if from_grad else None), error)
         return params, lr, given
 
     def run(self, update_batch: RolloutBatch | None = None, eval_batch: RolloutBatch | None = None,
-            truth: bool = False, direction: dict[str, Tensor] | None = None) -> ProbeResult:
-        """Forecast the step on ``update_batch`` (or along a given ``direction``), measured on ``eval_batch``.
+            truth: bool = False, direction: dict[str, Tensor] | None = None, from_grad: bool = False) -> ProbeResult:
+        """Forecast the step on ``update_batch`` (or along a given ``direction``, or the step the optimizer
+        will take from the ``.grad`` now on the parameters: ``from_grad=True``), measured on ``eval_batch``.
 
-        With ``truth=True`` the step is also applied functionally and the real change measured.
+        With ``truth=True`` the step is also applied functionally and the real change measured; after the
+        real ``optimizer.step()``, ``measure_change(result)`` measures it on the same E.
         Parameters, ``.grad``, optimizer state, RNG and train/eval mode are unchanged afterwards.
         """
-        params, lr, given = self._checked_call(update_batch, eval_batch, direction, truth)
+        params, lr, given = self._checked_call(update_batch, eval_batch, direction, truth, from_grad)
         with preserved_caller_state(self.module):
             if given is None:  # 1. the update direction v, from U or as given
                 upd, coeff, n_update = self._direction_from(update_batch, params)
@@ -256,7 +270,8 @@ class EntropyProbe:
                 upd, coeff, n_update = given, None, 0
             want_total = self.config.unconditional_se and upd.scale is not None
             proj, local_entropy, local_ids = self._project_eval(eval_batch, params, upd, want_total)  # 2.
-            stats = self._eval_statistics(proj, local_entropy, local_ids, lr)  # 3.
+            dropped = 0 if eval_batch is None else eval_batch.n_dropped_rows
+            stats = self._eval_statistics(proj, local_entropy, local_ids, dropped, lr)  # 3.
             se_total = None
             if want_total:  # 4.
                 se_total = self._se_total(update_batch, params, upd, coeff, proj, stats, lr)
@@ -264,11 +279,29 @@ class EntropyProbe:
             if truth:  # 5. the step applied functionally
                 truth_result = measure_truth(self.module, params, upd.v, lr, eval_batch, stats.s, self.config,
                                              self.comm)
+        state = EvalState(eval_batch, SequenceLogProbs(proj.seq_logprob, proj.weighted))
         return ProbeResult(delta_h1=stats.delta_h1, se_cond_e=stats.se_cond_e, var_cond_e=stats.var_cond_e,
                            se_jackknife=stats.se_jackknife, se_total=se_total, entropy=stats.entropy,
                            n_eval_units=stats.n_eval, n_update_units=n_update, lr=lr,
                            per_unit=stats.s.detach().double().cpu(), eval_unit_ids=stats.unit_ids.cpu(),
-                           truth=truth_result)
+                           truth=truth_result, n_dropped_rows=stats.n_dropped_rows, eval_state=state)
+
+    def measure_change(self, result: ProbeResult) -> MeasuredChange:
+        """After the real ``optimizer.step()``: the entropy change on ``result``'s E, one forward at the
+        current parameters against the log-probs kept from the forecast pass (DESIGN section 11).
+
+        Under DDP every rank calls it with its own result. The caller's state is unchanged.
+        """
+        state = getattr(result, "eval_state", None)
+        error = None
+        if not isinstance(state, EvalState):
+            error = ValueError("measure_change: result must be a ProbeResult returned by this probe's run()")
+        self.comm.check_same("EntropyProbe.measure_change", lambda: call_fingerprint(
+            "measure_change", self.config, getattr(result, "lr", None), self.parameters(), self.optimizer, None),
+            error)
+        with preserved_caller_state(self.module):
+            return measure_change(self.module, self.parameters(), state, result.per_unit, result.lr, self.config,
+                                  self.comm)
 
 
 def _device_of(params: Params) -> torch.device:
@@ -278,3 +311,7 @@ def _device_of(params: Params) -> torch.device:
 def _check_batch(batch, name: str) -> None:
     if not isinstance(batch, RolloutBatch):
         raise ValueError(f"run: {name} must be an entropy_probe.RolloutBatch, got {type(batch).__name__}")
+    if name == "update_batch" and batch.n_dropped_rows:
+        # The trainer's loss normalisers count such rows (they add 0 to the sums): dropping them would not.
+        raise ValueError(f"update_batch: {batch.n_dropped_rows} row(s) have no response token; an update batch "
+                         "must keep every row its loss counts (use from_grad=True to forecast the trainer's step)")

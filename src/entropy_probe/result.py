@@ -10,7 +10,8 @@ se_jackknife        delete-one jackknife SE over E units (cross-check of se_cond
 se_total            unconditional SE, adding the variance over U (None without U)
 entropy             entropy of the policy on E before the step, ``mean_n -(1/G) sum S_w`` (nats)
 n_eval_units        B_E
-n_update_units      B_U (0 when the direction was given)
+n_update_units      B_U (0 when the direction was given or came from .grad)
+n_dropped_rows      E rows with no response token, dropped from their units
 lr                  eta
 truth/delta_h       measured change at alpha = 1 (or the last alpha), self-normalised IS
 truth/se            its jackknife SE over E units
@@ -70,6 +71,9 @@ class ProbeResult:
     per_unit: Tensor  # (B_E,) float64 s_n, in eval-unit order: unit n contributes lr * s_n / B_E
     eval_unit_ids: Tensor  # (B_E,) group id of each eval unit
     truth: TruthResult | None = None
+    n_dropped_rows: int = 0  # E rows with no response token, dropped from their units (summed over ranks)
+    eval_state: object | None = field(default=None, repr=False, compare=False)  # change.EvalState, for
+    # probe.measure_change: E and its log-probs at the forecast's parameters (never in to_dict)
 
     def interval(self, z: float = Z95) -> tuple[float, float]:
         """The forecast's normal interval over E, ``delta_h1 -+ z * se_cond_e``."""
@@ -77,7 +81,7 @@ class ProbeResult:
 
     def to_dict(self) -> dict:
         keys = ("delta_h1", "se_cond_e", "var_cond_e", "se_jackknife", "se_total", "entropy",
-                "n_eval_units", "n_update_units", "lr")
+                "n_eval_units", "n_update_units", "lr", "n_dropped_rows")
         out = {f"{PREFIX}{k}": getattr(self, k) for k in keys}
         if self.truth is not None:
             out.update(self.truth.to_dict())

@@ -43,9 +43,11 @@ RewardFn = Callable[[tuple, tuple], float]
 
 
 def sample_rollouts(model: nn.Module, prompts: Sequence[Sequence[int]], group_size: int, max_new_tokens: int,
-                    eos_token_id: int, reward_fn: RewardFn, temperature: float = 1.0, seed: int = 0,
+                    eos_token_id: int, reward_fn: RewardFn | None, temperature: float = 1.0, seed: int = 0,
                     pad_token_id: int | None = None) -> RolloutBatch:
     """``group_size`` sampled responses for each prompt, scored by ``reward_fn``, as a ``RolloutBatch``.
+
+    reward_fn: None for an evaluation batch (E needs no rewards): the batch then carries none.
 
     pad_token_id: the id written at padding positions (attention 0); default ``eos_token_id``.
     """
@@ -70,7 +72,7 @@ def sample_rollouts(model: nn.Module, prompts: Sequence[Sequence[int]], group_si
     attention = torch.cat([attn, resp_mask], dim=1)
     response_mask = torch.cat([torch.zeros_like(attn), resp_mask], dim=1)
     group_ids = torch.arange(len(prompts), device=device).repeat_interleave(group_size)  # (N,)
-    rewards = score(prompts, group_size, response, resp_mask, reward_fn).to(device)
+    rewards = None if reward_fn is None else score(prompts, group_size, response, resp_mask, reward_fn).to(device)
     return RolloutBatch(input_ids, attention, response_mask, group_ids, rewards=rewards)
 
 

@@ -1,0 +1,59 @@
+"""The entropy change the real step caused, measured on the forecast's own E (DESIGN section 11).
+
+``probe.run(...)`` keeps, for its E units, the batch and the log-probs ``S_i, S_w,i`` at theta from
+its forecast pass (``EvalState``, on the result; never in ``to_dict``). After the trainer's real
+``optimizer.step()`` one forward over the same E at the new parameters gives ``S_i(theta')``, and
+the change is the truth's self-normalised importance-sampling estimate (``truth.entropy_change``):
+same definitions of ``delta_h``, its jackknife ``se``, the ``ess`` and ``se_diff`` (SE of measured
+minus forecast on the same E). No parameter is copied.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from .batch import RolloutBatch
+from .config import ProbeConfig
+from .logprobs import SequenceLogProbs
+from .result import PREFIX
+from .truth import _check_weights, entropy_change, logprobs_at
+from .vectors import Params
+
+
+@dataclass
+class EvalState:
+    """What ``measure_change`` needs from the forecast pass: this rank's E (None if it holds no E unit)
+    and its ``S_i``, ``S_w,i`` at the parameters the forecast was made at."""
+
+    batch: RolloutBatch | None
+    before: SequenceLogProbs | None
+
+
+@dataclass
+class MeasuredChange:
+    """The entropy change on E between the forecast's parameters and the current ones."""
+
+    delta_h: float
+    """measured change (nats), self-normalised importance sampling"""
+    se: float
+    """its delete-one-unit jackknife SE over E"""
+    ess: float
+    """effective sample size of the importance weights"""
+    se_diff: float
+    """jackknife SE of ``delta_h - delta_h1`` on the same E"""
+
+    def to_dict(self) -> dict:
+        return {f"{PREFIX}measured/{k}": getattr(self, k) for k in ("delta_h", "se", "ess", "se_diff")}
+
+
+def measure_change(module: nn.Module, params: Params, state: EvalState, per_unit: Tensor, lr: float,
+                   cfg: ProbeConfig, comm=None) -> MeasuredChange:
+    """One forward over ``state.batch`` at the live parameters; the change against ``state``'s log-probs."""
+    after = None
+    if state.batch is not None:
+        after = logprobs_at(module, dict(params), state.batch, cfg)
+        _check_weights(state.before.seq, after.seq, 1.0)
+    change = entropy_change(state.batch, state.before, after, per_unit, lr, comm=comm)
+    return MeasuredChange(delta_h=change.delta_h, se=change.se, ess=change.ess, se_diff=change.se_diff)

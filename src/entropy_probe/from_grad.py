@@ -1,0 +1,73 @@
+"""The step the trainer really takes, read from the ``.grad`` already on the parameters (DESIGN section 11).
+
+After the trainer's backward (any loss: KL term, importance ratios, accumulation) and its clipping,
+``p.grad`` is the gradient of the loss it minimises; the ascent direction is its negative. The
+configured rule turns it into v exactly as for a U batch (``direction.build_direction``):
+"optimizer-step" is the step ``optimizer.step()`` will take divided by the learning rate (no second
+clipping: the trainer clipped already), "adam-preconditioned" is ``P * (-grad)``, "sgd" is ``-grad``.
+A parameter whose ``.grad`` is None gets v = 0, as the optimizer skips it.
+
+Learning rates. v is normalised by the optimizer's own rate (``optimizer_lr``: its first group's, or the
+largest when that one is 0), so ``theta + optimizer_lr * v`` is the real step with every group at its
+own rate; ``ProbeConfig.lr``, when set, replaces eta in ``delta_h1 = eta * Xbar_E . v``: the forecast
+is then of the same step with every group's rate scaled by ``lr / optimizer_lr`` (Adam and AdamW
+steps, decay included, are linear in the rate). With every rate 0 (warm-up) v is 0 and so is the
+forecast.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .direction import UpdateDirection, build_direction
+from .vectors import first_nonfinite
+
+
+def unwrap_optimizer(optimizer):
+    """The torch optimizer inside wrappers such as accelerate's ``AcceleratedOptimizer`` (``.optimizer``)."""
+    while optimizer is not None and isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def optimizer_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The rate v is normalised by: the first group's lr, or the largest group lr when that is 0."""
+    rates = [float(g["lr"]) for g in optimizer.param_groups]
+    return rates[0] if rates[0] != 0 else max(rates)
+
+
+def direction_from_grad(
+    kind: str, params: dict[str, nn.Parameter], optimizer, v_lr: float
+) -> UpdateDirection:
+    """v from ``-p.grad`` by the rule ``kind``; ``v_lr`` the rate v is normalised by (0: v = 0).
+
+    ``scale`` is None: there is no U batch, so no variance over U (``se_total`` is None).
+    """
+    grad_j: dict[str, Tensor | None] = {
+        name: None if p.grad is None else -p.grad.detach()  # ascent direction
+        for name, p in params.items()
+    }
+    if all(g is None for g in grad_j.values()):
+        raise ValueError(
+            "from_grad: no trainable parameter has a .grad; call it after loss.backward() and "
+            "before optimizer.zero_grad()"
+        )
+    bad = first_nonfinite(grad_j)
+    if bad is not None:
+        raise ValueError(f"from_grad: the .grad of parameter {bad!r} is not finite")
+    if v_lr == 0:  # every group at rate 0: the optimizer does not move
+        return UpdateDirection(v={n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()})
+    return UpdateDirection(v=build_direction(kind, grad_j, params, optimizer, v_lr).v)
+
+
+def grad_checksums(params: dict[str, nn.Parameter]) -> list:
+    """Per parameter ``(name, sum, sum of squares)`` of ``.grad`` in float64 (None: no grad): under DDP
+    the ranks' averaged gradients must agree, and this is a cheap way to check it (one host sync)."""
+    names = [n for n, p in params.items() if p.grad is not None]
+    if not names:
+        return []
+    sums = torch.stack(
+        [torch.stack([params[n].grad.double().sum(), params[n].grad.double().square().sum()]) for n in names]
+    )  # (P, 2)
+    return list(zip(names, sums.tolist()))

@@ -1,0 +1,3 @@
+"""Applications of the probe inside trainers. Each submodule imports its trainer library lazily, so the
+core (``import entropy_probe``) never needs them: ``entropy_probe.integrations.trl`` needs ``transformers``
+(and works with TRL's trainers: ``pip install entropy-probe[trl]``)."""

@@ -1,0 +1,192 @@
+"""``EntropyProbeCallback``: the probe inside a Hugging Face ``Trainer`` (TRL ``GRPOTrainer``, ...).
+
+    from entropy_probe.integrations.trl import EntropyProbeCallback, attach
+    trainer = GRPOTrainer(model=..., reward_funcs=..., args=GRPOConfig(...), train_dataset=...)
+    attach(trainer, EntropyProbeCallback(eval_prompts, every=1, group_size=8, max_new_tokens=64))
+    trainer.train()   # entropy_probe/* in state.log_history, report_to and output_dir/entropy_probe.jsonl
+
+Per probed optimizer step (DESIGN section 16), with the ``Trainer``'s own events:
+
+- ``on_pre_optimizer_step`` (after backward, accumulation and clipping, before ``optimizer.step()``):
+  sample E, ``group_size`` responses to each held-out prompt from the current policy, pure
+  ``softmax(logits / temperature)`` at the run's ``args.temperature`` (not the trainer's top-p/top-k),
+  prompts tokenised with the trainer's ``processing_class`` (chat template for conversational
+  prompts, as TRL does); then ``probe.run(eval_batch=E, from_grad=True)``: the forecast of the step
+  the optimizer is about to take from the ``.grad`` the trainer left, whatever its loss.
+- ``on_optimizer_step``: ``probe.measure_change(result)``, the change the real step caused on E.
+- ``on_log``: the flat ``entropy_probe/*`` metrics of the latest probed step join the next log (with
+  ``logging_steps > 1`` a log carries the latest probed step; every probed step is in the JSON lines).
+
+The Trainer appends each log to ``state.log_history`` before any ``on_log`` and calls the ``report_to``
+integrations (wandb, tensorboard, ...) before callbacks passed as ``callbacks=[cb]``. The callback
+writes its metrics into the log_history entry too, so ``callbacks=[cb]`` fills log_history, and
+``attach(trainer, cb)`` puts it ahead of the integrations so that they send the metrics as well.
+
+The trainer's trajectory is unchanged: sampling is seeded and runs on a forked RNG, the probe restores
+every RNG stream, mode, parameter, ``.grad`` and optimizer state (bit-identical with and without the
+callback). Under DDP each rank samples its share of the prompts (``eval_prompts[rank::world_size]``)
+and the ranks' probes combine their E units.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import replace
+
+import torch
+from transformers import TrainerCallback
+from transformers.trainer_callback import DefaultFlowCallback
+
+from ..config import ProbeConfig
+from ..probe import EntropyProbe
+from ..result import PREFIX
+from ..sampling import sample_rollouts
+
+JSONL_NAME = "entropy_probe.jsonl"
+
+
+class EntropyProbeCallback(TrainerCallback):
+    """Forecast and measure the entropy change of every ``every``-th optimizer step on held-out prompts.
+
+    eval_prompts: the held-out prompts: strings, or conversations (lists of ``{"role", "content"}``), or
+        dataset rows ``{"prompt": ...}`` holding either; tokenised like TRL tokenises its prompts.
+    every: probe optimizer steps 0, every, 2*every, ... (counted from 0 like ``state.global_step``).
+    group_size: responses sampled per prompt (G >= 2).
+    max_new_tokens: the longest sampled response (use the run's ``max_completion_length``).
+    config: the probe's options; default ``ProbeConfig(direction="optimizer-step")``. Its temperature is
+        replaced by the run's ``args.temperature`` (the policy the trainer differentiates).
+    seed: sampling seed of step s on rank r is ``seed + s * world_size + r``.
+
+    ``records``: one dict per probed step (what each JSON line holds), in order.
+    """
+
+    def __init__(
+        self,
+        eval_prompts: Sequence,
+        every: int = 1,
+        group_size: int = 8,
+        max_new_tokens: int = 64,
+        config: ProbeConfig | None = None,
+        seed: int = 0,
+    ):
+        if isinstance(eval_prompts, str) or len(eval_prompts) == 0:
+            raise ValueError("EntropyProbeCallback.eval_prompts: give a non-empty list of prompts")
+        if not isinstance(every, int) or every < 1:
+            raise ValueError(f"EntropyProbeCallback.every must be an integer >= 1, got {every!r}")
+        if not isinstance(group_size, int) or group_size < 2:
+            raise ValueError(f"EntropyProbeCallback.group_size must be an integer >= 2, got {group_size!r}")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(
+                f"EntropyProbeCallback.max_new_tokens must be an integer >= 1, got {max_new_tokens!r}"
+            )
+        self.eval_prompts = [p["prompt"] if isinstance(p, dict) else p for p in eval_prompts]
+        self.every, self.group_size, self.max_new_tokens, self.seed = every, group_size, max_new_tokens, seed
+        self.config = config if config is not None else ProbeConfig(direction="optimizer-step")
+        self.records: list[dict] = []
+        self._prompt_ids: list[list[int]] | None = None  # tokenised once
+        self._pending = None  # (probe, result, step) between the two optimizer events
+        self._unlogged: dict = {}  # metrics of the latest probed step, for the next on_log
+
+    # ---- the Trainer's events ----------------------------------------------------------------------
+    def on_pre_optimizer_step(
+        self, args, state, control, model=None, processing_class=None, optimizer=None, **kwargs
+    ):
+        self._pending = None
+        if state.global_step % self.every != 0:
+            return
+        rank, world = _rank_and_world()
+        # a multimodal processor holds its tokenizer in .tokenizer
+        tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        prompts = self._tokenised(processing_class)[rank::world]
+        cfg = replace(self.config, temperature=float(getattr(args, "temperature", self.config.temperature)))
+        eval_batch = None
+        if prompts:
+            eos = tokenizer.eos_token_id
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+            eval_batch = sample_rollouts(
+                model,
+                prompts,
+                self.group_size,
+                self.max_new_tokens,
+                eos,
+                reward_fn=None,
+                temperature=cfg.temperature,
+                pad_token_id=pad,
+                seed=self.seed + state.global_step * world + rank,
+            )
+        probe = EntropyProbe(model, optimizer, cfg)
+        if world > 1:  # the Trainer hands callbacks the unwrapped model: the ranks combine through the group
+            from ..distributed import ProcessGroupComm
+
+            probe.comm = ProcessGroupComm()
+        result = probe.run(eval_batch=eval_batch, from_grad=True)
+        self._pending = (probe, result, state.global_step + 1)  # the step number once this step is taken
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        if self._pending is None:
+            return
+        probe, result, step = self._pending
+        self._pending = None
+        measured = probe.measure_change(result)
+        metrics = {f"{PREFIX}step": step, **result.to_dict(), **measured.to_dict()}
+        metrics = {k: v for k, v in metrics.items() if v is not None}  # se_total: None without a U batch
+        self.records.append({k[len(PREFIX) :]: v for k, v in metrics.items()})
+        self._unlogged = metrics
+        if state.is_world_process_zero:
+            os.makedirs(args.output_dir, exist_ok=True)
+            with open(os.path.join(args.output_dir, JSONL_NAME), "a") as f:
+                f.write(json.dumps(self.records[-1]) + "\n")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not self._unlogged or logs is None:
+            return
+        logs.update(self._unlogged)
+        # The Trainer appended a copy of ``logs`` to log_history before calling on_log: update that copy.
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(self._unlogged)
+        self._unlogged = {}
+
+    # ---- helpers -----------------------------------------------------------------------------------
+    def _tokenised(self, processing_class) -> list[list[int]]:
+        if self._prompt_ids is None:
+            if processing_class is None:
+                raise ValueError(
+                    "EntropyProbeCallback: the trainer has no processing_class to tokenise eval_prompts"
+                )
+            self._prompt_ids = [tokenise_prompt(processing_class, p) for p in self.eval_prompts]
+        return self._prompt_ids
+
+
+def tokenise_prompt(processing_class, prompt) -> list[int]:
+    """A prompt's token ids as TRL's ``GRPOTrainer`` makes them: the chat template with the generation
+    prompt for a conversation, the tokenizer's own call (special tokens included) for a string."""
+    if isinstance(prompt, str):
+        return list(processing_class(text=[prompt])["input_ids"][0])
+    if isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m for m in prompt):
+        out = processing_class.apply_chat_template(
+            conversation=[prompt], add_generation_prompt=True, tokenize=True, return_dict=True
+        )
+        return list(out["input_ids"][0])
+    raise ValueError(
+        f"EntropyProbeCallback.eval_prompts: a prompt must be a string or a list of "
+        f"{{'role', 'content'}} messages, got {type(prompt).__name__}"
+    )
+
+
+def attach(trainer, callback: EntropyProbeCallback) -> EntropyProbeCallback:
+    """Add ``callback`` to ``trainer`` ahead of its ``report_to`` integrations and progress printer (right
+    after ``DefaultFlowCallback``), so that they send the ``entropy_probe/*`` metrics it adds to each log."""
+    callbacks = trainer.callback_handler.callbacks
+    if callback in callbacks:
+        callbacks.remove(callback)
+    at = next((i + 1 for i, cb in enumerate(callbacks) if isinstance(cb, DefaultFlowCallback)), 0)
+    callbacks.insert(at, callback)
+    return callback
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1

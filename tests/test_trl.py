@@ -1,0 +1,245 @@
+"""``EntropyProbeCallback`` inside a real TRL ``GRPOTrainer`` (tests/trl_support.py: tiny Qwen2, local
+tokenizer).
+
+- the forecast is of the step the trainer really takes: the real step ``(theta_after - theta_before) / lr``
+  projected on the same E (a given direction) equals the ``from_grad`` forecast to 1e-5 relative, for TRL's
+  loss types (dapo, grpo and bnpo with gradient accumulation 2, dr_grpo, a KL term beta = 0.04);
+- ``measure_change`` equals an independent re-measurement: hand log-probs (log_softmax + gather) before
+  and after the step and the importance-sampling ratio written out in numpy;
+- the metrics land in ``trainer.state.log_history``, in the JSON lines file, and, with ``attach``, reach
+  a reporting callback placed where ``report_to`` integrations go;
+- the trainer's weights, optimizer state and RNG are bit-identical with and without the callback.
+
+Run: ``PYTHONPATH=src pytest -q tests/test_trl.py`` (about 10 s).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("trl")
+
+from core_support import hand_sequence_logprobs
+from transformers import TrainerCallback
+from trl_support import grpo_trainer, word_tokenizer
+
+import entropy_probe as ep
+from entropy_probe.integrations.trl import JSONL_NAME, EntropyProbeCallback, attach, tokenise_prompt
+
+EVAL_PROMPTS = ["a b c", "d e f", "g h a", "b b d"]
+
+
+class StepAudit(TrainerCallback):
+    """Runs after the probe's callback at both optimizer events and re-derives what it reported."""
+
+    def __init__(self, probe_cb: EntropyProbeCallback):
+        self.probe_cb, self.rows = probe_cb, []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.before = _copy_of(model)  # the parameters the forecast was made at
+        self.result = self.probe_cb._pending[1]
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        result, before = self.result, self.before
+        batch = result.eval_state.batch
+        lr = result.lr
+        old = dict(before.named_parameters())
+        real_v = {n: (p.detach() - old[n].detach()) / lr for n, p in model.named_parameters()}
+        along = ep.EntropyProbe(before, config=ep.ProbeConfig(lr=lr, temperature=args.temperature))
+        projected = along.run(eval_batch=batch, direction=real_v).delta_h1
+        self.rows.append(
+            {
+                "forecast": result.delta_h1,
+                "projected": projected,
+                "measured": self.probe_cb.records[-1],
+                "by_hand": _snis_change(before, model, batch, args.temperature),
+            }
+        )
+
+
+def _copy_of(model):
+    """A separate model with the same weights (copy.deepcopy of the Trainer's model shares its parameters)."""
+    twin = type(model)(model.config)
+    twin.load_state_dict(model.state_dict())
+    return twin
+
+
+def _snis_change(before, after, batch, temperature) -> float:
+    """The self-normalised IS change of the token-mean entropy on E, by hand (every unit has G responses)."""
+    with torch.no_grad():
+        s0, w0 = (x.double().numpy() for x in hand_sequence_logprobs(before.eval(), batch, temperature))
+        s1, w1 = (
+            x.double().numpy() for x in hand_sequence_logprobs(_copy_of(after).eval(), batch, temperature)
+        )
+    w = np.exp(s1 - s0)
+    return float((w * -w1).sum() / w.sum() - (-w0).mean())
+
+
+LOSS_CASES = {
+    "dapo": {"loss_type": "dapo"},
+    "grpo-accum2": {"loss_type": "grpo", "gradient_accumulation_steps": 2},
+    "bnpo-accum2": {"loss_type": "bnpo", "gradient_accumulation_steps": 2, "weight_decay": 0.01},
+    "dr_grpo": {"loss_type": "dr_grpo"},
+    "beta0.04": {"loss_type": "grpo", "beta": 0.04},
+}
+
+
+@pytest.mark.parametrize("case", LOSS_CASES, ids=list(LOSS_CASES))
+def test_forecast_is_the_real_trl_step_and_measure_change_is_its_truth(case, tmp_path):
+    cb = EntropyProbeCallback(EVAL_PROMPTS, group_size=4, max_new_tokens=4)
+    audit = StepAudit(cb)
+    grpo_trainer(tmp_path, callbacks=[cb, audit], steps=2, **LOSS_CASES[case]).train()
+    assert len(audit.rows) == 2
+    for row in audit.rows:
+        print(case, row["forecast"], row["projected"], row["measured"]["measured/delta_h"], row["by_hand"])
+        # fp32 both sides; real_v is read from fp32 parameters (rounding ~1e-7 of the step); 1e-5 is the
+        # issue's bar (measured here: ~5e-8)
+        assert abs(row["projected"] - row["forecast"]) <= 1e-5 * abs(row["forecast"])
+        # the same log-probs up to fp32 forward differences (~1e-7 nats): 1e-6 on a change of ~1e-2
+        assert abs(row["measured"]["measured/delta_h"] - row["by_hand"]) < 1e-6
+        assert row["forecast"] != 0 and row["by_hand"] != 0
+
+
+class Reporter(TrainerCallback):
+    """A reporting callback: records each log as it receives it, as wandb/tensorboard would send it."""
+
+    def __init__(self):
+        self.sent = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.sent.append(dict(logs))
+
+
+def _trainer_with_reporters(out, callbacks=(), steps: int = 3):
+    """A trainer whose ``report_to`` integrations (the Trainer's own ``get_reporting_integration_callbacks``)
+    are a ``Reporter`` and transformers' own ``PrinterCallback`` (no wandb/tensorboard is installed here);
+    the trailing progress printer is removed so that stdout shows what the integration slot printed."""
+    import transformers.trainer as trainer_module
+    from transformers.trainer_callback import PrinterCallback
+
+    reporter = Reporter()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(
+            trainer_module,
+            "get_reporting_integration_callbacks",
+            lambda report_to: [reporter, PrinterCallback()],
+        )
+        trainer = grpo_trainer(out, callbacks=callbacks, steps=steps)
+    trainer.callback_handler.callbacks.pop()  # the PrinterCallback disable_tqdm appends after user callbacks
+    return trainer, reporter
+
+
+@pytest.fixture(scope="module")
+def attached_run(tmp_path_factory):
+    """One run with ``attach`` ahead of the reporting integrations."""
+    out = tmp_path_factory.mktemp("attached")
+    trainer, reporter = _trainer_with_reporters(out)
+    cb = attach(trainer, EntropyProbeCallback(EVAL_PROMPTS, every=2, group_size=4, max_new_tokens=4))
+    names = [type(c).__name__ for c in trainer.callback_handler.callbacks]
+    assert names.index("EntropyProbeCallback") < names.index("Reporter") < names.index("PrinterCallback")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        trainer.train()
+    return trainer, cb, reporter, out, printed.getvalue()
+
+
+def test_metrics_reach_log_history_reporters_and_the_jsonl(attached_run):
+    trainer, cb, reporter, out, printed = attached_run
+    assert [r["step"] for r in cb.records] == [1, 3]  # every=2: optimizer steps 0 and 2 (numbered 1 and 3)
+    logged = {h["step"]: h for h in trainer.state.log_history if "entropy_probe/delta_h1" in h}
+    assert sorted(logged) == [1, 3]
+    for rec in cb.records:
+        assert logged[rec["step"]]["entropy_probe/delta_h1"] == rec["delta_h1"]
+        assert logged[rec["step"]]["entropy_probe/measured/delta_h"] == rec["measured/delta_h"]
+    sent = [s for s in reporter.sent if "entropy_probe/delta_h1" in s]
+    assert [s["entropy_probe/step"] for s in sent] == [1, 3]
+    assert printed.count("'entropy_probe/delta_h1'") == 2  # transformers' PrinterCallback reported them
+    lines = [json.loads(x) for x in (out / JSONL_NAME).read_text().splitlines()]
+    assert lines == cb.records
+
+
+def test_without_attach_log_history_still_gets_the_metrics(tmp_path, capsys):
+    """As ``callbacks=[cb]`` it runs after the reporters (they miss the metrics); log_history has them."""
+    cb = EntropyProbeCallback(EVAL_PROMPTS[:2], group_size=2, max_new_tokens=3)
+    trainer, reporter = _trainer_with_reporters(tmp_path, callbacks=[cb], steps=1)
+    trainer.train()
+    assert any("entropy_probe/delta_h1" in h for h in trainer.state.log_history)
+    assert not any("entropy_probe/delta_h1" in s for s in reporter.sent)
+    printed = capsys.readouterr().out
+    assert "'loss'" in printed and "entropy_probe" not in printed  # reported, without the probe's metrics
+
+
+def _final_state(trainer) -> dict:
+    return {
+        "params": {n: p.detach().clone() for n, p in trainer.model.named_parameters()},
+        "opt": copy.deepcopy(trainer.optimizer.state_dict()),
+        "rng": torch.get_rng_state(),
+        "losses": [h.get("loss") for h in trainer.state.log_history],
+    }
+
+
+def test_trainer_trajectory_is_bit_identical_with_and_without_the_callback(tmp_path):
+    runs = []
+    for with_cb in (False, True):
+        cbs = [EntropyProbeCallback(EVAL_PROMPTS, group_size=4, max_new_tokens=4)] if with_cb else []
+        trainer = grpo_trainer(
+            tmp_path / str(with_cb), callbacks=cbs, steps=3, loss_type="dapo", weight_decay=0.01
+        )
+        trainer.train()
+        runs.append(_final_state(trainer))
+    plain, probed = runs
+    assert all(torch.equal(plain["params"][n], probed["params"][n]) for n in plain["params"])
+    for k, st in plain["opt"]["state"].items():
+        assert all(
+            torch.equal(torch.as_tensor(v), torch.as_tensor(probed["opt"]["state"][k][f]))
+            for f, v in st.items()
+        ), k
+    assert torch.equal(plain["rng"], probed["rng"]) and plain["losses"] == probed["losses"]
+
+
+def test_prompts_are_tokenised_as_trl_tokenises_them(attached_run):
+    trainer = attached_run[0]
+    tok = word_tokenizer()
+    chat = [{"role": "user", "content": "a b"}]
+    for prompt in ("a b c", chat):
+        ids, _, _ = trainer._tokenize_prompts([prompt])
+        assert tokenise_prompt(tok, prompt) == list(ids[0])
+    with pytest.raises(ValueError, match="EntropyProbeCallback.group_size must be an integer >= 2"):
+        EntropyProbeCallback(EVAL_PROMPTS, group_size=1)
+    with pytest.raises(ValueError, match="eval_prompts: a prompt must be a string or a list"):
+        tokenise_prompt(tok, 3)
+
+
+def test_the_example_runs(tmp_path, monkeypatch, capsys):
+    import runpy
+    import sys
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "trl_grpo.py"
+    monkeypatch.setattr(sys, "argv", ["trl_grpo.py", "--out", str(tmp_path), "--steps", "3"])
+    threads = torch.get_num_threads()
+    try:
+        runpy.run_path(str(example), run_name="__main__")
+    finally:
+        torch.set_num_threads(threads)
+    assert "3 steps in" in capsys.readouterr().out
+    assert len((tmp_path / JSONL_NAME).read_text().splitlines()) == 3
+    assert (tmp_path / "forecast_vs_measured.png").stat().st_size > 0
+
+
+def test_conversational_prompts_through_the_chat_template(tmp_path):
+    chats = [{"prompt": [{"role": "user", "content": p}]} for p in EVAL_PROMPTS[:2]]  # dataset rows
+    cb = EntropyProbeCallback(chats, group_size=3, max_new_tokens=3)
+    grpo_trainer(tmp_path, callbacks=[cb], steps=1, conversational=True).train()
+    (rec,) = cb.records
+    assert rec["n_eval_units"] == 2 and rec["measured/ess"] > 1 and rec["delta_h1"] != 0
+    batch_prompt = cb._prompt_ids[0]
+    assert batch_prompt == tokenise_prompt(word_tokenizer(), chats[0]["prompt"])
+    assert word_tokenizer().decode(batch_prompt).split()[-1] == "assistant:"  # the generation prompt
