@@ -12,6 +12,11 @@ entropy             entropy of the policy on E before the step, ``mean_n -(1/G) 
 n_eval_units        B_E
 n_update_units      B_U (0 when the direction was given)
 lr                  eta
+delta_h2            second-order term ``(eta^2/2) v^T grad^2 H v`` (only with ``second_order=True``)
+se_delta_h2         its SE over E
+forecast            ``delta_h1 + delta_h2``; se_forecast its SE over E (from the per-unit combined values)
+group/<name>        ``delta_h1`` of parameter group <name> (by_group; the groups sum to delta_h1)
+group/<name>/se     its SE over E
 truth/delta_h       measured change at alpha = 1 (or the last alpha), self-normalised IS
 truth/se            its jackknife SE over E units
 truth/ess           effective sample size of the importance weights
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from statistics import NormalDist
 
 from torch import Tensor
 
@@ -70,6 +76,22 @@ class ProbeResult:
     per_unit: Tensor  # (B_E,) float64 s_n, in eval-unit order: unit n contributes lr * s_n / B_E
     eval_unit_ids: Tensor  # (B_E,) group id of each eval unit
     truth: TruthResult | None = None
+    delta_h2: float | None = None  # (eta^2/2) mean_n q_n; None without second_order
+    se_delta_h2: float | None = None  # (eta^2/2) sqrt(var(q) / B_E)
+    forecast: float | None = None  # delta_h1 + delta_h2
+    se_forecast: float | None = None  # sqrt(var(eta s_n + eta^2/2 q_n) / B_E)
+    per_unit_q: Tensor | None = None  # (B_E,) float64 q_n, eval-unit order: unit n adds eta^2/2 q_n / B_E
+    by_group: dict[str, tuple[float, float]] | None = None  # {group: (delta_h1_g, se_g)}, summing to delta_h1
+
+    def forecast_interval(self, level: float = 0.95) -> tuple[float, float]:
+        """Normal interval of ``forecast`` over E, ``forecast -+ z * se_forecast``; needs second_order."""
+        if self.forecast is None:
+            raise ValueError("forecast_interval: no second-order term in this result; run with "
+                             "ProbeConfig(second_order=True)")
+        if not 0.0 < level < 1.0:
+            raise ValueError(f"forecast_interval: level must be in (0, 1), got {level!r}")
+        z = NormalDist().inv_cdf(0.5 + level / 2)
+        return self.forecast - z * self.se_forecast, self.forecast + z * self.se_forecast
 
     def interval(self, z: float = Z95) -> tuple[float, float]:
         """The forecast's normal interval over E, ``delta_h1 -+ z * se_cond_e``."""
@@ -79,6 +101,10 @@ class ProbeResult:
         keys = ("delta_h1", "se_cond_e", "var_cond_e", "se_jackknife", "se_total", "entropy",
                 "n_eval_units", "n_update_units", "lr")
         out = {f"{PREFIX}{k}": getattr(self, k) for k in keys}
+        if self.forecast is not None:
+            out.update({f"{PREFIX}{k}": getattr(self, k) for k in ("delta_h2", "se_delta_h2", "forecast", "se_forecast")})
+        for name, (value, se) in (self.by_group or {}).items():
+            out[f"{PREFIX}group/{name}"], out[f"{PREFIX}group/{name}/se"] = value, se
         if self.truth is not None:
             out.update(self.truth.to_dict())
         return out
