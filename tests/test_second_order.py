@@ -120,7 +120,6 @@ def test_delta_h2_unbiased_against_enumeration(weighting):
         assert r.forecast == r.delta_h1 + r.delta_h2
     d = torch.tensor(draws, dtype=torch.float64)
     z = (float(d.mean()) - exact) / float(d.std() / math.sqrt(len(draws)))
-    print("Z", weighting, z, float(d.mean()), exact)
     assert abs(z) <= 3.0, (z, float(d.mean()), exact)
     # The reported SE is calibrated too: the spread of the draws over the mean predicted variance. A
     # sample variance of K draws with excess kurtosis kappa has relative SD sqrt(2/(K-1) + kappa/K);
@@ -130,5 +129,47 @@ def test_delta_h2_unbiased_against_enumeration(weighting):
     kappa = float(((d - d.mean()) ** 4).mean() / d.var(unbiased=False) ** 2 - 3)
     rel = math.hypot(math.sqrt(2 / (k - 1) + max(kappa, 0.0) / k), float(pred.std() / pred.mean()) / math.sqrt(k))
     ratio = float(d.var()) / float(pred.mean())
-    print("RATIO", ratio, rel)
     assert abs(ratio - 1.0) <= 3 * rel, (ratio, rel)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_forecast_error_shrinks_like_the_cube_of_the_step(seed):
+    """|truth - forecast| against alpha on a log-log fit: slope ~3 with delta_h2, ~2 without (float64
+    enumeration; the fitted slopes must be nearer their order than either neighbour, see the check)."""
+    from entropy_probe.validation.problem import QUICK, build_problem
+    from entropy_probe.validation.second_order import order_check
+
+    check = order_check(build_problem(seed, QUICK))
+    assert check.passed, check.measured
+    assert abs(check.figures["slope_second"] - 3) < 0.5 and abs(check.figures["slope_first"] - 2) < 0.5
+
+
+def test_second_order_off_leaves_the_fields_empty():
+    policy = TabularPolicy(seed=0)
+    batch = sample_enumerated(policy, 4, 3, seed=1)
+    v = {n: torch.ones(p.shape) for n, p in trainable(policy).items()}
+    r = ep.EntropyProbe(policy, config=ep.ProbeConfig(lr=0.1, unconditional_se=False)).run(eval_batch=batch,
+                                                                                          direction=v)
+    assert r.delta_h2 is r.forecast is r.se_forecast is r.per_unit_q is None
+    assert "entropy_probe/forecast" not in r.to_dict()
+    with pytest.raises(ValueError, match="second_order=True"):
+        r.forecast_interval()
+
+
+def test_se_forecast_is_the_se_of_the_per_unit_combined_values():
+    """se_forecast from eta s_n + eta^2/2 q_n; per_unit_q is q_n in eval-unit order (unit n adds
+    eta^2/2 q_n / B_E); the interval is forecast -+ z se_forecast."""
+    policy = TabularPolicy(seed=2, scale=2.0)
+    batch = sample_enumerated(policy, 12, 4, seed=3)
+    v = {n: torch.randn(p.shape, generator=torch.Generator().manual_seed(4)) for n, p in trainable(policy).items()}
+    lr = 0.2
+    r = ep.EntropyProbe(policy, config=ep.ProbeConfig(lr=lr, second_order=True, unconditional_se=False)).run(
+        eval_batch=batch, direction=v)
+    c = lr * r.per_unit + 0.5 * lr * lr * r.per_unit_q
+    assert r.per_unit_q.dtype == torch.float64 and r.per_unit_q.shape == (12,)
+    assert math.isclose(r.forecast, float(c.mean()), rel_tol=1e-12)
+    assert math.isclose(r.delta_h2, 0.5 * lr * lr * float(r.per_unit_q.mean()), rel_tol=1e-12)
+    assert math.isclose(r.se_forecast, float(c.std() / math.sqrt(12)), rel_tol=1e-12)
+    lo, hi = r.forecast_interval(0.95)
+    assert math.isclose(hi - r.forecast, 1.959963984540054 * r.se_forecast, rel_tol=1e-12)
+    assert r.to_dict()["entropy_probe/forecast"] == r.forecast
