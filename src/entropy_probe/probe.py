@@ -325,7 +325,7 @@ class EntropyProbe:
             truth_result = None
             if truth:  # 5. the step applied functionally
                 truth_result = measure_truth(self.module, params, upd.v, lr, eval_batch, stats.s, self.config,
-                                             self.comm)
+                                             self.comm, per_unit_q=None if second is None else second.q)
         return ProbeResult(delta_h1=stats.delta_h1, se_cond_e=stats.se_cond_e, var_cond_e=stats.var_cond_e,
                            se_jackknife=stats.se_jackknife, se_total=se_total, entropy=stats.entropy,
                            n_eval_units=stats.n_eval, n_update_units=n_update, lr=lr,

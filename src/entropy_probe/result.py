@@ -22,6 +22,7 @@ truth/se            its jackknife SE over E units
 truth/ess           effective sample size of the importance weights
 truth/se_diff       jackknife SE of ``delta_h - delta_h1`` on the same E
 truth/slope         least-squares slope of delta_h(alpha) through the origin
+truth/se_diff_forecast  jackknife SE of ``delta_h - forecast`` on the same E (second order on)
 ==================  ==========================================================================
 """
 
@@ -52,9 +53,12 @@ class TruthResult:
     ess_at: list[float] = field(default_factory=list)
     se_diff_at: list[float] = field(default_factory=list)
     slope: float = math.nan
+    se_diff_forecast: float | None = None  # jackknife SE of delta_h - forecast (second order on)
 
     def to_dict(self) -> dict:
         out = {f"{PREFIX}truth/{k}": getattr(self, k) for k in ("delta_h", "se", "ess", "se_diff", "slope")}
+        if self.se_diff_forecast is not None:
+            out[f"{PREFIX}truth/se_diff_forecast"] = self.se_diff_forecast
         for a, d in zip(self.alphas, self.delta_h_at):
             out[f"{PREFIX}truth/delta_h@{a:g}"] = d
         return out
