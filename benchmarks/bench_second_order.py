@@ -31,12 +31,21 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from bench_engines import (  # noqa: E402
-    CLOCK, CPU_SIZES, GPU_SIZES, build_model, parameters_of, random_direction, rollout_batch, timed, use_cpu_time)
+from bench_engines import (
+    CLOCK,
+    CPU_SIZES,
+    GPU_SIZES,
+    build_model,
+    parameters_of,
+    random_direction,
+    rollout_batch,
+    timed,
+    use_cpu_time,
+)
 
-from entropy_probe.attribution import parameter_groups  # noqa: E402
-from entropy_probe.config import ProbeConfig  # noqa: E402
-from entropy_probe.engines import backward, jvp, second_order  # noqa: E402
+from entropy_probe.attribution import parameter_groups
+from entropy_probe.config import ProbeConfig
+from entropy_probe.engines import backward, jvp, second_order
 
 UNITS = 16
 

@@ -11,11 +11,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from core_support import brute_force_x, random_batch, tiny_gpt2, tiny_llama, trainable
 
 import entropy_probe as ep
 from entropy_probe.attribution import default_group, parameter_groups
 from entropy_probe.distributed import call_fingerprint, fingerprint_hash
-from core_support import brute_force_x, random_batch, tiny_gpt2, tiny_llama, trainable
 
 VOCAB = 11
 

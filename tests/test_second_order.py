@@ -11,13 +11,24 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from core_support import (
+    hand_sequence_logprobs,
+    random_batch,
+    tiny_gpt2,
+    tiny_llama,
+    trainable,
+    units_of,
+)
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import entropy_probe as ep
 from entropy_probe.config import ProbeConfig
-from entropy_probe.engines.second_order import eval_second_order, second_directional_logprobs, second_order_ready
+from entropy_probe.engines.second_order import (
+    eval_second_order,
+    second_directional_logprobs,
+    second_order_ready,
+)
 from entropy_probe.toy import TabularPolicy, exact_entropy, sample_enumerated
-from core_support import hand_sequence_logprobs, random_batch, tiny_gpt2, tiny_llama, trainable, units_of
 
 VOCAB = 48
 
@@ -171,5 +182,25 @@ def test_se_forecast_is_the_se_of_the_per_unit_combined_values():
     assert math.isclose(r.delta_h2, 0.5 * lr * lr * float(r.per_unit_q.mean()), rel_tol=1e-12)
     assert math.isclose(r.se_forecast, float(c.std() / math.sqrt(12)), rel_tol=1e-12)
     lo, hi = r.forecast_interval(0.95)
+    assert math.isclose(r.forecast - lo, 1.959963984540054 * r.se_forecast, rel_tol=1e-12)
     assert math.isclose(hi - r.forecast, 1.959963984540054 * r.se_forecast, rel_tol=1e-12)
     assert r.to_dict()["entropy_probe/forecast"] == r.forecast
+
+
+def test_unsupported_op_is_a_clear_error():
+    """A model whose op has no second forward derivative (aten.silu_backward has none, even a first):
+    NotImplementedError naming the option to turn off."""
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(5, 5)
+
+        def forward(self, input_ids, attention_mask, position_ids=None):
+            return torch.ops.aten.silu_backward(self.emb(input_ids), self.emb(input_ids))  # (N, T, V)
+
+    model = Model()
+    batch = random_batch(2, 2, vocab=5, seed=0)
+    v = {n: torch.randn(p.shape) for n, p in trainable(model).items()}
+    with pytest.raises(NotImplementedError, match="second_order=False"):
+        eval_second_order(model, trainable(model), batch, v, ProbeConfig())

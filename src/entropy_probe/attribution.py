@@ -14,7 +14,7 @@ partition reads Hugging Face parameter names (GPT-2, Llama, Qwen2, Mistral, and 
 from __future__ import annotations
 
 import re
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

@@ -23,7 +23,10 @@ found by the tests against autograd's Hessian-vector products (torch 2.13):
 
 Both are replaced, for the pass only, by their exact composites of differentiable ops
 (``layer_norm``: centre, scale by ``rsqrt(var + eps)``, affine; ``silu``: ``x * sigmoid(x)``),
-which forward mode differentiates correctly to any order.
+which forward mode differentiates correctly to any order. The replacement is by attribute
+(``torch.nn.functional.layer_norm``), which is how ``nn.LayerNorm`` and Hugging Face models call it; a
+model calling ``torch.layer_norm`` directly would not see it. Another op without a second forward
+derivative raises a ``NotImplementedError`` naming it.
 """
 
 from __future__ import annotations
@@ -101,7 +104,7 @@ def second_directional_logprobs(module: nn.Module, params: Params, batch: Rollou
 
 def unit_second_order(lp: SecondDirectional, batch: RolloutBatch) -> Tensor:
     """``(B,)`` float64 q_n from the per-sequence derivatives (the formula of the module docstring)."""
-    s, sw, ds, dsw, d2s, d2sw = (t.double() for t in (lp.seq, lp.weighted, lp.d_seq, lp.d_weighted,
+    sw, ds, dsw, d2s, d2sw = (t.double() for t in (lp.weighted, lp.d_seq, lp.d_weighted,
                                                       lp.d2_seq, lp.d2_weighted))
     g = per_sequence(batch.unit_sizes.to(sw.device).double(), batch)  # (N,) G of each row's unit
     loo = (per_sequence(group_sum(sw, batch), batch) - sw) / (g - 1)  # b_i = mean_{j != i} S_w,j
@@ -115,6 +118,10 @@ def eval_second_order(module: nn.Module, params: Params, batch: RolloutBatch, v:
     q = torch.empty(batch.n_units, dtype=torch.float64, device=batch.device)
     with second_order_ready(module):
         for mb in batch.microbatches(cfg.microbatch_units):
-            lp = second_directional_logprobs(module, params, mb.batch, v, cfg)
+            try:
+                lp = second_directional_logprobs(module, params, mb.batch, v, cfg)
+            except NotImplementedError as e:  # an op of the model without a forward derivative of its derivative
+                raise NotImplementedError(f"ProbeConfig.second_order: nested forward mode is not supported by an "
+                                          f"op of {type(module).__name__} ({e}); run with second_order=False") from e
             q[torch.as_tensor(mb.units, device=q.device)] = unit_second_order(lp, mb.batch)
     return q
