@@ -204,3 +204,22 @@ def test_unsupported_op_is_a_clear_error():
     v = {n: torch.randn(p.shape) for n, p in trainable(model).items()}
     with pytest.raises(NotImplementedError, match="second_order=False"):
         eval_second_order(model, trainable(model), batch, v, ProbeConfig())
+
+
+def test_truth_se_diff_forecast_is_the_spread_of_truth_minus_forecast():
+    """truth.se_diff_forecast (jackknife of truth - forecast on the same E) against the spread of that
+    difference over K = 100 independent E draws: variance ratio within 3 SDs of a sample variance with
+    the draws' excess kurtosis, sqrt(2/(K-1) + kappa/K)."""
+    policy = TabularPolicy(seed=1, scale=2.0)
+    v = {n: torch.randn(p.shape, generator=torch.Generator().manual_seed(5)) for n, p in trainable(policy).items()}
+    probe = ep.EntropyProbe(policy, config=ep.ProbeConfig(lr=0.3, second_order=True, unconditional_se=False,
+                                                          microbatch_units=32))
+    diff, se = [], []
+    for k in range(100):
+        t = probe.run(eval_batch=sample_enumerated(policy, 32, 4, seed=500 + k), direction=v, truth=True)
+        diff.append(t.truth.delta_h - t.forecast)
+        se.append(t.truth.se_diff_forecast)
+    d, s = torch.tensor(diff, dtype=torch.float64), torch.tensor(se, dtype=torch.float64)
+    kappa = float(((d - d.mean()) ** 4).mean() / d.var(unbiased=False) ** 2 - 3)
+    band = 3 * math.sqrt(2 / 99 + max(kappa, 0.0) / 100)
+    assert abs(float(d.var() / s.square().mean()) - 1.0) <= band, (float(d.var() / s.square().mean()), band)
