@@ -223,3 +223,23 @@ def test_truth_se_diff_forecast_is_the_spread_of_truth_minus_forecast():
     kappa = float(((d - d.mean()) ** 4).mean() / d.var(unbiased=False) ** 2 - 3)
     band = 3 * math.sqrt(2 / 99 + max(kappa, 0.0) / 100)
     assert abs(float(d.var() / s.square().mean()) - 1.0) <= band, (float(d.var() / s.square().mean()), band)
+
+
+def test_second_order_with_gradient_checkpointing():
+    """A checkpointed GPT-2 in train mode: the nested pass runs (input hook lifted), gives the q_n of the
+    same model without checkpointing, and the hooks come back as they were."""
+    import warnings
+
+    plain = tiny_gpt2(seed=0, vocab=VOCAB)
+    model = tiny_gpt2(seed=0, vocab=VOCAB).train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        model.gradient_checkpointing_enable()
+    hook_ids = [h.id for h in model._require_grads_hooks]
+    batch = random_batch(3, 3, vocab=VOCAB, seed=8)
+    v = {n: torch.randn(p.shape, generator=torch.Generator().manual_seed(9)) for n, p in trainable(model).items()}
+    cfg = ep.ProbeConfig(lr=1e-3, second_order=True, unconditional_se=False)
+    got = ep.EntropyProbe(model, config=cfg).run(eval_batch=batch, direction=v)
+    want = ep.EntropyProbe(plain, config=cfg).run(eval_batch=batch, direction=v)
+    assert torch.allclose(got.per_unit_q, want.per_unit_q, rtol=0, atol=1e-6 * float(want.per_unit_q.abs().max()))
+    assert [h.id for h in model._require_grads_hooks] == hook_ids and model.training
