@@ -125,6 +125,7 @@ class Scenario:
     patch: str | None = None  # what is replaced inside the probe
     nan_call: int | None = None  # NaN logits on this forward
     raises: type | None = None
+    second_order: bool = False  # with the nested forward-mode pass (and its layer_norm / silu composites)
 
 
 SCENARIOS = [
@@ -137,6 +138,9 @@ SCENARIOS = [
     Scenario("nan-logits-in-update-pass", "run", nan_call=2, raises=ValueError),
     Scenario("nan-logits-in-eval-pass", "run-truth", nan_call=6, raises=ValueError),
     Scenario("nan-logits-in-truth", "run-truth", nan_call=12, raises=ValueError),  # U: 2, E: 4, se_total: 3, truth: 4 forwards
+    Scenario("run-truth-second-order", "run-truth", second_order=True),
+    # U: 2, E: 4, then the second-order pass (2 microbatches of 2 units): its first forward
+    Scenario("nan-logits-in-second-order", "run", nan_call=7, raises=ValueError, second_order=True),
 ]
 
 
@@ -158,7 +162,9 @@ def test_caller_state_is_bit_identical(sc: Scenario, monkeypatch):
                 raise RuntimeError("injected failure")
             return real_dot(*args)
         monkeypatch.setattr(projections_module, "dot", dot)
-    probe = ep.EntropyProbe(model, opt, ep.ProbeConfig(direction=sc.direction, microbatch_units=2))
+    probe = ep.EntropyProbe(model, opt, ep.ProbeConfig(direction=sc.direction, microbatch_units=2,
+                                                       second_order=sc.second_order))
+    functional = (torch.nn.functional.layer_norm, torch.nn.functional.silu)
     before = snapshot(model, opt)
     model.calls = 0
 
@@ -177,6 +183,7 @@ def test_caller_state_is_bit_identical(sc: Scenario, monkeypatch):
     if sc.nan_call is not None:
         assert model.calls == sc.nan_call  # the failure happened where intended, mid-run
     assert_unchanged(before, model, opt)
+    assert (torch.nn.functional.layer_norm, torch.nn.functional.silu) == functional  # composites lifted
 
 
 def test_probe_runs_in_eval_mode_whatever_the_callers_mode():

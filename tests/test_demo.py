@@ -73,6 +73,13 @@ def test_short_demo_files_agree_with_each_other(tmp_path):
         # analytically 0 (GPT-2's key biases): observed 3e-6 here, 2e-4 at worst over the 40 steps of the
         # full demo. A real mismatch is far above 1e-3: dropping the loss's 1/B_U or the clipping gives 7e-2.
         assert r["step_relative_error"] < 1e-3
+        # Second order and attribution: the forecast adds delta_h2; the groups split delta_h1 exactly.
+        assert r["forecast2"] == pytest.approx(r["forecast"] + r["delta_h2"], abs=1e-15)
+        assert r["forecast2_lo95"] == pytest.approx(r["forecast2"] - z * r["forecast2_se"], abs=1e-12)
+        assert r["truth_inside2"] == int(r["forecast2_lo95"] <= r["truth"] <= r["forecast2_hi95"])
+        groups = [k for k in r if k.startswith("group:")]
+        assert groups == ["group:embeddings", "group:block.0", "group:head"]  # --layers 1
+        assert sum(r[k] for k in groups) == pytest.approx(r["forecast"], abs=1e-15)
 
     # The summary is recomputable from the rows.
     col = lambda k: np.array([r[k] for r in rows], dtype=float)  # noqa: E731
@@ -93,6 +100,14 @@ def test_short_demo_files_agree_with_each_other(tmp_path):
     assert summary["entropy_start"] == rows[0]["entropy"] and summary["entropy_end"] == rows[-1]["entropy_after"]
     assert summary["reward_start"] == rows[0]["reward"] and summary["reward_end"] == rows[-1]["reward"]  # k = 1
     assert summary["max_step_relative_error"] == max(col("step_relative_error"))
+    assert summary["correlation2"] == pytest.approx(np.corrcoef(col("forecast2"), col("truth"))[0, 1], rel=1e-9)
+    assert summary["sum_forecast2"] == pytest.approx(col("forecast2").sum(), rel=1e-12)
+    assert summary["sum_forecast2_se"] == pytest.approx(np.sqrt((col("forecast2_se") ** 2).sum()), rel=1e-12)
+    assert summary["sum_truth_minus_forecast2_se"] == pytest.approx(np.sqrt((col("truth_se_diff2") ** 2).sum()),
+                                                                   rel=1e-12)
+    assert summary["coverage95_2"] == pytest.approx(col("truth_inside2").mean(), abs=0)
+    layers = matplotlib.image.imread(tmp_path / "layers.png")  # the heat map by parameter group
+    assert layers.ndim == 3 and layers.shape[1] > 600 and float(layers[..., :3].std()) > 0.05
 
 
 def test_short_demo_is_reproducible_for_a_seed(tmp_path):

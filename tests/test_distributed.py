@@ -94,6 +94,17 @@ def _assert_same_as_single(dist_r: ep.ProbeResult, ref: ep.ProbeResult, truth_re
     assert (dist_r.n_eval_units, dist_r.n_update_units) == (ref.n_eval_units, ref.n_update_units)
     assert torch.equal(dist_r.eval_unit_ids, ref.eval_unit_ids)  # rank order = the one-process order
     _close_vec(dist_r.per_unit, ref.per_unit, "per_unit s_n")
+    for k in ("delta_h2", "se_delta_h2", "forecast", "se_forecast"):  # second order: float64 moments merged
+        if getattr(ref, k) is None:
+            assert getattr(dist_r, k) is None, k
+        else:
+            _close(getattr(dist_r, k), getattr(ref, k), k)
+    if ref.per_unit_q is not None:
+        _close_vec(dist_r.per_unit_q, ref.per_unit_q, "per_unit_q")
+    assert (dist_r.by_group is None) == (ref.by_group is None)
+    for g, (value, se) in (ref.by_group or {}).items():
+        _close(dist_r.by_group[g][0], value, f"by_group[{g}]")
+        _close(dist_r.by_group[g][1], se, f"by_group[{g}] se")
     if truth_ref is not None:
         t, rt = dist_r.truth, truth_ref
         for k in ("delta_h", "se", "ess", "se_diff"):
@@ -132,13 +143,14 @@ def _split_cases(rank: int, world: int) -> None:
 
     cases = [
         # (name, U units of rank 0 / rank 1, E units of rank 0 / rank 1, config, truth)
-        ("even, adam-preconditioned", ([0, 1], [2, 3]), ([0, 1], [2, 3]), ep.ProbeConfig(), True),
+        ("even, adam-preconditioned, second order", ([0, 1], [2, 3]), ([0, 1], [2, 3]),
+         ep.ProbeConfig(second_order=True), True),
         ("uneven 3+1, optimizer-step clipped, DAPO token-mean", ([0, 1, 2], [3]), ([0, 1, 2], [3]),
          ep.ProbeConfig(direction="optimizer-step", max_grad_norm=0.05, loss_aggregation="token-mean",
                         truth_alphas=(0.5, 1.0), microbatch_units=2), True),
         ("E 4+0, U 1+3, sgd, Dr. GRPO (global max length), rloo", ([0], [1, 2, 3]), ([0, 1, 2, 3], []),
          ep.ProbeConfig(direction="sgd", lr=0.1, loss_aggregation="seq-mean-token-sum-norm",
-                        advantage_estimator="rloo", entropy_weighting="sum"), True),
+                        advantage_estimator="rloo", entropy_weighting="sum", second_order=True), True),
         ("uneven 1+3, jvp engine (x_sum all-reduced, t_m gathered)", ([0], [1, 2, 3]), ([0, 1, 2], [3]),
          ep.ProbeConfig(engine="jvp", microbatch_units=2), True),
     ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 from .direction import DIRECTIONS
 from .logprobs import WEIGHTINGS
@@ -58,6 +59,15 @@ class ProbeConfig:
     """Also compute se_total (adds the variance over U; costs one more pass over U)."""
     truth_alphas: tuple[float, ...] = (1.0,)
     """Step fractions alpha at which run(truth=True) measures the entropy after theta + alpha*eta*v."""
+    second_order: bool = False
+    """Also estimate delta_h2 = (eta^2/2) v^T (grad^2 H) v and forecast = delta_h1 + delta_h2 (one nested
+    forward-mode pass over E; off by default: it costs more than half the E pass, docs/performance.md)."""
+    by_group: bool | None = None
+    """Compute result.by_group (delta_h1 split by parameter group). None: on with engine="backward", where it
+    is free; off with "jvp", where it makes the call run the backward engine's per-unit loop instead."""
+    groups: Callable[[str], str] | None = None
+    """f(parameter name) -> group name for by_group. None: embeddings, block.<i>, head, other
+    (``attribution.default_group``). Enters the DDP agreement check by its qualified name."""
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, msg: str) -> None:
@@ -82,6 +92,15 @@ class ProbeConfig:
         object.__setattr__(self, "truth_alphas", tuple(float(a) for a in self.truth_alphas))  # frozen: set once
         need(len(self.truth_alphas) > 0 and all(math.isfinite(a) for a in self.truth_alphas), "truth_alphas",
              "must be a non-empty sequence of finite numbers")
+        need(isinstance(self.second_order, bool), "second_order", "must be True or False")
+        need(self.by_group is None or isinstance(self.by_group, bool), "by_group", "must be None, True or False")
+        need(self.groups is None or callable(self.groups), "groups", "must be None or a callable name -> group")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Every field, JSON-ready: ``groups`` by its qualified name (a function's repr holds its address,
+        which differs between processes and would break the DDP agreement check)."""
+        out = asdict(self)
+        if self.groups is not None:
+            f = self.groups
+            out["groups"] = f"{getattr(f, '__module__', '?')}.{getattr(f, '__qualname__', type(f).__qualname__)}"
+        return out

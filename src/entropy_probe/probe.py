@@ -5,6 +5,8 @@ Reads top to bottom as the data flow of one call:
     rollout batch U -> update direction v        (objectives, direction, engines.update_gradient)
     rollout batch E -> per-unit projections s_n  (engines.eval_projections: backward or jvp)
     s_n -> statistics                            (statistics: delta_h1, SE over E, jackknife)
+    s_n^(g) -> attribution by parameter group    (attribution: by_group)
+    v, E -> q_n -> second order                  (engines.eval_second_order: delta_h2, forecast)
     Xbar_E, U -> variance over U                 (engines.update_projections: se_total)
     v, E -> truth                                (truth: the step applied functionally)
     -> ProbeResult
@@ -42,7 +44,8 @@ from .distributed import (
     merged_moments,
     unwrap,
 )
-from .engines import EvalProjections, eval_projections, update_gradient, update_projections
+from .attribution import group_values, parameter_groups, wants_groups
+from .engines import EvalProjections, eval_projections, eval_second_order, update_gradient, update_projections
 from .from_grad import direction_from_grad, grad_checksums, optimizer_lr, unwrap_optimizer
 from .logprobs import SequenceLogProbs
 from .objectives import UpdateTotals, advantages, policy_gradient_coefficients, unit_entropy
@@ -68,6 +71,18 @@ class EvalStatistics:
     se_jackknife: float
     entropy: float
     n_dropped_rows: int
+    sizes: list[int] | None = None  # E units per rank
+
+
+@dataclass
+class SecondOrder:
+    """Step 4b of a call: the second-order term and the forecast (DESIGN section 12), over all ranks."""
+
+    q: Tensor  # (B_E,) float64 q_n, rank order
+    delta_h2: float
+    se_delta_h2: float
+    forecast: float
+    se_forecast: float
 
 
 class EntropyProbe:
@@ -186,12 +201,16 @@ class EntropyProbe:
     def _project_eval(self, batch: RolloutBatch | None, params: Params, upd: UpdateDirection,
                       want_x_sum: bool) -> tuple[EvalProjections, Tensor, Tensor]:
         """(projections, this rank's summed unit entropies, its unit ids); empty on a rank without E units."""
+        want_groups = wants_groups(self.config)
         if batch is not None:
-            proj = eval_projections(self.module, params, batch, upd.v, self.config, want_x_sum)
+            proj = eval_projections(self.module, params, batch, upd.v, self.config, want_x_sum, want_groups)
             return proj, unit_entropy(proj.weighted, batch).double().sum(), batch.unit_ids
         empty = torch.zeros(0, device=_device_of(params))
         x_sum = {n: torch.zeros_like(x) for n, x in upd.v.items()} if want_x_sum else None
         proj = EvalProjections(empty, empty, empty, x_sum)
+        if want_groups:  # (0, n_groups) float64, as the ranks holding units send
+            n_groups = len(parameter_groups(params, self.config.groups)[0])
+            proj.s_groups = torch.zeros((0, n_groups), dtype=torch.float64, device=empty.device)
         return proj, torch.zeros((), dtype=torch.float64), torch.zeros(0, dtype=torch.long)
 
     # ---- 3. s_n -> statistics over E with U fixed -------------------------------------------------
@@ -199,12 +218,14 @@ class EntropyProbe:
                          local_dropped: int, lr: float) -> EvalStatistics:
         """float64 moments merged over ranks, then the s_n themselves for the jackknife and attribution."""
         comm = self.comm
+        # with groups, s_n is their float64 sum, so that the groups add up to delta_h1 to float64 rounding
+        local_s = proj.s if proj.s_groups is None else proj.s_groups.sum(dim=1)
         extra = torch.stack([local_entropy.cpu(), torch.tensor(float(local_dropped), dtype=torch.float64)])
-        moments, sums, sizes = merged_moments(comm, moments_update(proj.s), extra)
+        moments, sums, sizes = merged_moments(comm, moments_update(local_s), extra)
         n_eval = int(moments.count)
         if n_eval == 0:
             raise ValueError("eval_batch: no rank holds any evaluation unit")
-        s = comm.gather(proj.s, sizes)  # (B_E,) over all ranks, rank order
+        s = comm.gather(local_s, sizes)  # (B_E,) over all ranks, rank order
         unit_ids = comm.gather(local_ids, sizes)  # (B_E,)
         bad = (~torch.isfinite(s)).nonzero()
         if len(bad):
@@ -213,7 +234,44 @@ class EntropyProbe:
         var_e, se_e = conditional_variance(moments, lr)
         return EvalStatistics(s=s, unit_ids=unit_ids, n_eval=n_eval, delta_h1=lr * float(moments.mean),
                               var_cond_e=var_e, se_cond_e=se_e, se_jackknife=jackknife_se(s, lr),
-                              entropy=float(sums[0]) / n_eval, n_dropped_rows=int(sums[1]))
+                              entropy=float(sums[0]) / n_eval, n_dropped_rows=int(sums[1]), sizes=sizes)
+
+    # ---- 3b. s_n^(g) -> delta_h1 by parameter group -------------------------------------------------
+    def _by_group(self, proj: EvalProjections, params: Params, stats: EvalStatistics,
+                  lr: float) -> dict[str, tuple[float, float]] | None:
+        """``{group: (eta mean_n s_n^(g), its SE over E)}`` from every rank's per-unit group values."""
+        if proj.s_groups is None:
+            return None
+        names = parameter_groups(params, self.config.groups)[0]
+        per_unit = self.comm.gather(proj.s_groups, stats.sizes)  # (B_E, n_groups) float64, rank order
+        means, ses = group_values(per_unit, lr)
+        return dict(zip(names, zip(means, ses)))
+
+    # ---- 3c. v, E -> q_n -> delta_h2 and the forecast ----------------------------------------------
+    def _second_order(self, batch: RolloutBatch | None, params: Params, upd: UpdateDirection,
+                      stats: EvalStatistics, lr: float) -> SecondOrder:
+        """q_n by nested forward mode; float64 moments of q_n and of ``eta s_n + eta^2/2 q_n`` merged over ranks."""
+        comm = self.comm
+        q_local = torch.zeros(0, dtype=torch.float64, device=_device_of(params))
+        if batch is not None:
+            q_local = eval_second_order(self.module, params, batch, upd.v, self.config)
+        q = comm.gather(q_local, stats.sizes)  # (B_E,) rank order, as the s_n
+        bad = (~torch.isfinite(q)).nonzero()
+        if len(bad):
+            unit = int(bad[0, 0])
+            raise ValueError(f"eval_batch: q_n (second order) is not finite for unit {int(stats.unit_ids[unit])} "
+                             f"(position {unit})")
+        half = 0.5 * lr * lr
+        rank = comm.rank
+        start = sum(stats.sizes[:rank])
+        s_local = stats.s[start: start + stats.sizes[rank]].double().to(q_local.device)  # this rank's s_n
+        m_q, _, _ = merged_moments(comm, moments_update(q_local), torch.zeros(0))
+        m_c, _, _ = merged_moments(comm, moments_update(lr * s_local + half * q_local), torch.zeros(0))
+        _, se_q = conditional_variance(m_q, 1.0)
+        _, se_c = conditional_variance(m_c, 1.0)
+        delta_h2 = half * float(m_q.mean)
+        return SecondOrder(q=q, delta_h2=delta_h2, se_delta_h2=half * se_q, forecast=stats.delta_h1 + delta_h2,
+                           se_forecast=se_c)
 
     # ---- 4. Xbar_E, U -> the variance over U ------------------------------------------------------
     def _se_total(self, update_batch: RolloutBatch | None, params: Params, upd: UpdateDirection,
@@ -272,19 +330,24 @@ class EntropyProbe:
             proj, local_entropy, local_ids = self._project_eval(eval_batch, params, upd, want_total)  # 2.
             dropped = 0 if eval_batch is None else eval_batch.n_dropped_rows
             stats = self._eval_statistics(proj, local_entropy, local_ids, dropped, lr)  # 3.
+            by_group = self._by_group(proj, params, stats, lr)  # 3b.
+            second = None
+            if self.config.second_order:  # 3c.
+                second = self._second_order(eval_batch, params, upd, stats, lr)
             se_total = None
             if want_total:  # 4.
                 se_total = self._se_total(update_batch, params, upd, coeff, proj, stats, lr)
             truth_result = None
             if truth:  # 5. the step applied functionally
                 truth_result = measure_truth(self.module, params, upd.v, lr, eval_batch, stats.s, self.config,
-                                             self.comm)
+                                             self.comm, per_unit_q=None if second is None else second.q)
         state = EvalState(eval_batch, SequenceLogProbs(proj.seq_logprob, proj.weighted))
         return ProbeResult(delta_h1=stats.delta_h1, se_cond_e=stats.se_cond_e, var_cond_e=stats.var_cond_e,
                            se_jackknife=stats.se_jackknife, se_total=se_total, entropy=stats.entropy,
                            n_eval_units=stats.n_eval, n_update_units=n_update, lr=lr,
                            per_unit=stats.s.detach().double().cpu(), eval_unit_ids=stats.unit_ids.cpu(),
-                           truth=truth_result, n_dropped_rows=stats.n_dropped_rows, eval_state=state)
+                           truth=truth_result, n_dropped_rows=stats.n_dropped_rows, eval_state=state,
+                           by_group=by_group, **_second_order_fields(second))
 
     def measure_change(self, result: ProbeResult) -> MeasuredChange:
         """After the real ``optimizer.step()``: the entropy change on ``result``'s E, one forward at the
@@ -302,6 +365,13 @@ class EntropyProbe:
         with preserved_caller_state(self.module):
             return measure_change(self.module, self.parameters(), state, result.per_unit, result.lr, self.config,
                                   self.comm)
+
+
+def _second_order_fields(second: SecondOrder | None) -> dict:
+    if second is None:
+        return {}
+    return dict(delta_h2=second.delta_h2, se_delta_h2=second.se_delta_h2, forecast=second.forecast,
+                se_forecast=second.se_forecast, per_unit_q=second.q.detach().cpu())
 
 
 def _device_of(params: Params) -> torch.device:

@@ -13,11 +13,17 @@ n_eval_units        B_E
 n_update_units      B_U (0 when the direction was given or came from .grad)
 n_dropped_rows      E rows with no response token, dropped from their units
 lr                  eta
+delta_h2            second-order term ``(eta^2/2) v^T grad^2 H v`` (only with ``second_order=True``)
+se_delta_h2         its SE over E
+forecast            ``delta_h1 + delta_h2``; se_forecast its SE over E (from the per-unit combined values)
+group/<name>        ``delta_h1`` of parameter group <name> (by_group; the groups sum to delta_h1)
+group/<name>/se     its SE over E
 truth/delta_h       measured change at alpha = 1 (or the last alpha), self-normalised IS
 truth/se            its jackknife SE over E units
 truth/ess           effective sample size of the importance weights
 truth/se_diff       jackknife SE of ``delta_h - delta_h1`` on the same E
 truth/slope         least-squares slope of delta_h(alpha) through the origin
+truth/se_diff_forecast  jackknife SE of ``delta_h - forecast`` on the same E (second order on)
 ==================  ==========================================================================
 """
 
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from statistics import NormalDist
 
 from torch import Tensor
 
@@ -47,9 +54,12 @@ class TruthResult:
     ess_at: list[float] = field(default_factory=list)
     se_diff_at: list[float] = field(default_factory=list)
     slope: float = math.nan
+    se_diff_forecast: float | None = None  # jackknife SE of delta_h - forecast (second order on)
 
     def to_dict(self) -> dict:
         out = {f"{PREFIX}truth/{k}": getattr(self, k) for k in ("delta_h", "se", "ess", "se_diff", "slope")}
+        if self.se_diff_forecast is not None:
+            out[f"{PREFIX}truth/se_diff_forecast"] = self.se_diff_forecast
         for a, d in zip(self.alphas, self.delta_h_at):
             out[f"{PREFIX}truth/delta_h@{a:g}"] = d
         return out
@@ -74,6 +84,23 @@ class ProbeResult:
     n_dropped_rows: int = 0  # E rows with no response token, dropped from their units (summed over ranks)
     eval_state: object | None = field(default=None, repr=False, compare=False)  # change.EvalState, for
     # probe.measure_change: E and its log-probs at the forecast's parameters (never in to_dict)
+    delta_h2: float | None = None  # (eta^2/2) mean_n q_n; None without second_order
+    se_delta_h2: float | None = None  # (eta^2/2) sqrt(var(q) / B_E)
+    forecast: float | None = None  # delta_h1 + delta_h2
+    se_forecast: float | None = None  # sqrt(var(eta s_n + eta^2/2 q_n) / B_E)
+    per_unit_q: Tensor | None = None  # (B_E,) float64 q_n, eval-unit order: unit n adds eta^2/2 q_n / B_E
+    by_group: dict[str, tuple[float, float]] | None = None  # {group: (delta_h1_g, se_g)}, summing to delta_h1
+
+
+    def forecast_interval(self, level: float = 0.95) -> tuple[float, float]:
+        """Normal interval of ``forecast`` over E, ``forecast -+ z * se_forecast``; needs second_order."""
+        if self.forecast is None:
+            raise ValueError("forecast_interval: no second-order term in this result; run with "
+                             "ProbeConfig(second_order=True)")
+        if not 0.0 < level < 1.0:
+            raise ValueError(f"forecast_interval: level must be in (0, 1), got {level!r}")
+        z = NormalDist().inv_cdf(0.5 + level / 2)
+        return self.forecast - z * self.se_forecast, self.forecast + z * self.se_forecast
 
     def interval(self, z: float = Z95) -> tuple[float, float]:
         """The forecast's normal interval over E, ``delta_h1 -+ z * se_cond_e``."""
@@ -83,6 +110,10 @@ class ProbeResult:
         keys = ("delta_h1", "se_cond_e", "var_cond_e", "se_jackknife", "se_total", "entropy",
                 "n_eval_units", "n_update_units", "lr", "n_dropped_rows")
         out = {f"{PREFIX}{k}": getattr(self, k) for k in keys}
+        if self.forecast is not None:
+            out.update({f"{PREFIX}{k}": getattr(self, k) for k in ("delta_h2", "se_delta_h2", "forecast", "se_forecast")})
+        for name, (value, se) in (self.by_group or {}).items():
+            out[f"{PREFIX}group/{name}"], out[f"{PREFIX}group/{name}/se"] = value, se
         if self.truth is not None:
             out.update(self.truth.to_dict())
         return out

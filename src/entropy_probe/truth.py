@@ -94,13 +94,15 @@ def entropy_change(batch: RolloutBatch | None, before: SequenceLogProbs | None, 
 
 
 def measure_truth(module: nn.Module, params: Params, v: Vector, lr: float, batch: RolloutBatch | None,
-                  per_unit: Tensor, cfg: ProbeConfig, comm=None) -> TruthResult:
+                  per_unit: Tensor, cfg: ProbeConfig, comm=None, per_unit_q: Tensor | None = None) -> TruthResult:
     """The truth at each ``cfg.truth_alphas``; the headline numbers are those at alpha = 1 when swept,
     else at the last alpha.
 
     The log-probs at theta are re-evaluated through the same microbatched forward as those at theta',
     so that at alpha = 0 the weights are exactly 1. Under DDP (``comm``) ``per_unit`` holds every
-    rank's s_n and ``batch`` is this rank's share of E (None if it holds none).
+    rank's s_n and ``batch`` is this rank's share of E (None if it holds none). With ``per_unit_q`` (the
+    q_n of the second order, same order) the headline also gets ``se_diff_forecast``, the jackknife SE
+    of truth - forecast, the forecast at alpha being ``alpha eta s_n + (alpha eta)^2/2 q_n`` per unit.
     """
     alphas = cfg.truth_alphas
     before = logprobs_at(module, dict(params), batch, cfg) if batch is not None else None
@@ -110,16 +112,24 @@ def measure_truth(module: nn.Module, params: Params, v: Vector, lr: float, batch
         if batch is not None:  # a rank holding no E units contributes nothing to the gathered sums
             after = logprobs_at(module, stepped_parameters(params, v, alpha * lr), batch, cfg)
             _check_weights(before.seq, after.seq, alpha)
+        if alpha == (1.0 if 1.0 in alphas else alphas[-1]):
+            after_head = after
         # The prediction at alpha is alpha * delta_h1; its per-unit pieces scale the same way.
         changes.append(entropy_change(batch, before, after, per_unit * alpha, lr, comm=comm))
     deltas = [c.delta_h for c in changes]
     a = torch.tensor(alphas, dtype=torch.float64)
     d = torch.tensor(deltas, dtype=torch.float64)
     slope = float((a * d).sum() / (a * a).sum()) if float((a * a).sum()) > 0 else math.nan
-    head = changes[list(alphas).index(1.0)] if 1.0 in alphas else changes[-1]
+    head_at = list(alphas).index(1.0) if 1.0 in alphas else len(alphas) - 1
+    head = changes[head_at]
+    se_diff_forecast = None
+    if per_unit_q is not None:  # no forward needed: the same log-probs, another per-unit prediction
+        a = alphas[head_at]
+        combined = a * per_unit.double() + 0.5 * a * a * lr * per_unit_q.double().to(per_unit.device)
+        se_diff_forecast = entropy_change(batch, before, after_head, combined, lr, comm=comm).se_diff
     return TruthResult(delta_h=head.delta_h, se=head.se, ess=head.ess, se_diff=head.se_diff, alphas=list(alphas),
                        delta_h_at=deltas, se_at=[c.se for c in changes], ess_at=[c.ess for c in changes],
-                       se_diff_at=[c.se_diff for c in changes], slope=slope)
+                       se_diff_at=[c.se_diff for c in changes], slope=slope, se_diff_forecast=se_diff_forecast)
 
 
 # exp(709.8) is the largest finite float64: beyond it a weight is inf and the SNIS ratio inf / inf = NaN.

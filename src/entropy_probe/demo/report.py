@@ -47,6 +47,25 @@ def summarize(rows: list[dict]) -> dict:
         mean_truth_minus_forecast=float(gap.mean()),
         mean_truth_minus_forecast_se=float(gap.std() / math.sqrt(n)) if n > 1 else 0.0,
         max_step_relative_error=max(col("step_relative_error")),
+        **second_order_summary(rows),
+    )
+
+
+def second_order_summary(rows: list[dict]) -> dict:
+    """The same headline figures for the second-order forecast ``delta_h1 + delta_h2``."""
+    col = lambda k: [r[k] for r in rows]  # noqa: E731
+    n = len(rows)
+    gap = torch.tensor([r["truth"] - r["forecast2"] for r in rows], dtype=torch.float64)  # (steps,)
+    return dict(
+        coverage95_2=sum(col("truth_inside2")) / n,
+        correlation2=pearson(col("forecast2"), col("truth")),
+        sum_forecast2=sum(col("forecast2")), sum_forecast2_se=math.sqrt(sum(s ** 2 for s in col("forecast2_se"))),
+        sum_truth_se=math.sqrt(sum(s ** 2 for s in col("truth_se"))),
+        # steps are independent; on each step truth and forecast share E, so their difference has se_diff
+        sum_truth_minus_forecast2_se=math.sqrt(sum(s ** 2 for s in col("truth_se_diff2"))),
+        sum_truth_minus_forecast_se=math.sqrt(sum(s ** 2 for s in col("truth_se_diff"))),
+        mean_truth_minus_forecast2=float(gap.mean()),
+        mean_truth_minus_forecast2_se=float(gap.std() / math.sqrt(n)) if n > 1 else 0.0,
     )
 
 
@@ -73,7 +92,7 @@ def plot(out: Path, rows: list[dict], summary: dict) -> Path:
     step = col("step")
     fc, fse, tr, tse = col("forecast"), col("forecast_se"), col("truth"), col("truth_se")
     ms = col("measured")
-    blue, orange, green, grey = "#1f77b4", "#d62728", "#2ca02c", "#7f7f7f"
+    blue, orange, green, grey, purple = "#1f77b4", "#d62728", "#2ca02c", "#7f7f7f", "#9467bd"
 
     fig, ax = plt.subplots(2, 2, figsize=(12, 8.5), constrained_layout=True)
     a = ax[0, 0]
@@ -81,20 +100,25 @@ def plot(out: Path, rows: list[dict], summary: dict) -> Path:
     a.errorbar(step - 0.15, fc, yerr=Z95 * fse, fmt="o", ms=4, color=blue, capsize=2, label="forecast ± 95%")
     a.errorbar(step + 0.15, tr, yerr=Z95 * tse, fmt="s", ms=3.5, color=orange, capsize=0, lw=0.8,
                label="truth (same step, re-measured on E)")
+    fc2, fse2 = col("forecast2"), col("forecast2_se")
+    a.errorbar(step, fc2, yerr=Z95 * fse2, fmt="D", ms=3.5, color=purple, capsize=0, lw=0.8,
+               label="forecast with 2nd order ± 95%")
     a.plot(step, ms, "x", color=green, ms=5, label="measured on fresh samples")
     a.set(xlabel="GRPO step", ylabel="entropy change of the step (nats)",
-          title=f"Forecast before each step vs what happened\ninside the forecast's 95% interval: truth "
-                f"{summary['coverage95']:.0%}, fresh-sample change {summary['coverage95_measured']:.0%} of steps")
+          title=f"Forecast before each step vs what happened\ntruth inside the 95% interval: {summary['coverage95']:.0%} "
+                f"(1st order), {summary['coverage95_2']:.0%} (2nd order) of steps")
     a.legend(fontsize=8, loc="lower right")
 
     a = ax[0, 1]
-    lim = np.array([min(fc.min(), tr.min()), max(fc.max(), tr.max())])
+    lim = np.array([min(fc.min(), fc2.min(), tr.min()), max(fc.max(), fc2.max(), tr.max())])
     lim = lim + np.array([-1, 1]) * 0.08 * (lim[1] - lim[0] + 1e-9)
     a.plot(lim, lim, color=grey, lw=0.8, label="truth = forecast")
     a.errorbar(fc, tr, xerr=Z95 * fse, fmt="o", ms=4, color=blue, ecolor="#9ecae1", capsize=0, lw=0.8,
-               label="one step (bars: forecast's 95%)")
-    a.set(xlim=lim, ylim=lim, xlabel="forecast delta_h1 (nats)", ylabel="truth delta_h (nats)",
-          title=f"Forecast vs truth, one point per step\ncorrelation {summary['correlation']:.2f}")
+               label="1st order delta_h1 (bars: 95%)")
+    a.plot(fc2, tr, "D", ms=3.5, color=purple, label="with 2nd order, delta_h1 + delta_h2")
+    a.set(xlim=lim, ylim=lim, xlabel="forecast (nats)", ylabel="truth delta_h (nats)",
+          title=f"Forecast vs truth, one point per step\ncorrelation {summary['correlation']:.3f} (1st order), "
+                f"{summary['correlation2']:.3f} (2nd order)")
     a.set_aspect("equal")
     a.legend(fontsize=8, loc="upper left")
 
@@ -106,6 +130,7 @@ def plot(out: Path, rows: list[dict], summary: dict) -> Path:
     cum_band = Z95 * np.sqrt(np.concatenate([[0], np.cumsum(fse ** 2)]))
     a.fill_between(x, cum_fc - cum_band, cum_fc + cum_band, color=blue, alpha=0.2, lw=0)
     a.plot(x, cum_fc, color=blue, label="start + summed forecasts (± 95%)")
+    a.plot(x, h0 + np.concatenate([[0], np.cumsum(fc2)]), color=purple, label="start + summed 2nd-order forecasts")
     a.plot(x, h0 + np.concatenate([[0], np.cumsum(tr)]), color=orange, lw=1, label="start + summed truths")
     es = col("entropy_se")
     a.errorbar(x, np.concatenate([[h0], measured]), yerr=Z95 * np.concatenate([es[:1], es[1:], es[-1:]]),
@@ -133,15 +158,16 @@ def print_report(console, rows: list[dict], summary: dict, out: Path) -> None:
     from rich.table import Table
 
     table = Table(title="GRPO steps (entropy changes in nats, ± one SE)", box=box.SIMPLE_HEAD, pad_edge=False)
-    for name in ("step", "reward", "entropy", "forecast", "truth", "measured", "in 95%"):
+    # 80 columns: the second-order forecast without its SE; reward and coverage in the summary and the plot
+    for name in ("step", "entropy", "forecast", "2nd order", "truth", "measured"):
         table.add_column(name, justify="right")
     every = max(1, len(rows) // 20)
     for r in rows:
         if (r["step"] - 1) % every and r is not rows[-1]:
             continue
-        table.add_row(str(r["step"]), f"{r['reward']:.3f}", f"{r['entropy']:.3f}",
-                      f"{r['forecast']:+.3f}±{r['forecast_se']:.3f}", f"{r['truth']:+.3f}±{r['truth_se']:.3f}",
-                      f"{r['measured']:+.3f}±{r['measured_se']:.3f}", "yes" if r["truth_inside"] else "[red]no")
+        table.add_row(str(r["step"]), f"{r['entropy']:.3f}",
+                      f"{r['forecast']:+.3f}±{r['forecast_se']:.3f}", f"{r['forecast2']:+.3f}",
+                      f"{r['truth']:+.3f}±{r['truth_se']:.3f}", f"{r['measured']:+.3f}±{r['measured_se']:.3f}")
     console.print(table)
     s = summary
     lines = Table(title="Summary", show_header=False)
@@ -155,10 +181,17 @@ def print_report(console, rows: list[dict], summary: dict, out: Path) -> None:
                   f"{s['measured_z_sd']:.2f}")
     lines.add_row("correlation forecast / truth", f"{s['correlation']:.3f}")
     lines.add_row("correlation forecast / fresh-sample change", f"{s['correlation_measured']:.3f}")
-    lines.add_row("summed forecasts", f"{s['sum_forecast']:+.3f} ± {s['sum_forecast_se']:.3f}")
-    lines.add_row("summed truths / fresh-sample changes", f"{s['sum_truth']:+.3f} / {s['sum_measured']:+.3f}")
+    lines.add_row("correlation 2nd-order forecast / truth", f"{s['correlation2']:.3f}")
+    lines.add_row("truth inside the 2nd-order forecast's 95% interval", f"{s['coverage95_2']:.0%}")
+    lines.add_row("summed forecasts, 1st order", f"{s['sum_forecast']:+.3f} ± {s['sum_forecast_se']:.3f}")
+    lines.add_row("summed forecasts, with 2nd order", f"{s['sum_forecast2']:+.3f} ± {s['sum_forecast2_se']:.3f}")
+    lines.add_row("summed truths / fresh-sample changes", f"{s['sum_truth']:+.3f} ± {s['sum_truth_se']:.3f} / "
+                  f"{s['sum_measured']:+.3f}")
+    lines.add_row("summed truth - forecast (paired SE): 1st, 2nd order",
+                  f"{s['sum_truth'] - s['sum_forecast']:+.3f} ± {s['sum_truth_minus_forecast_se']:.3f}, "
+                  f"{s['sum_truth'] - s['sum_forecast2']:+.3f} ± {s['sum_truth_minus_forecast2_se']:.3f}")
     lines.add_row("mean truth - forecast per step", f"{s['mean_truth_minus_forecast']:+.4f} ± "
                   f"{s['mean_truth_minus_forecast_se']:.4f}")
     lines.add_row("real AdamW step vs forecast's step (rel. error)", f"{s['max_step_relative_error']:.1e}")
     console.print(lines)
-    console.print(f"wrote {out / 'demo.json'}, {out / 'steps.csv'}, {out / 'demo.png'}")
+    console.print(f"wrote {out / 'demo.json'}, {out / 'steps.csv'}, {out / 'demo.png'}, {out / 'layers.png'}")

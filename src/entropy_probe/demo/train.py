@@ -10,7 +10,8 @@ What happens:
    - sample an update batch U (trained on) and an independent evaluation batch E (probe only);
    - measure the entropy on fresh samples F (``H_before``);
    - run the probe on the step AdamW is about to take (``direction="optimizer-step"``): the forecast
-     ``delta_h1`` with its SE over E, the unconditional SE and the truth (the same step applied
+     ``delta_h1`` with its SE over E, the unconditional SE, the second-order forecast
+     ``delta_h1 + delta_h2``, delta_h1 by parameter group, and the truth (the same step applied
      functionally, entropy re-measured on E by importance weighting, DESIGN section 6);
    - take the real AdamW step with the same loss the probe differentiates;
    - measure the entropy again on fresh samples drawn with the same seed and prompts as F
@@ -38,6 +39,7 @@ from ..probe import EntropyProbe
 from ..sampling import sample_rollouts
 from ..statistics import Z95
 from .config import DemoConfig
+from .layers import layer_plot
 from .report import plot, print_report, summarize, write_files
 from .task import SortingTask
 
@@ -156,7 +158,19 @@ def rl_step(step: int, model, optimizer, probe: EntropyProbe, task: SortingTask,
         measured=measured, measured_se=measured_se,
         measured_z=(measured - result.delta_h1) / math.sqrt(result.se_cond_e ** 2 + measured_se ** 2),
         step_relative_error=step_error / step_size if step_size > 0 else 0.0,
+        **second_order_columns(result),
     )
+
+
+def second_order_columns(result) -> dict:
+    """The forecast with the second order (DESIGN section 12) and delta_h1 by parameter group (section 13)."""
+    t = result.truth
+    lo, hi = result.forecast_interval(0.95)
+    out = dict(delta_h2=result.delta_h2, delta_h2_se=result.se_delta_h2, forecast2=result.forecast,
+               forecast2_se=result.se_forecast, forecast2_lo95=lo, forecast2_hi95=hi,
+               truth_inside2=int(lo <= t.delta_h <= hi), truth_se_diff2=t.se_diff_forecast)
+    out.update({f"group:{name}": value for name, (value, _) in result.by_group.items()})
+    return out
 
 
 # ---- summary ---------------------------------------------------------------------------------------
@@ -177,7 +191,7 @@ def run(cfg: DemoConfig, console=None) -> dict:
     data_gen = torch.Generator().manual_seed(cfg.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.warmup_lr, weight_decay=0.0)
     probe = EntropyProbe(model, optimizer, ProbeConfig(direction="optimizer-step", max_grad_norm=cfg.max_grad_norm
-                                                       if cfg.max_grad_norm else None))
+                                                       if cfg.max_grad_norm else None, second_order=True))
     rows: list[dict] = []
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.fields[info]}")]
@@ -200,5 +214,6 @@ def run(cfg: DemoConfig, console=None) -> dict:
                  runtime_s=time.perf_counter() - start)
     write_files(out, cfg, rows, summary, extra)
     plot(out, rows, summary)
+    layer_plot(out, rows)
     print_report(console, rows, summary, out)
     return dict(config=asdict(cfg), summary=summary, steps=rows, **extra)

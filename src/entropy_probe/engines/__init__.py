@@ -12,18 +12,29 @@ from torch import Tensor, nn
 from ..batch import RolloutBatch
 from ..config import ProbeConfig
 from ..vectors import Params, Vector
-from . import backward, jvp
+from . import backward, jvp, second_order
 from .backward import update_gradient
 from .projections import EvalProjections
 
-__all__ = ["EvalProjections", "eval_projections", "update_gradient", "update_projections"]
+__all__ = ["EvalProjections", "eval_projections", "eval_second_order", "update_gradient", "update_projections"]
 
 
 def eval_projections(module: nn.Module, params: Params, batch: RolloutBatch, v: Vector, cfg: ProbeConfig,
-                     want_x_sum: bool = False) -> EvalProjections:
-    """s_n = v . X_n for every unit of ``batch`` (and ``sum_n X_n`` when asked), by the configured engine."""
-    engine = jvp if cfg.engine == "jvp" else backward
-    return engine.eval_projections(module, params, batch, v, cfg, want_x_sum)
+                     want_x_sum: bool = False, want_groups: bool = False) -> EvalProjections:
+    """s_n = v . X_n for every unit of ``batch`` (and ``sum_n X_n`` when asked), by the configured engine.
+
+    ``want_groups`` (``by_group``) needs the backward engine's per-unit loop whatever the engine: the jvp
+    engine would need one forward-mode pass per group (docs/performance.md).
+    """
+    if want_groups or cfg.engine != "jvp":
+        return backward.eval_projections(module, params, batch, v, cfg, want_x_sum, want_groups)
+    return jvp.eval_projections(module, params, batch, v, cfg, want_x_sum)
+
+
+def eval_second_order(module: nn.Module, params: Params, batch: RolloutBatch, v: Vector,
+                      cfg: ProbeConfig) -> Tensor:
+    """``(B_E,)`` float64 q_n (DESIGN section 12), one nested forward-mode pass whatever the engine."""
+    return second_order.eval_second_order(module, params, batch, v, cfg)
 
 
 def update_projections(module: nn.Module, params: Params, batch: RolloutBatch, coeff: Tensor, u: Vector,

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..batch import RolloutBatch
+from ..attribution import parameter_groups
 from ..config import ProbeConfig
 from ..logprobs import sequence_logprobs
 from ..objectives import entropy_gradient_coefficients
@@ -37,20 +38,38 @@ def update_gradient(module: nn.Module, params: Params, batch: RolloutBatch, coef
 
 
 def eval_projections(module: nn.Module, params: Params, batch: RolloutBatch, v: Vector, cfg: ProbeConfig,
-                     want_x_sum: bool = False) -> EvalProjections:
-    """s_n for every E unit, one forward and one backward per unit (the note's loop)."""
+                     want_x_sum: bool = False, want_groups: bool = False) -> EvalProjections:
+    """s_n for every E unit, one forward and one backward per unit (the note's loop).
+
+    With ``want_groups`` also s_n^(g) per parameter group (``cfg.groups``): one dot per parameter, summed
+    per group in float64, so the groups add up to s_n exactly.
+    """
     s = []
     out = EvalProjections.empty(batch, v, want_x_sum)
+    index = parameter_groups(params, cfg.groups)[1].to(batch.device) if want_groups else None
     for mb in batch.microbatches(1):
         lp = sequence_logprobs(module, mb.batch, cfg.temperature, cfg.entropy_weighting)
         a, e = entropy_gradient_coefficients(lp.weighted, mb.batch, cfg.x_estimator)
         grads = grad_of((a * lp.seq + e * lp.weighted).sum(), params)  # X_n
-        s.append(dot(grads, v))
+        s.append(dot(grads, v) if index is None else _group_dots(grads, v, index))
         if out.x_sum is not None:
             add_into(out.x_sum, grads)
         out.seq_logprob[mb.rows], out.weighted[mb.rows] = lp.seq.detach(), lp.weighted.detach()
-    out.s = torch.stack(s)  # (B_E,)
+    if index is None:
+        out.s = torch.stack(s)  # (B_E,)
+    else:
+        out.s_groups = torch.stack(s)  # (B_E, n_groups) float64
+        out.s = out.s_groups.sum(dim=1).float()
     return out
+
+
+def _group_dots(grads: dict[str, Tensor | None], v: Vector, index: Tensor) -> Tensor:
+    """``(n_groups,)`` float64 ``X^(g) . v^(g)``: one fp32 dot per parameter, summed per group."""
+    zero = torch.zeros((), dtype=torch.float32, device=index.device)
+    terms = torch.stack([zero if g is None else torch.vdot(g.reshape(-1).float(), v[name].reshape(-1))
+                         for name, g in grads.items()])  # (K,) in params order
+    n_groups = int(index.max()) + 1
+    return torch.zeros(n_groups, dtype=torch.float64, device=index.device).index_add_(0, index, terms.double())
 
 
 def update_projections(module: nn.Module, params: Params, batch: RolloutBatch, coeff: Tensor, u: Vector,

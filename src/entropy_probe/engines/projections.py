@@ -19,12 +19,15 @@ class EvalProjections:
     seq_logprob, weighted: ``(N,)`` fp32 S_i and S_w,i at theta (detached), batch row order; the
         entropy on E and the importance weights of a later measurement start from these.
     x_sum: ``sum_n X_n`` (fp32, parameter-shaped) when asked for, else None.
+    s_groups: ``(B_E, n_groups)`` float64 s_n^(g) = X_n^(g) . v^(g) by parameter group when asked for
+        (``attribution``), else None; ``s_groups.sum(1)`` is s_n in float64.
     """
 
     s: Tensor
     seq_logprob: Tensor
     weighted: Tensor
     x_sum: Vector | None = None
+    s_groups: Tensor | None = None
 
     @classmethod
     def empty(cls, batch: RolloutBatch, v: Vector, want_x_sum: bool) -> "EvalProjections":

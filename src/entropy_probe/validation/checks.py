@@ -99,14 +99,15 @@ def slope_check(name: str, factors: list[int], var_by_factor: list[list[float]],
 
 # ---- the experiments --------------------------------------------------------------------------------
 def run_shards(problem: Problem, s: Settings, seed: int, advance) -> dict:
-    """K shards of B_E units, each probed with both entropy weightings along the same fixed v.
+    """K shards of B_E units, each probed with both entropy weightings along the same fixed v (with the
+    second order: delta_h2 and the forecast too).
 
     Also with the founding note's estimator (``x_estimator="seed"``, no pathwise term), biased for
     "token-mean" with variable lengths (DESIGN section 3): the control that the unbiasedness check can fail.
     """
-    probes = {w: _probe(problem, entropy_weighting=w) for w in WEIGHTINGS}
+    probes = {w: _probe(problem, entropy_weighting=w, second_order=True) for w in WEIGHTINGS}
     probes[CONTROL] = _probe(problem, entropy_weighting="token-mean", x_estimator="seed")
-    out = {w: dict(delta_h1=[], var=[], se=[], s=[]) for w in probes}
+    out = {w: dict(delta_h1=[], var=[], se=[], s=[], delta_h2=[], forecast=[]) for w in probes}
     for k in range(s.n_shards):
         batch = sample_enumerated(problem.policy, s.shard_units, s.group_size, seed=_seed(seed, 2, k))
         for w, probe in probes.items():
@@ -115,6 +116,9 @@ def run_shards(problem: Problem, s: Settings, seed: int, advance) -> dict:
             out[w]["var"].append(r.var_cond_e)
             out[w]["se"].append(r.se_cond_e)
             out[w]["s"].extend(r.per_unit.tolist())
+            if r.forecast is not None:
+                out[w]["delta_h2"].append(r.delta_h2)
+                out[w]["forecast"].append(r.forecast)
         advance()
     return out
 

@@ -17,7 +17,10 @@ fixed; v is the note's Adam-preconditioned direction. The checks (DESIGN section
 4. unbiasedness: the mean of delta_h1 over the shards equals the exact eta * grad H . v, for both
    entropy weightings (responses have lengths 1 to 3);
 5. truth: delta_h_true(alpha) / (alpha * delta_h1) -> 1 as alpha -> 0, with H(theta + alpha eta v)
-   by exact enumeration and by the probe's importance-weighted truth.
+   by exact enumeration and by the probe's importance-weighted truth;
+6. second order (DESIGN section 12): the mean delta_h2 over the shards equals the exact
+   (eta^2/2) v^T grad^2 H v, both weightings; the error |truth - forecast| falls as alpha^3 (first
+   order: alpha^2) on a log-log fit; and by_group sums exactly to delta_h1 (section 13).
 
 Tolerances are quantiles of each statistic's sampling distribution at a family-wise level of 1%
 (``validation/stats.py``), so a correct probe fails the whole table about once in a hundred seeds.
@@ -49,6 +52,7 @@ from .checks import (
     zero_advantage_check,
 )
 from .problem import CONTROL, FULL, QUICK, Check, Settings, build_problem
+from .second_order import by_group_check, exact_second_terms, forecast_at_full_step, order_check
 from .stats import FAMILY_LEVEL, excess_kurtosis, skewness, tolerance_k
 
 
@@ -59,7 +63,8 @@ def run_validation(seed: int, settings: Settings, out: Path, console: Console) -
 
     start = time.perf_counter()
     s = settings
-    n_tests = 2 * len(WEIGHTINGS) + 1 + len(WEIGHTINGS) + len(s.alphas) + 1  # the statistical tests below
+    # the statistical tests below (the second-order unbiasedness adds one per weighting)
+    n_tests = 2 * len(WEIGHTINGS) + 1 + 2 * len(WEIGHTINGS) + len(s.alphas) + 1
     k = tolerance_k(n_tests)
     columns = (TextColumn("{task.description:<34}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as progress:
@@ -89,6 +94,11 @@ def run_validation(seed: int, settings: Settings, out: Path, console: Console) -
     checks.append(zero)
     checks += [unbiased_check(f"unbiased vs exact ({w})", shards[w]["delta_h1"], exact[w], k) for w in WEIGHTINGS]
     checks += truth
+    exact_h2 = {w: exact_second_terms(problem, w)[1] for w in WEIGHTINGS}
+    checks += [unbiased_check(f"delta_h2 unbiased vs exact ({w})", shards[w]["delta_h2"], exact_h2[w], k)
+               for w in WEIGHTINGS]
+    checks += [order_check(problem), by_group_check(seed)]
+    full_step = forecast_at_full_step(problem, shards["token-mean"]["forecast"], shards["token-mean"]["delta_h1"])
     # Not a check of the probe (it counts neither in the verdict nor in k): the same unbiasedness test
     # applied to a known-biased estimator must reject it, or the test would have no power here.
     control = unbiased_check("control: x_estimator='seed' (token-mean) is biased", shards[CONTROL]["delta_h1"],
@@ -108,7 +118,8 @@ def run_validation(seed: int, settings: Settings, out: Path, console: Console) -
         passed=all(c.passed for c in checks), seed=seed, runtime_s=time.perf_counter() - start, settings=asdict(s),
         tolerance=dict(family_level=FAMILY_LEVEL, statistical_tests=n_tests, k=k),
         problem=dict(lr=problem.lr, entropy=problem.entropy, exact_grad_h_dot_v=problem.exact_slope,
-                     exact_delta_h1=exact, update_units=problem.update_batch.n_units, direction="adam-preconditioned"),
+                     exact_delta_h1=exact, exact_delta_h2=exact_h2, update_units=problem.update_batch.n_units,
+                     direction="adam-preconditioned", full_step=full_step),
         checks=[asdict(c) for c in checks], controls=[asdict(control)],
         plots={name: str(p) for name, p in plots.items()})
     (out / "validation.json").write_text(json.dumps(report, indent=2))
@@ -130,6 +141,10 @@ def print_table(report: dict, console: Console) -> None:
         table.add_row(c["name"], c["measured"], c["tolerance"],
                       "[yellow]detected[/]" if c["passed"] else "[yellow]missed[/]")
     console.print(table)
+    full = report.get("problem", {}).get("full_step")
+    if full:
+        console.print(f"at the full step (alpha = 1): exact change / mean forecast = {full['truth_over_forecast']:.3f} "
+                      f"with the second order, {full['truth_over_delta_h1']:.3f} with the first order alone")
     verdict = "[bold green]all checks passed[/]" if report["passed"] else "[bold red]some checks FAILED[/]"
     console.print(f"{verdict}; validation.json and plots in {Path(report['plots']['calibration']).parent}")
 

@@ -3,7 +3,7 @@
 Every statistical check of the harness is a two-sided test whose tolerance is a quantile, never a
 hand-picked margin. The harness runs M such tests; to keep the chance that a correct probe fails
 *any* of them at ``FAMILY_LEVEL`` (1%), each test runs at level ``FAMILY_LEVEL / M`` (Bonferroni),
-i.e. with the normal quantile ``k = z(1 - FAMILY_LEVEL / (2 M))``. With M = 13 tests, k = 3.36.
+i.e. with the normal quantile ``k = z(1 - FAMILY_LEVEL / (2 M))``. With M = 15 tests, k = 3.40.
 
 Quantiles come from the standard library (``statistics.NormalDist``) and, for the chi-square, the
 Wilson-Hilferty cube-root approximation, whose relative error at |z| <= 3.4 is below 4e-3 for the
