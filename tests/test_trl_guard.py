@@ -33,7 +33,7 @@ Z95_ONE_SIDED = EntropyGuard(1.0).z
 
 
 class StepTrace(TrainerCallback):
-    """After the probe's callback: the lrs the step runs with, the lrs right after it, the parameter change."""
+    """After the probe's callback: the lrs the step runs with, the lrs right after it, the change of theta."""
 
     def __init__(self):
         self.rows = []
@@ -106,7 +106,7 @@ def test_guard_metrics_reach_log_history_and_the_jsonl(plain_and_guarded):
     assert sorted(logged) == [1, 2]
     for rec in cb.records:
         h = logged[rec["step"]]
-        assert 0 < h["entropy_probe/guard_scale"] <= 1 and h["entropy_probe/guard_scale"] == rec["guard_scale"]
+        assert 0 < rec["guard_scale"] <= 1 and h["entropy_probe/guard_scale"] == rec["guard_scale"]
         assert h["entropy_probe/guard_bound"] >= -budget * (1 + 1e-9)  # every step keeps its bound in budget
         assert h["entropy_probe/guard_measured_minus_forecast"] == pytest.approx(
             rec["measured/delta_h"] - rec["guard_forecast"], abs=0)

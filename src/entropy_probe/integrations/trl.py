@@ -178,7 +178,7 @@ class EntropyProbeCallback(TrainerCallback):
 
     # ---- helpers -----------------------------------------------------------------------------------
     def _guard_step(self, optimizer, result):
-        """Decide the scale and enter ``guard.applied`` until ``on_optimizer_step`` (the Trainer steps between)."""
+        """Decide the scale; hold ``guard.applied`` open until ``on_optimizer_step`` (the step in between)."""
         if optimizer is None:
             raise ValueError("EntropyProbeCallback.entropy_budget: the trainer passed no optimizer to guard")
         decision = self.guard.decide(result)
