@@ -9,7 +9,7 @@ STAMP      := $(VENV)/.installed
 DEMO_OUT   ?= runs/demo
 PYTEST_ARGS ?= -n 2
 
-.PHONY: install test demo validate bench clean
+.PHONY: install test demo demo-guard validate bench clean
 
 install: $(STAMP)
 
@@ -24,6 +24,9 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/entropy-probe demo --out $(DEMO_OUT)
+
+demo-guard: $(STAMP)
+	$(VENV)/bin/entropy-probe demo-guard --out runs/demo_guard
 
 validate: $(STAMP)
 	$(VENV)/bin/entropy-probe validate --out runs/validate

@@ -11,6 +11,7 @@ import sys
 
 COMMANDS = {
     "demo": ("entropy_probe.demo", "GRPO fine-tuning of a tiny transformer with the probe forecasting every step"),
+    "demo-guard": ("entropy_probe.demo.guarded", "the demo unguarded and with EntropyGuard, same seed, side by side"),
     "validate": ("entropy_probe.validation", "calibration and unbiasedness checks on a built-in enumerable policy"),
 }
 

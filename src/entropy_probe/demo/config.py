@@ -34,6 +34,8 @@ class DemoConfig:
     device: str = "cpu"
     threads: int = 1
     out: str = "runs/demo"
+    entropy_budget: float | None = None
+    """None: plain GRPO; else each step is shrunk by ``EntropyGuard(entropy_budget)`` (docs/guard.md)."""
 
 
 def parse_args(argv: list[str] | None) -> DemoConfig:
@@ -62,6 +64,8 @@ def parse_args(argv: list[str] | None) -> DemoConfig:
                    help="CPU threads for torch (a model this small runs fastest on one; results are "
                         "bit-reproducible for a given seed and thread count)")
     p.add_argument("--out", default=d.out, help="output folder for demo.json, steps.csv, demo.png")
+    p.add_argument("--entropy-budget", type=float, default=d.entropy_budget,
+                   help="nats: guard each GRPO step so its forecast entropy drop (95%% bound) stays within it")
     a = p.parse_args(argv)
     cfg = DemoConfig(**{k.replace("-", "_"): v for k, v in vars(a).items()})
     for name in ("steps", "layers", "width", "heads", "update_prompts", "eval_prompts", "measure_prompts", "threads"):
@@ -73,4 +77,6 @@ def parse_args(argv: list[str] | None) -> DemoConfig:
         p.error(f"--eval-prompts must be >= 2 for a standard error, got {cfg.eval_prompts}")
     if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
         p.error(f"--lr must be a finite number > 0, got {cfg.lr}")
+    if cfg.entropy_budget is not None and not (cfg.entropy_budget > 0 and math.isfinite(cfg.entropy_budget)):
+        p.error(f"--entropy-budget must be a finite number of nats > 0, got {cfg.entropy_budget}")
     return cfg

@@ -22,6 +22,7 @@ What happens:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import asdict
@@ -32,6 +33,7 @@ from torch import nn
 
 from ..batch import RolloutBatch
 from ..config import ProbeConfig
+from ..guard import EntropyGuard
 from ..logprobs import sequence_logprobs
 from ..loss import policy_loss
 from ..objectives import unit_entropy
@@ -86,6 +88,9 @@ def supervised_warmup(model: nn.Module, optimizer: torch.optim.Optimizer, task: 
     return float(loss.detach())
 
 
+GUARD_COLUMNS = ("scale", "reason", "forecast", "bound", "se")  # steps.csv's guard_* with --entropy-budget
+
+
 # ---- one RL step -----------------------------------------------------------------------------------
 def _seed(cfg: DemoConfig, step: int, role: int) -> int:
     """A distinct, reproducible seed for each (run seed, step, role)."""
@@ -133,14 +138,22 @@ def rl_step(step: int, model, optimizer, probe: EntropyProbe, task: SortingTask,
     policy_loss(model, u_batch, pc).backward()
     if cfg.max_grad_norm:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-    optimizer.step()
+    guard = EntropyGuard(cfg.entropy_budget) if cfg.entropy_budget is not None else None
+    decision = guard.decide(result) if guard is not None else None
+    # the guard scales the lr of this one step (AdamW is linear in lr), back to cfg.lr right after it
+    with guard.applied(optimizer, decision) if guard is not None else contextlib.nullcontext():
+        optimizer.step()
+    scale = decision.scale if decision is not None else 1.0
+    # the first-order forecast of the step taken (at the guard's scale), which the fresh samples measure
+    taken, taken_se = scale * result.delta_h1, scale * result.se_cond_e
 
     with torch.no_grad():
         # ||theta_after - theta - eta v|| / ||eta v||: float noise only (Adam rescales the round-off
         # of gradients that are analytically zero, e.g. GPT-2's key biases, into small steps).
         moved = {n: p.detach() - theta[n] for n, p in probe.parameters().items()}
-        step_error = math.sqrt(sum(float((moved[n] - result.lr * v[n]).square().sum()) for n in moved))
-        step_size = math.sqrt(sum(float((result.lr * v[n]).square().sum()) for n in moved))
+        eta = scale * result.lr  # the lr of the step taken
+        step_error = math.sqrt(sum(float((moved[n] - eta * v[n]).square().sum()) for n in moved))
+        step_size = math.sqrt(sum(float((eta * v[n]).square().sum()) for n in moved))
     h_after, _ = fresh_entropy(model, task, f_prompts, cfg, _seed(cfg, step, 2), pc)  # same seed and prompts
 
     reward, reward_se = _mean_se(r_before)
@@ -148,7 +161,7 @@ def rl_step(step: int, model, optimizer, probe: EntropyProbe, task: SortingTask,
     measured, measured_se = _mean_se(h_after - h_before)  # paired by unit
     t = result.truth
     lo, hi = result.interval(Z95)
-    return dict(
+    row = dict(
         step=step + 1, reward=reward, reward_se=reward_se, reward_update=float(u_batch.rewards.mean()),
         entropy=entropy, entropy_se=entropy_se, entropy_after=float(h_after.mean()),
         forecast=result.delta_h1, forecast_se=result.se_cond_e, forecast_se_jackknife=result.se_jackknife,
@@ -156,10 +169,13 @@ def rl_step(step: int, model, optimizer, probe: EntropyProbe, task: SortingTask,
         truth=t.delta_h, truth_se=t.se, truth_ess=t.ess, truth_se_diff=t.se_diff,
         truth_inside=int(lo <= t.delta_h <= hi),
         measured=measured, measured_se=measured_se,
-        measured_z=(measured - result.delta_h1) / math.sqrt(result.se_cond_e ** 2 + measured_se ** 2),
+        measured_z=(measured - taken) / math.sqrt(taken_se ** 2 + measured_se ** 2),
         step_relative_error=step_error / step_size if step_size > 0 else 0.0,
         **second_order_columns(result),
     )
+    if decision is not None:  # the guard's columns (forecast, bound, se: of the step taken, at the scale)
+        row.update({f"guard_{k}": getattr(decision, k) for k in GUARD_COLUMNS})
+    return row
 
 
 def second_order_columns(result) -> dict:

@@ -14,6 +14,11 @@ Per probed optimizer step (DESIGN section 16), with the ``Trainer``'s own events
   prompts, as TRL does); then ``probe.run(eval_batch=E, from_grad=True)``: the forecast of the step
   the optimizer is about to take from the ``.grad`` the trainer left, whatever its loss.
 - ``on_optimizer_step``: ``probe.measure_change(result)``, the change the real step caused on E.
+- with ``entropy_budget``: after the forecast, ``EntropyGuard(entropy_budget, level).decide(result)``
+  and the optimizer's lrs x ``decision.scale`` for the one ``optimizer.step()`` the Trainer takes next
+  (``guard.applied``, entered on a held ``ExitStack``: the step happens between the two events); the
+  lrs come back right after that step, before the scheduler's step, or in ``on_optimizer_step`` when
+  no step was taken. Steps that are not probed (``every > 1``) are not guarded.
 - ``on_log``: the flat ``entropy_probe/*`` metrics of the latest probed step join the next log (with
   ``logging_steps > 1`` a log carries the latest probed step; every probed step is in the JSON lines).
 
@@ -30,6 +35,7 @@ and the ranks' probes combine their E units.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Sequence
@@ -40,6 +46,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import DefaultFlowCallback
 
 from ..config import ProbeConfig
+from ..guard import EntropyGuard
 from ..probe import EntropyProbe
 from ..result import PREFIX
 from ..sampling import sample_rollouts
@@ -58,6 +65,9 @@ class EntropyProbeCallback(TrainerCallback):
     config: the probe's options; default ``ProbeConfig(direction="optimizer-step")``. Its temperature is
         replaced by the run's ``args.temperature`` (the policy the trainer differentiates).
     seed: sampling seed of step s on rank r is ``seed + s * world_size + r``.
+    entropy_budget: None (observe only), or the guard's ``max_drop`` in nats: each probed step is shrunk
+        so that its forecast entropy drop, at its ``level`` lower confidence bound, stays within it.
+    level: the guard's one-sided confidence level, in (0, 1).
 
     ``records``: one dict per probed step (what each JSON line holds), in order.
     """
@@ -70,6 +80,8 @@ class EntropyProbeCallback(TrainerCallback):
         max_new_tokens: int = 64,
         config: ProbeConfig | None = None,
         seed: int = 0,
+        entropy_budget: float | None = None,
+        level: float = 0.95,
     ):
         if isinstance(eval_prompts, str) or len(eval_prompts) == 0:
             raise ValueError("EntropyProbeCallback.eval_prompts: give a non-empty list of prompts")
@@ -84,6 +96,9 @@ class EntropyProbeCallback(TrainerCallback):
         self.eval_prompts = [p["prompt"] if isinstance(p, dict) else p for p in eval_prompts]
         self.every, self.group_size, self.max_new_tokens, self.seed = every, group_size, max_new_tokens, seed
         self.config = config if config is not None else ProbeConfig(direction="optimizer-step")
+        # EntropyGuard checks the budget and the level (ValueError naming them)
+        self.guard = EntropyGuard(entropy_budget, level) if entropy_budget is not None else None
+        self._guarded: contextlib.ExitStack | None = None  # holds guard.applied across optimizer.step()
         self.records: list[dict] = []
         self._prompt_ids: list[list[int]] | None = None  # tokenised once
         self._pending = None  # (probe, result, step) between the two optimizer events
@@ -94,6 +109,7 @@ class EntropyProbeCallback(TrainerCallback):
         self, args, state, control, model=None, processing_class=None, optimizer=None, **kwargs
     ):
         self._pending = None
+        self._release_guard()  # a step whose on_optimizer_step never came (the Trainer raised)
         if state.global_step % self.every != 0:
             return
         rank, world = _rank_and_world()
@@ -122,17 +138,29 @@ class EntropyProbeCallback(TrainerCallback):
 
             probe.comm = ProcessGroupComm()
         result = probe.run(eval_batch=eval_batch, from_grad=True)
-        self._pending = (probe, result, state.global_step + 1)  # the step number once this step is taken
+        decision = self._guard_step(optimizer, result) if self.guard is not None else None
+        self._pending = (probe, result, decision, state.global_step + 1)  # step number once it is taken
 
     def on_optimizer_step(self, args, state, control, **kwargs):
+        self._release_guard()  # the post-step hook restored the lrs already; this covers a skipped step
         if self._pending is None:
             return
-        probe, result, step = self._pending
+        probe, result, decision, step = self._pending
         self._pending = None
-        measured = probe.measure_change(result)
-        metrics = {f"{PREFIX}step": step, **result.to_dict(), **measured.to_dict()}
+        guard_metrics, guard_record, taken = {}, {}, result
+        if decision is not None:
+            # the step taken was lr * scale * v: measured.se_diff is against that step's first-order forecast
+            taken = replace(result, lr=result.lr * decision.scale, delta_h1=result.delta_h1 * decision.scale)
+        measured = probe.measure_change(taken)
+        if decision is not None:
+            guard_metrics = {
+                **decision.to_dict(),
+                f"{PREFIX}guard_measured_minus_forecast": measured.delta_h - decision.forecast,
+            }
+            guard_record = {"guard_reason": decision.reason, "guard_order": decision.order}
+        metrics = {f"{PREFIX}step": step, **result.to_dict(), **measured.to_dict(), **guard_metrics}
         metrics = {k: v for k, v in metrics.items() if v is not None}  # se_total: None without a U batch
-        self.records.append({k[len(PREFIX) :]: v for k, v in metrics.items()})
+        self.records.append({**{k[len(PREFIX) :]: v for k, v in metrics.items()}, **guard_record})
         self._unlogged = metrics
         if state.is_world_process_zero:
             os.makedirs(args.output_dir, exist_ok=True)
@@ -149,6 +177,21 @@ class EntropyProbeCallback(TrainerCallback):
         self._unlogged = {}
 
     # ---- helpers -----------------------------------------------------------------------------------
+    def _guard_step(self, optimizer, result):
+        """Decide the scale; hold ``guard.applied`` open until ``on_optimizer_step`` (the step in between)."""
+        if optimizer is None:
+            raise ValueError("EntropyProbeCallback.entropy_budget: the trainer passed no optimizer to guard")
+        decision = self.guard.decide(result)
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.guard.applied(optimizer, decision))
+        self._guarded = stack
+        return decision
+
+    def _release_guard(self) -> None:
+        if self._guarded is not None:
+            stack, self._guarded = self._guarded, None
+            stack.close()
+
     def _tokenised(self, processing_class) -> list[list[int]]:
         if self._prompt_ids is None:
             if processing_class is None:
