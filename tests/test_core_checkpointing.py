@@ -17,9 +17,9 @@ import warnings
 
 import pytest
 import torch
+from core_support import random_batch, tiny_gpt2, tiny_llama
 
 import entropy_probe as ep
-from core_support import random_batch, tiny_gpt2, tiny_llama
 
 VOCAB = 11
 

@@ -27,7 +27,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-_warned_dropout: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+_warned_dropout: weakref.WeakSet = weakref.WeakSet()  # models already warned about dropout
 
 
 def checkpointing_layers(model: nn.Module) -> list[nn.Module]:
