@@ -15,8 +15,9 @@ so that every later error can name the field and the row or unit at fault.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -26,6 +27,16 @@ def _first_bad_row(bad: Tensor) -> int:
     """Index of the first row (dim 0) where ``bad`` holds anywhere."""
     rows = bad.reshape(bad.shape[0], -1).any(dim=1).nonzero()
     return int(rows[0, 0])
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """``cuda`` and ``cuda:0`` are the same device when 0 is the current one."""
+    if a.type != b.type:
+        return False
+    if a.type != "cuda" or a.index == b.index:
+        return True
+    current = torch.cuda.current_device()
+    return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
 
 
 @dataclass
@@ -61,12 +72,14 @@ class RolloutBatch:
         self._validate_masks()
         self._validate_scalars()
         # Units in order of first appearance; unit_index[i] is sequence i's unit (0..B-1).
+        # Every derived tensor lives on group_ids' device (a CPU index into a CUDA tensor raises).
+        dev = self.group_ids.device
         uniq, inverse = torch.unique(self.group_ids, return_inverse=True)
-        first = torch.full((len(uniq),), self.n_sequences, dtype=torch.long)
-        first.scatter_reduce_(0, inverse, torch.arange(self.n_sequences), reduce="amin")
+        first = torch.full((len(uniq),), self.n_sequences, dtype=torch.long, device=dev)
+        first.scatter_reduce_(0, inverse, torch.arange(self.n_sequences, device=dev), reduce="amin")
         order = torch.argsort(first)
         rank = torch.empty_like(order)
-        rank[order] = torch.arange(len(order))
+        rank[order] = torch.arange(len(order), device=dev)
         self.unit_ids = uniq[order]
         self.unit_index = rank[inverse]
         self.unit_sizes = torch.bincount(self.unit_index, minlength=len(uniq))
@@ -168,10 +181,10 @@ class RolloutBatch:
         spans = [self._unit_spans[u] for u in torch.as_tensor(units, dtype=torch.long).tolist()]
         return torch.cat([self._row_order[start: start + size] for start, size in spans])
 
-    def select_units(self, units: Tensor | list[int]) -> "RolloutBatch":
+    def select_units(self, units: Tensor | list[int]) -> RolloutBatch:
         """The sub-batch of the given units (positions 0..B-1), in the given order."""
         rows = self.rows_of_units(units)
-        pick = lambda x: None if x is None else x[rows.to(x.device)]  # noqa: E731
+        pick = lambda x: None if x is None else x[rows.to(x.device)]
         return RolloutBatch(pick(self.input_ids), pick(self.attention_mask), pick(self.response_mask),
                             pick(self.group_ids), rewards=pick(self.rewards), advantages=pick(self.advantages))
 
@@ -183,8 +196,14 @@ class RolloutBatch:
             units = list(range(start, min(start + units_per_batch, self.n_units)))
             yield Microbatch(units, self.rows_of_units(units).to(self.device), self.select_units(units))
 
-    def to(self, device: torch.device | str) -> "RolloutBatch":
-        mv = lambda x: None if x is None else x.to(device)  # noqa: E731
+    def to(self, device: torch.device | str) -> RolloutBatch:
+        """The batch on ``device`` (this batch itself when every tensor is there already)."""
+        device = torch.device(device)
+        tensors = (self.input_ids, self.attention_mask, self.response_mask, self.group_ids, self.rewards,
+                   self.advantages)
+        if all(x is None or _same_device(x.device, device) for x in tensors):
+            return self
+        mv = lambda x: None if x is None else x.to(device)
         return RolloutBatch(mv(self.input_ids), mv(self.attention_mask), mv(self.response_mask),
                             mv(self.group_ids), rewards=mv(self.rewards), advantages=mv(self.advantages))
 

@@ -151,7 +151,7 @@ class EntropyProbe:
         self.comm.check_same("EntropyProbe.update_direction", lambda: call_fingerprint(
             "update_direction", self.config, lr, params, self.optimizer, None), error)
         with preserved_caller_state(self.module):
-            direction, _, _ = self._direction_from(update_batch, params)
+            direction, _, _ = self._direction_from(_on_model_device(update_batch, params), params)
         return direction.v
 
     def _given_direction(self, v: dict[str, Tensor], params: Params) -> UpdateDirection:
@@ -183,7 +183,7 @@ class EntropyProbe:
         empty = torch.zeros(0, device=_device_of(params))
         x_sum = {n: torch.zeros_like(x) for n, x in upd.v.items()} if want_x_sum else None
         proj = EvalProjections(empty, empty, empty, x_sum)
-        return proj, torch.zeros((), dtype=torch.float64), torch.zeros(0, dtype=torch.long)
+        return proj, torch.zeros((), dtype=torch.float64, device=empty.device), empty.long()
 
     # ---- 3. s_n -> statistics over E with U fixed -------------------------------------------------
     def _eval_statistics(self, proj: EvalProjections, local_entropy: Tensor, local_ids: Tensor,
@@ -249,6 +249,7 @@ class EntropyProbe:
         Parameters, ``.grad``, optimizer state, RNG and train/eval mode are unchanged afterwards.
         """
         params, lr, given = self._checked_call(update_batch, eval_batch, direction, truth)
+        update_batch, eval_batch = _on_model_device(update_batch, params), _on_model_device(eval_batch, params)
         with preserved_caller_state(self.module):
             if given is None:  # 1. the update direction v, from U or as given
                 upd, coeff, n_update = self._direction_from(update_batch, params)
@@ -273,6 +274,11 @@ class EntropyProbe:
 
 def _device_of(params: Params) -> torch.device:
     return next(iter(params.values())).device
+
+
+def _on_model_device(batch: RolloutBatch | None, params: Params) -> RolloutBatch | None:
+    """The batch on the device of the model's (first) parameter: every tensor the probe makes lives there."""
+    return None if batch is None else batch.to(_device_of(params))
 
 
 def _check_batch(batch, name: str) -> None:
