@@ -15,9 +15,8 @@ so that every later error can name the field and the row or unit at fault.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 import torch
 from torch import Tensor
@@ -181,10 +180,10 @@ class RolloutBatch:
         spans = [self._unit_spans[u] for u in torch.as_tensor(units, dtype=torch.long).tolist()]
         return torch.cat([self._row_order[start: start + size] for start, size in spans])
 
-    def select_units(self, units: Tensor | list[int]) -> RolloutBatch:
+    def select_units(self, units: Tensor | list[int]) -> "RolloutBatch":
         """The sub-batch of the given units (positions 0..B-1), in the given order."""
         rows = self.rows_of_units(units)
-        pick = lambda x: None if x is None else x[rows.to(x.device)]
+        pick = lambda x: None if x is None else x[rows.to(x.device)]  # noqa: E731
         return RolloutBatch(pick(self.input_ids), pick(self.attention_mask), pick(self.response_mask),
                             pick(self.group_ids), rewards=pick(self.rewards), advantages=pick(self.advantages))
 
@@ -196,14 +195,14 @@ class RolloutBatch:
             units = list(range(start, min(start + units_per_batch, self.n_units)))
             yield Microbatch(units, self.rows_of_units(units).to(self.device), self.select_units(units))
 
-    def to(self, device: torch.device | str) -> RolloutBatch:
+    def to(self, device: torch.device | str) -> "RolloutBatch":
         """The batch on ``device`` (this batch itself when every tensor is there already)."""
         device = torch.device(device)
         tensors = (self.input_ids, self.attention_mask, self.response_mask, self.group_ids, self.rewards,
                    self.advantages)
         if all(x is None or _same_device(x.device, device) for x in tensors):
             return self
-        mv = lambda x: None if x is None else x.to(device)
+        mv = lambda x: None if x is None else x.to(device)  # noqa: E731
         return RolloutBatch(mv(self.input_ids), mv(self.attention_mask), mv(self.response_mask),
                             mv(self.group_ids), rewards=mv(self.rewards), advantages=mv(self.advantages))
 
