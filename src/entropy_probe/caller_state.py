@@ -62,7 +62,8 @@ def warn_dropout_once(model: nn.Module) -> None:
     names = active_dropout(model)
     if names:
         _warned_dropout.add(model)
-        warnings.warn(f"EntropyProbe: the model has active dropout ({len(names)} module(s), e.g. {names[0]!r}); "
+        warnings.warn(f"EntropyProbe: the model has active dropout ({len(names)} module(s), e.g. "
+                      f"{names[0]!r}); "
                       "the probe forecasts the dropout-free step (dropout off inside the probe), while the "
                       "trainer's step is taken with dropout noise", RuntimeWarning, stacklevel=5)
 

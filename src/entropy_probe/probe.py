@@ -113,9 +113,12 @@ class EntropyProbe:
         return policy_gradient_coefficients(batch, advantages(batch, cfg.advantage_estimator),
                                             cfg.loss_aggregation, totals, cfg.norm_length)
 
-    def _direction_from(self, batch: RolloutBatch | None, params: Params
+    def _direction_from(self, batch: RolloutBatch | None, params: Params, want_scale: bool = True
                         ) -> tuple[UpdateDirection, Tensor | None, int]:
-        """(v, the c_i of this rank's U units, B_U over all ranks); ``batch`` is None on a rank without U units."""
+        """(v, the c_i of this rank's U units, B_U over all ranks); ``batch`` is None on a rank without U units.
+
+        v is built in place in the summed gradient (one fp32 copy of the parameters, DESIGN section 17).
+        """
         cfg = self.config
         local = UpdateTotals.of(batch) if batch is not None else UpdateTotals(0, 0, 0, 0)
         totals = global_totals(self.comm, local)  # the loss normalisers are global under DDP
@@ -128,11 +131,14 @@ class EntropyProbe:
             grad_sum = update_gradient(self.module, params, batch, coeff, cfg)
         grad_sum = all_reduce_vector(self.comm, grad_sum, params)  # one all-reduce; the same bits on every rank
         n_units = totals.n_units
-        grad_j = {name: None if g is None else g / n_units for name, g in grad_sum.items()}  # grad J_U = mean_m
+        # grad J_U = mean_m grad J_m, in place
+        grad_j = {name: None if g is None else g.div_(n_units) for name, g in grad_sum.items()}
+        grad_sum = None  # build_direction consumes grad_j: no other reference may keep the gradients alive
         bad = first_nonfinite(grad_j)
         if bad is not None:
             raise ValueError(f"update_batch: the policy gradient of parameter {bad!r} is not finite")
-        return build_direction(cfg.direction, grad_j, params, self.optimizer, self.lr, cfg.max_grad_norm), coeff, n_units
+        return build_direction(cfg.direction, grad_j, params, self.optimizer, self.lr, cfg.max_grad_norm,
+                               want_scale=want_scale and cfg.unconditional_se), coeff, n_units
 
     def update_direction(self, update_batch: RolloutBatch | None) -> dict[str, Tensor]:
         """v of DESIGN section 4 as ``{name: fp32 tensor}``; pass it back as ``run(direction=v)``.
@@ -151,7 +157,8 @@ class EntropyProbe:
         self.comm.check_same("EntropyProbe.update_direction", lambda: call_fingerprint(
             "update_direction", self.config, lr, params, self.optimizer, None), error)
         with preserved_caller_state(self.module):
-            direction, _, _ = self._direction_from(_on_model_device(update_batch, params), params)
+            batch = _on_model_device(update_batch, params)
+            direction, _, _ = self._direction_from(batch, params, want_scale=False)
         return direction.v
 
     def _given_direction(self, v: dict[str, Tensor], params: Params) -> UpdateDirection:
