@@ -54,8 +54,7 @@ CASES = {  # name: (call, config fields)
     "run(U, E), adam-preconditioned, no se_total": ("run", {"direction": "adam-preconditioned",
                                                            "unconditional_se": False}),
     "run(U, E), optimizer-step, no se_total": ("run", {"direction": "optimizer-step", "unconditional_se": False}),
-    "run(U, E), sgd, no se_total, jvp": ("run", {"direction": "sgd", "unconditional_se": False, "engine": "jvp",
-                                                 "microbatch_units": 1}),
+    "run(U, E), sgd, no se_total, jvp": ("run", {"direction": "sgd", "unconditional_se": False, "engine": "jvp"}),
     "run(U, E), sgd, se_total": ("run", {"direction": "sgd"}),
     "run(U, E), adam-preconditioned, se_total": ("run", {"direction": "adam-preconditioned"}),
 }
