@@ -27,8 +27,8 @@ from entropy_probe.direction import build_direction
 from entropy_probe.distributed import ProcessGroupComm
 from entropy_probe.engines import update_gradient
 from entropy_probe.logprobs import sequence_logprobs
-from entropy_probe.objectives import UpdateTotals, advantages, entropy_gradient_coefficients, \
-    policy_gradient_coefficients
+from entropy_probe.objectives import (UpdateTotals, advantages, entropy_gradient_coefficients,
+                                      policy_gradient_coefficients)
 from entropy_probe.sharded import clip_coefficient, global_dot, shard_of
 from entropy_probe.statistics import conditional_variance, moments_update
 from entropy_probe.vectors import grad_of
