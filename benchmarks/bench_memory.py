@@ -66,7 +66,8 @@ def build(device: str):
 
     torch.manual_seed(0)
     cfg = GPT2Config(vocab_size=VOCAB, n_positions=PROMPT + RESPONSE, n_embd=WIDTH, n_layer=LAYERS, n_head=HEADS,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                     tie_word_embeddings=os.environ.get("BENCH_MEMORY_UNTIED") != "1")
     return GPT2LMHeadModel(cfg).to(device)
 
 
@@ -144,11 +145,14 @@ def main(argv=None) -> None:
     p.add_argument("--out", default="runs/bench")
     p.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: run one case here
     p.add_argument("--only", default=None, help="run only the cases whose name contains this text")
+    p.add_argument("--untied", action="store_true",
+                   help="untie the LM head from the embeddings (no gradient accumulation of a tied weight)")
     a = p.parse_args(argv)
     if a.case is not None:
         print("RESULT " + json.dumps(child(a.case, a.device)))
         return
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1",
+               BENCH_MEMORY_UNTIED="1" if a.untied else "0")
     rows = []
     for case in CASES:
         if a.only and a.only not in case:
@@ -160,7 +164,7 @@ def main(argv=None) -> None:
         print(f"{case:48s} peak extra {row['peak_bytes'] / 2**20:8.1f} MiB = {row['ratio']:5.2f} x fp32 params "
               f"({row['n_parameters'] / 1e6:.1f}M)", flush=True)
     Path(a.out).mkdir(parents=True, exist_ok=True)
-    path = Path(a.out) / f"bench_memory_{a.device.split(':')[0]}.json"
+    path = Path(a.out) / f"bench_memory_{a.device.split(':')[0]}{'_untied' if a.untied else ''}.json"
     path.write_text(json.dumps(dict(device=a.device, torch=torch.__version__, rows=rows), indent=1))
     print(f"wrote {path}")
 
