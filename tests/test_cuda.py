@@ -141,3 +141,17 @@ def test_demo_first_step_on_the_device():
     row = rl_step(0, model, optimizer, probe, task, cfg, gen)
     assert all(math.isfinite(row[k]) for k in ("forecast", "forecast_se", "truth", "measured"))
     assert row["step_relative_error"] < 1e-3  # theta + eta v is the step AdamW took, on the device too
+
+
+def test_bf16_truth_on_the_device_equals_the_cpu():
+    """The truth of a bf16 model runs in fp32 (theta' and the forward) on the device too, autocast or not."""
+    model = tiny_gpt2(seed=0, vocab=VOCAB).to(torch.bfloat16)
+    U, E = random_batch(3, vocab=VOCAB, seed=1), random_batch(6, vocab=VOCAB, seed=2)
+    cfg = ep.ProbeConfig(lr=1e-2, direction="sgd", truth_alphas=(1 / 64, 1.0))
+    v = ep.EntropyProbe(model, config=cfg).update_direction(U)  # one v for both devices
+    ref = ep.EntropyProbe(model, config=cfg).run(eval_batch=E, direction=v, truth=True).truth
+    dev_model = copy.deepcopy(model).to(DEVICE)
+    with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):
+        out = ep.EntropyProbe(dev_model, config=cfg).run(eval_batch=E, direction=v, truth=True).truth
+    for got, want in zip(out.delta_h_at, ref.delta_h_at):
+        _close(got, want, REL_TRUTH, "bf16 truth.delta_h_at")
