@@ -129,3 +129,24 @@ def test_probe_forwards_build_no_kv_cache():
     U, E = random_batch(3, vocab=VOCAB, seed=1), random_batch(4, vocab=VOCAB, seed=2)
     ep.EntropyProbe(model, config=ep.ProbeConfig(lr=1e-2, direction="sgd")).run(U, E, truth=True)
     assert seen and all(flag is False for flag in seen)
+
+
+def test_modes_come_back_when_the_probe_raises_with_checkpointing_on():
+    model = tiny_gpt2(seed=0, vocab=VOCAB)
+    model.gradient_checkpointing_enable()
+    model.train()
+    model.transformer.h[1].eval()  # mixed modes, each must come back
+    modes = _modes(model)
+    calls = [0]
+
+    def fail_on_third(module, args, kwargs):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise RuntimeError("injected failure")
+
+    handle = model.register_forward_pre_hook(fail_on_third, with_kwargs=True)
+    U, E = random_batch(3, vocab=VOCAB, seed=1), random_batch(4, vocab=VOCAB, seed=2)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        ep.EntropyProbe(model, config=ep.ProbeConfig(lr=1e-2, direction="sgd")).run(U, E)
+    handle.remove()
+    assert calls[0] == 3 and _modes(model) == modes
