@@ -57,7 +57,7 @@ def parameter_groups(params: Params, groups: Callable[[str], str] | None) -> tup
         if g not in names:
             names.append(g)
         index.append(names.index(g))
-    return names, torch.tensor(index, dtype=torch.long)
+    return names, torch.tensor(index, dtype=torch.long, device=next(iter(params.values())).device)
 
 
 def group_values(per_unit: Tensor, lr: float) -> tuple[list[float], list[float]]:

@@ -28,6 +28,16 @@ def _first_bad_row(bad: Tensor) -> int:
     return int(rows[0, 0])
 
 
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """``cuda`` and ``cuda:0`` are the same device when 0 is the current one."""
+    if a.type != b.type:
+        return False
+    if a.type != "cuda" or a.index == b.index:
+        return True
+    current = torch.cuda.current_device()
+    return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
+
+
 @dataclass
 class RolloutBatch:
     """N sampled sequences, validated on construction.
@@ -66,12 +76,14 @@ class RolloutBatch:
         self._validate_masks()
         self._validate_scalars()
         # Units in order of first appearance; unit_index[i] is sequence i's unit (0..B-1).
+        # Every derived tensor lives on group_ids' device (a CPU index into a CUDA tensor raises).
+        dev = self.group_ids.device
         uniq, inverse = torch.unique(self.group_ids, return_inverse=True)
-        first = torch.full((len(uniq),), self.n_sequences, dtype=torch.long)
-        first.scatter_reduce_(0, inverse, torch.arange(self.n_sequences), reduce="amin")
+        first = torch.full((len(uniq),), self.n_sequences, dtype=torch.long, device=dev)
+        first.scatter_reduce_(0, inverse, torch.arange(self.n_sequences, device=dev), reduce="amin")
         order = torch.argsort(first)
         rank = torch.empty_like(order)
-        rank[order] = torch.arange(len(order))
+        rank[order] = torch.arange(len(order), device=dev)
         self.unit_ids = uniq[order]
         self.unit_index = rank[inverse]
         self.unit_sizes = torch.bincount(self.unit_index, minlength=len(uniq))
@@ -204,6 +216,12 @@ class RolloutBatch:
             yield Microbatch(units, self.rows_of_units(units).to(self.device), self.select_units(units))
 
     def to(self, device: torch.device | str) -> "RolloutBatch":
+        """The batch on ``device`` (this batch itself when every tensor is there already)."""
+        device = torch.device(device)
+        tensors = (self.input_ids, self.attention_mask, self.response_mask, self.group_ids, self.rewards,
+                   self.advantages)
+        if all(x is None or _same_device(x.device, device) for x in tensors):
+            return self
         mv = lambda x: None if x is None else x.to(device)  # noqa: E731
         out = RolloutBatch(mv(self.input_ids), mv(self.attention_mask), mv(self.response_mask),
                            mv(self.group_ids), rewards=mv(self.rewards), advantages=mv(self.advantages))

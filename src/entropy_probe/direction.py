@@ -106,10 +106,15 @@ def _step_of(state: dict | None) -> int:
 
 def build_direction(kind: str, grad_j: dict[str, Tensor | None], params: Params,
                     optimizer: torch.optim.Optimizer | None, lr: float,
-                    max_grad_norm: float | None = None) -> UpdateDirection:
+                    max_grad_norm: float | None = None, want_scale: bool = True) -> UpdateDirection:
     """v (fp32) and its scale from ``grad_j`` = grad J_U (None where the parameter got no gradient).
 
     A parameter with no gradient is skipped by ``optimizer.step()``; here it gets v = 0.
+    Memory: ``grad_j`` is consumed and its tensors are overwritten (pass tensors the probe owns, never a
+    caller's ``.grad``). "sgd" and "adam-preconditioned" build v in place in the fp32
+    gradient (one copy of the parameters in all); "optimizer-step" releases each gradient once its v
+    is made. ``scale`` (only for se_total) is built only when ``want_scale``; for "sgd" it is a scalar
+    per parameter, never a full tensor.
     """
     if kind != "sgd" and optimizer is not None:
         _require_adam(optimizer, kind)
@@ -120,16 +125,16 @@ def build_direction(kind: str, grad_j: dict[str, Tensor | None], params: Params,
     v: dict[str, Tensor] = {}
     scale: dict[str, Tensor] = {}
     for name, p in params.items():
-        h, g = hyper[name], grad_j[name]
+        h, g = hyper[name], grad_j.pop(name)  # consumed: the gradient becomes v or is released
         if g is None or h.lr == 0.0:
             v[name] = torch.zeros_like(p, dtype=torch.float32)
-            scale[name] = torch.zeros_like(p, dtype=torch.float32)
+            scale[name] = torch.zeros((), dtype=torch.float32, device=p.device)
             continue
         g = g.float()
         ratio = h.lr / lr
         if kind == "sgd":
-            scale[name] = torch.full_like(g, ratio)
-            v[name] = ratio * g
+            scale[name] = torch.tensor(ratio, dtype=torch.float32, device=g.device)  # broadcasts
+            v[name] = g.mul_(ratio)
         elif kind == "adam-preconditioned":
             # The v_hat of the step Adam is about to take: this gradient folded into the second moment,
             # bias-corrected. With no state it is g^2 (the design's "first step"); using the stored
@@ -137,19 +142,25 @@ def build_direction(kind: str, grad_j: dict[str, Tensor | None], params: Params,
             beta2, eps = h.betas[1], h.eps
             step = _step_of(h.state) + 1
             exp_avg_sq = h.state["exp_avg_sq"].float() if h.state and "exp_avg_sq" in h.state else torch.zeros_like(g)
-            v_hat = exp_avg_sq.mul(beta2).addcmul(g, g, value=1 - beta2) / (1 - beta2 ** step)
-            scale[name] = ratio / (v_hat.sqrt() + eps)
-            v[name] = scale[name] * g
+            v_hat = exp_avg_sq.mul(beta2).addcmul_(g, g, value=1 - beta2).div_(1 - beta2 ** step)
+            denom = v_hat.sqrt_().add_(eps)  # (one parameter's temporary, in place)
+            if want_scale:
+                scale[name] = ratio / denom
+            v[name] = g.div_(denom).mul_(ratio)
         else:
-            v[name], scale[name] = _adam_step(p, -clip * g, h, lr)
-            scale[name] = scale[name] * clip  # d step / d grad_J (descent gradient is -clip * grad_J)
-    return UpdateDirection(v=v, scale=scale)
+            v[name], slope = _adam_step(p, g.mul_(-clip), h, lr, want_slope=want_scale)
+            if want_scale:
+                scale[name] = slope.mul_(clip)  # d step / d grad_J (descent gradient is -clip * grad_J)
+        del g
+    return UpdateDirection(v=v, scale=scale if want_scale else None)
 
 
-def _adam_step(p: Tensor, grad: Tensor, h: ParamHyper, eta: float) -> tuple[Tensor, Tensor]:
+def _adam_step(p: Tensor, grad: Tensor, h: ParamHyper, eta: float,
+               want_slope: bool = True) -> tuple[Tensor, Tensor | None]:
     """``(step / eta, d(step/eta)/d(-grad))`` of one Adam/AdamW update, mirroring torch's arithmetic.
 
-    ``grad`` is the descent gradient (of the loss -J), already clipped.
+    ``grad`` is the descent gradient (of the loss -J), already clipped; it is overwritten (the probe
+    owns it). Two temporaries of this parameter's size (m, which becomes the step, and the denominator).
     """
     beta1, beta2 = h.betas
     theta = p.detach().float()
@@ -158,18 +169,18 @@ def _adam_step(p: Tensor, grad: Tensor, h: ParamHyper, eta: float) -> tuple[Tens
     exp_avg = state["exp_avg"].float() if "exp_avg" in state else torch.zeros_like(grad)
     exp_avg_sq = state["exp_avg_sq"].float() if "exp_avg_sq" in state else torch.zeros_like(grad)
     if h.weight_decay != 0 and not h.decoupled:
-        grad = grad.add(theta, alpha=h.weight_decay)
+        grad = grad.add_(theta, alpha=h.weight_decay)
     m = exp_avg.lerp(grad, 1 - beta1)
-    v2 = exp_avg_sq.mul(beta2).addcmul(grad, grad, value=1 - beta2)
-    if h.amsgrad:
-        v2 = torch.maximum(state["max_exp_avg_sq"].float(), v2) if "max_exp_avg_sq" in state else v2
+    denom = exp_avg_sq.mul(beta2).addcmul_(grad, grad, value=1 - beta2)  # the second moment v2
+    if h.amsgrad and "max_exp_avg_sq" in state:
+        torch.maximum(state["max_exp_avg_sq"].float(), denom, out=denom)
     bias_correction1 = 1 - beta1 ** step
     bias_correction2_sqrt = (1 - beta2 ** step) ** 0.5
     step_size = h.lr / bias_correction1
-    denom = (v2.sqrt() / bias_correction2_sqrt).add_(h.eps)
-    delta = -step_size * (m / denom)
+    denom.sqrt_().div_(bias_correction2_sqrt).add_(h.eps)
+    delta = m.div_(denom).mul_(-step_size)  # -step_size * (m / denom), in m's storage
     if h.weight_decay != 0 and h.decoupled:
-        delta = delta - h.lr * h.weight_decay * theta
+        delta.sub_(h.lr * h.weight_decay * theta)
     # Linear part: m depends on grad with slope (1 - beta1); delta on m with -step_size / denom.
-    slope = (step_size * (1 - beta1) / eta) / denom
-    return delta / eta, slope
+    slope = (step_size * (1 - beta1) / eta) / denom if want_slope else None
+    return delta.div_(eta), slope

@@ -171,9 +171,12 @@ def communicator_for(model: nn.Module):
     A plain module under torchrun is probed per rank, independently (nothing is communicated).
     """
     if _is_sharded(model):
-        raise ValueError("EntropyProbe: FSDP / DTensor-sharded models are not supported yet (every dot product "
-                         "would need a partial sum and an all-reduce); wrap the model in "
-                         "DistributedDataParallel or probe an unsharded copy")
+        raise ValueError("EntropyProbe: FSDP / DTensor-sharded models are not supported yet "
+                         "(FullyShardedDataParallel, fully_shard): FSDP computes gradients of the parameters it gathers "
+                         "and reduce-scatters them into .grad, so the probe's per-unit gradients cannot be "
+                         "taken without summing ranks' units (the sharded arithmetic is in "
+                         "entropy_probe.sharded; the passes are not written). Probe a DistributedDataParallel "
+                         "or unsharded replica instead (docs/distributed.md, FSDP)")
     if isinstance(model, nn.parallel.DistributedDataParallel):
         return ProcessGroupComm(model.process_group)
     return SingleProcess()

@@ -48,6 +48,8 @@ def model_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
     kwargs = dict(input_ids=input_ids, attention_mask=attention_mask)
     if _accepts(model, "position_ids"):
         kwargs["position_ids"] = position_ids_from_mask(attention_mask)
+    if _accepts(model, "use_cache", False):
+        kwargs["use_cache"] = False  # nothing reuses a KV cache; under checkpointing it would hold each K, V
     if keep_last is not None and keep_last < input_ids.shape[1] and _accepts(model, "logits_to_keep", False):
         kwargs["logits_to_keep"] = keep_last
     out = model(**kwargs) if params is None else torch.func.functional_call(model, params, (), kwargs)

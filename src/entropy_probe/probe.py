@@ -136,9 +136,12 @@ class EntropyProbe:
         return policy_gradient_coefficients(batch, advantages(batch, cfg.advantage_estimator),
                                             cfg.loss_aggregation, totals, cfg.norm_length)
 
-    def _direction_from(self, batch: RolloutBatch | None, params: Params
+    def _direction_from(self, batch: RolloutBatch | None, params: Params, want_scale: bool = True
                         ) -> tuple[UpdateDirection, Tensor | None, int]:
-        """(v, the c_i of this rank's U units, B_U over all ranks); ``batch`` is None on a rank without U units."""
+        """(v, the c_i of this rank's U units, B_U over all ranks); ``batch`` is None on a rank without U units.
+
+        v is built in place in the summed gradient (one fp32 copy of the parameters, DESIGN section 17).
+        """
         cfg = self.config
         local = UpdateTotals.of(batch) if batch is not None else UpdateTotals(0, 0, 0, 0)
         totals = global_totals(self.comm, local)  # the loss normalisers are global under DDP
@@ -151,12 +154,14 @@ class EntropyProbe:
             grad_sum = update_gradient(self.module, params, batch, coeff, cfg)
         grad_sum = all_reduce_vector(self.comm, grad_sum, params)  # one all-reduce; the same bits on every rank
         n_units = totals.n_units
-        grad_j = {name: None if g is None else g / n_units for name, g in grad_sum.items()}  # grad J_U = mean_m
+        # grad J_U = mean_m grad J_m, in place
+        grad_j = {name: None if g is None else g.div_(n_units) for name, g in grad_sum.items()}
+        grad_sum = None  # build_direction consumes grad_j: no other reference may keep the gradients alive
         bad = first_nonfinite(grad_j)
         if bad is not None:
             raise ValueError(f"update_batch: the policy gradient of parameter {bad!r} is not finite")
-        direction = build_direction(cfg.direction, grad_j, params, self.optimizer, self._v_lr(), cfg.max_grad_norm)
-        return direction, coeff, n_units
+        return build_direction(cfg.direction, grad_j, params, self.optimizer, self._v_lr(), cfg.max_grad_norm,
+                               want_scale=want_scale and cfg.unconditional_se), coeff, n_units
 
     def update_direction(self, update_batch: RolloutBatch | None) -> dict[str, Tensor]:
         """v of DESIGN section 4 as ``{name: fp32 tensor}``; pass it back as ``run(direction=v)``.
@@ -175,7 +180,8 @@ class EntropyProbe:
         self.comm.check_same("EntropyProbe.update_direction", lambda: call_fingerprint(
             "update_direction", self.config, lr, params, self.optimizer, None), error)
         with preserved_caller_state(self.module):
-            direction, _, _ = self._direction_from(update_batch, params)
+            batch = _on_model_device(update_batch, params)
+            direction, _, _ = self._direction_from(batch, params, want_scale=False)
         return direction.v
 
     def _given_direction(self, v: dict[str, Tensor], params: Params) -> UpdateDirection:
@@ -211,7 +217,7 @@ class EntropyProbe:
         if want_groups:  # (0, n_groups) float64, as the ranks holding units send
             n_groups = len(parameter_groups(params, self.config.groups)[0])
             proj.s_groups = torch.zeros((0, n_groups), dtype=torch.float64, device=empty.device)
-        return proj, torch.zeros((), dtype=torch.float64), torch.zeros(0, dtype=torch.long)
+        return proj, torch.zeros((), dtype=torch.float64, device=empty.device), empty.long()
 
     # ---- 3. s_n -> statistics over E with U fixed -------------------------------------------------
     def _eval_statistics(self, proj: EvalProjections, local_entropy: Tensor, local_ids: Tensor,
@@ -220,7 +226,8 @@ class EntropyProbe:
         comm = self.comm
         # with groups, s_n is their float64 sum, so that the groups add up to delta_h1 to float64 rounding
         local_s = proj.s if proj.s_groups is None else proj.s_groups.sum(dim=1)
-        extra = torch.stack([local_entropy.cpu(), torch.tensor(float(local_dropped), dtype=torch.float64)])
+        dropped = torch.tensor(float(local_dropped), dtype=torch.float64, device=local_entropy.device)
+        extra = torch.stack([local_entropy, dropped])
         moments, sums, sizes = merged_moments(comm, moments_update(local_s), extra)
         n_eval = int(moments.count)
         if n_eval == 0:
@@ -321,6 +328,7 @@ class EntropyProbe:
         Parameters, ``.grad``, optimizer state, RNG and train/eval mode are unchanged afterwards.
         """
         params, lr, given = self._checked_call(update_batch, eval_batch, direction, truth, from_grad)
+        update_batch, eval_batch = _on_model_device(update_batch, params), _on_model_device(eval_batch, params)
         with preserved_caller_state(self.module):
             if given is None:  # 1. the update direction v, from U or as given
                 upd, coeff, n_update = self._direction_from(update_batch, params)
@@ -376,6 +384,11 @@ def _second_order_fields(second: SecondOrder | None) -> dict:
 
 def _device_of(params: Params) -> torch.device:
     return next(iter(params.values())).device
+
+
+def _on_model_device(batch: RolloutBatch | None, params: Params) -> RolloutBatch | None:
+    """The batch on the device of the model's (first) parameter: every tensor the probe makes lives there."""
+    return None if batch is None else batch.to(_device_of(params))
 
 
 def _check_batch(batch, name: str) -> None:

@@ -59,7 +59,8 @@ def sample_rollouts(model: nn.Module, prompts: Sequence[Sequence[int]], group_si
     ids = ids.repeat_interleave(group_size, dim=0)  # (N, Tp): rows of one prompt adjacent
     attn = attn.repeat_interleave(group_size, dim=0)
     cuda = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda), preserved_caller_state(module), torch.no_grad():
+    caller = preserved_caller_state(module, keep_checkpointing=False, warn_dropout=False)
+    with torch.random.fork_rng(devices=cuda), caller, torch.no_grad():
         torch.manual_seed(seed)
         if _is_hf_generator(module):
             out = _generate_hf(module, ids, attn, max_new_tokens, eos_token_id, pad, temperature)

@@ -10,6 +10,9 @@ whatever their group size (as in the entropy target ``E_x E_y``):
 which is the design's ``sum_i w_i h_i' / sum_i w_i`` when every G_n is equal. At alpha = 0 every
 weight is 1 and the change is exactly 0. SEs are delete-one-unit jackknives, also for the
 difference truth - prediction (same E, so the two are correlated).
+
+bf16/fp16 models (DESIGN section 17): theta' is formed in fp32 and the model evaluated in fp32 at
+theta and theta' (``full_precision_state``), so the truth sees steps below the parameters' rounding.
 """
 
 from __future__ import annotations
@@ -29,10 +32,34 @@ from .statistics import jackknife_se_of
 from .vectors import Params, Vector
 
 
-def stepped_parameters(params: Params, v: Vector, step: float) -> Vector:
-    """``{name: theta + step * v}`` in each parameter's dtype (no autograd, the live model untouched)."""
+def stepped_parameters(params: Params, v: Vector, step: float, base: Vector | None = None) -> Vector:
+    """``{name: theta + step * v}`` (no autograd, the live model untouched).
+
+    Without ``base``, in each parameter's dtype. With ``base`` (``full_precision_state``): every fp32
+    tensor of ``base``, the trainable ones stepped in fp32, so that a step below the rounding of a
+    bf16/fp16 parameter is not lost.
+    """
     with torch.no_grad():
-        return {name: (p.float() + step * v[name]).to(p.dtype) for name, p in params.items()}
+        if base is None:
+            return {name: (p.float() + step * v[name]).to(p.dtype) for name, p in params.items()}
+        return {**base, **{name: base[name] + step * v[name] for name in params}}
+
+
+def full_precision_state(module: nn.Module, params: Params) -> Vector | None:
+    """fp32 copies of every floating parameter and buffer, when a trainable parameter is not fp32; else None.
+
+    A bf16 parameter cannot take a step below its rounding (at lr 1e-6 most entries of a bf16 model do
+    not move), so the truth of a bf16/fp16 model evaluates the model in fp32 at theta (exactly the
+    bf16 values) and at theta + alpha eta v (in fp32): it measures the change of the function the
+    model represents along the forecast's step, not the rounded step a bf16 optimizer would take.
+    Costs one fp32 copy of the model for the duration of the truth.
+    """
+    if all(p.dtype == torch.float32 for p in params.values()):
+        return None
+    with torch.no_grad():
+        state = dict(module.named_parameters())
+        state.update(module.named_buffers())
+        return {name: t.detach().float() for name, t in state.items() if t.is_floating_point()}
 
 
 @torch.no_grad()
@@ -105,12 +132,17 @@ def measure_truth(module: nn.Module, params: Params, v: Vector, lr: float, batch
     of truth - forecast, the forecast at alpha being ``alpha eta s_n + (alpha eta)^2/2 q_n`` per unit.
     """
     alphas = cfg.truth_alphas
-    before = logprobs_at(module, dict(params), batch, cfg) if batch is not None else None
+    base = full_precision_state(module, params) if batch is not None else None
+    # A caller's autocast would round theta' back to bf16 inside every matmul: off for the truth.
+    no_autocast = torch.autocast(_device_of(params).type, enabled=False)
+    with no_autocast:
+        before = logprobs_at(module, base or dict(params), batch, cfg) if batch is not None else None
     changes = []
     for alpha in alphas:
         after = None
         if batch is not None:  # a rank holding no E units contributes nothing to the gathered sums
-            after = logprobs_at(module, stepped_parameters(params, v, alpha * lr), batch, cfg)
+            with no_autocast:
+                after = logprobs_at(module, stepped_parameters(params, v, alpha * lr, base), batch, cfg)
             _check_weights(before.seq, after.seq, alpha)
         if alpha == (1.0 if 1.0 in alphas else alphas[-1]):
             after_head = after
@@ -130,6 +162,10 @@ def measure_truth(module: nn.Module, params: Params, v: Vector, lr: float, batch
     return TruthResult(delta_h=head.delta_h, se=head.se, ess=head.ess, se_diff=head.se_diff, alphas=list(alphas),
                        delta_h_at=deltas, se_at=[c.se for c in changes], ess_at=[c.ess for c in changes],
                        se_diff_at=[c.se_diff for c in changes], slope=slope, se_diff_forecast=se_diff_forecast)
+
+
+def _device_of(params: Params) -> torch.device:
+    return next(iter(params.values())).device
 
 
 # exp(709.8) is the largest finite float64: beyond it a weight is inf and the SNIS ratio inf / inf = NaN.

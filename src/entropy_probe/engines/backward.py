@@ -34,6 +34,7 @@ def update_gradient(module: nn.Module, params: Params, batch: RolloutBatch, coef
         for name, g in grads.items():
             if g is not None:
                 total[name] = g.float() if total[name] is None else total[name].add_(g.float())
+        grads = g = None  # else the next backward runs while this microbatch's gradients are still held
     return total
 
 
@@ -55,6 +56,7 @@ def eval_projections(module: nn.Module, params: Params, batch: RolloutBatch, v: 
         if out.x_sum is not None:
             add_into(out.x_sum, grads)
         out.seq_logprob[mb.rows], out.weighted[mb.rows] = lp.seq.detach(), lp.weighted.detach()
+        del grads  # else the next unit's backward runs while this X_n is still held: 2 gradient copies
     if index is None:
         out.s = torch.stack(s)  # (B_E,)
     else:
