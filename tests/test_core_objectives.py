@@ -51,6 +51,11 @@ def test_policy_gradient_coefficients_reproduce_each_loss(aggregation, norm_leng
     adv = numpy_advantages(batch, "grpo")
     lp = -torch.rand(batch.input_ids.shape, generator=torch.Generator().manual_seed(0))  # (N, T) token log-probs
     lp = lp * batch.response_mask
+    if aggregation == "seq-mean-token-sum-norm" and norm_length is None:  # TRL's constant is required
+        with pytest.raises(ValueError, match="norm_length"):
+            policy_gradient_coefficients(batch, torch.tensor(adv, dtype=torch.float32), aggregation,
+                                         UpdateTotals.of(batch), None)
+        return
     c = policy_gradient_coefficients(batch, torch.tensor(adv, dtype=torch.float32), aggregation,
                                      UpdateTotals.of(batch), norm_length)
     s = lp.sum(1)  # S_i

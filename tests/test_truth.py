@@ -141,12 +141,12 @@ def test_optimizer_step_truth_matches_a_real_step(kind):
 
 
 def _grpo_objective(model, batch: ep.RolloutBatch) -> torch.Tensor:
-    """GRPO's J: mean over sequences of A_i * (mean token log-prob), A the group z-score (std unbiased + 1e-6)."""
+    """GRPO's J: mean over sequences of A_i * (mean token log-prob), A the group z-score (std unbiased + 1e-4, as TRL 1.16)."""
     r = batch.rewards.double()
     adv = torch.empty_like(r)
     for g in batch.group_ids.unique():
         rows = batch.group_ids == g
-        adv[rows] = (r[rows] - r[rows].mean()) / (r[rows].std() + 1e-6)
+        adv[rows] = (r[rows] - r[rows].mean()) / (r[rows].std() + 1e-4)
     lp = sequence_logprobs(model, batch, 1.0, "token-mean")  # weighted = token-mean log-prob
     return (adv.float() * lp.weighted).mean()
 

@@ -2,7 +2,7 @@
 
 Every direction has the form ``v = b + scale * grad J_U`` with ``scale`` and ``b`` fixed given U
 (elementwise, per parameter): the per-unit pieces of the note are ``Y_m = scale * grad J_m`` and
-``v = b + mean_m Y_m``. The probe keeps ``scale`` to form the V_Y term of the unconditional SE.
+``v = b + mean_m Y_m``. (se_total rebuilds v for each delete-one-unit gradient: update_jackknife.)
 
 - "sgd": ``scale = lr_group / eta``, ``b = 0``.
 - "adam-preconditioned" (the note): ``scale = (lr_group / eta) / (sqrt(v_hat) + eps)`` with ``v_hat``
@@ -31,10 +31,12 @@ CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_: coef = max_norm / (total_norm
 
 @dataclass
 class UpdateDirection:
-    """v and its per-unit scale. ``scale`` is None when v was given by the caller."""
+    """v and its per-unit scale. ``scale`` is None when v was given by the caller. ``grad_j``: the
+    grad J_U v was built from, kept by the probe when the jackknife over U (se_total) needs it."""
 
     v: dict[str, Tensor]
     scale: dict[str, Tensor] | None = None
+    grad_j: dict[str, Tensor | None] | None = None
 
 
 @dataclass

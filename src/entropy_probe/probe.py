@@ -5,7 +5,7 @@ Reads top to bottom as the data flow of one call:
     rollout batch U -> update direction v        (objectives, direction, engines.update_gradient)
     rollout batch E -> per-unit projections s_n  (engines.eval_projections: backward or jvp)
     s_n -> statistics                            (statistics: delta_h1, SE over E, jackknife)
-    Xbar_E, U -> variance over U                 (engines.update_projections: se_total)
+    Xbar_A, Xbar_B, U -> variance over U         (update_jackknife: se_total, update influences)
     v, E -> truth                                (truth: the step applied functionally)
     -> ProbeResult
 
@@ -41,11 +41,12 @@ from .distributed import (
     merged_moments,
     unwrap,
 )
-from .engines import EvalProjections, eval_projections, update_gradient, update_projections
+from .engines import EvalProjections, eval_projections, update_gradient
 from .objectives import UpdateTotals, advantages, policy_gradient_coefficients, unit_entropy
 from .result import ProbeResult
-from .statistics import conditional_variance, jackknife_se, moments_update, update_variance_term
+from .statistics import conditional_variance, jackknife_se, moments_update
 from .truth import measure_truth
+from .update_jackknife import UpdateJackknife, combine, deleted_unit_projections, eval_halves, half_sizes
 from .vectors import Params, first_nonfinite
 
 
@@ -132,7 +133,10 @@ class EntropyProbe:
         bad = first_nonfinite(grad_j)
         if bad is not None:
             raise ValueError(f"update_batch: the policy gradient of parameter {bad!r} is not finite")
-        return build_direction(cfg.direction, grad_j, params, self.optimizer, self.lr, cfg.max_grad_norm), coeff, n_units
+        upd = build_direction(cfg.direction, grad_j, params, self.optimizer, self.lr, cfg.max_grad_norm)
+        if cfg.unconditional_se:
+            upd.grad_j = grad_j  # kept for the jackknife over U (se_total)
+        return upd, coeff, n_units
 
     def update_direction(self, update_batch: RolloutBatch | None) -> dict[str, Tensor]:
         """v of DESIGN section 4 as ``{name: fp32 tensor}``; pass it back as ``run(direction=v)``.
@@ -175,14 +179,20 @@ class EntropyProbe:
 
     # ---- 2. rollout batch E -> per-unit projections s_n -------------------------------------------
     def _project_eval(self, batch: RolloutBatch | None, params: Params, upd: UpdateDirection,
-                      want_x_sum: bool) -> tuple[EvalProjections, Tensor, Tensor]:
-        """(projections, this rank's summed unit entropies, its unit ids); empty on a rank without E units."""
+                      want_halves: bool) -> tuple[EvalProjections, Tensor, Tensor]:
+        """(projections, this rank's summed unit entropies, its unit ids); empty on a rank without E units.
+
+        ``want_halves``: also sum X_n over the two halves of E (even and odd global unit positions)."""
+        halves = None
+        if want_halves:  # this rank's offset in the global E order: one all_gather of one integer
+            counts = self.comm.stack(torch.tensor([0 if batch is None else batch.n_units])).reshape(-1)
+            halves = eval_halves(0 if batch is None else batch.n_units, int(counts[: self.comm.rank].sum()))
         if batch is not None:
-            proj = eval_projections(self.module, params, batch, upd.v, self.config, want_x_sum)
+            proj = eval_projections(self.module, params, batch, upd.v, self.config, halves)
             return proj, unit_entropy(proj.weighted, batch).double().sum(), batch.unit_ids
         empty = torch.zeros(0, device=_device_of(params))
-        x_sum = {n: torch.zeros_like(x) for n, x in upd.v.items()} if want_x_sum else None
-        proj = EvalProjections(empty, empty, empty, x_sum)
+        x_half = tuple({n: torch.zeros_like(x) for n, x in upd.v.items()} for _ in range(2)) if want_halves else None
+        proj = EvalProjections(empty, empty, empty, x_half)
         return proj, torch.zeros((), dtype=torch.float64), torch.zeros(0, dtype=torch.long)
 
     # ---- 3. s_n -> statistics over E with U fixed -------------------------------------------------
@@ -205,16 +215,29 @@ class EntropyProbe:
                               var_cond_e=var_e, se_cond_e=se_e, se_jackknife=jackknife_se(s, lr),
                               entropy=float(entropy_sum[0]) / n_eval)
 
-    # ---- 4. Xbar_E, U -> the variance over U ------------------------------------------------------
-    def _se_total(self, update_batch: RolloutBatch | None, params: Params, upd: UpdateDirection,
-                  coeff: Tensor | None, proj: EvalProjections, stats: EvalStatistics, lr: float) -> float:
-        """``sqrt(var_cond_e + V_Y)`` with the note's ``t_m = Xbar_E . Y_m``, ``Y_m = scale * grad J_m``."""
-        x_sum = all_reduce_vector(self.comm, proj.x_sum, params)  # sum_n X_n over all ranks
-        u = {name: upd.scale[name] * x / stats.n_eval for name, x in x_sum.items()}
-        t = torch.zeros(0, device=stats.s.device)
+    # ---- 4. Xbar_A, Xbar_B, U -> the variance over U ----------------------------------------------
+    def _update_jackknife(self, update_batch: RolloutBatch | None, params: Params, upd: UpdateDirection,
+                          coeff: Tensor | None, n_update: int, proj: EvalProjections, stats: EvalStatistics,
+                          lr: float) -> tuple[UpdateJackknife, Tensor]:
+        """V_U and the update influences (update_jackknife), with the U unit ids in gathered order."""
+        n_half = half_sizes(stats.n_eval)
+        x_a, x_b = (all_reduce_vector(self.comm, x, params) for x in proj.x_half)  # sums over all ranks
+        x_a = {n: (torch.zeros_like(upd.v[n]) if x is None else x / n_half[0]) for n, x in x_a.items()}
+        if n_half[1] == 0:  # B_E = 1: no second half; Xbar_E for both (V_U then keeps the E noise)
+            x_b = x_a
+        else:
+            x_b = {n: (torch.zeros_like(upd.v[n]) if x is None else x / n_half[1]) for n, x in x_b.items()}
+        pieces, ids = torch.zeros((0, 2), dtype=torch.float64), torch.zeros(0, dtype=torch.long)
+        if update_batch is not None and n_update >= 2:
+            pieces = deleted_unit_projections(self.module, params, update_batch, coeff, upd.grad_j, n_update,
+                                              upd.v, x_a, x_b, self.config, self.optimizer, lr)
         if update_batch is not None:
-            t = update_projections(self.module, params, update_batch, coeff, u, self.config)
-        return math.sqrt(stats.var_cond_e + update_variance_term(self.comm.gather(t), lr))
+            ids = update_batch.unit_ids.cpu()
+            if n_update < 2:
+                pieces = torch.zeros((update_batch.n_units, 2), dtype=torch.float64)
+        sizes = [int(c) for c in self.comm.stack(torch.tensor([len(ids)])).reshape(-1).tolist()]
+        pieces, ids = self.comm.gather(pieces, sizes), self.comm.gather(ids, sizes)  # (B_U, 2), (B_U,)
+        return combine(pieces, n_half, lr, stats.delta_h1, self.config.direction), ids
 
     # ---- the whole call ------------------------------------------------------------------------
     def _checked_call(self, update_batch, eval_batch, direction, truth: bool):
@@ -254,12 +277,14 @@ class EntropyProbe:
                 upd, coeff, n_update = self._direction_from(update_batch, params)
             else:
                 upd, coeff, n_update = given, None, 0
-            want_total = self.config.unconditional_se and upd.scale is not None
+            want_total = self.config.unconditional_se and given is None
             proj, local_entropy, local_ids = self._project_eval(eval_batch, params, upd, want_total)  # 2.
             stats = self._eval_statistics(proj, local_entropy, local_ids, lr)  # 3.
-            se_total = None
+            se_total, jack, update_ids = None, None, None
             if want_total:  # 4.
-                se_total = self._se_total(update_batch, params, upd, coeff, proj, stats, lr)
+                jack, update_ids = self._update_jackknife(update_batch, params, upd, coeff, n_update, proj,
+                                                          stats, lr)
+                se_total = math.sqrt(stats.var_cond_e + max(jack.var_update, 0.0))
             truth_result = None
             if truth:  # 5. the step applied functionally
                 truth_result = measure_truth(self.module, params, upd.v, lr, eval_batch, stats.s, self.config,
@@ -268,7 +293,9 @@ class EntropyProbe:
                            se_jackknife=stats.se_jackknife, se_total=se_total, entropy=stats.entropy,
                            n_eval_units=stats.n_eval, n_update_units=n_update, lr=lr,
                            per_unit=stats.s.detach().double().cpu(), eval_unit_ids=stats.unit_ids.cpu(),
-                           truth=truth_result)
+                           truth=truth_result, var_update=None if jack is None else jack.var_update,
+                           update_influence=None if jack is None else jack.influence,
+                           update_unit_ids=update_ids)
 
 
 def _device_of(params: Params) -> torch.device:

@@ -6,8 +6,12 @@ Metric names of ``to_dict()`` (flat, JSON-ready, for loggers), all under ``entro
 delta_h1            predicted entropy change of the step, ``eta * Xbar_E . v`` (nats)
 se_cond_e           its SE over E with U fixed (the founding note's key result)
 var_cond_e          ``se_cond_e ** 2``
-se_jackknife        delete-one jackknife SE over E units (cross-check of se_cond_e)
-se_total            unconditional SE, adding the variance over U (None without U)
+se_jackknife        delete-one jackknife SE over E units from the gathered s_n; for a mean it equals
+                    se_cond_e algebraically, so it is a numerical check of the float64 moment merge
+se_total            unconditional SE ``sqrt(var_cond_e + var_update)`` (None without U)
+var_update          V_U, the variance over U: jackknife through the exact direction map (None without U)
+interval_method     how ``interval()`` is built: "hull(student-t, bootstrap-t)" (DESIGN section 14)
+interval_lo95/hi95  ``interval(0.95)``
 entropy             entropy of the policy on E before the step, ``mean_n -(1/G) sum S_w`` (nats)
 n_eval_units        B_E
 n_update_units      B_U (0 when the direction was given)
@@ -27,7 +31,9 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
-from .statistics import Z95
+from .statistics import skew_aware_interval
+
+INTERVAL_METHOD = "hull(student-t, bootstrap-t)"
 
 PREFIX = "entropy_probe/"
 
@@ -46,9 +52,12 @@ class TruthResult:
     ess_at: list[float] = field(default_factory=list)
     se_diff_at: list[float] = field(default_factory=list)
     slope: float = math.nan
+    reliable: bool = True
+    """False when the importance weights are degenerate (ESS below ``truth.ess_threshold``)."""
 
     def to_dict(self) -> dict:
-        out = {f"{PREFIX}truth/{k}": getattr(self, k) for k in ("delta_h", "se", "ess", "se_diff", "slope")}
+        keys = ("delta_h", "se", "ess", "se_diff", "slope", "reliable")
+        out = {f"{PREFIX}truth/{k}": getattr(self, k) for k in keys}
         for a, d in zip(self.alphas, self.delta_h_at):
             out[f"{PREFIX}truth/delta_h@{a:g}"] = d
         return out
@@ -70,15 +79,31 @@ class ProbeResult:
     per_unit: Tensor  # (B_E,) float64 s_n, in eval-unit order: unit n contributes lr * s_n / B_E
     eval_unit_ids: Tensor  # (B_E,) group id of each eval unit
     truth: TruthResult | None = None
+    var_update: float | None = None  # V_U: se_total ** 2 = var_cond_e + var_update
+    update_influence: Tensor | None = None  # (B_U,) float64 per U unit (update_jackknife); None without U
+    update_unit_ids: Tensor | None = None  # (B_U,) group id of each U unit, the order of update_influence
+    interval_method: str = INTERVAL_METHOD
 
-    def interval(self, z: float = Z95) -> tuple[float, float]:
-        """The forecast's normal interval over E, ``delta_h1 -+ z * se_cond_e``."""
-        return self.delta_h1 - z * self.se_cond_e, self.delta_h1 + z * self.se_cond_e
+    def interval(self, level: float = 0.95, *, z: float | None = None) -> tuple[float, float]:
+        """The forecast's interval over E (U fixed) at coverage ``level``: the hull of the Student-t and
+        the bootstrap-t intervals of the s_n (``statistics.skew_aware_interval``).
+
+        Skew-aware: the normal interval ``delta_h1 -+ 1.96 se_cond_e`` covered 0.87 on skewed s_n at
+        B_E = 32 (docs/validation.md has what this one covers). ``z=``: the old normal
+        interval ``delta_h1 -+ z * se_cond_e`` (e.g. ``z=Z95``).
+        """
+        if z is not None:
+            return self.delta_h1 - z * self.se_cond_e, self.delta_h1 + z * self.se_cond_e
+        if not 0 < level < 1:
+            raise ValueError(f"interval: level must lie in (0, 1), got {level!r} (for a normal interval with "
+                             "a z multiplier pass z=...)")
+        return skew_aware_interval(self.per_unit, self.lr, level)
 
     def to_dict(self) -> dict:
-        keys = ("delta_h1", "se_cond_e", "var_cond_e", "se_jackknife", "se_total", "entropy",
-                "n_eval_units", "n_update_units", "lr")
+        keys = ("delta_h1", "se_cond_e", "var_cond_e", "se_jackknife", "se_total", "var_update", "entropy",
+                "n_eval_units", "n_update_units", "lr", "interval_method")
         out = {f"{PREFIX}{k}": getattr(self, k) for k in keys}
+        out[f"{PREFIX}interval_lo95"], out[f"{PREFIX}interval_hi95"] = self.interval(0.95)
         if self.truth is not None:
             out.update(self.truth.to_dict())
         return out

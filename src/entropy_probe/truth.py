@@ -10,11 +10,18 @@ whatever their group size (as in the entropy target ``E_x E_y``):
 which is the design's ``sum_i w_i h_i' / sum_i w_i`` when every G_n is equal. At alpha = 0 every
 weight is 1 and the change is exactly 0. SEs are delete-one-unit jackknives, also for the
 difference truth - prediction (same E, so the two are correlated).
+
+A step so large that a few sequences carry all the importance weight is a degenerate measurement:
+when the effective sample size ``(sum w)^2 / sum w^2`` falls below ``ess_threshold(N)`` (10% of the N
+E sequences, but at least min(8, N/2)) the change is flagged ``reliable = False`` with a
+RuntimeWarning, and a jackknife SE that no longer exists (a unit holding all the weight deleted:
+0 / 0) is reported as ``inf``, never NaN.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -54,17 +61,32 @@ class Change(NamedTuple):
     se: float
     ess: float
     se_diff: float
+    reliable: bool = True
+
+
+ESS_MIN_FRACTION = 0.1  # of the E sequences
+ESS_MIN_COUNT = 8.0
+
+
+def ess_threshold(n_sequences: int) -> float:
+    """The ESS below which a truth measurement is flagged unreliable: 10% of the N E sequences, but at
+    least min(8, N/2) (so that a small E is not flagged at alpha = 0, where the ESS is N)."""
+    return max(ESS_MIN_FRACTION * n_sequences, min(ESS_MIN_COUNT, 0.5 * n_sequences))
+
+
+def _finite_or_inf(x: float) -> float:
+    return x if math.isfinite(x) else math.inf
 
 
 def _unit_sums(batch: RolloutBatch, before: SequenceLogProbs, after: SequenceLogProbs) -> Tensor:
-    """``(B, 5)`` float64 per-unit sums: numerator A_n, denominator D_n, base entropy C_n (each / G_n),
-    and the sums of the importance weights and of their squares (for the ESS)."""
+    """``(B, 6)`` float64 per-unit sums: numerator A_n, denominator D_n, base entropy C_n (each / G_n),
+    the sums of the importance weights and of their squares (for the ESS), and G_n."""
     g = batch.unit_sizes.to(before.seq.device).double()
     weight = torch.exp(after.seq.double() - before.seq.double())  # (N,) importance weights
     num = group_sum(weight * -after.weighted.double(), batch) / g
     den = group_sum(weight, batch) / g
     base = group_sum(-before.weighted.double(), batch) / g
-    return torch.stack([num, den, base, group_sum(weight, batch), group_sum(weight * weight, batch)], dim=1)
+    return torch.stack([num, den, base, group_sum(weight, batch), group_sum(weight * weight, batch), g], dim=1)
 
 
 def entropy_change(batch: RolloutBatch | None, before: SequenceLogProbs | None, after: SequenceLogProbs | None,
@@ -75,22 +97,25 @@ def entropy_change(batch: RolloutBatch | None, before: SequenceLogProbs | None, 
     ``comm``: under DDP the per-unit sums of every rank are gathered (rank order), so the ratio,
     the jackknife and the ESS are global; ``batch`` is None on a rank holding no E units.
     """
-    sums = _unit_sums(batch, before, after) if batch is not None else torch.zeros((0, 5), dtype=torch.float64)
+    sums = _unit_sums(batch, before, after) if batch is not None else torch.zeros((0, 6), dtype=torch.float64)
     if comm is not None:
-        sums = comm.gather(sums)  # (B_E, 5) over all ranks
-    num, den, base, w_sum, w2_sum = sums.unbind(dim=1)
+        sums = comm.gather(sums)  # (B_E, 6) over all ranks
+    num, den, base, w_sum, w2_sum, sizes = sums.unbind(dim=1)
     b = num.numel()
+    if not float(den.sum()) > 0:
+        raise ValueError("truth: every importance weight underflows to 0; the step is far too large to measure")
     delta = float(num.sum() / den.sum() - base.sum() / b)
     ess = float(w_sum.sum() ** 2 / w2_sum.sum())
+    reliable = ess >= ess_threshold(int(sizes.sum()))
     if b < 2:
-        return Change(delta, 0.0, ess, 0.0)
-    loo = (num.sum() - num) / (den.sum() - den) - (base.sum() - base) / (b - 1)  # delta_(-n)
-    se = jackknife_se_of(loo)
+        return Change(delta, 0.0, ess, 0.0, reliable)
+    loo = (num.sum() - num) / (den.sum() - den) - (base.sum() - base) / (b - 1)  # delta_(-n); 0/0 possible
+    se = _finite_or_inf(jackknife_se_of(loo))
     se_diff = 0.0
     if predicted_per_unit is not None:
         s = predicted_per_unit.double().to(loo.device)
-        se_diff = jackknife_se_of(loo - lr * (s.sum() - s) / (b - 1))
-    return Change(delta, se, ess, se_diff)
+        se_diff = _finite_or_inf(jackknife_se_of(loo - lr * (s.sum() - s) / (b - 1)))
+    return Change(delta, se, ess, se_diff, reliable)
 
 
 def measure_truth(module: nn.Module, params: Params, v: Vector, lr: float, batch: RolloutBatch | None,
@@ -117,9 +142,20 @@ def measure_truth(module: nn.Module, params: Params, v: Vector, lr: float, batch
     d = torch.tensor(deltas, dtype=torch.float64)
     slope = float((a * d).sum() / (a * a).sum()) if float((a * a).sum()) > 0 else math.nan
     head = changes[list(alphas).index(1.0)] if 1.0 in alphas else changes[-1]
+    bad = [(a, c.ess) for a, c in zip(alphas, changes) if not c.reliable]
+    if bad:
+        warnings.warn(f"truth: degenerate importance weights at alpha {', '.join(f'{a:g} (ESS {e:.3g})' for a, e in bad)}"
+                      f"; below the threshold {ess_threshold(_n_sequences(batch, comm)):.3g}"
+                      " the measured change is unreliable (truth.reliable = False)", RuntimeWarning, stacklevel=3)
     return TruthResult(delta_h=head.delta_h, se=head.se, ess=head.ess, se_diff=head.se_diff, alphas=list(alphas),
                        delta_h_at=deltas, se_at=[c.se for c in changes], ess_at=[c.ess for c in changes],
-                       se_diff_at=[c.se_diff for c in changes], slope=slope)
+                       se_diff_at=[c.se_diff for c in changes], slope=slope, reliable=head.reliable)
+
+
+def _n_sequences(batch: RolloutBatch | None, comm) -> int:
+    """The number of E sequences over all ranks."""
+    mine = torch.tensor([0 if batch is None else batch.n_sequences])
+    return int(comm.stack(mine).sum()) if comm is not None else int(mine)
 
 
 # exp(709.8) is the largest finite float64: beyond it a weight is inf and the SNIS ratio inf / inf = NaN.

@@ -13,12 +13,12 @@ Params = dict[str, nn.Parameter]
 Vector = dict[str, Tensor]
 
 
-def grad_of(loss: Tensor, params: Params) -> dict[str, Tensor | None]:
-    """d loss / d params; None for a parameter the loss does not reach.
+def grad_of(loss: Tensor, params: Params, retain: bool = False) -> dict[str, Tensor | None]:
+    """d loss / d params; None for a parameter the loss does not reach. ``retain``: keep the graph.
 
     ``torch.autograd.grad`` leaves the caller's ``.grad`` alone and fires no DDP hook.
     """
-    grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+    grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True, retain_graph=retain)
     return dict(zip(params.keys(), grads))
 
 

@@ -36,7 +36,6 @@ from ..loss import policy_loss
 from ..objectives import unit_entropy
 from ..probe import EntropyProbe
 from ..sampling import sample_rollouts
-from ..statistics import Z95
 from .config import DemoConfig
 from .report import plot, print_report, summarize, write_files
 from .task import SortingTask
@@ -145,7 +144,7 @@ def rl_step(step: int, model, optimizer, probe: EntropyProbe, task: SortingTask,
     entropy, entropy_se = _mean_se(h_before)
     measured, measured_se = _mean_se(h_after - h_before)  # paired by unit
     t = result.truth
-    lo, hi = result.interval(Z95)
+    lo, hi = result.interval()
     return dict(
         step=step + 1, reward=reward, reward_se=reward_se, reward_update=float(u_batch.rewards.mean()),
         entropy=entropy, entropy_se=entropy_se, entropy_after=float(h_after.mean()),

@@ -13,21 +13,15 @@ from ..batch import RolloutBatch
 from ..config import ProbeConfig
 from ..vectors import Params, Vector
 from . import backward, jvp
-from .backward import update_gradient
+from .backward import unit_gradients, update_gradient
 from .projections import EvalProjections
 
-__all__ = ["EvalProjections", "eval_projections", "update_gradient", "update_projections"]
+__all__ = ["EvalProjections", "eval_projections", "unit_gradients", "update_gradient"]
 
 
 def eval_projections(module: nn.Module, params: Params, batch: RolloutBatch, v: Vector, cfg: ProbeConfig,
-                     want_x_sum: bool = False) -> EvalProjections:
-    """s_n = v . X_n for every unit of ``batch`` (and ``sum_n X_n`` when asked), by the configured engine."""
+                     halves: Tensor | None = None) -> EvalProjections:
+    """s_n = v . X_n for every unit of ``batch`` by the configured engine; with ``halves`` (``(B_E,)``
+    0 or 1 per unit) also the sums of the X_n over the two halves of E."""
     engine = jvp if cfg.engine == "jvp" else backward
-    return engine.eval_projections(module, params, batch, v, cfg, want_x_sum)
-
-
-def update_projections(module: nn.Module, params: Params, batch: RolloutBatch, coeff: Tensor, u: Vector,
-                       cfg: ProbeConfig) -> Tensor:
-    """``(B_U,)`` t_m = grad J_m . u for every U unit, by the configured engine."""
-    engine = jvp if cfg.engine == "jvp" else backward
-    return engine.update_projections(module, params, batch, coeff, u, cfg)
+    return engine.eval_projections(module, params, batch, v, cfg, halves)
