@@ -94,6 +94,11 @@ def _assert_same_as_single(dist_r: ep.ProbeResult, ref: ep.ProbeResult, truth_re
     assert (dist_r.n_eval_units, dist_r.n_update_units) == (ref.n_eval_units, ref.n_update_units)
     assert torch.equal(dist_r.eval_unit_ids, ref.eval_unit_ids)  # rank order = the one-process order
     _close_vec(dist_r.per_unit, ref.per_unit, "per_unit s_n")
+    if ref.update_influence is None:
+        assert dist_r.update_influence is None and dist_r.var_update is None
+    else:  # the jackknife over U: each rank's units' pieces, gathered in rank order
+        assert torch.equal(dist_r.update_unit_ids, ref.update_unit_ids)
+        _close_vec(dist_r.update_influence, ref.update_influence, "update_influence")
     if truth_ref is not None:
         t, rt = dist_r.truth, truth_ref
         for k in ("delta_h", "se", "ess", "se_diff"):

@@ -17,7 +17,11 @@ import torch
 import entropy_probe as ep
 from entropy_probe.loss import policy_loss
 from entropy_probe.toy import TabularPolicy, sample_enumerated
-from entropy_probe.validation.calibration import SE_TOTAL_CASES, se_total_check, se_total_pairs
+from entropy_probe.validation.calibration import (
+    SE_TOTAL_CASES,
+    se_total_check,
+    se_total_pairs,
+)
 from entropy_probe.validation.stats import tolerance_k
 
 

@@ -17,7 +17,11 @@ fixed; v is the note's Adam-preconditioned direction. The checks (DESIGN section
 4. unbiasedness: the mean of delta_h1 over the shards equals the exact eta * grad H . v, for both
    entropy weightings (responses have lengths 1 to 3);
 5. truth: delta_h_true(alpha) / (alpha * delta_h1) -> 1 as alpha -> 0, with H(theta + alpha eta v)
-   by exact enumeration and by the probe's importance-weighted truth.
+   by exact enumeration and by the probe's importance-weighted truth;
+6. se_total (DESIGN section 14): over independent (U, E) pairs, var(delta_h1) / mean(se_total^2) in
+   its chi-square band for sgd, Adam-preconditioned fresh and warm, optimizer-step warm;
+7. the skew-aware ``result.interval()`` covers the exact change at its level on the skewed case
+   ("sum" weighting, temperature 0.7, B_E = 16 and 32) and on an easy one.
 
 Tolerances are quantiles of each statistic's sampling distribution at a family-wise level of 1%
 (``validation/stats.py``), so a correct probe fails the whole table about once in a hundred seeds.
@@ -34,10 +38,23 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 from ..logprobs import WEIGHTINGS
+from .calibration import (
+    SE_TOTAL_CASES,
+    coverage_floor_check,
+    interval_coverage,
+    se_total_check,
+    se_total_pairs,
+)
 from .checks import (
     coverage_check,
     run_scaling,
@@ -51,6 +68,9 @@ from .checks import (
 from .problem import CONTROL, FULL, QUICK, Check, Settings, build_problem
 from .stats import FAMILY_LEVEL, excess_kurtosis, skewness, tolerance_k
 
+# (weighting, temperature, B_E, target coverage of the 95% interval): the skewed case, and an easy one
+INTERVAL_CASES = (("sum", 0.7, 16, 0.92), ("sum", 0.7, 32, 0.93), ("token-mean", 1.0, 32, 0.93))
+
 
 # ---- the harness ------------------------------------------------------------------------------------
 def run_validation(seed: int, settings: Settings, out: Path, console: Console) -> dict:
@@ -59,7 +79,8 @@ def run_validation(seed: int, settings: Settings, out: Path, console: Console) -
 
     start = time.perf_counter()
     s = settings
-    n_tests = 2 * len(WEIGHTINGS) + 1 + len(WEIGHTINGS) + len(s.alphas) + 1  # the statistical tests below
+    n_tests = (2 * len(WEIGHTINGS) + 1 + len(WEIGHTINGS) + len(s.alphas) + 1  # the statistical tests below
+               + len(SE_TOTAL_CASES) + len(INTERVAL_CASES))
     k = tolerance_k(n_tests)
     columns = (TextColumn("{task.description:<34}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as progress:
@@ -76,6 +97,19 @@ def run_validation(seed: int, settings: Settings, out: Path, console: Console) -
         task = progress.add_task("truth sweep over alpha", total=1)
         truth, truth_data = truth_checks(problem, s, seed, k)
         progress.advance(task)
+        task = progress.add_task(f"se_total ({s.total_pairs} (U, E) pairs x 4)", total=len(SE_TOTAL_CASES))
+        totals = []
+        for direction, warm in SE_TOTAL_CASES:
+            data = se_total_pairs(direction, warm, s.total_pairs, *s.total_units, seed=seed)
+            totals.append(se_total_check(direction, warm, data, k))
+            progress.advance(task)
+        task = progress.add_task(f"interval coverage ({s.interval_draws} draws x 3)", total=len(INTERVAL_CASES))
+        intervals = []
+        for weighting, temperature, units, target in INTERVAL_CASES:
+            covered, n = interval_coverage(weighting, temperature, units, s.interval_draws, seed=seed)
+            name = f"interval coverage ({weighting}, T={temperature:g}, B_E={units})"
+            intervals.append(coverage_floor_check(name, covered, n, target, k))
+            progress.advance(task)
 
     exact = {w: problem.lr * problem.exact_slope[w] for w in WEIGHTINGS}
     checks: list[Check] = []
@@ -88,7 +122,7 @@ def run_validation(seed: int, settings: Settings, out: Path, console: Console) -
     checks.append(slope_check("SE scaling: slope of log SE vs log c", list(s.scale_factors), scaling, k))
     checks.append(zero)
     checks += [unbiased_check(f"unbiased vs exact ({w})", shards[w]["delta_h1"], exact[w], k) for w in WEIGHTINGS]
-    checks += truth
+    checks += truth + totals + intervals
     # Not a check of the probe (it counts neither in the verdict nor in k): the same unbiasedness test
     # applied to a known-biased estimator must reject it, or the test would have no power here.
     control = unbiased_check("control: x_estimator='seed' (token-mean) is biased", shards[CONTROL]["delta_h1"],
