@@ -36,6 +36,7 @@ from ..loss import policy_loss
 from ..objectives import unit_entropy
 from ..probe import EntropyProbe
 from ..sampling import sample_rollouts
+from ..statistics import Z95
 from .config import DemoConfig
 from .report import plot, print_report, summarize, write_files
 from .task import SortingTask
@@ -144,7 +145,7 @@ def rl_step(step: int, model, optimizer, probe: EntropyProbe, task: SortingTask,
     entropy, entropy_se = _mean_se(h_before)
     measured, measured_se = _mean_se(h_after - h_before)  # paired by unit
     t = result.truth
-    lo, hi = result.interval()
+    lo, hi = result.interval(z=Z95)  # the normal interval: the report's error bars are Z95 * forecast_se
     return dict(
         step=step + 1, reward=reward, reward_se=reward_se, reward_update=float(u_batch.rewards.mean()),
         entropy=entropy, entropy_se=entropy_se, entropy_after=float(h_after.mean()),
