@@ -85,3 +85,17 @@ def test_adam_update_influences_are_delete_one_unit_changes(direction, clip):
         v_minus = probe.update_direction(_without_unit(update, m))
         expected = r.delta_h1 - probe.run(eval_batch=evaluation, direction=v_minus).delta_h1
         assert float(r.update_influence[m]) == pytest.approx(expected, rel=1e-3, abs=1e-5 * abs(r.delta_h1))
+
+
+def test_one_update_unit_warns_and_one_eval_unit_still_gives_finite_numbers():
+    policy = TabularPolicy(seed=3)
+    probe = ep.EntropyProbe(policy, config=ep.ProbeConfig(lr=0.05, direction="sgd"))
+    with pytest.warns(RuntimeWarning, match="fewer than 2 update units"):
+        r = probe.run(sample_enumerated(policy, 1, seed=1), sample_enumerated(policy, 6, seed=2))
+    assert r.se_total == r.se_cond_e and r.var_update == 0.0  # no variance over U can be estimated
+    assert r.update_influence.tolist() == [r.delta_h1]  # the one unit is the whole step
+    with pytest.warns(RuntimeWarning, match="fewer than 2 units"):  # B_E = 1: SE over E is 0
+        r = probe.run(sample_enumerated(policy, 5, seed=1), sample_enumerated(policy, 1, seed=3))
+    # no second half of E: both projections use Xbar_E (V_U then keeps E's noise, on the large side)
+    assert r.delta_h1 != 0 and r.se_cond_e == 0.0 and r.var_update > 0 and r.se_total > 0
+    assert torch.isfinite(r.update_influence).all()

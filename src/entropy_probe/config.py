@@ -56,7 +56,8 @@ class ProbeConfig:
     """Dr. GRPO's constant length, required by "seq-mean-token-sum-norm": TRL's ``max_completion_length``
     (its dr_grpo loss divides by ``N * max_completion_length``). Unused by the other aggregations."""
     unconditional_se: bool = True
-    """Also compute se_total (adds the variance over U; costs one more pass over U)."""
+    """Also compute se_total, var_update and update_influence: a delete-one-unit jackknife over U through
+    the direction map (one more backward per U unit, the X sums over two halves of E)."""
     truth_alphas: tuple[float, ...] = (1.0,)
     """Step fractions alpha at which run(truth=True) measures the entropy after theta + alpha*eta*v."""
 

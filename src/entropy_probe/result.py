@@ -12,6 +12,7 @@ se_total            unconditional SE ``sqrt(var_cond_e + var_update)`` (None wit
 var_update          V_U, the variance over U: jackknife through the exact direction map (None without U)
 interval_method     how ``interval()`` is built: "hull(student-t, bootstrap-t)" (DESIGN section 14)
 interval_lo95/hi95  ``interval(0.95)``
+truth/reliable      False when the importance weights are degenerate (ESS below truth.ess_threshold)
 entropy             entropy of the policy on E before the step, ``mean_n -(1/G) sum S_w`` (nats)
 n_eval_units        B_E
 n_update_units      B_U (0 when the direction was given)

@@ -13,11 +13,15 @@ which ``var_cond_e`` already holds). The jackknife variance over U is then
 
     V_U = eta^2 (B_U - 1) / B_U * sum_m (a_m - mean a)(b_m - mean b)
 
-and ``se_total = sqrt(max(var_cond_e + V_U, 0))``. V_U is left unclamped (it can be < 0 when U adds
-little variance): clamping it at 0 biased se_total up (variance ratio 0.78 against 0.82 over the same
-200 (U, E) pairs). For a nonlinear map (Adam's first step, v ~ sign(g)) the jackknife errs on the
-large side (Efron-Stein): 1.35x the true variance over U on the toy policy, docs/validation.md. Memory: one unit's gradient at a time, turned in place
-into ``g_(-m)``, and the rebuilt ``v_(-m)``; never B_U parameter-sized buffers.
+and ``se_total = sqrt(var_cond_e + max(V_U, 0))``. ``var_update`` reports V_U unclamped: unbiased
+for a linear map, it can be < 0 when U adds little variance. The clamp biases se_total up a little
+(variance ratio 0.78 against 0.82 over the same 200 (U, E) pairs at B_E = 8). For a non-smooth map
+(Adam's first step, v ~ sign(g)) the jackknife errs on the large side (Efron-Stein): 1.2-1.35x the
+true variance over U on the toy policy (docs/validation.md).
+
+Memory: one unit's gradient at a time, turned in place into ``g_(-m)``, and the rebuilt ``v_(-m)``
+(with ``build_direction``'s per-unit scale alongside), next to v, grad J_U and the two half sums of
+X: a constant number of parameter-sized buffers, never B_U of them.
 
 The per-unit pieces are the update-prompt influences (DESIGN section 13): for "sgd" exactly
 ``eta Xbar_E . Y_m / B_U`` (they sum to ``delta_h1``), for the Adam directions the delete-one-unit
