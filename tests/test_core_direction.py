@@ -38,7 +38,8 @@ class StepCase:
 # Clipping at 1e-3 is active on every case here (asserted below: the real total norm exceeds it).
 CLIP = 1e-3
 # Clipping at 1e3 is never active (asserted: the norm is below it): clip_grad_norm_'s factor is capped at 1,
-# and with warm state (Adam is not scale invariant then) an uncapped factor max_norm / norm would move the step.
+# and with warm state (Adam is not scale invariant then) an uncapped factor max_norm / norm would move
+# the step.
 LOOSE_CLIP = 1e3
 NORM_LENGTH = 12  # Dr. GRPO's constant length (TRL: max_completion_length), longer than any response here
 CASES = (

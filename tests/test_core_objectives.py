@@ -113,11 +113,13 @@ def test_grpo_advantages_and_dr_grpo_normaliser_are_trl_s():
     rewards = torch.tensor([0.50, 0.51, 0.52, 0.50, 1.0, 0.0, 0.0, 1.0])  # a unit with std 0.01: eps matters
     ids = torch.tensor([[5, 1, 2, 3]] * 8)
     resp = torch.tensor([[0, 1, 1, 1]] * 4 + [[0, 1, 0, 0]] * 4)
-    batch = RolloutBatch(ids, torch.ones_like(ids), resp, torch.arange(2).repeat_interleave(g), rewards=rewards)
+    groups = torch.arange(2).repeat_interleave(g)
+    batch = RolloutBatch(ids, torch.ones_like(ids), resp, groups, rewards=rewards)
     grouped = rewards.view(-1, g)  # TRL's (groups, num_generations) view
     std = nanstd(grouped, dim=1).repeat_interleave(g)
     trl_adv = (rewards - grouped.mean(dim=1).repeat_interleave(g)) / (std + 1e-4)
-    torch.testing.assert_close(advantages(batch, "grpo"), trl_adv, rtol=1e-6, atol=1e-7)  # 1e-6 eps: off by 1%
+    # fp32 rounding only; with eps 1e-6 the std-0.01 unit would be off by 1%
+    torch.testing.assert_close(advantages(batch, "grpo"), trl_adv, rtol=1e-6, atol=1e-7)
 
     max_completion_length = 16
     c = policy_gradient_coefficients(batch, trl_adv, "seq-mean-token-sum-norm", UpdateTotals.of(batch),

@@ -55,7 +55,8 @@ def test_statistics_equal_numpy_on_the_same_s():
     assert r.se_cond_e == pytest.approx(ETA * math.sqrt(s.var(ddof=1) / b), rel=1e-12)
     assert r.se_jackknife == pytest.approx(r.se_cond_e, rel=1e-10)
     z = NormalDist().inv_cdf(0.975)  # 1.95996...: the 95% interval
-    assert r.interval(z=z) == pytest.approx((r.delta_h1 - z * r.se_cond_e, r.delta_h1 + z * r.se_cond_e), rel=1e-12)
+    normal = (r.delta_h1 - z * r.se_cond_e, r.delta_h1 + z * r.se_cond_e)
+    assert r.interval(z=z) == pytest.approx(normal, rel=1e-12)
     assert torch.equal(r.eval_unit_ids, evaluation.unit_ids)
 
 

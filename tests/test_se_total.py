@@ -59,7 +59,8 @@ def test_sgd_update_influences_are_the_per_unit_terms_and_sum_to_delta_h1():
         only_m = update.advantages * (update.unit_index == m)  # J restricted to unit m, same normalisers
         b = ep.RolloutBatch(update.input_ids, update.attention_mask, update.response_mask, update.group_ids,
                             advantages=only_m)
-        y_m = {"table": -n * torch.autograd.grad(policy_loss(policy, b, cfg), [policy.table])[0]}  # Y_m = grad J_m
+        (grad,) = torch.autograd.grad(policy_loss(policy, b, cfg), [policy.table])
+        y_m = {"table": -n * grad}  # Y_m = grad J_m = -B_U grad of the loss restricted to unit m
         expected = probe.run(eval_batch=evaluation, direction=y_m).delta_h1 / n  # eta Xbar_E . Y_m / B_U
         assert float(r.update_influence[m]) == pytest.approx(expected, rel=1e-4, abs=1e-6 * abs(r.delta_h1))
     assert float(r.update_influence.sum()) == pytest.approx(r.delta_h1, rel=1e-5)

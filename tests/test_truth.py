@@ -141,7 +141,8 @@ def test_optimizer_step_truth_matches_a_real_step(kind):
 
 
 def _grpo_objective(model, batch: ep.RolloutBatch) -> torch.Tensor:
-    """GRPO's J: mean over sequences of A_i * (mean token log-prob), A the group z-score (std unbiased + 1e-4, as TRL 1.16)."""
+    """GRPO's J: mean over sequences of A_i * (mean token log-prob), A the group z-score
+    (std unbiased + 1e-4, as TRL 1.16)."""
     r = batch.rewards.double()
     adv = torch.empty_like(r)
     for g in batch.group_ids.unique():
@@ -256,7 +257,8 @@ def test_huge_step_warns_and_marks_the_truth_unreliable():
     assert not r.truth.reliable and r.truth.ess < 8  # ESS 2.2 of 64 sequences
     assert r.to_dict()["entropy_probe/truth/reliable"] is False
     assert all(math.isfinite(v) for v in (r.truth.delta_h, r.truth.se, r.truth.ess, r.truth.se_diff))
-    small = ep.EntropyProbe(policy, config=ep.ProbeConfig(lr=1e-2, direction="sgd")).run(update, evalb, truth=True)
+    small_probe = ep.EntropyProbe(policy, config=ep.ProbeConfig(lr=1e-2, direction="sgd"))
+    small = small_probe.run(update, evalb, truth=True)
     assert small.truth.reliable and small.truth.ess > 60
 
 

@@ -81,7 +81,8 @@ class ProbeConfig:
              "max_grad_norm", "must be a finite number > 0 or None")
         need(self.norm_length is None or (isinstance(self.norm_length, int) and self.norm_length >= 1),
              "norm_length", "must be an integer >= 1 or None")
-        need(self.loss_aggregation != "seq-mean-token-sum-norm" or self.norm_length is not None, "norm_length",
+        need(self.loss_aggregation != "seq-mean-token-sum-norm" or self.norm_length is not None,
+             "norm_length",
              "is required with loss_aggregation='seq-mean-token-sum-norm' (TRL: max_completion_length)")
         object.__setattr__(self, "truth_alphas", tuple(float(a) for a in self.truth_alphas))  # frozen: set once
         need(len(self.truth_alphas) > 0 and all(math.isfinite(a) for a in self.truth_alphas), "truth_alphas",

@@ -104,8 +104,8 @@ def policy_gradient_coefficients(batch: RolloutBatch, adv: Tensor, aggregation: 
         c = adv / totals.n_tokens
     elif aggregation == "seq-mean-token-sum-norm":
         if norm_length is None:
-            raise ValueError("loss_aggregation='seq-mean-token-sum-norm' needs ProbeConfig.norm_length: the run's "
-                             "constant length (TRL: GRPOConfig.max_completion_length)")
+            raise ValueError("loss_aggregation='seq-mean-token-sum-norm' needs ProbeConfig.norm_length: "
+                             "the run's constant length (TRL: GRPOConfig.max_completion_length)")
         c = adv / (totals.n_sequences * float(norm_length))
     else:
         raise ValueError(f"loss_aggregation must be one of {LOSS_AGGREGATIONS}, got {aggregation!r}")

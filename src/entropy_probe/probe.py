@@ -191,7 +191,9 @@ class EntropyProbe:
             proj = eval_projections(self.module, params, batch, upd.v, self.config, halves)
             return proj, unit_entropy(proj.weighted, batch).double().sum(), batch.unit_ids
         empty = torch.zeros(0, device=_device_of(params))
-        x_half = tuple({n: torch.zeros_like(x) for n, x in upd.v.items()} for _ in range(2)) if want_halves else None
+        x_half = None
+        if want_halves:
+            x_half = tuple({n: torch.zeros_like(x) for n, x in upd.v.items()} for _ in range(2))
         proj = EvalProjections(empty, empty, empty, x_half)
         return proj, torch.zeros((), dtype=torch.float64), torch.zeros(0, dtype=torch.long)
 

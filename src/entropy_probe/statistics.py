@@ -133,7 +133,8 @@ def bootstrap_t_interval(s: Tensor, lr: float, level: float, resamples: int = BO
         keep = se_star > 0
         t.append((xs.mean(dim=1)[keep] - mean) / se_star[keep])
     t = torch.cat(t)
-    q_lo, q_hi = torch.quantile(t, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)).tolist()
+    probs = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+    q_lo, q_hi = torch.quantile(t, probs).tolist()
     return lr * (mean - q_hi * se), lr * (mean - q_lo * se)
 
 

@@ -86,7 +86,8 @@ def _unit_sums(batch: RolloutBatch, before: SequenceLogProbs, after: SequenceLog
     num = group_sum(weight * -after.weighted.double(), batch) / g
     den = group_sum(weight, batch) / g
     base = group_sum(-before.weighted.double(), batch) / g
-    return torch.stack([num, den, base, group_sum(weight, batch), group_sum(weight * weight, batch), g], dim=1)
+    w_sum, w2_sum = group_sum(weight, batch), group_sum(weight * weight, batch)
+    return torch.stack([num, den, base, w_sum, w2_sum, g], dim=1)
 
 
 def entropy_change(batch: RolloutBatch | None, before: SequenceLogProbs | None, after: SequenceLogProbs | None,
@@ -103,7 +104,8 @@ def entropy_change(batch: RolloutBatch | None, before: SequenceLogProbs | None, 
     num, den, base, w_sum, w2_sum, sizes = sums.unbind(dim=1)
     b = num.numel()
     if not float(den.sum()) > 0:
-        raise ValueError("truth: every importance weight underflows to 0; the step is far too large to measure")
+        raise ValueError("truth: every importance weight underflows to 0; the step is far too large to "
+                         "measure")
     delta = float(num.sum() / den.sum() - base.sum() / b)
     ess = float(w_sum.sum() ** 2 / w2_sum.sum())
     reliable = ess >= ess_threshold(int(sizes.sum()))
@@ -144,9 +146,10 @@ def measure_truth(module: nn.Module, params: Params, v: Vector, lr: float, batch
     head = changes[list(alphas).index(1.0)] if 1.0 in alphas else changes[-1]
     bad = [(a, c.ess) for a, c in zip(alphas, changes) if not c.reliable]
     if bad:
-        warnings.warn(f"truth: degenerate importance weights at alpha {', '.join(f'{a:g} (ESS {e:.3g})' for a, e in bad)}"
-                      f"; below the threshold {ess_threshold(_n_sequences(batch, comm)):.3g}"
-                      " the measured change is unreliable (truth.reliable = False)", RuntimeWarning, stacklevel=3)
+        where = ", ".join(f"{a:g} (ESS {e:.3g})" for a, e in bad)
+        warnings.warn(f"truth: degenerate importance weights at alpha {where}; below the threshold "
+                      f"{ess_threshold(_n_sequences(batch, comm)):.3g} the measured change is unreliable "
+                      "(truth.reliable = False)", RuntimeWarning, stacklevel=3)
     return TruthResult(delta_h=head.delta_h, se=head.se, ess=head.ess, se_diff=head.se_diff, alphas=list(alphas),
                        delta_h_at=deltas, se_at=[c.se for c in changes], ess_at=[c.ess for c in changes],
                        se_diff_at=[c.se_diff for c in changes], slope=slope, reliable=head.reliable)

@@ -93,7 +93,8 @@ def _delta_dot(v_minus: Vector, v: Vector, x: Vector) -> Tensor:
     return torch.stack(terms).sum()
 
 
-def combine(pieces: Tensor, n_half: tuple[int, int], lr: float, delta_h1: float, direction: str) -> UpdateJackknife:
+def combine(pieces: Tensor, n_half: tuple[int, int], lr: float, delta_h1: float,
+            direction: str) -> UpdateJackknife:
     """V_U and the influences from the gathered ``(B_U, 2)`` projections (see the module docstring)."""
     n = pieces.shape[0]
     if n < 2:
@@ -102,7 +103,7 @@ def combine(pieces: Tensor, n_half: tuple[int, int], lr: float, delta_h1: float,
         return UpdateJackknife(0.0, torch.full((n,), delta_h1, dtype=torch.float64))
     a, b = pieces[:, 0], pieces[:, 1]
     cov = float(((a - a.mean()) * (b - b.mean())).sum())
-    var_update = lr * lr * (n - 1) / n * cov  # unbiased for a linear map, so it may come out < 0  # unbiased products can be < 0: a variance cannot
+    var_update = lr * lr * (n - 1) / n * cov  # unbiased for a linear map, so it may come out < 0
     xbar_dv = (n_half[0] * a + n_half[1] * b) / (n_half[0] + n_half[1])  # Xbar_E . dv_m
     if direction == "sgd":  # Y_m = v - (B_U - 1) dv_m exactly, so these sum to delta_h1
         influence = (delta_h1 - lr * (n - 1) * xbar_dv) / n

@@ -48,7 +48,8 @@ def se_total_pairs(direction: str, warm_steps: int, n_pairs: int, update_units: 
                    seed: int = 0) -> dict:
     """delta_h1, se_total^2 and var_cond_e over ``n_pairs`` independent (U, E) pairs."""
     policy, optimizer = _policy_and_optimizer(direction, warm_steps, seed)
-    cfg = ProbeConfig(lr=LR, direction=direction, max_grad_norm=CLIP if direction == "optimizer-step" else None)
+    clip = CLIP if direction == "optimizer-step" else None
+    cfg = ProbeConfig(lr=LR, direction=direction, max_grad_norm=clip)
     probe = EntropyProbe(policy, optimizer, cfg)
     out = dict(delta_h1=[], se_total2=[], var_cond_e=[])
     base = 1_000_003 * (seed + 1)
@@ -88,5 +89,6 @@ def interval_coverage(weighting: str, temperature: float, eval_units: int, n_dra
 def coverage_floor_check(name: str, covered: int, n: int, target: float, k: float) -> Check:
     """The share must not lie below ``target`` by more than k binomial SEs ``sqrt(t(1-t)/n)``."""
     share, floor = covered / n, target - k * math.sqrt(target * (1 - target) / n)
-    return Check(name, share >= floor, f"coverage {share:.3f} ({covered}/{n})", f">= {floor:.3f} (target {target})",
+    return Check(name, share >= floor, f"coverage {share:.3f} ({covered}/{n})",
+                 f">= {floor:.3f} (target {target})",
                  dict(coverage=share, covered=covered, draws=n, target=target, floor=floor))

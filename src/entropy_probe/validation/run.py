@@ -103,7 +103,8 @@ def run_validation(seed: int, settings: Settings, out: Path, console: Console) -
             data = se_total_pairs(direction, warm, s.total_pairs, *s.total_units, seed=seed)
             totals.append(se_total_check(direction, warm, data, k))
             progress.advance(task)
-        task = progress.add_task(f"interval coverage ({s.interval_draws} draws x 3)", total=len(INTERVAL_CASES))
+        task = progress.add_task(f"interval coverage ({s.interval_draws} draws x 3)",
+                                 total=len(INTERVAL_CASES))
         intervals = []
         for weighting, temperature, units, target in INTERVAL_CASES:
             covered, n = interval_coverage(weighting, temperature, units, s.interval_draws, seed=seed)
