@@ -146,7 +146,7 @@ def numpy_advantages(batch: RolloutBatch, estimator: str) -> np.ndarray:
         elif estimator == "rloo":
             out[rows] = [x[i] - np.delete(x, i).mean() for i in range(g)]
         elif estimator == "grpo":
-            out[rows] = (x - x.mean()) / (x.std(ddof=1) + 1e-6)
+            out[rows] = (x - x.mean()) / (x.std(ddof=1) + 1e-4)  # TRL 1.16: std (Bessel) + 1e-4
         else:
             raise AssertionError(estimator)
     return out
@@ -168,9 +168,8 @@ def hand_objective(seq_token_lp: Tensor, batch: RolloutBatch, adv: np.ndarray, a
         return per_tok.sum(1).mean()
     if aggregation == "token-mean":  # DAPO: one mean over all response tokens of the batch
         return per_tok.sum() / m.sum()
-    if aggregation == "seq-mean-token-sum-norm":  # Dr. GRPO: token sums over a constant length
-        length = norm_length or int(m.sum(1).max())
-        return per_tok.sum() / (n * length)
+    if aggregation == "seq-mean-token-sum-norm":  # Dr. GRPO (TRL dr_grpo): over N * max_completion_length
+        return per_tok.sum() / (n * norm_length)
     raise AssertionError(aggregation)
 
 

@@ -153,15 +153,18 @@ def test_caller_state_is_bit_identical(sc: Scenario, monkeypatch):
     elif sc.patch == "truth-raise":
         monkeypatch.setattr(probe_module, "measure_truth", _rng_and_mode_then(_raise))
     elif sc.patch == "dot-raise":
-        real_dot, calls = projections_module.dot, []
+        calls = []
 
-        def dot(*args):
-            calls.append(1)
-            if len(calls) == 2:
-                torch.rand(10)
-                raise RuntimeError("injected failure")
-            return real_dot(*args)
-        monkeypatch.setattr(projections_module, "dot", dot)
+        def failing_on_2nd_unit(real):  # the per-unit dot with v: plain, or per parameter group (by_group)
+            def dot(*args):
+                calls.append(1)
+                if len(calls) == 2:
+                    torch.rand(10)
+                    raise RuntimeError("injected failure")
+                return real(*args)
+            return dot
+        for name in ("dot", "_group_dots"):
+            monkeypatch.setattr(projections_module, name, failing_on_2nd_unit(getattr(projections_module, name)))
     probe = ep.EntropyProbe(model, opt, ep.ProbeConfig(direction=sc.direction, microbatch_units=2,
                                                        second_order=sc.second_order))
     functional = (torch.nn.functional.layer_norm, torch.nn.functional.silu)

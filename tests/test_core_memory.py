@@ -35,18 +35,11 @@ def test_v_is_built_in_the_gradients_storage(kind):
     grads = _grads(model)
     expected = build_direction(kind, {n: g.clone() for n, g in grads.items()}, params, opt, 1e-3).v
     ptrs = {n: g.data_ptr() for n, g in grads.items()}
-    out = build_direction(kind, grads, params, opt, 1e-3, want_scale=False)
+    out = build_direction(kind, grads, params, opt, 1e-3)
     assert not grads  # consumed
-    assert out.scale is None
     for n, t in out.v.items():
         assert t.data_ptr() == ptrs[n], n  # no second copy
         torch.testing.assert_close(t, expected[n], rtol=0, atol=0)
-
-
-def test_sgd_scale_is_a_scalar_per_parameter():
-    model = tiny_gpt2(seed=0, vocab=VOCAB)
-    out = build_direction("sgd", _grads(model), dict(model.named_parameters()), None, 1e-3)
-    assert all(s.dim() == 0 and float(s) == 1.0 for s in out.scale.values())
 
 
 def _track_gradients(monkeypatch) -> list[list[weakref.ref]]:

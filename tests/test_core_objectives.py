@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import entropy_probe as ep
 from entropy_probe import RolloutBatch
 from entropy_probe.objectives import (LOSS_AGGREGATIONS, UpdateTotals, advantages, entropy_gradient_coefficients,
                                       policy_gradient_coefficients, unit_entropy)
@@ -51,6 +52,11 @@ def test_policy_gradient_coefficients_reproduce_each_loss(aggregation, norm_leng
     adv = numpy_advantages(batch, "grpo")
     lp = -torch.rand(batch.input_ids.shape, generator=torch.Generator().manual_seed(0))  # (N, T) token log-probs
     lp = lp * batch.response_mask
+    if aggregation == "seq-mean-token-sum-norm" and norm_length is None:  # TRL's constant is required
+        with pytest.raises(ValueError, match="norm_length"):
+            policy_gradient_coefficients(batch, torch.tensor(adv, dtype=torch.float32), aggregation,
+                                         UpdateTotals.of(batch), None)
+        return
     c = policy_gradient_coefficients(batch, torch.tensor(adv, dtype=torch.float32), aggregation,
                                      UpdateTotals.of(batch), norm_length)
     s = lp.sum(1)  # S_i
@@ -96,3 +102,29 @@ def test_unit_entropy_by_hand():
     got = unit_entropy(sw, batch)
     expected = [-float(sw[rows].mean()) for rows in units_of(batch)]
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-6)
+
+
+def test_grpo_advantages_and_dr_grpo_normaliser_are_trl_s():
+    """TRL 1.16 GRPOTrainer: A = (r - mean_group) / (nanstd_group + 1e-4) (scale_rewards="group"), and the
+    dr_grpo loss sum_i A_i S_i / (N * max_completion_length); written here from TRL's own nanstd."""
+    from trl.trainer.utils import nanstd
+
+    g = 4
+    rewards = torch.tensor([0.50, 0.51, 0.52, 0.50, 1.0, 0.0, 0.0, 1.0])  # a unit with std 0.01: eps matters
+    ids = torch.tensor([[5, 1, 2, 3]] * 8)
+    resp = torch.tensor([[0, 1, 1, 1]] * 4 + [[0, 1, 0, 0]] * 4)
+    groups = torch.arange(2).repeat_interleave(g)
+    batch = RolloutBatch(ids, torch.ones_like(ids), resp, groups, rewards=rewards)
+    grouped = rewards.view(-1, g)  # TRL's (groups, num_generations) view
+    std = nanstd(grouped, dim=1).repeat_interleave(g)
+    trl_adv = (rewards - grouped.mean(dim=1).repeat_interleave(g)) / (std + 1e-4)
+    # fp32 rounding only; with eps 1e-6 the std-0.01 unit would be off by 1%
+    torch.testing.assert_close(advantages(batch, "grpo"), trl_adv, rtol=1e-6, atol=1e-7)
+
+    max_completion_length = 16
+    c = policy_gradient_coefficients(batch, trl_adv, "seq-mean-token-sum-norm", UpdateTotals.of(batch),
+                                     max_completion_length)
+    # TRL: loss = (per_token_loss * mask).sum() / (N * max_completion_length); J_U = sum_i c_i S_i / B_U
+    torch.testing.assert_close(c / batch.n_units, trl_adv / (batch.n_sequences * max_completion_length))
+    with pytest.raises(ValueError, match="norm_length"):
+        ep.ProbeConfig(loss_aggregation="seq-mean-token-sum-norm")  # no silent "longest response of U"

@@ -4,7 +4,7 @@
 - the jackknife equals the closed form ``eta sqrt(var(s)/B)`` (exact for a mean);
 - Chan-merged float64 moments survive a 1e6 common offset where the note's float32 S2 - B mean^2 fails;
 - B_E < 2: SE 0 and a warning;
-- se_total: the V_Y term against per-unit Y_m materialised by hand, t_m = Xbar_E . Y_m, var by numpy;
+- se_total: the delete-one-U-unit jackknife against per-unit g_m, X_n and v_(-m) materialised by hand;
 - all advantages zero: delta_h1 exactly 0 and SE 0.
 
 Run: ``PYTHONPATH=src pytest -q tests/test_core_statistics.py``.
@@ -55,7 +55,8 @@ def test_statistics_equal_numpy_on_the_same_s():
     assert r.se_cond_e == pytest.approx(ETA * math.sqrt(s.var(ddof=1) / b), rel=1e-12)
     assert r.se_jackknife == pytest.approx(r.se_cond_e, rel=1e-10)
     z = NormalDist().inv_cdf(0.975)  # 1.95996...: the 95% interval
-    assert r.interval() == pytest.approx((r.delta_h1 - z * r.se_cond_e, r.delta_h1 + z * r.se_cond_e), rel=1e-12)
+    normal = (r.delta_h1 - z * r.se_cond_e, r.delta_h1 + z * r.se_cond_e)
+    assert r.interval(z=z) == pytest.approx(normal, rel=1e-12)
     assert torch.equal(r.eval_unit_ids, evaluation.unit_ids)
 
 
@@ -156,13 +157,29 @@ def test_se_total_against_materialised_y(kind, clip):
     y = gj_units * flat(scale, params)  # (B_U, P) Y_m
     # the exact split v = b + mean_m Y_m
     np.testing.assert_allclose(v, flat(offset, params) + y.mean(0), rtol=1e-4, atol=1e-5 * np.abs(v).max())
-    t = y @ x.mean(0)  # t_m = Xbar_E . Y_m
-    var_y = eta ** 2 * t.var(ddof=1) / len(t)
-    expected = math.sqrt(r.var_cond_e + var_y)
-    print(f"{kind} clip={clip}: se_cond_e={r.se_cond_e:.3e} se_total={r.se_total:.3e} V_Y share="
-          f"{var_y / (r.var_cond_e + var_y):.2f}")
-    assert var_y > 0.01 * r.var_cond_e  # the V_Y term matters here, so the comparison has teeth
+    # the delete-one-unit jackknife of DESIGN section 14, rebuilt by hand: v_(-m) from g_(-m) by the
+    # hand formulas (Adam's v_hat and the clip factor recomputed), projected on the two halves of E
+    n = len(gj_units)
+    dv = []
+    for m in range(n):
+        g_minus = (n * gj - gj_units[m]) / (n - 1)  # (P,)
+        gm = {k: torch.from_numpy(c).reshape(p.shape)
+              for (k, p), c in zip(params.items(), np.split(g_minus, np.cumsum(sizes)[:-1]))}
+        sc, off = hand_y_scale(model, optimizer, kind, gm, eta, clip)
+        dv.append(flat(off, params) + flat(sc, params) * g_minus - v)
+    dv = np.stack(dv)  # (B_U, P)
+    a, b = dv @ x[0::2].mean(0), dv @ x[1::2].mean(0)  # halves: even and odd E positions
+    var_u = eta ** 2 * (n - 1) / n * float(((a - a.mean()) * (b - b.mean())).sum())
+    expected = math.sqrt(r.var_cond_e + max(var_u, 0.0))
+    print(f"{kind} clip={clip}: se_cond_e={r.se_cond_e:.3e} se_total={r.se_total:.3e} V_U={var_u:.3e}")
+    assert abs(var_u) > 1e-3 * r.var_cond_e  # the U term is not negligible, so the comparison has teeth
+    assert r.var_update == pytest.approx(var_u, rel=1e-3)
     assert r.se_total == pytest.approx(expected, rel=1e-4)
+    xbar_dv = dv @ x.mean(0)  # the influences: for sgd eta Xbar.Y_m / B_U, else the delete-one change
+    influence = (eta * y @ x.mean(0) / n) if kind == "sgd" else -eta * xbar_dv
+    np.testing.assert_allclose(r.update_influence.numpy(), influence, rtol=1e-3,
+                               atol=1e-4 * np.abs(influence).max())
+    assert r.update_unit_ids.tolist() == update.unit_ids.tolist()
 
 
 # ---- advantages all zero -------------------------------------------------------------------------------
@@ -201,7 +218,7 @@ def test_se_total_absent_without_u_and_result_dict_is_json_ready():
     no_total = ep.EntropyProbe(model, config=ep.ProbeConfig(lr=ETA, direction="sgd", unconditional_se=False)).run(
         update, evaluation)
     assert given.se_total is None and given.n_update_units == 0 and no_total.se_total is None
-    assert full.n_update_units == 3 and full.se_total >= full.se_cond_e
+    assert full.n_update_units == 3 and full.se_total >= full.se_cond_e  # V_U enters clamped at 0
     # the same v from U or given: the same s_n, bit for bit
     assert torch.equal(given.per_unit, full.per_unit) and given.delta_h1 == full.delta_h1
     d = json.loads(json.dumps(full.to_dict()))

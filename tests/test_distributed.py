@@ -105,6 +105,11 @@ def _assert_same_as_single(dist_r: ep.ProbeResult, ref: ep.ProbeResult, truth_re
     for g, (value, se) in (ref.by_group or {}).items():
         _close(dist_r.by_group[g][0], value, f"by_group[{g}]")
         _close(dist_r.by_group[g][1], se, f"by_group[{g}] se")
+    if ref.update_influence is None:
+        assert dist_r.update_influence is None and dist_r.var_update is None
+    else:  # the jackknife over U: each rank's units' pieces, gathered in rank order
+        assert torch.equal(dist_r.update_unit_ids, ref.update_unit_ids)
+        _close_vec(dist_r.update_influence, ref.update_influence, "update_influence")
     if truth_ref is not None:
         t, rt = dist_r.truth, truth_ref
         for k in ("delta_h", "se", "ess", "se_diff"):
@@ -148,10 +153,10 @@ def _split_cases(rank: int, world: int) -> None:
         ("uneven 3+1, optimizer-step clipped, DAPO token-mean", ([0, 1, 2], [3]), ([0, 1, 2], [3]),
          ep.ProbeConfig(direction="optimizer-step", max_grad_norm=0.05, loss_aggregation="token-mean",
                         truth_alphas=(0.5, 1.0), microbatch_units=2), True),
-        ("E 4+0, U 1+3, sgd, Dr. GRPO (global max length), rloo", ([0], [1, 2, 3]), ([0, 1, 2, 3], []),
-         ep.ProbeConfig(direction="sgd", lr=0.1, loss_aggregation="seq-mean-token-sum-norm",
+        ("E 4+0, U 1+3, sgd, Dr. GRPO (constant length), rloo", ([0], [1, 2, 3]), ([0, 1, 2, 3], []),
+         ep.ProbeConfig(direction="sgd", lr=0.1, loss_aggregation="seq-mean-token-sum-norm", norm_length=9,
                         advantage_estimator="rloo", entropy_weighting="sum", second_order=True), True),
-        ("uneven 1+3, jvp engine (x_sum all-reduced, t_m gathered)", ([0], [1, 2, 3]), ([0, 1, 2], [3]),
+        ("uneven 1+3, jvp engine (X half sums all-reduced)", ([0], [1, 2, 3]), ([0, 1, 2], [3]),
          ep.ProbeConfig(engine="jvp", microbatch_units=2), True),
     ]
     for name, u_split, e_split, cfg, truth in cases:

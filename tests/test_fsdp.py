@@ -99,7 +99,7 @@ def _arithmetic(rank: int, world: int) -> None:
         factor = clip_coefficient(comm, g_shards, clip) if kind == "optimizer-step" else 1.0
         shard_params, shard_opt = _sharded_optimizer(model, optimizer, rank, world)
         v = build_direction(kind, {n: g.mul_(factor) for n, g in g_shards.items()}, shard_params, shard_opt,
-                            probe.lr, max_grad_norm=None, want_scale=False).v
+                            probe.lr, max_grad_norm=None).v
         for name, t in v.items():  # elementwise on the shards: the slice of the whole v
             torch.testing.assert_close(t, shard_of(v_ref[name], rank, world), rtol=REL, atol=REL * float(
                 v_ref[name].abs().max()))

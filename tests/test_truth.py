@@ -141,12 +141,13 @@ def test_optimizer_step_truth_matches_a_real_step(kind):
 
 
 def _grpo_objective(model, batch: ep.RolloutBatch) -> torch.Tensor:
-    """GRPO's J: mean over sequences of A_i * (mean token log-prob), A the group z-score (std unbiased + 1e-6)."""
+    """GRPO's J: mean over sequences of A_i * (mean token log-prob), A the group z-score
+    (std unbiased + 1e-4, as TRL 1.16)."""
     r = batch.rewards.double()
     adv = torch.empty_like(r)
     for g in batch.group_ids.unique():
         rows = batch.group_ids == g
-        adv[rows] = (r[rows] - r[rows].mean()) / (r[rows].std() + 1e-6)
+        adv[rows] = (r[rows] - r[rows].mean()) / (r[rows].std() + 1e-4)
     lp = sequence_logprobs(model, batch, 1.0, "token-mean")  # weighted = token-mean log-prob
     return (adv.float() * lp.weighted).mean()
 
@@ -226,3 +227,51 @@ def test_unrepresentable_importance_weight_is_an_error_naming_the_sequence():
     probe = ep.EntropyProbe(policy, config=ep.ProbeConfig(lr=1.0, unconditional_se=False))
     with pytest.raises(ValueError, match=r"importance weight of eval sequence \d+ is exp\("):
         probe.run(eval_batch=evalb, direction=v, truth=True)
+
+
+# ---- degenerate importance weights and the least-squares slope (issue 11) ---------------------------
+def test_degenerate_weights_are_flagged_and_never_give_nan():
+    """One unit carries all the weight (the others' log-ratios are -800: exp underflows to 0). Deleting it
+    leaves 0 / 0: the jackknife SE is reported as inf, the ESS is that unit's G, reliable is False."""
+    from entropy_probe.logprobs import SequenceLogProbs
+    from entropy_probe.truth import entropy_change, ess_threshold
+
+    batch = sample_enumerated(_policy(), 6, seed=3)  # 6 units of G = 4
+    before = SequenceLogProbs(torch.zeros(24), -torch.rand(24, generator=torch.Generator().manual_seed(0)))
+    shift = torch.full((24,), -800.0)
+    shift[batch.unit_index == 2] = 0.0
+    after = SequenceLogProbs(before.seq + shift, before.weighted * 1.1)
+    change = entropy_change(batch, before, after, torch.zeros(6), lr=1.0)
+    assert all(not math.isnan(x) for x in change)
+    assert change.ess == pytest.approx(4.0) and change.ess < ess_threshold(24) and not change.reliable
+    assert change.se == math.inf and change.se_diff == math.inf
+    assert ess_threshold(24) == 8.0 and ess_threshold(1000) == 100.0 and ess_threshold(4) == 2.0
+
+
+def test_huge_step_warns_and_marks_the_truth_unreliable():
+    policy = TabularPolicy(seed=0)  # scale 1
+    update, evalb = sample_enumerated(policy, 8, seed=1), sample_enumerated(policy, 16, seed=2)
+    probe = ep.EntropyProbe(policy, config=ep.ProbeConfig(lr=1e4, direction="sgd"))
+    with pytest.warns(RuntimeWarning, match="degenerate importance weights"):
+        r = probe.run(update, evalb, truth=True)
+    assert not r.truth.reliable and r.truth.ess < 8  # ESS 2.2 of 64 sequences
+    assert r.to_dict()["entropy_probe/truth/reliable"] is False
+    assert all(math.isfinite(v) for v in (r.truth.delta_h, r.truth.se, r.truth.ess, r.truth.se_diff))
+    small_probe = ep.EntropyProbe(policy, config=ep.ProbeConfig(lr=1e-2, direction="sgd"))
+    small = small_probe.run(update, evalb, truth=True)
+    assert small.truth.reliable and small.truth.ess > 60
+
+
+def test_truth_slope_is_the_least_squares_slope_through_the_origin():
+    """On a curved sweep sum(a d) / sum(a^2) and sum(d) / sum(a) differ by far more than rounding."""
+    import numpy as np
+
+    policy = _policy(seed=0)
+    cfg = ep.ProbeConfig(lr=60.0, direction="sgd", truth_alphas=(0.25, 1.0, 2.0))
+    r = ep.EntropyProbe(policy, config=cfg).run(sample_enumerated(policy, 8, seed=1),
+                                                sample_enumerated(policy, 64, seed=2), truth=True)
+    a, d = np.array(r.truth.alphas), np.array(r.truth.delta_h_at)
+    lstsq = float(np.linalg.lstsq(a[:, None], d, rcond=None)[0][0])
+    ratio_of_sums = float(d.sum() / a.sum())
+    assert abs(lstsq - ratio_of_sums) > 1e-3 * abs(lstsq)  # the sweep is curved: the two formulas differ
+    assert r.truth.slope == pytest.approx(lstsq, rel=1e-9)

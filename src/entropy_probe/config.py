@@ -54,9 +54,11 @@ class ProbeConfig:
     max_grad_norm: float | None = None
     """The run's clip_grad_norm_ threshold, applied by direction="optimizer-step". None: no clipping."""
     norm_length: int | None = None
-    """Dr. GRPO's constant length for "seq-mean-token-sum-norm". None: the longest response of U."""
+    """Dr. GRPO's constant length, required by "seq-mean-token-sum-norm": TRL's ``max_completion_length``
+    (its dr_grpo loss divides by ``N * max_completion_length``). Unused by the other aggregations."""
     unconditional_se: bool = True
-    """Also compute se_total (adds the variance over U; costs one more pass over U)."""
+    """Also compute se_total, var_update and update_influence: a delete-one-unit jackknife over U through
+    the direction map (one more backward per U unit, the X sums over two halves of E)."""
     truth_alphas: tuple[float, ...] = (1.0,)
     """Step fractions alpha at which run(truth=True) measures the entropy after theta + alpha*eta*v."""
     second_order: bool = False
@@ -89,6 +91,9 @@ class ProbeConfig:
              "max_grad_norm", "must be a finite number > 0 or None")
         need(self.norm_length is None or (isinstance(self.norm_length, int) and self.norm_length >= 1),
              "norm_length", "must be an integer >= 1 or None")
+        need(self.loss_aggregation != "seq-mean-token-sum-norm" or self.norm_length is not None,
+             "norm_length",
+             "is required with loss_aggregation='seq-mean-token-sum-norm' (TRL: max_completion_length)")
         object.__setattr__(self, "truth_alphas", tuple(float(a) for a in self.truth_alphas))  # frozen: set once
         need(len(self.truth_alphas) > 0 and all(math.isfinite(a) for a in self.truth_alphas), "truth_alphas",
              "must be a non-empty sequence of finite numbers")

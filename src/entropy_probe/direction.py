@@ -1,13 +1,12 @@
 """The update direction v built from the U gradient (DESIGN section 4), ascent convention.
 
-Every direction has the form ``v = b + scale * grad J_U`` with ``scale`` and ``b`` fixed given U
-(elementwise, per parameter): the per-unit pieces of the note are ``Y_m = scale * grad J_m`` and
-``v = b + mean_m Y_m``. The probe keeps ``scale`` to form the V_Y term of the unconditional SE.
+Each rule maps grad J_U to v elementwise, per parameter (se_total rebuilds v by the same rule for
+each delete-one-unit gradient: update_jackknife):
 
-- "sgd": ``scale = lr_group / eta``, ``b = 0``.
-- "adam-preconditioned" (the note): ``scale = (lr_group / eta) / (sqrt(v_hat) + eps)`` with ``v_hat``
+- "sgd": ``v = (lr_group / eta) grad J_U``.
+- "adam-preconditioned" (the note): ``v = (lr_group / eta) grad J_U / (sqrt(v_hat) + eps)`` with ``v_hat``
   the bias-corrected second moment Adam's next step would use, ``(b2 * exp_avg_sq + (1 - b2) g^2) /
-  (1 - b2^(t+1))``; with no state yet that is Adam's own first step, ``g^2``. ``b = 0``.
+  (1 - b2^(t+1))``; with no state yet that is Adam's own first step, ``g^2``.
 - "optimizer-step": exactly ``(theta_next - theta) / eta`` of ``torch.optim.Adam``/``AdamW``: the
   momentum, bias corrections, the second moment updated with this gradient, (decoupled) weight decay,
   per-group learning rates and ``clip_grad_norm_``. The optimizer's state is only read.
@@ -23,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .vectors import Params
+from .vectors import Params, first_nonfinite
 
 DIRECTIONS = ("adam-preconditioned", "optimizer-step", "sgd")
 CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_: coef = max_norm / (total_norm + 1e-6)
@@ -31,10 +30,11 @@ CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_: coef = max_norm / (total_norm
 
 @dataclass
 class UpdateDirection:
-    """v and its per-unit scale. ``scale`` is None when v was given by the caller."""
+    """v, and ``grad_j``: the grad J_U v was built from, kept by the probe when the jackknife over U
+    (se_total) needs it (None when v was given or came from ``.grad``)."""
 
     v: dict[str, Tensor]
-    scale: dict[str, Tensor] | None = None
+    grad_j: dict[str, Tensor | None] | None = None
 
 
 @dataclass
@@ -106,15 +106,14 @@ def _step_of(state: dict | None) -> int:
 
 def build_direction(kind: str, grad_j: dict[str, Tensor | None], params: Params,
                     optimizer: torch.optim.Optimizer | None, lr: float,
-                    max_grad_norm: float | None = None, want_scale: bool = True) -> UpdateDirection:
-    """v (fp32) and its scale from ``grad_j`` = grad J_U (None where the parameter got no gradient).
+                    max_grad_norm: float | None = None) -> UpdateDirection:
+    """v (fp32) from ``grad_j`` = grad J_U (None where the parameter got no gradient).
 
     A parameter with no gradient is skipped by ``optimizer.step()``; here it gets v = 0.
     Memory: ``grad_j`` is consumed and its tensors are overwritten (pass tensors the probe owns, never a
     caller's ``.grad``). "sgd" and "adam-preconditioned" build v in place in the fp32
     gradient (one copy of the parameters in all); "optimizer-step" releases each gradient once its v
-    is made. ``scale`` (only for se_total) is built only when ``want_scale``; for "sgd" it is a scalar
-    per parameter, never a full tensor.
+    is made.
     """
     if kind != "sgd" and optimizer is not None:
         _require_adam(optimizer, kind)
@@ -123,17 +122,14 @@ def build_direction(kind: str, grad_j: dict[str, Tensor | None], params: Params,
     hyper = optimizer_hyper(params, optimizer, default_lr=lr)
     clip = _clip_coefficient(grad_j, max_grad_norm) if kind == "optimizer-step" else 1.0
     v: dict[str, Tensor] = {}
-    scale: dict[str, Tensor] = {}
     for name, p in params.items():
         h, g = hyper[name], grad_j.pop(name)  # consumed: the gradient becomes v or is released
         if g is None or h.lr == 0.0:
             v[name] = torch.zeros_like(p, dtype=torch.float32)
-            scale[name] = torch.zeros((), dtype=torch.float32, device=p.device)
             continue
         g = g.float()
         ratio = h.lr / lr
         if kind == "sgd":
-            scale[name] = torch.tensor(ratio, dtype=torch.float32, device=g.device)  # broadcasts
             v[name] = g.mul_(ratio)
         elif kind == "adam-preconditioned":
             # The v_hat of the step Adam is about to take: this gradient folded into the second moment,
@@ -144,20 +140,15 @@ def build_direction(kind: str, grad_j: dict[str, Tensor | None], params: Params,
             exp_avg_sq = h.state["exp_avg_sq"].float() if h.state and "exp_avg_sq" in h.state else torch.zeros_like(g)
             v_hat = exp_avg_sq.mul(beta2).addcmul_(g, g, value=1 - beta2).div_(1 - beta2 ** step)
             denom = v_hat.sqrt_().add_(eps)  # (one parameter's temporary, in place)
-            if want_scale:
-                scale[name] = ratio / denom
             v[name] = g.div_(denom).mul_(ratio)
         else:
-            v[name], slope = _adam_step(p, g.mul_(-clip), h, lr, want_slope=want_scale)
-            if want_scale:
-                scale[name] = slope.mul_(clip)  # d step / d grad_J (descent gradient is -clip * grad_J)
+            v[name] = _adam_step(p, g.mul_(-clip), h, lr)  # the descent gradient is -clip * grad_J
         del g
-    return UpdateDirection(v=v, scale=scale if want_scale else None)
+    return UpdateDirection(v=v)
 
 
-def _adam_step(p: Tensor, grad: Tensor, h: ParamHyper, eta: float,
-               want_slope: bool = True) -> tuple[Tensor, Tensor | None]:
-    """``(step / eta, d(step/eta)/d(-grad))`` of one Adam/AdamW update, mirroring torch's arithmetic.
+def _adam_step(p: Tensor, grad: Tensor, h: ParamHyper, eta: float) -> Tensor:
+    """``step / eta`` of one Adam/AdamW update, mirroring torch's arithmetic.
 
     ``grad`` is the descent gradient (of the loss -J), already clipped; it is overwritten (the probe
     owns it). Two temporaries of this parameter's size (m, which becomes the step, and the denominator).
@@ -181,6 +172,25 @@ def _adam_step(p: Tensor, grad: Tensor, h: ParamHyper, eta: float,
     delta = m.div_(denom).mul_(-step_size)  # -step_size * (m / denom), in m's storage
     if h.weight_decay != 0 and h.decoupled:
         delta.sub_(h.lr * h.weight_decay * theta)
-    # Linear part: m depends on grad with slope (1 - beta1); delta on m with -step_size / denom.
-    slope = (step_size * (1 - beta1) / eta) / denom if want_slope else None
-    return delta.div_(eta), slope
+    return delta.div_(eta)
+
+
+def given_direction(v: dict[str, Tensor], params: Params) -> UpdateDirection:
+    """A caller's v (``run(direction=v)``) checked against the trainable parameters, as fp32 on their devices."""
+    if not isinstance(v, dict):
+        raise ValueError(f"direction must be a dict {{name: tensor}} from update_direction(), got {type(v).__name__}")
+    missing, extra = sorted(set(params) - set(v)), sorted(set(v) - set(params))
+    if missing or extra:
+        raise ValueError(f"direction does not match the model's trainable parameters: missing {missing[:3]}"
+                         f"{'...' if len(missing) > 3 else ''}, unknown {extra[:3]}{'...' if len(extra) > 3 else ''}")
+    out = {}
+    for name, p in params.items():
+        t = v[name]
+        if not isinstance(t, Tensor) or tuple(t.shape) != tuple(p.shape):
+            shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"direction[{name!r}] has shape {shape}, the parameter has {tuple(p.shape)}")
+        out[name] = t.detach().to(device=p.device, dtype=torch.float32)
+    bad = first_nonfinite(out)
+    if bad is not None:
+        raise ValueError(f"direction[{bad!r}] is not finite")
+    return UpdateDirection(v=out)

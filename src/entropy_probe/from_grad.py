@@ -58,7 +58,7 @@ def direction_from_grad(
         raise ValueError(f"from_grad: the .grad of parameter {bad!r} is not finite")
     if v_lr == 0:  # every group at rate 0: the optimizer does not move
         return UpdateDirection(v={n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()})
-    return UpdateDirection(v=build_direction(kind, grad_j, params, optimizer, v_lr, want_scale=False).v)
+    return UpdateDirection(v=build_direction(kind, grad_j, params, optimizer, v_lr).v)
 
 
 def grad_checksums(params: dict[str, nn.Parameter]) -> list:

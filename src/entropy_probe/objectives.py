@@ -26,7 +26,9 @@ from .batch import RolloutBatch
 ADVANTAGE_ESTIMATORS = ("grpo", "rloo", "dr-grpo", "given")
 LOSS_AGGREGATIONS = ("seq-mean-token-mean", "seq-mean-token-sum", "token-mean", "seq-mean-token-sum-norm")
 X_ESTIMATORS = ("unbiased", "seed")
-GRPO_STD_EPS = 1e-6  # as TRL and verl: A = (r - mean) / (std + 1e-6), std unbiased
+# TRL 1.16 GRPOTrainer (scale_rewards="group"): A = (r - mean) / (std + 1e-4), std Bessel-corrected
+# (trl.trainer.utils.nanstd). verl uses 1e-6; the probe follows TRL.
+GRPO_STD_EPS = 1e-4
 
 
 def group_sum(x: Tensor, batch: RolloutBatch) -> Tensor:
@@ -90,7 +92,8 @@ def policy_gradient_coefficients(batch: RolloutBatch, adv: Tensor, aggregation: 
     ``J_U = mean_m J_m``.
     aggregation: "seq-mean-token-mean" (GRPO), "seq-mean-token-sum", "token-mean" (DAPO: one mean
     over every response token of the batch), "seq-mean-token-sum-norm" (Dr. GRPO: token sums over a
-    constant length, ``norm_length`` or else the longest response of the batch).
+    constant length ``norm_length``, required: TRL's ``loss_type="dr_grpo"`` divides by
+    ``N * max_completion_length``, a constant of the run, not the longest response of this batch).
     """
     lengths = batch.response_lengths.to(adv.device).float()
     if aggregation == "seq-mean-token-mean":
@@ -100,7 +103,10 @@ def policy_gradient_coefficients(batch: RolloutBatch, adv: Tensor, aggregation: 
     elif aggregation == "token-mean":
         c = adv / totals.n_tokens
     elif aggregation == "seq-mean-token-sum-norm":
-        c = adv / (totals.n_sequences * float(norm_length or totals.max_length))
+        if norm_length is None:
+            raise ValueError("loss_aggregation='seq-mean-token-sum-norm' needs ProbeConfig.norm_length: "
+                             "the run's constant length (TRL: GRPOConfig.max_completion_length)")
+        c = adv / (totals.n_sequences * float(norm_length))
     else:
         raise ValueError(f"loss_aggregation must be one of {LOSS_AGGREGATIONS}, got {aggregation!r}")
     return c * totals.n_units

@@ -7,7 +7,7 @@ Reads top to bottom as the data flow of one call:
     s_n -> statistics                            (statistics: delta_h1, SE over E, jackknife)
     s_n^(g) -> attribution by parameter group    (attribution: by_group)
     v, E -> q_n -> second order                  (engines.eval_second_order: delta_h2, forecast)
-    Xbar_E, U -> variance over U                 (engines.update_projections: se_total)
+    Xbar_A, Xbar_B, U -> variance over U         (update_jackknife: se_total, update influences)
     v, E -> truth                                (truth: the step applied functionally)
     -> ProbeResult
 
@@ -31,11 +31,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .attribution import group_values, parameter_groups, wants_groups
 from .batch import RolloutBatch
 from .caller_state import preserved_caller_state
 from .change import EvalState, MeasuredChange, measure_change
 from .config import ProbeConfig
-from .direction import UpdateDirection, build_direction
+from .direction import UpdateDirection, build_direction, given_direction
 from .distributed import (
     all_reduce_vector,
     call_fingerprint,
@@ -44,14 +45,15 @@ from .distributed import (
     merged_moments,
     unwrap,
 )
-from .attribution import group_values, parameter_groups, wants_groups
-from .engines import EvalProjections, eval_projections, eval_second_order, update_gradient, update_projections
+from .engines import EvalProjections, eval_projections, eval_second_order, update_gradient
+from .forecast import SecondOrder, second_order_fields, second_order_statistics
 from .from_grad import direction_from_grad, grad_checksums, optimizer_lr, unwrap_optimizer
 from .logprobs import SequenceLogProbs
 from .objectives import UpdateTotals, advantages, policy_gradient_coefficients, unit_entropy
 from .result import ProbeResult
-from .statistics import conditional_variance, jackknife_se, moments_update, update_variance_term
+from .statistics import conditional_variance, jackknife_se, moments_update
 from .truth import measure_truth
+from .update_jackknife import UpdateJackknife, combine, deleted_unit_projections, eval_halves, half_sizes
 from .vectors import Params, first_nonfinite
 
 
@@ -72,17 +74,6 @@ class EvalStatistics:
     entropy: float
     n_dropped_rows: int
     sizes: list[int] | None = None  # E units per rank
-
-
-@dataclass
-class SecondOrder:
-    """Step 4b of a call: the second-order term and the forecast (DESIGN section 12), over all ranks."""
-
-    q: Tensor  # (B_E,) float64 q_n, rank order
-    delta_h2: float
-    se_delta_h2: float
-    forecast: float
-    se_forecast: float
 
 
 class EntropyProbe:
@@ -136,8 +127,8 @@ class EntropyProbe:
         return policy_gradient_coefficients(batch, advantages(batch, cfg.advantage_estimator),
                                             cfg.loss_aggregation, totals, cfg.norm_length)
 
-    def _direction_from(self, batch: RolloutBatch | None, params: Params, want_scale: bool = True
-                        ) -> tuple[UpdateDirection, Tensor | None, int]:
+    def _direction_from(self, batch: RolloutBatch | None, params: Params,
+                        keep_grad: bool = False) -> tuple[UpdateDirection, Tensor | None, int]:
         """(v, the c_i of this rank's U units, B_U over all ranks); ``batch`` is None on a rank without U units.
 
         v is built in place in the summed gradient (one fp32 copy of the parameters, DESIGN section 17).
@@ -160,8 +151,12 @@ class EntropyProbe:
         bad = first_nonfinite(grad_j)
         if bad is not None:
             raise ValueError(f"update_batch: the policy gradient of parameter {bad!r} is not finite")
-        return build_direction(cfg.direction, grad_j, params, self.optimizer, self._v_lr(), cfg.max_grad_norm,
-                               want_scale=want_scale and cfg.unconditional_se), coeff, n_units
+        # the jackknife over U (se_total) needs grad J_U after v is built: one more parameter-sized copy
+        grad_kept = {n: None if g is None else g.clone() for n, g in grad_j.items()} if keep_grad else None
+        upd = build_direction(cfg.direction, grad_j, params, self.optimizer, self._v_lr(),
+                              cfg.max_grad_norm)  # consumes grad_j
+        upd.grad_j = grad_kept
+        return upd, coeff, n_units
 
     def update_direction(self, update_batch: RolloutBatch | None) -> dict[str, Tensor]:
         """v of DESIGN section 4 as ``{name: fp32 tensor}``; pass it back as ``run(direction=v)``.
@@ -181,39 +176,29 @@ class EntropyProbe:
             "update_direction", self.config, lr, params, self.optimizer, None), error)
         with preserved_caller_state(self.module):
             batch = _on_model_device(update_batch, params)
-            direction, _, _ = self._direction_from(batch, params, want_scale=False)
+            direction, _, _ = self._direction_from(batch, params)
         return direction.v
-
-    def _given_direction(self, v: dict[str, Tensor], params: Params) -> UpdateDirection:
-        if not isinstance(v, dict):
-            raise ValueError(f"direction must be a dict {{name: tensor}} from update_direction(), got {type(v).__name__}")
-        missing, extra = sorted(set(params) - set(v)), sorted(set(v) - set(params))
-        if missing or extra:
-            raise ValueError(f"direction does not match the model's trainable parameters: missing {missing[:3]}"
-                             f"{'...' if len(missing) > 3 else ''}, unknown {extra[:3]}{'...' if len(extra) > 3 else ''}")
-        out = {}
-        for name, p in params.items():
-            t = v[name]
-            if not isinstance(t, Tensor) or tuple(t.shape) != tuple(p.shape):
-                shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-                raise ValueError(f"direction[{name!r}] has shape {shape}, the parameter has {tuple(p.shape)}")
-            out[name] = t.detach().to(device=p.device, dtype=torch.float32)
-        bad = first_nonfinite(out)
-        if bad is not None:
-            raise ValueError(f"direction[{bad!r}] is not finite")
-        return UpdateDirection(v=out)
 
     # ---- 2. rollout batch E -> per-unit projections s_n -------------------------------------------
     def _project_eval(self, batch: RolloutBatch | None, params: Params, upd: UpdateDirection,
-                      want_x_sum: bool) -> tuple[EvalProjections, Tensor, Tensor]:
-        """(projections, this rank's summed unit entropies, its unit ids); empty on a rank without E units."""
+                      want_halves: bool) -> tuple[EvalProjections, Tensor, Tensor]:
+        """(projections, this rank's summed unit entropies, its unit ids); empty on a rank without E units.
+
+        ``want_halves``: also sum X_n over the two halves of E (even and odd global unit positions)."""
         want_groups = wants_groups(self.config)
+        halves = None
+        if want_halves:  # this rank's offset in the global E order: one all_gather of one integer
+            n_local = torch.tensor([0 if batch is None else batch.n_units], device=_device_of(params))
+            counts = self.comm.stack(n_local).reshape(-1)
+            halves = eval_halves(0 if batch is None else batch.n_units, int(counts[: self.comm.rank].sum()))
         if batch is not None:
-            proj = eval_projections(self.module, params, batch, upd.v, self.config, want_x_sum, want_groups)
+            proj = eval_projections(self.module, params, batch, upd.v, self.config, halves, want_groups)
             return proj, unit_entropy(proj.weighted, batch).double().sum(), batch.unit_ids
         empty = torch.zeros(0, device=_device_of(params))
-        x_sum = {n: torch.zeros_like(x) for n, x in upd.v.items()} if want_x_sum else None
-        proj = EvalProjections(empty, empty, empty, x_sum)
+        x_half = None
+        if want_halves:
+            x_half = tuple({n: torch.zeros_like(x) for n, x in upd.v.items()} for _ in range(2))
+        proj = EvalProjections(empty, empty, empty, x_half)
         if want_groups:  # (0, n_groups) float64, as the ranks holding units send
             n_groups = len(parameter_groups(params, self.config.groups)[0])
             proj.s_groups = torch.zeros((0, n_groups), dtype=torch.float64, device=empty.device)
@@ -257,39 +242,37 @@ class EntropyProbe:
     # ---- 3c. v, E -> q_n -> delta_h2 and the forecast ----------------------------------------------
     def _second_order(self, batch: RolloutBatch | None, params: Params, upd: UpdateDirection,
                       stats: EvalStatistics, lr: float) -> SecondOrder:
-        """q_n by nested forward mode; float64 moments of q_n and of ``eta s_n + eta^2/2 q_n`` merged over ranks."""
-        comm = self.comm
+        """q_n by nested forward mode on this rank's E units, then the statistics over all ranks."""
         q_local = torch.zeros(0, dtype=torch.float64, device=_device_of(params))
         if batch is not None:
             q_local = eval_second_order(self.module, params, batch, upd.v, self.config)
-        q = comm.gather(q_local, stats.sizes)  # (B_E,) rank order, as the s_n
-        bad = (~torch.isfinite(q)).nonzero()
-        if len(bad):
-            unit = int(bad[0, 0])
-            raise ValueError(f"eval_batch: q_n (second order) is not finite for unit {int(stats.unit_ids[unit])} "
-                             f"(position {unit})")
-        half = 0.5 * lr * lr
-        rank = comm.rank
-        start = sum(stats.sizes[:rank])
-        s_local = stats.s[start: start + stats.sizes[rank]].double().to(q_local.device)  # this rank's s_n
-        m_q, _, _ = merged_moments(comm, moments_update(q_local), torch.zeros(0))
-        m_c, _, _ = merged_moments(comm, moments_update(lr * s_local + half * q_local), torch.zeros(0))
-        _, se_q = conditional_variance(m_q, 1.0)
-        _, se_c = conditional_variance(m_c, 1.0)
-        delta_h2 = half * float(m_q.mean)
-        return SecondOrder(q=q, delta_h2=delta_h2, se_delta_h2=half * se_q, forecast=stats.delta_h1 + delta_h2,
-                           se_forecast=se_c)
+        return second_order_statistics(self.comm, q_local, stats.s, stats.sizes, stats.unit_ids, stats.delta_h1, lr)
 
-    # ---- 4. Xbar_E, U -> the variance over U ------------------------------------------------------
-    def _se_total(self, update_batch: RolloutBatch | None, params: Params, upd: UpdateDirection,
-                  coeff: Tensor | None, proj: EvalProjections, stats: EvalStatistics, lr: float) -> float:
-        """``sqrt(var_cond_e + V_Y)`` with the note's ``t_m = Xbar_E . Y_m``, ``Y_m = scale * grad J_m``."""
-        x_sum = all_reduce_vector(self.comm, proj.x_sum, params)  # sum_n X_n over all ranks
-        u = {name: upd.scale[name] * x / stats.n_eval for name, x in x_sum.items()}
-        t = torch.zeros(0, device=stats.s.device)
+    # ---- 4. Xbar_A, Xbar_B, U -> the variance over U ----------------------------------------------
+    def _update_jackknife(self, update_batch: RolloutBatch | None, params: Params, upd: UpdateDirection,
+                          coeff: Tensor | None, n_update: int, proj: EvalProjections, stats: EvalStatistics,
+                          lr: float) -> tuple[UpdateJackknife, Tensor]:
+        """V_U and the update influences (update_jackknife), with the U unit ids in gathered order."""
+        n_half = half_sizes(stats.n_eval)
+        x_a, x_b = (all_reduce_vector(self.comm, x, params) for x in proj.x_half)  # sums over all ranks
+        x_a = {n: (torch.zeros_like(upd.v[n]) if x is None else x / n_half[0]) for n, x in x_a.items()}
+        if n_half[1] == 0:  # B_E = 1: no second half; Xbar_E for both (V_U then keeps the E noise)
+            x_b = x_a
+        else:
+            x_b = {n: (torch.zeros_like(upd.v[n]) if x is None else x / n_half[1]) for n, x in x_b.items()}
+        # host-side: the per-unit pieces are few float64 numbers, gathered and combined on the host
+        pieces = torch.zeros((0, 2), dtype=torch.float64, device="cpu")
+        ids = torch.zeros(0, dtype=torch.long, device="cpu")
+        if update_batch is not None and n_update >= 2:
+            pieces = deleted_unit_projections(self.module, params, update_batch, coeff, upd.grad_j, n_update,
+                                              upd.v, x_a, x_b, self.config, self.optimizer, self._v_lr())
         if update_batch is not None:
-            t = update_projections(self.module, params, update_batch, coeff, u, self.config)
-        return math.sqrt(stats.var_cond_e + update_variance_term(self.comm.gather(t), lr))
+            ids = update_batch.unit_ids.cpu()
+            if n_update < 2:
+                pieces = torch.zeros((update_batch.n_units, 2), dtype=torch.float64)
+        sizes = [int(c) for c in self.comm.stack(torch.tensor([len(ids)], device="cpu")).reshape(-1).tolist()]
+        pieces, ids = self.comm.gather(pieces, sizes), self.comm.gather(ids, sizes)  # (B_U, 2), (B_U,)
+        return combine(pieces, n_half, lr, stats.delta_h1, self.config.direction), ids
 
     # ---- the whole call ------------------------------------------------------------------------
     def _checked_call(self, update_batch, eval_batch, direction, truth: bool, from_grad: bool):
@@ -307,7 +290,7 @@ class EntropyProbe:
             if update_batch is not None:
                 _check_batch(update_batch, "update_batch")
             params, lr = self.parameters(), self.lr
-            given = None if direction is None else self._given_direction(direction, params)
+            given = None if direction is None else given_direction(direction, params)
             if from_grad:
                 given = direction_from_grad(self.config.direction, params, self.optimizer, self._v_lr())
         except ValueError as e:
@@ -331,10 +314,10 @@ class EntropyProbe:
         update_batch, eval_batch = _on_model_device(update_batch, params), _on_model_device(eval_batch, params)
         with preserved_caller_state(self.module):
             if given is None:  # 1. the update direction v, from U or as given
-                upd, coeff, n_update = self._direction_from(update_batch, params)
+                upd, coeff, n_update = self._direction_from(update_batch, params, self.config.unconditional_se)
             else:
                 upd, coeff, n_update = given, None, 0
-            want_total = self.config.unconditional_se and upd.scale is not None
+            want_total = self.config.unconditional_se and given is None
             proj, local_entropy, local_ids = self._project_eval(eval_batch, params, upd, want_total)  # 2.
             dropped = 0 if eval_batch is None else eval_batch.n_dropped_rows
             stats = self._eval_statistics(proj, local_entropy, local_ids, dropped, lr)  # 3.
@@ -342,9 +325,11 @@ class EntropyProbe:
             second = None
             if self.config.second_order:  # 3c.
                 second = self._second_order(eval_batch, params, upd, stats, lr)
-            se_total = None
+            se_total, jack, update_ids = None, None, None
             if want_total:  # 4.
-                se_total = self._se_total(update_batch, params, upd, coeff, proj, stats, lr)
+                jack, update_ids = self._update_jackknife(update_batch, params, upd, coeff, n_update, proj,
+                                                          stats, lr)
+                se_total = math.sqrt(stats.var_cond_e + max(jack.var_update, 0.0))
             truth_result = None
             if truth:  # 5. the step applied functionally
                 truth_result = measure_truth(self.module, params, upd.v, lr, eval_batch, stats.s, self.config,
@@ -355,7 +340,10 @@ class EntropyProbe:
                            n_eval_units=stats.n_eval, n_update_units=n_update, lr=lr,
                            per_unit=stats.s.detach().double().cpu(), eval_unit_ids=stats.unit_ids.cpu(),
                            truth=truth_result, n_dropped_rows=stats.n_dropped_rows, eval_state=state,
-                           by_group=by_group, **_second_order_fields(second))
+                           by_group=by_group, **second_order_fields(second),
+                           var_update=None if jack is None else jack.var_update,
+                           update_influence=None if jack is None else jack.influence,
+                           update_unit_ids=update_ids)
 
     def measure_change(self, result: ProbeResult) -> MeasuredChange:
         """After the real ``optimizer.step()``: the entropy change on ``result``'s E, one forward at the
@@ -373,13 +361,6 @@ class EntropyProbe:
         with preserved_caller_state(self.module):
             return measure_change(self.module, self.parameters(), state, result.per_unit, result.lr, self.config,
                                   self.comm)
-
-
-def _second_order_fields(second: SecondOrder | None) -> dict:
-    if second is None:
-        return {}
-    return dict(delta_h2=second.delta_h2, se_delta_h2=second.se_delta_h2, forecast=second.forecast,
-                se_forecast=second.se_forecast, per_unit_q=second.q.detach().cpu())
 
 
 def _device_of(params: Params) -> torch.device:

@@ -6,8 +6,13 @@ Metric names of ``to_dict()`` (flat, JSON-ready, for loggers), all under ``entro
 delta_h1            predicted entropy change of the step, ``eta * Xbar_E . v`` (nats)
 se_cond_e           its SE over E with U fixed (the founding note's key result)
 var_cond_e          ``se_cond_e ** 2``
-se_jackknife        delete-one jackknife SE over E units (cross-check of se_cond_e)
-se_total            unconditional SE, adding the variance over U (None without U)
+se_jackknife        delete-one jackknife SE over E units from the gathered s_n; for a mean it equals
+                    se_cond_e algebraically, so it is a numerical check of the float64 moment merge
+se_total            unconditional SE ``sqrt(var_cond_e + var_update)`` (None without U)
+var_update          V_U, the variance over U: jackknife through the exact direction map (None without U)
+interval_method     how ``interval()`` is built: "hull(student-t, bootstrap-t)" (DESIGN section 14)
+interval_lo95/hi95  ``interval(0.95)``
+truth/reliable      False when the importance weights are degenerate (ESS below truth.ess_threshold)
 entropy             entropy of the policy on E before the step, ``mean_n -(1/G) sum S_w`` (nats)
 n_eval_units        B_E
 n_update_units      B_U (0 when the direction was given or came from .grad)
@@ -35,7 +40,9 @@ from statistics import NormalDist
 
 from torch import Tensor
 
-from .statistics import Z95
+from .statistics import skew_aware_interval
+
+INTERVAL_METHOD = "hull(student-t, bootstrap-t)"
 
 PREFIX = "entropy_probe/"
 
@@ -55,9 +62,12 @@ class TruthResult:
     se_diff_at: list[float] = field(default_factory=list)
     slope: float = math.nan
     se_diff_forecast: float | None = None  # jackknife SE of delta_h - forecast (second order on)
+    reliable: bool = True
+    """False when the importance weights are degenerate (ESS below ``truth.ess_threshold``)."""
 
     def to_dict(self) -> dict:
-        out = {f"{PREFIX}truth/{k}": getattr(self, k) for k in ("delta_h", "se", "ess", "se_diff", "slope")}
+        keys = ("delta_h", "se", "ess", "se_diff", "slope", "reliable")
+        out = {f"{PREFIX}truth/{k}": getattr(self, k) for k in keys}
         if self.se_diff_forecast is not None:
             out[f"{PREFIX}truth/se_diff_forecast"] = self.se_diff_forecast
         for a, d in zip(self.alphas, self.delta_h_at):
@@ -90,7 +100,10 @@ class ProbeResult:
     se_forecast: float | None = None  # sqrt(var(eta s_n + eta^2/2 q_n) / B_E)
     per_unit_q: Tensor | None = None  # (B_E,) float64 q_n, eval-unit order: unit n adds eta^2/2 q_n / B_E
     by_group: dict[str, tuple[float, float]] | None = None  # {group: (delta_h1_g, se_g)}, summing to delta_h1
-
+    var_update: float | None = None  # V_U: se_total ** 2 = var_cond_e + var_update
+    update_influence: Tensor | None = None  # (B_U,) float64 per U unit (update_jackknife); None without U
+    update_unit_ids: Tensor | None = None  # (B_U,) group id of each U unit, the order of update_influence
+    interval_method: str = INTERVAL_METHOD
 
     def forecast_interval(self, level: float = 0.95) -> tuple[float, float]:
         """Normal interval of ``forecast`` over E, ``forecast -+ z * se_forecast``; needs second_order."""
@@ -102,14 +115,26 @@ class ProbeResult:
         z = NormalDist().inv_cdf(0.5 + level / 2)
         return self.forecast - z * self.se_forecast, self.forecast + z * self.se_forecast
 
-    def interval(self, z: float = Z95) -> tuple[float, float]:
-        """The forecast's normal interval over E, ``delta_h1 -+ z * se_cond_e``."""
-        return self.delta_h1 - z * self.se_cond_e, self.delta_h1 + z * self.se_cond_e
+    def interval(self, level: float = 0.95, *, z: float | None = None) -> tuple[float, float]:
+        """The forecast's interval over E (U fixed) at coverage ``level``: the hull of the Student-t and
+        the bootstrap-t intervals of the s_n (``statistics.skew_aware_interval``).
+
+        Skew-aware: the normal interval ``delta_h1 -+ 1.96 se_cond_e`` covered 0.87 on skewed s_n at
+        B_E = 32 (docs/validation.md has what this one covers). ``z=``: the old normal
+        interval ``delta_h1 -+ z * se_cond_e`` (e.g. ``z=Z95``).
+        """
+        if z is not None:
+            return self.delta_h1 - z * self.se_cond_e, self.delta_h1 + z * self.se_cond_e
+        if not 0 < level < 1:
+            raise ValueError(f"interval: level must lie in (0, 1), got {level!r} (for a normal interval with "
+                             "a z multiplier pass z=...)")
+        return skew_aware_interval(self.per_unit, self.lr, level)
 
     def to_dict(self) -> dict:
-        keys = ("delta_h1", "se_cond_e", "var_cond_e", "se_jackknife", "se_total", "entropy",
-                "n_eval_units", "n_update_units", "lr", "n_dropped_rows")
+        keys = ("delta_h1", "se_cond_e", "var_cond_e", "se_jackknife", "se_total", "var_update", "entropy",
+                "n_eval_units", "n_update_units", "lr", "n_dropped_rows", "interval_method")
         out = {f"{PREFIX}{k}": getattr(self, k) for k in keys}
+        out[f"{PREFIX}interval_lo95"], out[f"{PREFIX}interval_hi95"] = self.interval(0.95)
         if self.forecast is not None:
             out.update({f"{PREFIX}{k}": getattr(self, k) for k in ("delta_h2", "se_delta_h2", "forecast", "se_forecast")})
         for name, (value, se) in (self.by_group or {}).items():

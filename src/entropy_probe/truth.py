@@ -13,11 +13,18 @@ difference truth - prediction (same E, so the two are correlated).
 
 bf16/fp16 models (DESIGN section 17): theta' is formed in fp32 and the model evaluated in fp32 at
 theta and theta' (``full_precision_state``), so the truth sees steps below the parameters' rounding.
+
+A step so large that a few sequences carry all the importance weight is a degenerate measurement:
+when the effective sample size ``(sum w)^2 / sum w^2`` falls below ``ess_threshold(N)`` (10% of the N
+E sequences, but at least min(8, N/2)) the change is flagged ``reliable = False`` with a
+RuntimeWarning, and a jackknife SE that no longer exists (a unit holding all the weight deleted:
+0 / 0) is reported as ``inf``, never NaN.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -81,17 +88,33 @@ class Change(NamedTuple):
     se: float
     ess: float
     se_diff: float
+    reliable: bool = True
+
+
+ESS_MIN_FRACTION = 0.1  # of the E sequences
+ESS_MIN_COUNT = 8.0
+
+
+def ess_threshold(n_sequences: int) -> float:
+    """The ESS below which a truth measurement is flagged unreliable: 10% of the N E sequences, but at
+    least min(8, N/2) (so that a small E is not flagged at alpha = 0, where the ESS is N)."""
+    return max(ESS_MIN_FRACTION * n_sequences, min(ESS_MIN_COUNT, 0.5 * n_sequences))
+
+
+def _finite_or_inf(x: float) -> float:
+    return x if math.isfinite(x) else math.inf
 
 
 def _unit_sums(batch: RolloutBatch, before: SequenceLogProbs, after: SequenceLogProbs) -> Tensor:
-    """``(B, 5)`` float64 per-unit sums: numerator A_n, denominator D_n, base entropy C_n (each / G_n),
-    and the sums of the importance weights and of their squares (for the ESS)."""
+    """``(B, 6)`` float64 per-unit sums: numerator A_n, denominator D_n, base entropy C_n (each / G_n),
+    the sums of the importance weights and of their squares (for the ESS), and G_n."""
     g = batch.unit_sizes.to(before.seq.device).double()
     weight = torch.exp(after.seq.double() - before.seq.double())  # (N,) importance weights
     num = group_sum(weight * -after.weighted.double(), batch) / g
     den = group_sum(weight, batch) / g
     base = group_sum(-before.weighted.double(), batch) / g
-    return torch.stack([num, den, base, group_sum(weight, batch), group_sum(weight * weight, batch)], dim=1)
+    w_sum, w2_sum = group_sum(weight, batch), group_sum(weight * weight, batch)
+    return torch.stack([num, den, base, w_sum, w2_sum, g], dim=1)
 
 
 def entropy_change(batch: RolloutBatch | None, before: SequenceLogProbs | None, after: SequenceLogProbs | None,
@@ -102,22 +125,26 @@ def entropy_change(batch: RolloutBatch | None, before: SequenceLogProbs | None, 
     ``comm``: under DDP the per-unit sums of every rank are gathered (rank order), so the ratio,
     the jackknife and the ESS are global; ``batch`` is None on a rank holding no E units.
     """
-    sums = _unit_sums(batch, before, after) if batch is not None else torch.zeros((0, 5), dtype=torch.float64)
+    sums = _unit_sums(batch, before, after) if batch is not None else torch.zeros((0, 6), dtype=torch.float64)
     if comm is not None:
-        sums = comm.gather(sums)  # (B_E, 5) over all ranks
-    num, den, base, w_sum, w2_sum = sums.unbind(dim=1)
+        sums = comm.gather(sums)  # (B_E, 6) over all ranks
+    num, den, base, w_sum, w2_sum, sizes = sums.unbind(dim=1)
     b = num.numel()
+    if not float(den.sum()) > 0:
+        raise ValueError("truth: every importance weight underflows to 0; the step is far too large to "
+                         "measure")
     delta = float(num.sum() / den.sum() - base.sum() / b)
     ess = float(w_sum.sum() ** 2 / w2_sum.sum())
+    reliable = ess >= ess_threshold(int(sizes.sum()))
     if b < 2:
-        return Change(delta, 0.0, ess, 0.0)
-    loo = (num.sum() - num) / (den.sum() - den) - (base.sum() - base) / (b - 1)  # delta_(-n)
-    se = jackknife_se_of(loo)
+        return Change(delta, 0.0, ess, 0.0, reliable)
+    loo = (num.sum() - num) / (den.sum() - den) - (base.sum() - base) / (b - 1)  # delta_(-n); 0/0 possible
+    se = _finite_or_inf(jackknife_se_of(loo))
     se_diff = 0.0
     if predicted_per_unit is not None:
         s = predicted_per_unit.double().to(loo.device)
-        se_diff = jackknife_se_of(loo - lr * (s.sum() - s) / (b - 1))
-    return Change(delta, se, ess, se_diff)
+        se_diff = _finite_or_inf(jackknife_se_of(loo - lr * (s.sum() - s) / (b - 1)))
+    return Change(delta, se, ess, se_diff, reliable)
 
 
 def measure_truth(module: nn.Module, params: Params, v: Vector, lr: float, batch: RolloutBatch | None,
@@ -159,13 +186,26 @@ def measure_truth(module: nn.Module, params: Params, v: Vector, lr: float, batch
         a = alphas[head_at]
         combined = a * per_unit.double() + 0.5 * a * a * lr * per_unit_q.double().to(per_unit.device)
         se_diff_forecast = entropy_change(batch, before, after_head, combined, lr, comm=comm).se_diff
+    bad = [(a, c.ess) for a, c in zip(alphas, changes) if not c.reliable]
+    if bad:
+        where = ", ".join(f"{a:g} (ESS {e:.3g})" for a, e in bad)
+        warnings.warn(f"truth: degenerate importance weights at alpha {where}; below the threshold "
+                      f"{ess_threshold(_n_sequences(batch, comm)):.3g} the measured change is unreliable "
+                      "(truth.reliable = False)", RuntimeWarning, stacklevel=3)
     return TruthResult(delta_h=head.delta_h, se=head.se, ess=head.ess, se_diff=head.se_diff, alphas=list(alphas),
                        delta_h_at=deltas, se_at=[c.se for c in changes], ess_at=[c.ess for c in changes],
-                       se_diff_at=[c.se_diff for c in changes], slope=slope, se_diff_forecast=se_diff_forecast)
+                       se_diff_at=[c.se_diff for c in changes], slope=slope, se_diff_forecast=se_diff_forecast,
+                       reliable=head.reliable)
 
 
 def _device_of(params: Params) -> torch.device:
     return next(iter(params.values())).device
+
+
+def _n_sequences(batch: RolloutBatch | None, comm) -> int:
+    """The number of E sequences over all ranks."""
+    mine = torch.tensor([0 if batch is None else batch.n_sequences])  # host-side count for the gather
+    return int(comm.stack(mine).sum()) if comm is not None else int(mine)
 
 
 # exp(709.8) is the largest finite float64: beyond it a weight is inf and the SNIS ratio inf / inf = NaN.

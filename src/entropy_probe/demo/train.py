@@ -160,7 +160,7 @@ def rl_step(step: int, model, optimizer, probe: EntropyProbe, task: SortingTask,
     entropy, entropy_se = _mean_se(h_before)
     measured, measured_se = _mean_se(h_after - h_before)  # paired by unit
     t = result.truth
-    lo, hi = result.interval(Z95)
+    lo, hi = result.interval(z=Z95)  # the normal interval: the report's error bars are Z95 * forecast_se
     row = dict(
         step=step + 1, reward=reward, reward_se=reward_se, reward_update=float(u_batch.rewards.mean()),
         entropy=entropy, entropy_se=entropy_se, entropy_after=float(h_after.mean()),

@@ -13,32 +13,26 @@ from ..batch import RolloutBatch
 from ..config import ProbeConfig
 from ..vectors import Params, Vector
 from . import backward, jvp, second_order
-from .backward import update_gradient
+from .backward import unit_gradients, update_gradient
 from .projections import EvalProjections
 
-__all__ = ["EvalProjections", "eval_projections", "eval_second_order", "update_gradient", "update_projections"]
+__all__ = ["EvalProjections", "eval_projections", "eval_second_order", "unit_gradients", "update_gradient"]
 
 
 def eval_projections(module: nn.Module, params: Params, batch: RolloutBatch, v: Vector, cfg: ProbeConfig,
-                     want_x_sum: bool = False, want_groups: bool = False) -> EvalProjections:
-    """s_n = v . X_n for every unit of ``batch`` (and ``sum_n X_n`` when asked), by the configured engine.
+                     halves: Tensor | None = None, want_groups: bool = False) -> EvalProjections:
+    """s_n = v . X_n for every unit of ``batch`` by the configured engine; with ``halves`` (``(B_E,)``
+    0 or 1 per unit) also the sums of the X_n over the two halves of E.
 
     ``want_groups`` (``by_group``) needs the backward engine's per-unit loop whatever the engine: the jvp
     engine would need one forward-mode pass per group (docs/performance.md).
     """
     if want_groups or cfg.engine != "jvp":
-        return backward.eval_projections(module, params, batch, v, cfg, want_x_sum, want_groups)
-    return jvp.eval_projections(module, params, batch, v, cfg, want_x_sum)
+        return backward.eval_projections(module, params, batch, v, cfg, halves, want_groups)
+    return jvp.eval_projections(module, params, batch, v, cfg, halves)
 
 
 def eval_second_order(module: nn.Module, params: Params, batch: RolloutBatch, v: Vector,
                       cfg: ProbeConfig) -> Tensor:
     """``(B_E,)`` float64 q_n (DESIGN section 12), one nested forward-mode pass whatever the engine."""
     return second_order.eval_second_order(module, params, batch, v, cfg)
-
-
-def update_projections(module: nn.Module, params: Params, batch: RolloutBatch, coeff: Tensor, u: Vector,
-                       cfg: ProbeConfig) -> Tensor:
-    """``(B_U,)`` t_m = grad J_m . u for every U unit, by the configured engine."""
-    engine = jvp if cfg.engine == "jvp" else backward
-    return engine.update_projections(module, params, batch, coeff, u, cfg)

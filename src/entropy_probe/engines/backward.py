@@ -3,8 +3,8 @@
 - ``update_gradient``: grad J_U, summed over microbatches of U units (one backward each).
 - ``eval_projections``: the note's loop. One forward and one backward per E unit gives X_n; its
   projection ``s_n = v . X_n`` is one fused reduction kept on the device (no ``.item()`` per
-  parameter, no host sync per unit). Optionally also ``sum_n X_n`` for the V_Y term.
-- ``update_projections``: ``t_m = grad J_m . u`` per U unit (u = scale * Xbar_E), one backward each.
+  parameter, no host sync per unit). Optionally also the sums of X_n over two halves of E (se_total).
+- ``unit_gradients``: ``grad J_m`` of one U unit at a time, one backward each (the jackknife over U).
 
 Gradients come from ``torch.autograd.grad``, so the caller's ``.grad`` is never touched and no DDP
 hook fires. Every function takes the *unwrapped* module and the dict of trainable parameters.
@@ -12,11 +12,13 @@ hook fires. Every function takes the *unwrapped* module and the dict of trainabl
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
 from torch import Tensor, nn
 
-from ..batch import RolloutBatch
 from ..attribution import parameter_groups
+from ..batch import RolloutBatch
 from ..config import ProbeConfig
 from ..logprobs import sequence_logprobs
 from ..objectives import entropy_gradient_coefficients
@@ -39,22 +41,23 @@ def update_gradient(module: nn.Module, params: Params, batch: RolloutBatch, coef
 
 
 def eval_projections(module: nn.Module, params: Params, batch: RolloutBatch, v: Vector, cfg: ProbeConfig,
-                     want_x_sum: bool = False, want_groups: bool = False) -> EvalProjections:
+                     halves: Tensor | None = None, want_groups: bool = False) -> EvalProjections:
     """s_n for every E unit, one forward and one backward per unit (the note's loop).
 
-    With ``want_groups`` also s_n^(g) per parameter group (``cfg.groups``): one dot per parameter, summed
-    per group in float64, so the groups add up to s_n exactly.
+    With ``halves`` also the sums of X_n over the two halves of E (``se_total``). With ``want_groups``
+    also s_n^(g) per parameter group (``cfg.groups``): one dot per parameter, summed per group in
+    float64, so the groups add up to s_n exactly.
     """
     s = []
-    out = EvalProjections.empty(batch, v, want_x_sum)
+    out = EvalProjections.empty(batch, v, halves)
     index = parameter_groups(params, cfg.groups)[1].to(batch.device) if want_groups else None
     for mb in batch.microbatches(1):
         lp = sequence_logprobs(module, mb.batch, cfg.temperature, cfg.entropy_weighting)
         a, e = entropy_gradient_coefficients(lp.weighted, mb.batch, cfg.x_estimator)
         grads = grad_of((a * lp.seq + e * lp.weighted).sum(), params)  # X_n
         s.append(dot(grads, v) if index is None else _group_dots(grads, v, index))
-        if out.x_sum is not None:
-            add_into(out.x_sum, grads)
+        if out.x_half is not None:
+            add_into(out.x_half[int(halves[mb.units[0]])], grads)
         out.seq_logprob[mb.rows], out.weighted[mb.rows] = lp.seq.detach(), lp.weighted.detach()
         del grads  # else the next unit's backward runs while this X_n is still held: 2 gradient copies
     if index is None:
@@ -74,11 +77,10 @@ def _group_dots(grads: dict[str, Tensor | None], v: Vector, index: Tensor) -> Te
     return torch.zeros(n_groups, dtype=torch.float64, device=index.device).index_add_(0, index, terms.double())
 
 
-def update_projections(module: nn.Module, params: Params, batch: RolloutBatch, coeff: Tensor, u: Vector,
-                       cfg: ProbeConfig) -> Tensor:
-    """``(B_U,)`` t_m = grad J_m . u with ``J_m = sum_{i in m} coeff_i S_i``, one backward per unit."""
-    t = []
+def unit_gradients(module: nn.Module, params: Params, batch: RolloutBatch, coeff: Tensor,
+                   cfg: ProbeConfig) -> Iterator[tuple[int, dict[str, Tensor | None]]]:
+    """``(m, grad J_m)`` for each U unit in turn, ``J_m = sum_{i in m} coeff_i S_i``: one backward per
+    unit and only one unit's gradient alive at a time (the caller drops it before the next)."""
     for mb in batch.microbatches(1):
         lp = sequence_logprobs(module, mb.batch, cfg.temperature, cfg.entropy_weighting)
-        t.append(dot(grad_of((coeff[mb.rows] * lp.seq).sum(), params), u))
-    return torch.stack(t)
+        yield mb.units[0], grad_of((coeff[mb.rows] * lp.seq).sum(), params)

@@ -16,8 +16,8 @@ Hugging Face models (torch 2.13, transformers 5.23):
   embeddings) breaks ``jvp``: it is lifted for the pass and put back exactly as it was;
 - the tangent must have its parameter's dtype (v is fp32, a bf16 model's parameters are not).
 
-Entry points: ``eval_projections`` (probe.run with ``engine="jvp"``), ``update_projections``
-(t_m = grad J_m . u for se_total) and ``directional_logprobs`` (the per-sequence derivatives).
+Entry points: ``eval_projections`` (probe.run with ``engine="jvp"``) and ``directional_logprobs``
+(the per-sequence derivatives).
 """
 
 from __future__ import annotations
@@ -89,13 +89,13 @@ def directional_logprobs(module: nn.Module, params: Params, batch: RolloutBatch,
 
 
 def eval_projections(module: nn.Module, params: Params, batch: RolloutBatch, v: Vector, cfg: ProbeConfig,
-                     want_x_sum: bool = False) -> EvalProjections:
+                     halves: Tensor | None = None) -> EvalProjections:
     """s_n for every E unit, ``cfg.microbatch_units`` units per forward-mode pass.
 
-    With ``want_x_sum`` also ``sum_n X_n``: one reverse pass per microbatch over the E surrogate
-    summed over its units (the sum of the X_n needs no per-unit backward).
+    With ``halves`` (``(B_E,)`` 0/1 per unit) also the sums of X_n over the two halves: one reverse
+    pass per microbatch of each half's units over their summed E surrogate (no per-unit backward).
     """
-    out = EvalProjections.empty(batch, v, want_x_sum)
+    out = EvalProjections.empty(batch, v, halves)
     with forward_mode_ready(module):
         for mb in batch.microbatches(cfg.microbatch_units):
             lp = directional_logprobs(module, params, mb.batch, v, cfg)
@@ -103,20 +103,13 @@ def eval_projections(module: nn.Module, params: Params, batch: RolloutBatch, v: 
             out.s[torch.as_tensor(mb.units, device=out.s.device)] = group_sum(a * lp.d_seq + e * lp.d_weighted,
                                                                               mb.batch)
             out.seq_logprob[mb.rows], out.weighted[mb.rows] = lp.seq, lp.weighted
-    if out.x_sum is not None:
-        for mb in batch.microbatches(cfg.microbatch_units):
-            lp = sequence_logprobs(module, mb.batch, cfg.temperature, cfg.entropy_weighting)
-            a, e = entropy_gradient_coefficients(lp.weighted, mb.batch, cfg.x_estimator)
-            add_into(out.x_sum, grad_of((a * lp.seq + e * lp.weighted).sum(), params))  # this microbatch's X_n
+    if out.x_half is not None:
+        for h in (0, 1):  # each half's units microbatched on their own: one reverse pass per microbatch
+            units = (halves == h).nonzero().reshape(-1).tolist()
+            if not units:
+                continue
+            for mb in batch.select_units(units).microbatches(cfg.microbatch_units):
+                lp = sequence_logprobs(module, mb.batch, cfg.temperature, cfg.entropy_weighting)
+                a, e = entropy_gradient_coefficients(lp.weighted, mb.batch, cfg.x_estimator)
+                add_into(out.x_half[h], grad_of((a * lp.seq + e * lp.weighted).sum(), params))  # its X_n, summed
     return out
-
-
-def update_projections(module: nn.Module, params: Params, batch: RolloutBatch, coeff: Tensor, u: Vector,
-                       cfg: ProbeConfig) -> Tensor:
-    """``(B_U,)`` t_m = grad J_m . u with ``J_m = sum_{i in m} coeff_i S_i``: ``sum_i coeff_i dS_i``."""
-    t = torch.empty(batch.n_units, dtype=torch.float32, device=batch.device)
-    with forward_mode_ready(module):
-        for mb in batch.microbatches(cfg.microbatch_units):
-            lp = directional_logprobs(module, params, mb.batch, u, cfg)
-            t[torch.as_tensor(mb.units, device=t.device)] = group_sum(coeff[mb.rows] * lp.d_seq, mb.batch)
-    return t

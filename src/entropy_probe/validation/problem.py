@@ -33,13 +33,17 @@ class Settings:
     alphas: tuple[float, ...] = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0)
     policy_scale: float = 2.0  # logits ~ N(0, 2^2): a peaked policy, so steps move entropy visibly
     curvature: float = 0.2  # eta is chosen so the exact H(theta + eta v) departs 20% from the tangent
+    total_pairs: int = 200  # independent (U, E) pairs per direction map in the se_total calibration
+    total_units: tuple[int, int] = (8, 16)  # (B_U, B_E) of each pair
+    interval_draws: int = 400  # independent E draws per case in the interval-coverage check
 
 
 # B_E = 32 per shard: the interval delta_h1 -+ 1.96 SE, whose SE is estimated from the same skewed s_n,
 # covers less than 95% by O(1/B_E) (measured for the "sum" weighting: 0.90 at B_E = 16, 0.94 at 32);
 # the coverage check tests the expected finite-B_E coverage, which at 32 is still within 2% of 0.95.
 FULL = Settings(n_shards=300, shard_units=32, scale_units=16, scale_replicates=24, truth_units=1024)
-QUICK = Settings(n_shards=100, shard_units=32, scale_units=8, scale_replicates=10, truth_units=192)
+QUICK = Settings(n_shards=100, shard_units=32, scale_units=8, scale_replicates=10, truth_units=192,
+                 total_pairs=100, interval_draws=150)
 
 
 @dataclass

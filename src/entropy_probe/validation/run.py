@@ -21,6 +21,10 @@ fixed; v is the note's Adam-preconditioned direction. The checks (DESIGN section
 6. second order (DESIGN section 12): the mean delta_h2 over the shards equals the exact
    (eta^2/2) v^T grad^2 H v, both weightings; the error |truth - forecast| falls as alpha^3 (first
    order: alpha^2) on a log-log fit; and by_group sums exactly to delta_h1 (section 13).
+7. se_total (DESIGN section 14): over independent (U, E) pairs, var(delta_h1) / mean(se_total^2) in
+   its chi-square band for sgd, Adam-preconditioned fresh and warm, optimizer-step warm;
+8. the skew-aware ``result.interval()`` covers the exact change at its level on the skewed case
+   ("sum" weighting, temperature 0.7, B_E = 16 and 32) and on an easy one.
 
 Tolerances are quantiles of each statistic's sampling distribution at a family-wise level of 1%
 (``validation/stats.py``), so a correct probe fails the whole table about once in a hundred seeds.
@@ -37,10 +41,23 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 from ..logprobs import WEIGHTINGS
+from .calibration import (
+    SE_TOTAL_CASES,
+    coverage_floor_check,
+    interval_coverage,
+    se_total_check,
+    se_total_pairs,
+)
 from .checks import (
     coverage_check,
     run_scaling,
@@ -55,6 +72,9 @@ from .problem import CONTROL, FULL, QUICK, Check, Settings, build_problem
 from .second_order import by_group_check, exact_second_terms, forecast_at_full_step, order_check
 from .stats import FAMILY_LEVEL, excess_kurtosis, skewness, tolerance_k
 
+# (weighting, temperature, B_E, target coverage of the 95% interval): the skewed case, and an easy one
+INTERVAL_CASES = (("sum", 0.7, 16, 0.92), ("sum", 0.7, 32, 0.93), ("token-mean", 1.0, 32, 0.93))
+
 
 # ---- the harness ------------------------------------------------------------------------------------
 def run_validation(seed: int, settings: Settings, out: Path, console: Console) -> dict:
@@ -64,7 +84,8 @@ def run_validation(seed: int, settings: Settings, out: Path, console: Console) -
     start = time.perf_counter()
     s = settings
     # the statistical tests below (the second-order unbiasedness adds one per weighting)
-    n_tests = 2 * len(WEIGHTINGS) + 1 + 2 * len(WEIGHTINGS) + len(s.alphas) + 1
+    n_tests = (2 * len(WEIGHTINGS) + 1 + 2 * len(WEIGHTINGS) + len(s.alphas) + 1
+               + len(SE_TOTAL_CASES) + len(INTERVAL_CASES))
     k = tolerance_k(n_tests)
     columns = (TextColumn("{task.description:<34}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as progress:
@@ -81,6 +102,20 @@ def run_validation(seed: int, settings: Settings, out: Path, console: Console) -
         task = progress.add_task("truth sweep over alpha", total=1)
         truth, truth_data = truth_checks(problem, s, seed, k)
         progress.advance(task)
+        task = progress.add_task(f"se_total ({s.total_pairs} (U, E) pairs x 4)", total=len(SE_TOTAL_CASES))
+        totals = []
+        for direction, warm in SE_TOTAL_CASES:
+            data = se_total_pairs(direction, warm, s.total_pairs, *s.total_units, seed=seed)
+            totals.append(se_total_check(direction, warm, data, k))
+            progress.advance(task)
+        task = progress.add_task(f"interval coverage ({s.interval_draws} draws x 3)",
+                                 total=len(INTERVAL_CASES))
+        intervals = []
+        for weighting, temperature, units, target in INTERVAL_CASES:
+            covered, n = interval_coverage(weighting, temperature, units, s.interval_draws, seed=seed)
+            name = f"interval coverage ({weighting}, T={temperature:g}, B_E={units})"
+            intervals.append(coverage_floor_check(name, covered, n, target, k))
+            progress.advance(task)
 
     exact = {w: problem.lr * problem.exact_slope[w] for w in WEIGHTINGS}
     checks: list[Check] = []
@@ -93,7 +128,7 @@ def run_validation(seed: int, settings: Settings, out: Path, console: Console) -
     checks.append(slope_check("SE scaling: slope of log SE vs log c", list(s.scale_factors), scaling, k))
     checks.append(zero)
     checks += [unbiased_check(f"unbiased vs exact ({w})", shards[w]["delta_h1"], exact[w], k) for w in WEIGHTINGS]
-    checks += truth
+    checks += truth + totals + intervals
     exact_h2 = {w: exact_second_terms(problem, w)[1] for w in WEIGHTINGS}
     checks += [unbiased_check(f"delta_h2 unbiased vs exact ({w})", shards[w]["delta_h2"], exact_h2[w], k)
                for w in WEIGHTINGS]

@@ -1,0 +1,113 @@
+"""The variance over U of the forecast: a delete-one-unit jackknife through the exact direction map.
+
+DESIGN section 14. Given U, ``delta_h1 = eta Xbar_E . v(U)``; another U gives another v. For each U
+unit m the direction is rebuilt from ``g_(-m) = (B_U grad J_U - grad J_m) / (B_U - 1)`` by the very
+rule that built v (``direction.build_direction``: Adam's v_hat, momentum, bias correction, weight
+decay and the clip factor all recomputed), and ``dv_m = v_(-m) - v`` is projected on the mean X of
+two independent halves A and B of E:
+
+    a_m = Xbar_A . dv_m,   b_m = Xbar_B . dv_m,   E[a_m b_m | U] = (grad H . dv_m)^2
+
+so the product carries no E noise (projecting both on Xbar_E would add ``tr(Sigma_X Sigma_dv)/B_E``,
+which ``var_cond_e`` already holds). The jackknife variance over U is then
+
+    V_U = eta^2 (B_U - 1) / B_U * sum_m (a_m - mean a)(b_m - mean b)
+
+and ``se_total = sqrt(var_cond_e + max(V_U, 0))``. ``var_update`` reports V_U unclamped: unbiased
+for a linear map, it can be < 0 when U adds little variance. The clamp biases se_total up a little
+(variance ratio 0.78 against 0.82 over the same 200 (U, E) pairs at B_E = 8). For a non-smooth map
+(Adam's first step, v ~ sign(g)) the jackknife errs on the large side (Efron-Stein): 1.2-1.35x the
+true variance over U on the toy policy (docs/validation.md).
+
+Memory: one unit's gradient at a time, turned in place into ``g_(-m)`` and then into ``v_(-m)``
+(``build_direction`` builds v in the gradient's storage), next to v, a kept copy of grad J_U and the
+two half sums of X: a constant number of parameter-sized buffers (five), never B_U of them.
+
+The per-unit pieces are the update-prompt influences (DESIGN section 13): for "sgd" exactly
+``eta Xbar_E . Y_m / B_U`` (they sum to ``delta_h1``), for the Adam directions the delete-one-unit
+change ``delta_h1 - eta Xbar_E . v_(-m)``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from .batch import RolloutBatch
+from .config import ProbeConfig
+from .direction import build_direction
+from .engines import unit_gradients
+from .vectors import Params, Vector
+
+
+class UpdateJackknife(NamedTuple):
+    """V_U (nats^2) and the per-unit influences ``(B_U,)`` float64 in gathered U-unit order."""
+
+    var_update: float
+    influence: Tensor
+
+
+def eval_halves(n_local: int, offset: int) -> Tensor:
+    """``(n_local,)`` half (0 = A, 1 = B) of each E unit: the parity of its global position, so that
+    one or several ranks holding the same units split them the same way."""
+    return (torch.arange(n_local) + offset) % 2
+
+
+def half_sizes(n_eval: int) -> tuple[int, int]:
+    """Units in half A (even global positions) and in half B (odd ones)."""
+    return (n_eval + 1) // 2, n_eval // 2
+
+
+def deleted_unit_projections(module: nn.Module, params: Params, batch: RolloutBatch, coeff: Tensor,
+                             grad_j: dict[str, Tensor | None], n_units: int, v: Vector,
+                             x_a: Vector, x_b: Vector, cfg: ProbeConfig, optimizer, v_lr: float) -> Tensor:
+    """``(B_U_local, 2)`` float64 ``(Xbar_A . dv_m, Xbar_B . dv_m)`` for this rank's U units, in order.
+
+    ``grad_j`` is grad J_U over all ranks' units, ``n_units`` = B_U over all ranks (>= 2); ``v_lr`` the
+    rate v was normalised by (``build_direction``'s ``lr``), so that v_(-m) and v are alike.
+    """
+    rows = []
+    for _, g in unit_gradients(module, params, batch, coeff, cfg):
+        for name, total in grad_j.items():  # g_(-m) = (B_U grad J_U - g_m) / (B_U - 1), in place
+            if total is None:
+                g[name] = None
+                continue
+            gm = g[name]
+            gm = torch.zeros_like(total) if gm is None else gm.float()
+            g[name] = gm.neg_().add_(total, alpha=n_units).div_(n_units - 1)
+        v_minus = build_direction(cfg.direction, g, params, optimizer, v_lr, cfg.max_grad_norm).v
+        del g
+        rows.append(torch.stack([_delta_dot(v_minus, v, x) for x in (x_a, x_b)]))
+        del v_minus
+    if not rows:
+        return torch.zeros((0, 2), dtype=torch.float64)
+    return torch.stack(rows).cpu()  # (B_U_local, 2)
+
+
+def _delta_dot(v_minus: Vector, v: Vector, x: Vector) -> Tensor:
+    """``(v_minus - v) . x`` in float64, parameter by parameter (the difference formed before the dot:
+    dv_m is ~1/B_U of v, a difference of two dots would lose it to rounding)."""
+    terms = [torch.vdot((v_minus[n] - v[n]).reshape(-1).double(), x[n].reshape(-1).double()) for n in v]
+    return torch.stack(terms).sum()
+
+
+def combine(pieces: Tensor, n_half: tuple[int, int], lr: float, delta_h1: float,
+            direction: str) -> UpdateJackknife:
+    """V_U and the influences from the gathered ``(B_U, 2)`` projections (see the module docstring)."""
+    n = pieces.shape[0]
+    if n < 2:
+        warnings.warn("fewer than 2 update units: the variance over U cannot be estimated; se_total is "
+                      "reported as se_cond_e", RuntimeWarning, stacklevel=3)
+        return UpdateJackknife(0.0, torch.full((n,), delta_h1, dtype=torch.float64))
+    a, b = pieces[:, 0], pieces[:, 1]
+    cov = float(((a - a.mean()) * (b - b.mean())).sum())
+    var_update = lr * lr * (n - 1) / n * cov  # unbiased for a linear map, so it may come out < 0
+    xbar_dv = (n_half[0] * a + n_half[1] * b) / (n_half[0] + n_half[1])  # Xbar_E . dv_m
+    if direction == "sgd":  # Y_m = v - (B_U - 1) dv_m exactly, so these sum to delta_h1
+        influence = (delta_h1 - lr * (n - 1) * xbar_dv) / n
+    else:
+        influence = -lr * xbar_dv
+    return UpdateJackknife(var_update, influence)
