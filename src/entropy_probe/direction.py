@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .vectors import Params
+from .vectors import Params, first_nonfinite
 
 DIRECTIONS = ("adam-preconditioned", "optimizer-step", "sgd")
 CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_: coef = max_norm / (total_norm + 1e-6)
@@ -153,6 +153,27 @@ def build_direction(kind: str, grad_j: dict[str, Tensor | None], params: Params,
                 scale[name] = slope.mul_(clip)  # d step / d grad_J (descent gradient is -clip * grad_J)
         del g
     return UpdateDirection(v=v, scale=scale if want_scale else None)
+
+
+def given_direction(v: dict[str, Tensor], params: Params) -> UpdateDirection:
+    """A caller's v (``run(direction=v)``) checked against the trainable parameters, as fp32 on their devices."""
+    if not isinstance(v, dict):
+        raise ValueError(f"direction must be a dict {{name: tensor}} from update_direction(), got {type(v).__name__}")
+    missing, extra = sorted(set(params) - set(v)), sorted(set(v) - set(params))
+    if missing or extra:
+        raise ValueError(f"direction does not match the model's trainable parameters: missing {missing[:3]}"
+                         f"{'...' if len(missing) > 3 else ''}, unknown {extra[:3]}{'...' if len(extra) > 3 else ''}")
+    out = {}
+    for name, p in params.items():
+        t = v[name]
+        if not isinstance(t, Tensor) or tuple(t.shape) != tuple(p.shape):
+            shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"direction[{name!r}] has shape {shape}, the parameter has {tuple(p.shape)}")
+        out[name] = t.detach().to(device=p.device, dtype=torch.float32)
+    bad = first_nonfinite(out)
+    if bad is not None:
+        raise ValueError(f"direction[{bad!r}] is not finite")
+    return UpdateDirection(v=out)
 
 
 def _adam_step(p: Tensor, grad: Tensor, h: ParamHyper, eta: float,

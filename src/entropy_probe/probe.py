@@ -31,11 +31,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from . import fsdp
 from .batch import RolloutBatch
 from .caller_state import preserved_caller_state
 from .change import EvalState, MeasuredChange, measure_change
 from .config import ProbeConfig
-from .direction import UpdateDirection, build_direction
+from .direction import UpdateDirection, build_direction, given_direction
 from .distributed import (
     all_reduce_vector,
     call_fingerprint,
@@ -109,6 +110,7 @@ class EntropyProbe:
     # ---- parameters and learning rate ---------------------------------------------------------
     def parameters(self) -> Params:
         """The trainable parameters, keyed by the unwrapped model's ``named_parameters()``."""
+        fsdp.reshard(self.module)  # FSDP2: the sharded parameters, also after a forward without backward
         params = {name: p for name, p in self.module.named_parameters() if p.requires_grad}
         if not params:
             raise ValueError("EntropyProbe: the model has no parameter with requires_grad=True")
@@ -175,6 +177,7 @@ class EntropyProbe:
             if update_batch is not None:
                 _check_batch(update_batch, "update_batch")
             params, lr = self.parameters(), self.lr
+            fsdp.check_call(params, self.config, False, False, None)
         except ValueError as e:
             error = e
         self.comm.check_same("EntropyProbe.update_direction", lambda: call_fingerprint(
@@ -183,25 +186,6 @@ class EntropyProbe:
             batch = _on_model_device(update_batch, params)
             direction, _, _ = self._direction_from(batch, params, want_scale=False)
         return direction.v
-
-    def _given_direction(self, v: dict[str, Tensor], params: Params) -> UpdateDirection:
-        if not isinstance(v, dict):
-            raise ValueError(f"direction must be a dict {{name: tensor}} from update_direction(), got {type(v).__name__}")
-        missing, extra = sorted(set(params) - set(v)), sorted(set(v) - set(params))
-        if missing or extra:
-            raise ValueError(f"direction does not match the model's trainable parameters: missing {missing[:3]}"
-                             f"{'...' if len(missing) > 3 else ''}, unknown {extra[:3]}{'...' if len(extra) > 3 else ''}")
-        out = {}
-        for name, p in params.items():
-            t = v[name]
-            if not isinstance(t, Tensor) or tuple(t.shape) != tuple(p.shape):
-                shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-                raise ValueError(f"direction[{name!r}] has shape {shape}, the parameter has {tuple(p.shape)}")
-            out[name] = t.detach().to(device=p.device, dtype=torch.float32)
-        bad = first_nonfinite(out)
-        if bad is not None:
-            raise ValueError(f"direction[{bad!r}] is not finite")
-        return UpdateDirection(v=out)
 
     # ---- 2. rollout batch E -> per-unit projections s_n -------------------------------------------
     def _project_eval(self, batch: RolloutBatch | None, params: Params, upd: UpdateDirection,
@@ -307,7 +291,8 @@ class EntropyProbe:
             if update_batch is not None:
                 _check_batch(update_batch, "update_batch")
             params, lr = self.parameters(), self.lr
-            given = None if direction is None else self._given_direction(direction, params)
+            fsdp.check_call(params, self.config, from_grad, truth, eval_batch)  # FSDP2: what is supported
+            given = None if direction is None else given_direction(direction, params)
             if from_grad:
                 given = direction_from_grad(self.config.direction, params, self.optimizer, self._v_lr())
         except ValueError as e:
