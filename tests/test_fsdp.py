@@ -1,6 +1,6 @@
 """FSDP2 (DESIGN section 17) on 2 real gloo ranks on the CPU (torch 2.13).
 
-1. The probe on a real ``fully_shard`` GPT-2 (``entropy_probe.fsdp``): ``run(eval_batch=E,
+1. The probe on a real ``fully_shard`` GPT-2 and Llama (``entropy_probe.fsdp``): ``run(eval_batch=E,
    from_grad=True)`` after the trainer's backward (each rank its own rollouts, FSDP2 averages) equals
    one process on the unsharded model with the same weights, the same total ``.grad``, the same Adam
    state and all E units, to 1e-6 relative for delta_h1, se_cond_e, the jackknife and every s_n, for
@@ -28,19 +28,23 @@ import math
 
 import torch
 import torch.distributed as dist
+from core_support import TinyLM, random_batch, tiny_gpt2, tiny_llama
+from test_distributed import _launch
 
 import entropy_probe as ep
-from core_support import TinyLM, random_batch, tiny_gpt2
 from entropy_probe.direction import build_direction
 from entropy_probe.distributed import ProcessGroupComm
 from entropy_probe.engines import update_gradient
 from entropy_probe.logprobs import sequence_logprobs
-from entropy_probe.objectives import (UpdateTotals, advantages, entropy_gradient_coefficients,
-                                      policy_gradient_coefficients)
+from entropy_probe.objectives import (
+    UpdateTotals,
+    advantages,
+    entropy_gradient_coefficients,
+    policy_gradient_coefficients,
+)
 from entropy_probe.sharded import clip_coefficient, global_dot, shard_of
 from entropy_probe.statistics import conditional_variance, moments_update
 from entropy_probe.vectors import grad_of
-from test_distributed import _launch
 
 REL = 1e-6  # the design's tolerance: sharded and whole differ by fp32 summation order only
 
@@ -110,7 +114,8 @@ def _fully_shard(model, world: int):
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh("cpu", (world,))
-    for block in model.transformer.h:
+    blocks = model.transformer.h if hasattr(model, "transformer") else model.model.layers  # GPT-2, Llama
+    for block in blocks:
         fully_shard(block, mesh=mesh)
     return fully_shard(model, mesh=mesh)
 
@@ -123,7 +128,7 @@ def _trainer_backward(model, batch: ep.RolloutBatch) -> None:
 
 def _snapshot(params: dict, optimizer) -> list[torch.Tensor]:
     """Every local tensor of the caller's state: parameter shards, .grad shards, optimizer state shards."""
-    local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731
+    local = lambda t: t.to_local() if hasattr(t, "to_local") else t
     out = [local(p.detach()).clone() for p in params.values()]
     out += [local(p.grad).clone() for p in params.values()]
     out += [local(x).clone() for st in optimizer.state.values() for x in st.values()]
@@ -136,9 +141,9 @@ def _assert_same_state(before: list[torch.Tensor], after: list[torch.Tensor]) ->
         assert torch.equal(a, b), "the probe changed the caller's parameters, .grad or optimizer state"
 
 
-def _fsdp_equals_one_process(rank: int, world: int) -> None:
-    """from_grad and measure_change on an FSDP2 GPT-2 == one process on the same weights, grad and E."""
-    ref = tiny_gpt2(seed=0, vocab=11)
+def _fsdp_equals_one_process(rank: int, world: int, build) -> None:
+    """from_grad and measure_change on an FSDP2 model == one process on the same weights, grad and E."""
+    ref = build(seed=0, vocab=11)
     model = _fully_shard(copy.deepcopy(ref), world)
     opt = torch.optim.AdamW(model.parameters(), lr=0.02, weight_decay=0.01)
     opt_ref = torch.optim.AdamW(ref.parameters(), lr=0.02, weight_decay=0.01)
@@ -183,7 +188,8 @@ def _fsdp_equals_one_process(rank: int, world: int) -> None:
     assert want_m.delta_h != 0
     for k in ("delta_h", "se", "ess", "se_diff"):
         _close(getattr(got_m, k), getattr(want_m, k), f"measure_change: {k}")
-    _unsupported(model, opt, E.select_units(units), U.select_units([rank]), params)
+    if build is tiny_gpt2:
+        _unsupported(model, opt, E.select_units(units), U.select_units([rank]), params)
 
 
 def _raises(fn, *words: str) -> None:
@@ -221,7 +227,8 @@ def _unsupported(model, opt, E, U, params) -> None:
 
 
 def _cases(rank: int, world: int) -> None:
-    _fsdp_equals_one_process(rank, world)
+    _fsdp_equals_one_process(rank, world, tiny_gpt2)  # tied embeddings
+    _fsdp_equals_one_process(rank, world, tiny_llama)
     _arithmetic(rank, world)
     dist.barrier()
 
