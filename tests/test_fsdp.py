@@ -3,11 +3,11 @@
 1. The probe on a real ``fully_shard`` GPT-2 and Llama (``entropy_probe.fsdp``): ``run(eval_batch=E,
    from_grad=True)`` after the trainer's backward (each rank its own rollouts, FSDP2 averages) equals
    one process on the unsharded model with the same weights, the same total ``.grad``, the same Adam
-   state and all E units, to 1e-6 relative for delta_h1, se_cond_e, the jackknife and every s_n, for
-   the three direction rules; after a real ``optimizer.step()`` on both, ``measure_change`` agrees to
+   state and all E units, to 1e-6 relative for delta_h1, se_cond_e, the jackknife, every s_n and the
+   truth (in-place step of the shards, restored), for the three direction rules; after a real ``optimizer.step()`` on both, ``measure_change`` agrees to
    1e-6. The caller's parameter, ``.grad`` and optimizer state shards are bit-identical after every
    call (the ``.grad`` objects themselves are put back), also when the lock-step pass raises. The
-   unsupported modes (update batch, given direction, truth, second order, a rank without E, gradient
+   unsupported modes (update batch, given direction, second order, a rank without E, gradient
    sync off) raise a ValueError on every rank. FSDP1 cannot be built on the CPU ("FSDP needs a
    non-CPU accelerator device"), so its refusal is not tested here.
 2. The sharded arithmetic: every rank holds FSDP2's dim-0 shards (``sharded.shard_of``) of the
@@ -166,18 +166,22 @@ def _fsdp_equals_one_process(rank: int, world: int, build) -> None:
     units = [[0, 1, 2, 3], [4, 5]][rank]  # uneven shares of E
     params = dict(model.named_parameters())
     for kind in ("sgd", "adam-preconditioned", "optimizer-step"):
-        cfg = ep.ProbeConfig(direction=kind)
+        # one unit per forward in the truth, on both sides: the same rows padded alike, the same logits
+        cfg = ep.ProbeConfig(direction=kind, microbatch_units=1, truth_alphas=(0.0, 0.5, 1.0))
         before = _snapshot(params, opt)
         grads = [p.grad for p in params.values()]
-        got = ep.EntropyProbe(model, opt, cfg).run(eval_batch=E.select_units(units), from_grad=True)
+        got = ep.EntropyProbe(model, opt, cfg).run(eval_batch=E.select_units(units), from_grad=True, truth=True)
         _assert_same_state(before, _snapshot(params, opt))
         assert all(p.grad is g for p, g in zip(params.values(), grads)), "the caller's .grad objects were replaced"
-        want = ep.EntropyProbe(ref, opt_ref, cfg).run(eval_batch=E, from_grad=True)
+        want = ep.EntropyProbe(ref, opt_ref, cfg).run(eval_batch=E, from_grad=True, truth=True)
         assert want.delta_h1 != 0 and got.n_eval_units == want.n_eval_units == 6
         for k in ("delta_h1", "se_cond_e", "se_jackknife", "entropy"):
             _close(getattr(got, k), getattr(want, k), f"{kind}: {k}")
         torch.testing.assert_close(got.per_unit, want.per_unit, rtol=REL, atol=REL * float(want.per_unit.abs().max()))
         assert torch.equal(got.eval_unit_ids, want.eval_unit_ids)
+        assert got.truth.delta_h_at[0] == 0.0 and want.truth.delta_h != 0  # alpha = 0: every weight exactly 1
+        for k in ("delta_h", "se", "ess", "se_diff", "slope"):
+            _close(getattr(got.truth, k), getattr(want.truth, k), f"{kind}: truth.{k}")
     # The real step on both (the same AdamW arithmetic on the shards), then the measured change.
     opt.step()
     opt_ref.step()
@@ -206,7 +210,6 @@ def _unsupported(model, opt, E, U, params) -> None:
     probe = ep.EntropyProbe(model, opt, ep.ProbeConfig(direction="sgd"))
     _raises(lambda: probe.run(U, E), "FSDP2", "from_grad=True")
     _raises(lambda: probe.update_direction(U), "FSDP2", "from_grad=True")
-    _raises(lambda: probe.run(eval_batch=E, from_grad=True, truth=True), "FSDP2", "truth=True", "measure_change")
     _raises(lambda: ep.EntropyProbe(model, opt, ep.ProbeConfig(second_order=True)).run(eval_batch=E, from_grad=True),
             "second_order")
     _raises(lambda: probe.run(eval_batch=None, from_grad=True), "every rank must pass an eval_batch")

@@ -16,11 +16,15 @@ every rank must run the same passes in the same order. What the probe does with 
   (``distributed``). The caller's ``.grad`` objects are set aside and put back, untouched, after the
   pass (also when it raises).
 - ``measure_change``: one forward over every rank's E in lock-step; each rank keeps its own rows.
+- the truth (``truth=True``): ``torch.func.functional_call`` does not reach the parameters FSDP2
+  gathers, so ``theta + alpha eta v`` is written into the local shards in place, the E forward runs
+  in lock-step, and the shards are restored from a saved copy, bit-exactly (``logprobs_stepped``).
+  The step is formed in the parameters' dtype (a bf16 model's truth then measures the rounded step).
 
 Cost: each rank runs the forward and backward of every E unit (W times the per-rank work of DDP);
-memory stays sharded (v and one gradient shard). Not supported under FSDP2, with a ValueError:
-an update batch (``run(U, E)``, ``update_direction``) or a given ``direction``, ``truth=True`` (the
-functional step does not reach the parameters FSDP2 gathers), ``second_order`` and ``groups``.
+memory stays sharded (v and one gradient shard; the truth one more shard copy). Not supported under
+FSDP2, with a ValueError: an update batch (``run(U, E)``, ``update_direction``) or a given
+``direction``, ``second_order`` and ``groups``.
 FSDP2 must average its gradients (no ``set_gradient_divide_factor``) and reduce them
 (no ``set_requires_gradient_sync(False)`` when the probe runs).
 """
@@ -102,16 +106,13 @@ def _fsdp_param_groups(model: nn.Module) -> list:
     return groups
 
 
-def check_call(params: Params, cfg: ProbeConfig, from_grad: bool, truth: bool, eval_batch) -> None:
+def check_call(params: Params, cfg: ProbeConfig, from_grad: bool, eval_batch) -> None:
     """The FSDP2 restrictions, as ValueErrors raised before any collective (module docstring)."""
     if not is_sharded(params):
         return
     if not from_grad:
         raise ValueError("FSDP2 model: only run(eval_batch=E, from_grad=True) is supported (v from the sharded "
                          ".grad after the trainer's backward); an update batch or a given direction is not")
-    if truth:
-        raise ValueError("FSDP2 model: truth=True is not supported (the functional step does not reach the "
-                         "parameters FSDP2 gathers); use measure_change(result) after the real optimizer.step()")
     if cfg.second_order or cfg.groups is not None:
         raise ValueError("FSDP2 model: ProbeConfig.second_order and ProbeConfig.groups are not supported")
     if eval_batch is None:
@@ -213,3 +214,24 @@ def logprobs_lockstep(module: nn.Module, batch: RolloutBatch, cfg: ProbeConfig) 
                 seq[mb.rows], weighted[mb.rows] = lp.seq, lp.weighted
     reshard(module)  # the root's parameters as the caller had them: sharded
     return SequenceLogProbs(seq, weighted)
+
+
+def logprobs_stepped(module: nn.Module, params: Params, v: Vector, step: float, batch: RolloutBatch,
+                     cfg: ProbeConfig) -> SequenceLogProbs:
+    """``logprobs_lockstep`` at ``theta + step * v`` (the truth): ``functional_call`` does not reach the
+    parameters FSDP2 gathers, so the step is added in place to the local shards (in their dtype, as
+    ``truth.stepped_parameters`` forms it) and undone from a saved copy, bit-exactly, also on an error.
+    """
+    if step == 0.0:
+        return logprobs_lockstep(module, batch, cfg)
+    shards = {name: p.to_local() for name, p in params.items()}
+    saved = {name: t.detach().clone() for name, t in shards.items()}
+    try:
+        with torch.no_grad():
+            for name, t in shards.items():
+                t.copy_((t.float() + step * v[name]).to(t.dtype))
+        return logprobs_lockstep(module, batch, cfg)
+    finally:
+        with torch.no_grad():
+            for name, t in shards.items():
+                t.copy_(saved[name])

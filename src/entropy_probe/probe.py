@@ -177,7 +177,7 @@ class EntropyProbe:
             if update_batch is not None:
                 _check_batch(update_batch, "update_batch")
             params, lr = self.parameters(), self.lr
-            fsdp.check_call(params, self.config, False, False, None)
+            fsdp.check_call(params, self.config, False, None)
         except ValueError as e:
             error = e
         self.comm.check_same("EntropyProbe.update_direction", lambda: call_fingerprint(
@@ -291,7 +291,7 @@ class EntropyProbe:
             if update_batch is not None:
                 _check_batch(update_batch, "update_batch")
             params, lr = self.parameters(), self.lr
-            fsdp.check_call(params, self.config, from_grad, truth, eval_batch)  # FSDP2: what is supported
+            fsdp.check_call(params, self.config, from_grad, eval_batch)  # FSDP2: what is supported
             given = None if direction is None else given_direction(direction, params)
             if from_grad:
                 given = direction_from_grad(self.config.direction, params, self.optimizer, self._v_lr())
