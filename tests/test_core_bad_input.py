@@ -10,11 +10,11 @@ import math
 
 import pytest
 import torch
+from core_support import TinyLM, random_batch
 from torch import nn
 
 import entropy_probe as ep
 from entropy_probe import RolloutBatch
-from core_support import TinyLM, random_batch
 
 # 4 sequences, 2 units (group ids 7 and 3), left-padded row 2
 IDS = torch.tensor([[5, 1, 2], [5, 2, 1], [0, 6, 1], [6, 2, 2]])

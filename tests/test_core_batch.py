@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from core_support import random_batch, units_of
 
 from entropy_probe import RolloutBatch
-from core_support import random_batch, units_of
 
 
 def interleaved() -> RolloutBatch:
@@ -70,8 +70,9 @@ def test_to_device_keeps_everything():
 
 def test_eval_batch_needs_no_rewards():
     """Only the update batch's policy gradient uses rewards; an evaluation batch may carry none."""
-    import entropy_probe as ep
     from core_support import TinyLM
+
+    import entropy_probe as ep
 
     model = TinyLM(seed=0)
     U, E = random_batch(3, seed=1), random_batch(3, seed=2)

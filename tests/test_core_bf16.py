@@ -21,10 +21,10 @@ import copy
 
 import pytest
 import torch
+from core_support import random_batch, tiny_gpt2
 
 import entropy_probe as ep
 import entropy_probe.truth as truth_module
-from core_support import random_batch, tiny_gpt2
 
 VOCAB = 11
 LR, ALPHAS = 1e-2, (1 / 256, 1 / 64, 1 / 16)

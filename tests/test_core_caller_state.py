@@ -17,12 +17,12 @@ from typing import Callable
 
 import pytest
 import torch
+from core_support import random_batch, tiny_gpt2
 from torch import nn
 
 import entropy_probe as ep
-import entropy_probe.probe as probe_module
 import entropy_probe.engines.backward as projections_module
-from core_support import random_batch, tiny_gpt2
+import entropy_probe.probe as probe_module
 
 VOCAB = 11
 

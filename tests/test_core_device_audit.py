@@ -16,10 +16,10 @@ import sys
 from pathlib import Path
 
 import torch
+from core_support import random_batch, tiny_gpt2
 from torch.overrides import TorchFunctionMode
 
 import entropy_probe as ep
-from core_support import random_batch, tiny_gpt2
 from entropy_probe.sampling import sample_rollouts
 
 SRC = str(Path(ep.__file__).parent)

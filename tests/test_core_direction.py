@@ -12,9 +12,16 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from core_support import (
+    TinyLM,
+    hand_objective,
+    hand_token_logprobs,
+    numpy_advantages,
+    random_batch,
+    trainable,
+)
 
 import entropy_probe as ep
-from core_support import TinyLM, hand_objective, hand_token_logprobs, numpy_advantages, random_batch, trainable
 
 
 @dataclass(frozen=True)

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from core_support import TinyLM, hand_sequence_logprobs, random_batch
 from torch import nn
 
 from entropy_probe.logprobs import model_logits, position_ids_from_mask, sequence_logprobs
-from core_support import TinyLM, hand_sequence_logprobs, random_batch
 
 
 @pytest.mark.parametrize("weighting", ["token-mean", "sum"])

@@ -13,10 +13,10 @@ import weakref
 
 import pytest
 import torch
+from core_support import random_batch, tiny_gpt2
 
 import entropy_probe as ep
 import entropy_probe.engines.backward as backward_engine
-from core_support import random_batch, tiny_gpt2
 from entropy_probe.direction import build_direction
 
 VOCAB = 11

@@ -14,12 +14,20 @@ import math
 import numpy as np
 import pytest
 import torch
+from core_support import (
+    TinyLM,
+    brute_force_x,
+    flat,
+    hand_token_logprobs,
+    random_batch,
+    tiny_gpt2,
+    tiny_llama,
+    trainable,
+)
 
 import entropy_probe as ep
 from entropy_probe.logprobs import position_ids_from_mask, sequence_logprobs, token_logprobs
 from entropy_probe.vectors import dot, grad_of
-from core_support import (TinyLM, brute_force_x, flat, hand_token_logprobs, random_batch, tiny_gpt2, tiny_llama,
-                          trainable)
 
 VOCAB = 11
 BUILDERS = {"gpt2": lambda: tiny_gpt2(seed=0, vocab=VOCAB), "llama": lambda: tiny_llama(seed=0, vocab=VOCAB),

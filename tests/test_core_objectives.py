@@ -8,12 +8,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from core_support import hand_objective, numpy_advantages, random_batch, units_of
 
 import entropy_probe as ep
 from entropy_probe import RolloutBatch
-from entropy_probe.objectives import (LOSS_AGGREGATIONS, UpdateTotals, advantages, entropy_gradient_coefficients,
-                                      policy_gradient_coefficients, unit_entropy)
-from core_support import hand_objective, numpy_advantages, random_batch, units_of
+from entropy_probe.objectives import (
+    LOSS_AGGREGATIONS,
+    UpdateTotals,
+    advantages,
+    entropy_gradient_coefficients,
+    policy_gradient_coefficients,
+    unit_entropy,
+)
 
 # unequal group sizes, ties within units (rewards in {0, 0.5, 1}), group ids not in order
 BATCH_SIZES = [2, 3, 5, 4]

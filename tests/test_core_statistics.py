@@ -18,12 +18,19 @@ from statistics import NormalDist
 import numpy as np
 import pytest
 import torch
+from core_support import (
+    TinyLM,
+    brute_force_grad_j_units,
+    brute_force_x,
+    flat,
+    numpy_advantages,
+    random_batch,
+    trainable,
+)
 
 import entropy_probe as ep
 from entropy_probe import RolloutBatch
 from entropy_probe.statistics import conditional_variance, jackknife_se, moments_merge, moments_update
-from core_support import (TinyLM, brute_force_grad_j_units, brute_force_x, flat, numpy_advantages, random_batch,
-                          trainable)
 
 ETA = 1e-2
 

@@ -20,11 +20,16 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from core_support import hand_sequence_logprobs
 
 import entropy_probe as ep
-from entropy_probe.toy import (TabularPolicy, enumerate_responses, exact_directional_derivative, exact_entropy,
-                               sample_enumerated)
-from core_support import hand_sequence_logprobs
+from entropy_probe.toy import (
+    TabularPolicy,
+    enumerate_responses,
+    exact_directional_derivative,
+    exact_entropy,
+    sample_enumerated,
+)
 
 ETA = 1e-2
 N_EVAL = 2000  # E units; at this size the seed/token-mean bias is about 21 SEs (measured: z = -22)

@@ -20,12 +20,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from core_support import random_batch, tiny_llama
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import entropy_probe as ep
 from entropy_probe.toy import TabularPolicy, sample_enumerated
-from core_support import random_batch, tiny_llama
 
 REL = 1e-6  # the design's tolerance: 1 vs 2 processes differ only by fp32 summation order
 PG_TIMEOUT_S = 30  # every collective of the probe is bounded by the process group's timeout
@@ -323,11 +323,11 @@ def _disagreement_cases(rank: int, world: int) -> None:
     # After all that the process group is healthy and an agreeing call works.
     _same_on_every_rank(ep.EntropyProbe(ddp, None, cfg).run(U, E, truth=True))
 
-    # FSDP is refused with a clear error.
+    # FSDP2 supports from_grad only (tests/test_fsdp.py): an update batch is refused clearly, on every rank.
     from torch.distributed.fsdp import fully_shard
 
-    with pytest.raises(ValueError, match="FSDP / DTensor-sharded models are not supported"):
-        ep.EntropyProbe(fully_shard(copy.deepcopy(model.policy)), None, cfg)
+    with pytest.raises(ValueError, match="FSDP2 model: only run"):
+        ep.EntropyProbe(fully_shard(copy.deepcopy(model.policy)), None, cfg).run(U, E)
 
     # A rank that never joins: the other's first collective ends at the group's timeout, not in a hang.
     short = dist.new_group(timeout=timedelta(seconds=2))

@@ -11,16 +11,16 @@ import warnings
 
 import pytest
 import torch
+from core_support import random_batch, tiny_gpt2, tiny_llama, trainable
 
 import entropy_probe as ep
 from entropy_probe.batch import RolloutBatch
-from entropy_probe.logprobs import sequence_logprobs
 from entropy_probe.config import ProbeConfig
 from entropy_probe.engines import backward, jvp
 from entropy_probe.engines.jvp import directional_logprobs, forward_mode_ready
-from entropy_probe.vectors import dot, grad_of
+from entropy_probe.logprobs import sequence_logprobs
 from entropy_probe.toy import TabularPolicy, sample_enumerated
-from core_support import random_batch, tiny_gpt2, tiny_llama, trainable
+from entropy_probe.vectors import dot, grad_of
 
 VOCAB = 48
 RTOL = 1e-5  # DESIGN section 7

@@ -20,8 +20,15 @@ from scipy import stats
 
 from entropy_probe.validation import checks, run
 from entropy_probe.validation import problem as vproblem
-from entropy_probe.validation.stats import (chi2_quantile, excess_kurtosis, fit_slope, skewness,
-                                            studentized_coverage, tolerance_k, wilson_interval)
+from entropy_probe.validation.stats import (
+    chi2_quantile,
+    excess_kurtosis,
+    fit_slope,
+    skewness,
+    studentized_coverage,
+    tolerance_k,
+    wilson_interval,
+)
 
 K = tolerance_k(22)  # the harness's own k (22 statistical tests at a 1% family-wise level)
 

@@ -2,6 +2,8 @@
 
 The probe differentiates with ``torch.autograd.grad`` (``.grad`` is never written) and applies steps
 with ``torch.func.functional_call`` (parameters are never written); the optimizer state is only read.
+(FSDP2 is the exception: its per-unit gradients arrive through ``backward()``, so ``fsdp.py`` sets the
+caller's ``.grad`` objects aside and puts them back, untouched, also on an exception.)
 What remains is guarded here, on success and on an exception alike: the train/eval flag of every
 submodule and the CPU and CUDA RNG streams.
 

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from .batch import RolloutBatch
 from .config import ProbeConfig
+from .fsdp import is_sharded, logprobs_lockstep
 from .logprobs import SequenceLogProbs
 from .result import PREFIX
 from .truth import _check_weights, entropy_change, logprobs_at
@@ -53,7 +54,9 @@ def measure_change(module: nn.Module, params: Params, state: EvalState, per_unit
     """One forward over ``state.batch`` at the live parameters; the change against ``state``'s log-probs."""
     after = None
     if state.batch is not None:
-        after = logprobs_at(module, dict(params), state.batch, cfg)
+        sharded = is_sharded(params)  # FSDP2: forwards are collectives, every rank runs every rank's E
+        after = logprobs_lockstep(module, state.batch, cfg) if sharded else logprobs_at(module, dict(params),
+                                                                                          state.batch, cfg)
         _check_weights(state.before.seq, after.seq, 1.0)
     change = entropy_change(state.batch, state.before, after, per_unit, lr, comm=comm)
     return MeasuredChange(delta_h=change.delta_h, se=change.se, ess=change.ess, se_diff=change.se_diff)

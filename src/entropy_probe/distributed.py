@@ -137,14 +137,16 @@ class ProcessGroupComm:
 
 
 # ---- which communicator ---------------------------------------------------------------------
-def _is_sharded(model: nn.Module) -> bool:
-    """FSDP (1 or 2) or any DTensor-sharded parameter."""
+def _is_fsdp1(model: nn.Module) -> bool:
     try:
         from torch.distributed.fsdp import FullyShardedDataParallel
-        if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
-            return True
     except ImportError:
-        pass
+        return False
+    return any(isinstance(m, FullyShardedDataParallel) for m in model.modules())
+
+
+def _is_sharded(model: nn.Module) -> bool:
+    """FSDP2 (``fully_shard``) or any DTensor-sharded parameter."""
     try:
         from torch.distributed.fsdp import FSDPModule
         if any(isinstance(m, FSDPModule) for m in model.modules()):
@@ -166,17 +168,19 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def communicator_for(model: nn.Module):
-    """``ProcessGroupComm`` of the DDP model's process group; ``SingleProcess`` for a plain module.
+    """``ProcessGroupComm`` of the DDP model's process group, or of an FSDP2 model's device mesh
+    (``fsdp``); ``SingleProcess`` for a plain module.
 
     A plain module under torchrun is probed per rank, independently (nothing is communicated).
     """
+    if _is_fsdp1(model):
+        raise ValueError("EntropyProbe: FullyShardedDataParallel (FSDP1) is not supported: use FSDP2 "
+                         "(torch.distributed.fsdp.fully_shard) with run(eval_batch=E, from_grad=True), or "
+                         "DistributedDataParallel (docs/distributed.md, FSDP)")
     if _is_sharded(model):
-        raise ValueError("EntropyProbe: FSDP / DTensor-sharded models are not supported yet "
-                         "(FullyShardedDataParallel, fully_shard): FSDP computes gradients of the parameters it gathers "
-                         "and reduce-scatters them into .grad, so the probe's per-unit gradients cannot be "
-                         "taken without summing ranks' units (the sharded arithmetic is in "
-                         "entropy_probe.sharded; the passes are not written). Probe a DistributedDataParallel "
-                         "or unsharded replica instead (docs/distributed.md, FSDP)")
+        from .fsdp import fsdp2_group  # fsdp imports this module
+
+        return ProcessGroupComm(fsdp2_group(model))
     if isinstance(model, nn.parallel.DistributedDataParallel):
         return ProcessGroupComm(model.process_group)
     return SingleProcess()

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from . import fsdp
 from .attribution import group_values, parameter_groups, wants_groups
 from .batch import RolloutBatch
 from .caller_state import preserved_caller_state
@@ -100,6 +101,7 @@ class EntropyProbe:
     # ---- parameters and learning rate ---------------------------------------------------------
     def parameters(self) -> Params:
         """The trainable parameters, keyed by the unwrapped model's ``named_parameters()``."""
+        fsdp.reshard(self.module)  # FSDP2: the sharded parameters, also after a forward without backward
         params = {name: p for name, p in self.module.named_parameters() if p.requires_grad}
         if not params:
             raise ValueError("EntropyProbe: the model has no parameter with requires_grad=True")
@@ -170,6 +172,7 @@ class EntropyProbe:
             if update_batch is not None:
                 _check_batch(update_batch, "update_batch")
             params, lr = self.parameters(), self.lr
+            fsdp.check_call(params, self.config, False, None)
         except ValueError as e:
             error = e
         self.comm.check_same("EntropyProbe.update_direction", lambda: call_fingerprint(
@@ -290,6 +293,7 @@ class EntropyProbe:
             if update_batch is not None:
                 _check_batch(update_batch, "update_batch")
             params, lr = self.parameters(), self.lr
+            fsdp.check_call(params, self.config, from_grad, eval_batch)  # FSDP2: what is supported
             given = None if direction is None else given_direction(direction, params)
             if from_grad:
                 given = direction_from_grad(self.config.direction, params, self.optimizer, self._v_lr())

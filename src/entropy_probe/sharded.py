@@ -10,12 +10,10 @@ runs unchanged on the shards, or a reduction, which becomes a local partial sum 
 - ``clip_coefficient``: ``clip_grad_norm_`` needs the norm of the whole gradient:
   ``sqrt(sum over ranks of |g_r|^2)``, and multiplies every shard by the same factor.
 
-What is missing for a probe on an FSDP2 model is not this arithmetic but the passes: FSDP2 computes
-gradients of the *unsharded* parameters it gathers per layer and reduce-scatters their sum over ranks
-into ``.grad``, so ``torch.autograd.grad`` with respect to the sharded parameters does not reach them,
-and a per-unit X_n of one rank cannot be reduce-scattered without summing it with the other ranks'
-units. ``distributed.communicator_for`` refuses sharded models with a ValueError for that reason
-(docs/distributed.md, "FSDP").
+The probe's passes on an FSDP2 model are in ``fsdp.py``: ``from_grad`` builds v on the local shards
+(elementwise, as here) and each s_n is a local partial dot plus an all-reduce (batched over E there).
+These helpers check that arithmetic on its own (tests/test_fsdp.py); ``clip_coefficient`` serves a
+trainer-side clip, since ``from_grad`` reads a gradient the trainer clipped already.
 """
 
 from __future__ import annotations

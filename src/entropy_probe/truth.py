@@ -19,6 +19,9 @@ when the effective sample size ``(sum w)^2 / sum w^2`` falls below ``ess_thresho
 E sequences, but at least min(8, N/2)) the change is flagged ``reliable = False`` with a
 RuntimeWarning, and a jackknife SE that no longer exists (a unit holding all the weight deleted:
 0 / 0) is reported as ``inf``, never NaN.
+
+Under FSDP2 the step is instead added in place to the local parameter shards, in their dtype, and
+undone bit-exactly from a saved copy (``fsdp.logprobs_stepped``).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from torch import Tensor, nn
 
 from .batch import RolloutBatch
 from .config import ProbeConfig
+from .fsdp import is_sharded, logprobs_stepped
 from .logprobs import SequenceLogProbs, sequence_logprobs
 from .objectives import group_sum
 from .result import TruthResult
@@ -159,17 +163,22 @@ def measure_truth(module: nn.Module, params: Params, v: Vector, lr: float, batch
     of truth - forecast, the forecast at alpha being ``alpha eta s_n + (alpha eta)^2/2 q_n`` per unit.
     """
     alphas = cfg.truth_alphas
-    base = full_precision_state(module, params) if batch is not None else None
+    sharded = is_sharded(params)  # FSDP2: the step is taken in place on the shards and undone (fsdp.py)
+    base = full_precision_state(module, params) if batch is not None and not sharded else None
     # A caller's autocast would round theta' back to bf16 inside every matmul: off for the truth.
     no_autocast = torch.autocast(_device_of(params).type, enabled=False)
     with no_autocast:
-        before = logprobs_at(module, base or dict(params), batch, cfg) if batch is not None else None
+        if sharded:
+            before = logprobs_stepped(module, params, v, 0.0, batch, cfg)
+        else:
+            before = logprobs_at(module, base or dict(params), batch, cfg) if batch is not None else None
     changes = []
     for alpha in alphas:
         after = None
         if batch is not None:  # a rank holding no E units contributes nothing to the gathered sums
             with no_autocast:
-                after = logprobs_at(module, stepped_parameters(params, v, alpha * lr, base), batch, cfg)
+                after = (logprobs_stepped(module, params, v, alpha * lr, batch, cfg) if sharded else
+                         logprobs_at(module, stepped_parameters(params, v, alpha * lr, base), batch, cfg))
             _check_weights(before.seq, after.seq, alpha)
         if alpha == (1.0 if 1.0 in alphas else alphas[-1]):
             after_head = after

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from .. import fsdp
 from ..batch import RolloutBatch
 from ..config import ProbeConfig
 from ..vectors import Params, Vector
@@ -27,6 +28,8 @@ def eval_projections(module: nn.Module, params: Params, batch: RolloutBatch, v: 
     ``want_groups`` (``by_group``) needs the backward engine's per-unit loop whatever the engine: the jvp
     engine would need one forward-mode pass per group (docs/performance.md).
     """
+    if fsdp.is_sharded(params):  # FSDP2: every rank runs every unit's backward (fsdp.py); groups refused there
+        return fsdp.eval_projections(module, params, batch, v, cfg)
     if want_groups or cfg.engine != "jvp":
         return backward.eval_projections(module, params, batch, v, cfg, halves, want_groups)
     return jvp.eval_projections(module, params, batch, v, cfg, halves)
