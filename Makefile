@@ -9,7 +9,7 @@ STAMP      := $(VENV)/.installed
 DEMO_OUT   ?= runs/demo
 PYTEST_ARGS ?= -n 2
 
-.PHONY: install test demo demo-guard validate bench clean
+.PHONY: install test lint format demo demo-guard validate bench clean
 
 install: $(STAMP)
 
@@ -19,8 +19,18 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
-test: $(STAMP)
+LINTED     := src tests benchmarks examples
+
+test: $(STAMP) lint
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+lint: $(STAMP)
+	$(PY) -m ruff check $(LINTED)
+	$(PY) -m ruff format --check $(LINTED)
+
+format: $(STAMP)
+	$(PY) -m ruff check --fix $(LINTED)
+	$(PY) -m ruff format $(LINTED)
 
 demo: $(STAMP)
 	$(VENV)/bin/entropy-probe demo --out $(DEMO_OUT)

@@ -29,11 +29,11 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE))
 
-from bench_engines import CPU_SIZES, GROUP, build_model, rollout_batch, timed, use_cpu_time
+from bench_engines import CPU_SIZES, GROUP, build_model, rollout_batch, timed, use_cpu_time  # noqa: E402
 
-import entropy_probe as ep
-from entropy_probe.logprobs import sequence_logprobs
-from entropy_probe.objectives import UpdateTotals, advantages, policy_gradient_coefficients
+import entropy_probe as ep  # noqa: E402
+from entropy_probe.logprobs import sequence_logprobs  # noqa: E402
+from entropy_probe.objectives import UpdateTotals, advantages, policy_gradient_coefficients  # noqa: E402
 
 
 def surrogate_backward(model, batch, microbatch_units: int = 4) -> None:
@@ -42,7 +42,10 @@ def surrogate_backward(model, batch, microbatch_units: int = 4) -> None:
         batch, advantages(batch, "grpo"), "seq-mean-token-mean", UpdateTotals.of(batch)
     )
     for mb in batch.microbatches(microbatch_units):
-        (-(coeff[mb.rows] * sequence_logprobs(model, mb.batch, 1.0, "token-mean").seq).sum() / batch.n_units).backward()
+        (
+            -(coeff[mb.rows] * sequence_logprobs(model, mb.batch, 1.0, "token-mean").seq).sum()
+            / batch.n_units
+        ).backward()
 
 
 def contenders(size, units: int) -> dict:

@@ -51,10 +51,18 @@ CASES = {  # name: (call, config fields)
     "update_direction(U), adam-preconditioned": ("update_direction", {"direction": "adam-preconditioned"}),
     "update_direction(U), optimizer-step": ("update_direction", {"direction": "optimizer-step"}),
     "run(U, E), sgd, no se_total": ("run", {"direction": "sgd", "unconditional_se": False}),
-    "run(U, E), adam-preconditioned, no se_total": ("run", {"direction": "adam-preconditioned",
-                                                           "unconditional_se": False}),
-    "run(U, E), optimizer-step, no se_total": ("run", {"direction": "optimizer-step", "unconditional_se": False}),
-    "run(U, E), sgd, no se_total, jvp": ("run", {"direction": "sgd", "unconditional_se": False, "engine": "jvp"}),
+    "run(U, E), adam-preconditioned, no se_total": (
+        "run",
+        {"direction": "adam-preconditioned", "unconditional_se": False},
+    ),
+    "run(U, E), optimizer-step, no se_total": (
+        "run",
+        {"direction": "optimizer-step", "unconditional_se": False},
+    ),
+    "run(U, E), sgd, no se_total, jvp": (
+        "run",
+        {"direction": "sgd", "unconditional_se": False, "engine": "jvp"},
+    ),
     "run(U, E), sgd, se_total": ("run", {"direction": "sgd"}),
     "run(U, E), adam-preconditioned, se_total": ("run", {"direction": "adam-preconditioned"}),
 }
@@ -65,9 +73,17 @@ def build(device: str):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=VOCAB, n_positions=PROMPT + RESPONSE, n_embd=WIDTH, n_layer=LAYERS, n_head=HEADS,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                     tie_word_embeddings=os.environ.get("BENCH_MEMORY_UNTIED") != "1")
+    cfg = GPT2Config(
+        vocab_size=VOCAB,
+        n_positions=PROMPT + RESPONSE,
+        n_embd=WIDTH,
+        n_layer=LAYERS,
+        n_head=HEADS,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        tie_word_embeddings=os.environ.get("BENCH_MEMORY_UNTIED") != "1",
+    )
     return GPT2LMHeadModel(cfg).to(device)
 
 
@@ -78,8 +94,9 @@ def batch(seed: int, device: str) -> ep.RolloutBatch:
     resp = torch.zeros(n, t, dtype=torch.long)
     resp[:, PROMPT:] = 1
     rewards = torch.randint(0, 2, (n,), generator=gen).float()
-    return ep.RolloutBatch(ids, torch.ones_like(ids), resp, torch.arange(UNITS).repeat_interleave(GROUP),
-                           rewards=rewards).to(device)
+    return ep.RolloutBatch(
+        ids, torch.ones_like(ids), resp, torch.arange(UNITS).repeat_interleave(GROUP), rewards=rewards
+    ).to(device)
 
 
 def _proc_kib(field: str) -> int:
@@ -134,8 +151,14 @@ def child(case: str, device: str) -> dict:
 
     start = time.process_time()
     peak = measure(fn, device)
-    return dict(case=case, peak_bytes=peak, param_bytes=param_bytes, ratio=peak / param_bytes,
-                n_parameters=param_bytes // 4, cpu_s=time.process_time() - start)
+    return dict(
+        case=case,
+        peak_bytes=peak,
+        param_bytes=param_bytes,
+        ratio=peak / param_bytes,
+        n_parameters=param_bytes // 4,
+        cpu_s=time.process_time() - start,
+    )
 
 
 # ---- the driver ----------------------------------------------------------------------------------
@@ -145,24 +168,39 @@ def main(argv=None) -> None:
     p.add_argument("--out", default="runs/bench")
     p.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: run one case here
     p.add_argument("--only", default=None, help="run only the cases whose name contains this text")
-    p.add_argument("--untied", action="store_true",
-                   help="untie the LM head from the embeddings (no gradient accumulation of a tied weight)")
+    p.add_argument(
+        "--untied",
+        action="store_true",
+        help="untie the LM head from the embeddings (no gradient accumulation of a tied weight)",
+    )
     a = p.parse_args(argv)
     if a.case is not None:
         print("RESULT " + json.dumps(child(a.case, a.device)))
         return
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1",
-               BENCH_MEMORY_UNTIED="1" if a.untied else "0")
+    env = dict(
+        os.environ,
+        MALLOC_MMAP_THRESHOLD_="65536",
+        OMP_NUM_THREADS="1",
+        BENCH_MEMORY_UNTIED="1" if a.untied else "0",
+    )
     rows = []
     for case in CASES:
         if a.only and a.only not in case:
             continue
-        out = subprocess.run([sys.executable, __file__, "--case", case, "--device", a.device], env=env,
-                             capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(
+            [sys.executable, __file__, "--case", case, "--device", a.device],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         row = json.loads(out.split("RESULT ", 1)[1])
         rows.append(row)
-        print(f"{case:48s} peak extra {row['peak_bytes'] / 2**20:8.1f} MiB = {row['ratio']:5.2f} x fp32 params "
-              f"({row['n_parameters'] / 1e6:.1f}M)", flush=True)
+        print(
+            f"{case:48s} peak extra {row['peak_bytes'] / 2**20:8.1f} MiB = {row['ratio']:5.2f} x fp32 params "
+            f"({row['n_parameters'] / 1e6:.1f}M)",
+            flush=True,
+        )
     Path(a.out).mkdir(parents=True, exist_ok=True)
     path = Path(a.out) / f"bench_memory_{a.device.split(':')[0]}{'_untied' if a.untied else ''}.json"
     path.write_text(json.dumps(dict(device=a.device, torch=torch.__version__, rows=rows), indent=1))

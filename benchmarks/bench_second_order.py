@@ -55,10 +55,14 @@ def contenders(model, params, batch, v) -> dict:
     names, index = parameter_groups(params, None)
     restricted = []  # v restricted to each group, zero elsewhere
     for g in range(len(names)):
-        restricted.append({n: t if int(index[i]) == g else torch.zeros_like(t) for i, (n, t) in enumerate(v.items())})
+        restricted.append(
+            {n: t if int(index[i]) == g else torch.zeros_like(t) for i, (n, t) in enumerate(v.items())}
+        )
     return {
         "backward": lambda: backward.eval_projections(model, params, batch, v, cfg),
-        "backward + groups": lambda: backward.eval_projections(model, params, batch, v, cfg, want_groups=True),
+        "backward + groups": lambda: backward.eval_projections(
+            model, params, batch, v, cfg, want_groups=True
+        ),
         "jvp": lambda: jvp.eval_projections(model, params, batch, v, cfg),
         "jvp per group": lambda: [jvp.eval_projections(model, params, batch, r, cfg) for r in restricted],
         "second order": lambda: second_order.eval_second_order(model, params, batch, v, cfg),
@@ -86,23 +90,44 @@ def main(argv=None) -> int:
         v = random_direction(params)
         fns, n_groups = contenders(model, params, batch, v)
         best = timed(fns, args.device, repeats)
-        rows.append(dict(size=size.name, arch=size.arch, n_groups=n_groups, seconds=best,
-                         second_over_backward=best["second order"] / best["backward"],
-                         second_over_jvp=best["second order"] / best["jvp"],
-                         groups_over_backward=best["backward + groups"] / best["backward"],
-                         jvp_groups_over_backward=best["jvp per group"] / best["backward"]))
+        rows.append(
+            dict(
+                size=size.name,
+                arch=size.arch,
+                n_groups=n_groups,
+                seconds=best,
+                second_over_backward=best["second order"] / best["backward"],
+                second_over_jvp=best["second order"] / best["jvp"],
+                groups_over_backward=best["backward + groups"] / best["backward"],
+                jvp_groups_over_backward=best["jvp per group"] / best["backward"],
+            )
+        )
         console.print(f"{size.name}: " + ", ".join(f"{k} {t:.3f} s" for k, t in best.items()))
     table = Table(title=f"second order and by_group vs the E pass, B_E = {UNITS} x G = 8 ({CLOCK['name']})")
-    for col in ("model", "groups", "2nd order / backward", "2nd order / jvp", "backward+groups / backward",
-                "jvp per group / backward"):
+    for col in (
+        "model",
+        "groups",
+        "2nd order / backward",
+        "2nd order / jvp",
+        "backward+groups / backward",
+        "jvp per group / backward",
+    ):
         table.add_column(col, justify="right")
     for r in rows:
-        table.add_row(r["size"], str(r["n_groups"]), f"{r['second_over_backward']:.2f}", f"{r['second_over_jvp']:.2f}",
-                      f"{r['groups_over_backward']:.3f}", f"{r['jvp_groups_over_backward']:.2f}")
+        table.add_row(
+            r["size"],
+            str(r["n_groups"]),
+            f"{r['second_over_backward']:.2f}",
+            f"{r['second_over_jvp']:.2f}",
+            f"{r['groups_over_backward']:.3f}",
+            f"{r['jvp_groups_over_backward']:.2f}",
+        )
     console.print(table)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"bench_second_order_{args.device.split(':')[0]}.json"
-    path.write_text(json.dumps(dict(device=args.device, clock=CLOCK["name"], units=UNITS, rows=rows), indent=1))
+    path.write_text(
+        json.dumps(dict(device=args.device, clock=CLOCK["name"], units=UNITS, rows=rows), indent=1)
+    )
     console.print(f"wrote {path}")
     return 0
 

@@ -30,15 +30,31 @@ PAD, EOS = 0, 1
 
 
 def tiny_llama(vocab: int) -> LlamaForCausalLM:
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      pad_token_id=PAD, eos_token_id=EOS, bos_token_id=None)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=PAD,
+        eos_token_id=EOS,
+        bos_token_id=None,
+    )
     return LlamaForCausalLM(cfg)
 
 
 @torch.no_grad()
-def sample_rollouts(policy: LlamaForCausalLM, n_prompts: int, group_size: int, prompt_len: int, max_new: int,
-                    first_group_id: int, device: torch.device) -> ep.RolloutBatch:
+def sample_rollouts(
+    policy: LlamaForCausalLM,
+    n_prompts: int,
+    group_size: int,
+    prompt_len: int,
+    max_new: int,
+    first_group_id: int,
+    device: torch.device,
+) -> ep.RolloutBatch:
     """G sampled responses per random prompt; reward = share of even token ids in the response.
 
     Responses end at EOS (kept as a response token) or after ``max_new`` tokens; right padding.
@@ -46,10 +62,19 @@ def sample_rollouts(policy: LlamaForCausalLM, n_prompts: int, group_size: int, p
     vocab = policy.config.vocab_size
     prompts = torch.randint(2, vocab, (n_prompts, prompt_len), device=device)  # (B, P)
     prompts = prompts.repeat_interleave(group_size, dim=0)  # (N, P)
-    out = policy.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), do_sample=True,
-                          max_new_tokens=max_new, min_new_tokens=1, pad_token_id=PAD, eos_token_id=EOS)
+    out = policy.generate(
+        input_ids=prompts,
+        attention_mask=torch.ones_like(prompts),
+        do_sample=True,
+        max_new_tokens=max_new,
+        min_new_tokens=1,
+        pad_token_id=PAD,
+        eos_token_id=EOS,
+    )
     resp_ids = out[:, prompt_len:]  # (N, R)
-    after_eos = (resp_ids == EOS).long().cumsum(dim=1) - (resp_ids == EOS).long() > 0  # (N, R) past the first EOS
+    after_eos = (resp_ids == EOS).long().cumsum(dim=1) - (
+        resp_ids == EOS
+    ).long() > 0  # (N, R) past the first EOS
     resp_mask = (~after_eos).long()
     ids = torch.cat([prompts, resp_ids * resp_mask], dim=1)  # (N, P + R)
     attn = torch.cat([torch.ones_like(prompts), resp_mask], dim=1)
@@ -98,18 +123,24 @@ def main() -> None:
     n = args.prompts_per_rank
     for step in range(args.steps):
         base = (step * world + rank) * 2 * n  # group ids unique over ranks and steps
-        U = sample_rollouts(policy, n, args.group_size, prompt_len=4, max_new=8, first_group_id=base, device=device)
-        E = sample_rollouts(policy, n, args.group_size, prompt_len=4, max_new=8, first_group_id=base + n,
-                            device=device)
+        U = sample_rollouts(
+            policy, n, args.group_size, prompt_len=4, max_new=8, first_group_id=base, device=device
+        )
+        E = sample_rollouts(
+            policy, n, args.group_size, prompt_len=4, max_new=8, first_group_id=base + n, device=device
+        )
 
         # The forecast and the truth: collective calls, made by every rank with its own share.
         r = probe.run(U, E, truth=True)
         if rank == 0:
             lo, hi = r.interval()
-            print(f"step {step}: entropy {r.entropy:.4f} nats over {r.n_eval_units} E units on {world} ranks | "
-                  f"forecast dH1 {r.delta_h1:+.3e} (SE over E {r.se_cond_e:.1e}, total {r.se_total:.1e}, "
-                  f"95% [{lo:+.2e}, {hi:+.2e}]) | truth {r.truth.delta_h:+.3e} +- {r.truth.se:.1e} "
-                  f"(ESS {r.truth.ess:.1f})", flush=True)
+            print(
+                f"step {step}: entropy {r.entropy:.4f} nats over {r.n_eval_units} E units on {world} ranks | "
+                f"forecast dH1 {r.delta_h1:+.3e} (SE over E {r.se_cond_e:.1e}, total {r.se_total:.1e}, "
+                f"95% [{lo:+.2e}, {hi:+.2e}]) | truth {r.truth.delta_h:+.3e} +- {r.truth.se:.1e} "
+                f"(ESS {r.truth.ess:.1f})",
+                flush=True,
+            )
 
         # The real step the probe forecast, through DDP (its own gradient all-reduce happens here).
         optimizer.zero_grad(set_to_none=True)

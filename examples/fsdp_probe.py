@@ -1,4 +1,4 @@
-"""The entropy probe inside an FSDP2 (``fully_shard``) GRPO loop: parameters, gradients and Adam state sharded.
+"""The entropy probe inside an FSDP2 (``fully_shard``) GRPO loop: parameters, gradients, Adam state sharded.
 
 Run (CPU: gloo; GPUs: nccl, one process per GPU; the same command either way):
 
@@ -34,24 +34,44 @@ PAD, EOS = 0, 1
 
 
 def tiny_llama(vocab: int) -> LlamaForCausalLM:
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      pad_token_id=PAD, eos_token_id=EOS, bos_token_id=None)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=PAD,
+        eos_token_id=EOS,
+        bos_token_id=None,
+    )
     return LlamaForCausalLM(cfg)
 
 
 @torch.no_grad()
-def sample_rollouts(policy: LlamaForCausalLM, n_prompts: int, group_size: int, prompt_len: int, max_new: int,
-                    first_group_id: int, device: torch.device) -> ep.RolloutBatch:
+def sample_rollouts(
+    policy: LlamaForCausalLM,
+    n_prompts: int,
+    group_size: int,
+    prompt_len: int,
+    max_new: int,
+    first_group_id: int,
+    device: torch.device,
+) -> ep.RolloutBatch:
     """G sampled responses per random prompt, by hand (FSDP2's forward is a collective, so every
     rank decodes the same number of tokens); reward = share of even token ids in the response."""
     vocab = policy.config.vocab_size
-    ids = torch.randint(2, vocab, (n_prompts, prompt_len), device=device).repeat_interleave(group_size, 0)  # (N, P)
+    ids = torch.randint(2, vocab, (n_prompts, prompt_len), device=device).repeat_interleave(
+        group_size, 0
+    )  # (N, P)
     for _ in range(max_new):
         logits = policy(input_ids=ids, use_cache=False).logits[:, -1]  # (N, V)
         ids = torch.cat([ids, torch.multinomial(logits.float().softmax(-1), 1)], dim=1)
     resp_ids = ids[:, prompt_len:]  # (N, R)
-    after_eos = (resp_ids == EOS).long().cumsum(dim=1) - (resp_ids == EOS).long() > 0  # (N, R) past the first EOS
+    after_eos = (resp_ids == EOS).long().cumsum(dim=1) - (
+        resp_ids == EOS
+    ).long() > 0  # (N, R) past the first EOS
     resp_mask = (~after_eos).long()
     prompts = ids[:, :prompt_len]
     ids = torch.cat([prompts, resp_ids * resp_mask], dim=1)  # (N, P + R)
@@ -97,9 +117,12 @@ def main() -> None:
     n = args.prompts_per_rank
     for step in range(args.steps):
         base = (step * world + rank) * 2 * n  # group ids unique over ranks and steps
-        U = sample_rollouts(policy, n, args.group_size, prompt_len=4, max_new=8, first_group_id=base, device=device)
-        E = sample_rollouts(policy, n, args.group_size, prompt_len=4, max_new=8, first_group_id=base + n,
-                            device=device)
+        U = sample_rollouts(
+            policy, n, args.group_size, prompt_len=4, max_new=8, first_group_id=base, device=device
+        )
+        E = sample_rollouts(
+            policy, n, args.group_size, prompt_len=4, max_new=8, first_group_id=base + n, device=device
+        )
 
         optimizer.zero_grad(set_to_none=True)
         grpo_loss(policy, U).backward()  # the trainer's backward: .grad holds this rank's shard
@@ -108,9 +131,12 @@ def main() -> None:
         m = probe.measure_change(r)
         if rank == 0:
             lo, hi = r.interval()
-            print(f"step {step}: entropy {r.entropy:.4f} nats over {r.n_eval_units} E units on {world} ranks | "
-                  f"forecast dH1 {r.delta_h1:+.3e} (SE over E {r.se_cond_e:.1e}, 95% [{lo:+.2e}, {hi:+.2e}]) | "
-                  f"measured {m.delta_h:+.3e} +- {m.se:.1e} (ESS {m.ess:.1f})", flush=True)
+            print(
+                f"step {step}: entropy {r.entropy:.4f} nats over {r.n_eval_units} E units on {world} ranks | "
+                f"forecast dH1 {r.delta_h1:+.3e} (SE over E {r.se_cond_e:.1e}, 95% [{lo:+.2e}, {hi:+.2e}]) | "
+                f"measured {m.delta_h:+.3e} +- {m.se:.1e} (ESS {m.ess:.1f})",
+                flush=True,
+            )
 
     dist.destroy_process_group()
 

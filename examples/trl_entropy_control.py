@@ -44,30 +44,61 @@ def train_one(control: str, opts, out: Path) -> dict:
 
     extra = {}
     if control == "adaptive":
-        extra = {"use_adaptive_entropy": True, "entropy_target": opts.entropy_target, "entropy_coef": 0.0,
-                 "entropy_coef_delta": opts.coef_delta}
+        extra = {
+            "use_adaptive_entropy": True,
+            "entropy_target": opts.entropy_target,
+            "entropy_coef": 0.0,
+            "entropy_coef_delta": opts.coef_delta,
+        }
     tokenizer = build_tokenizer()
-    args = GRPOConfig(output_dir=str(out / control), max_steps=opts.steps, learning_rate=3e-3,
-                      per_device_train_batch_size=32, num_generations=8, max_completion_length=8,
-                      temperature=1.0, bf16=False, use_cpu=True, gradient_checkpointing=False,
-                      logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True, beta=0.0,
-                      loss_type="dapo", seed=opts.seed, **extra)
-    trainer = GRPOTrainer(model=build_model(tokenizer), reward_funcs=reward_a, args=args,
-                          train_dataset=Dataset.from_dict({"prompt": prompts(256, seed=1)}),
-                          processing_class=tokenizer)
+    args = GRPOConfig(
+        output_dir=str(out / control),
+        max_steps=opts.steps,
+        learning_rate=3e-3,
+        per_device_train_batch_size=32,
+        num_generations=8,
+        max_completion_length=8,
+        temperature=1.0,
+        bf16=False,
+        use_cpu=True,
+        gradient_checkpointing=False,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        beta=0.0,
+        loss_type="dapo",
+        seed=opts.seed,
+        **extra,
+    )
+    trainer = GRPOTrainer(
+        model=build_model(tokenizer),
+        reward_funcs=reward_a,
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": prompts(256, seed=1)}),
+        processing_class=tokenizer,
+    )
     (out / control).mkdir(parents=True, exist_ok=True)
     callback = None
     if control == "guard":
         (out / control / "entropy_probe.jsonl").unlink(missing_ok=True)  # the callback appends
-        callback = attach(trainer, EntropyProbeCallback(prompts(8, seed=2), group_size=8, max_new_tokens=8,
-                                                        entropy_budget=opts.budget))
+        callback = attach(
+            trainer,
+            EntropyProbeCallback(
+                prompts(8, seed=2), group_size=8, max_new_tokens=8, entropy_budget=opts.budget
+            ),
+        )
     start = time.perf_counter()
     with open(out / control / "train.log", "w") as log, contextlib.redirect_stdout(log):  # the Trainer's logs
         trainer.train()
     wall = time.perf_counter() - start
     logs = [h for h in trainer.state.log_history if "entropy" in h and "reward" in h]
-    run = {"control": control, "wall_s": wall, "entropy": [h["entropy"] for h in logs],
-           "reward": [h["reward"] for h in logs]}
+    run = {
+        "control": control,
+        "wall_s": wall,
+        "entropy": [h["entropy"] for h in logs],
+        "reward": [h["reward"] for h in logs],
+    }
     if control == "adaptive":
         run["entropy_coef"] = [h.get("entropy_coef", 0.0) for h in logs]
     if callback is not None:
@@ -79,8 +110,14 @@ def train_one(control: str, opts, out: Path) -> dict:
 def summary(run: dict) -> dict:
     k = 5  # final reward: mean of the last k steps' batch rewards (one step is 4 prompts x 8)
     h, r = run["entropy"], run["reward"]
-    s = {"entropy_start": h[0], "entropy_min": min(h), "entropy_final": h[-1], "reward_start": r[0],
-         "reward_final": sum(r[-k:]) / k, "wall_s": run["wall_s"]}
+    s = {
+        "entropy_start": h[0],
+        "entropy_min": min(h),
+        "entropy_final": h[-1],
+        "reward_start": r[0],
+        "reward_final": sum(r[-k:]) / k,
+        "wall_s": run["wall_s"],
+    }
     if "guard_scale" in run:
         s["fraction_scaled"] = sum(r == "scaled" for r in run["guard_reason"]) / len(run["guard_reason"])
         s["mean_scale"] = sum(run["guard_scale"]) / len(run["guard_scale"])
@@ -94,17 +131,33 @@ def print_table(runs: dict, opts) -> None:
     from rich.table import Table
 
     table = Table(title=f"GRPO, seed {opts.seed}, {opts.steps} steps (entropy: TRL's logged, per token)")
-    for col in ("control", "entropy start", "min entropy", "final entropy", "reward start", "final reward",
-                "wall (s)", "control's own"):
+    for col in (
+        "control",
+        "entropy start",
+        "min entropy",
+        "final entropy",
+        "reward start",
+        "final reward",
+        "wall (s)",
+        "control's own",
+    ):
         table.add_column(col, justify="left" if col in ("control", "control's own") else "right")
     for name, run in runs.items():
         s = summary(run)
-        own = {"none": "-",
-               "adaptive": f"target {opts.entropy_target:g}; final coef {s.get('entropy_coef_final', 0):.3f}",
-               "guard": f"budget {opts.budget:g}; {s.get('fraction_scaled', 0):.0%} of steps scaled, "
-                        f"mean scale {s.get('mean_scale', 1):.2f}"}[name]
-        table.add_row(name, *(f"{s[k]:.3f}" for k in ("entropy_start", "entropy_min", "entropy_final")),
-                      f"{s['reward_start']:.3f}", f"{s['reward_final']:.3f}", f"{s['wall_s']:.1f}", own)
+        own = {
+            "none": "-",
+            "adaptive": f"target {opts.entropy_target:g}; final coef {s.get('entropy_coef_final', 0):.3f}",
+            "guard": f"budget {opts.budget:g}; {s.get('fraction_scaled', 0):.0%} of steps scaled, "
+            f"mean scale {s.get('mean_scale', 1):.2f}",
+        }[name]
+        table.add_row(
+            name,
+            *(f"{s[k]:.3f}" for k in ("entropy_start", "entropy_min", "entropy_final")),
+            f"{s['reward_start']:.3f}",
+            f"{s['reward_final']:.3f}",
+            f"{s['wall_s']:.1f}",
+            own,
+        )
     Console(width=130).print(table)
 
 
@@ -115,8 +168,11 @@ def plot(runs: dict, path: Path, opts) -> None:
     import matplotlib.pyplot as plt
 
     colors = {"none": "#7f7f7f", "adaptive": "#d62728", "guard": "#1f77b4"}
-    labels = {"none": "no control", "adaptive": f"TRL adaptive entropy (target {opts.entropy_target:g})",
-              "guard": f"EntropyGuard (budget {opts.budget:g} nats/step)"}
+    labels = {
+        "none": "no control",
+        "adaptive": f"TRL adaptive entropy (target {opts.entropy_target:g})",
+        "guard": f"EntropyGuard (budget {opts.budget:g} nats/step)",
+    }
     fig, ax = plt.subplots(1, 2, figsize=(12, 4.2), constrained_layout=True)
     for name, run in runs.items():
         steps = range(1, len(run["entropy"]) + 1)

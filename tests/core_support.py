@@ -34,7 +34,9 @@ class TinyLM(nn.Module):
                 p.copy_(0.5 * torch.randn(p.shape, generator=gen))
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None) -> Tensor:
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None
+    ) -> Tensor:
         if position_ids is None:
             position_ids = (attention_mask.cumsum(1) - 1).clamp_min(0)
         h = self.tok[input_ids] + self.pos[position_ids]  # (N, T, D)
@@ -48,8 +50,18 @@ def tiny_gpt2(seed: int = 0, vocab: int = 11, dropout: float = 0.0):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=vocab, n_positions=32, n_embd=16, n_layer=2, n_head=2, resid_pdrop=dropout,
-                     embd_pdrop=dropout, attn_pdrop=dropout, bos_token_id=0, eos_token_id=0)
+    cfg = GPT2Config(
+        vocab_size=vocab,
+        n_positions=32,
+        n_embd=16,
+        n_layer=2,
+        n_head=2,
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attn_pdrop=dropout,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     return GPT2LMHeadModel(cfg)
 
 
@@ -57,14 +69,29 @@ def tiny_llama(seed: int = 0, vocab: int = 11):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+    )
     return LlamaForCausalLM(cfg)
 
 
 # ---- batches ---------------------------------------------------------------------------------------
-def random_batch(n_units: int, group_size: int | list[int] = 3, vocab: int = 7, seed: int = 0, side: str = "left",
-                 max_prompt: int = 3, max_response: int = 4, advantages: bool = False) -> RolloutBatch:
+def random_batch(
+    n_units: int,
+    group_size: int | list[int] = 3,
+    vocab: int = 7,
+    seed: int = 0,
+    side: str = "left",
+    max_prompt: int = 3,
+    max_response: int = 4,
+    advantages: bool = False,
+) -> RolloutBatch:
     """Units of random prompts (one per unit) and responses of random lengths, padded on ``side``.
 
     Rewards are random in {0, 0.5, 1} (ties within a unit happen), or advantages N(0, 1).
@@ -86,13 +113,18 @@ def random_batch(n_units: int, group_size: int | list[int] = 3, vocab: int = 7, 
     for i, (s, r0) in enumerate(zip(seqs, resp_starts)):
         pad = width - len(s)
         off = pad if side == "left" else 0
-        ids[i, off: off + len(s)] = torch.tensor(s)
-        attn[i, off: off + len(s)] = 1
-        resp[i, off + r0: off + len(s)] = 1
+        ids[i, off : off + len(s)] = torch.tensor(s)
+        attn[i, off : off + len(s)] = 1
+        resp[i, off + r0 : off + len(s)] = 1
     n = len(seqs)
     if advantages:
-        return RolloutBatch(ids, attn, resp, torch.tensor(gids), advantages=torch.tensor(gen.normal(size=n),
-                                                                                         dtype=torch.float32))
+        return RolloutBatch(
+            ids,
+            attn,
+            resp,
+            torch.tensor(gids),
+            advantages=torch.tensor(gen.normal(size=n), dtype=torch.float32),
+        )
     rewards = torch.tensor(gen.integers(0, 3, size=n) / 2.0, dtype=torch.float32)
     return RolloutBatch(ids, attn, resp, torch.tensor(gids), rewards=rewards)
 
@@ -152,8 +184,13 @@ def numpy_advantages(batch: RolloutBatch, estimator: str) -> np.ndarray:
     return out
 
 
-def hand_objective(seq_token_lp: Tensor, batch: RolloutBatch, adv: np.ndarray, aggregation: str,
-                   norm_length: int | None = None) -> Tensor:
+def hand_objective(
+    seq_token_lp: Tensor,
+    batch: RolloutBatch,
+    adv: np.ndarray,
+    aggregation: str,
+    norm_length: int | None = None,
+) -> Tensor:
     """J_U (ascent) of the loss aggregation, from ``(N, T)`` token log-probs: the loss is ``-J_U``.
 
     Written as each RL library writes its loss (TRL/verl), per token with the response mask.
@@ -181,8 +218,12 @@ def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
 def flat_grad(scalar: Tensor, params: dict[str, nn.Parameter]) -> np.ndarray:
     """``d scalar / d params`` flattened in named_parameters order, float64 (zeros where unused)."""
     gs = torch.autograd.grad(scalar, list(params.values()), retain_graph=True, allow_unused=True)
-    return np.concatenate([(torch.zeros_like(p) if g is None else g).double().reshape(-1).numpy()
-                           for g, p in zip(gs, params.values())])  # (P,)
+    return np.concatenate(
+        [
+            (torch.zeros_like(p) if g is None else g).double().reshape(-1).numpy()
+            for g, p in zip(gs, params.values())
+        ]
+    )  # (P,)
 
 
 def flat(vec: dict[str, Tensor], params: dict[str, nn.Parameter]) -> np.ndarray:
@@ -190,7 +231,7 @@ def flat(vec: dict[str, Tensor], params: dict[str, nn.Parameter]) -> np.ndarray:
 
 
 def per_sequence_grads(model, batch, temperature=1.0, weighting="token-mean"):
-    """``(grad S_i, grad S_w,i, S_w)``: ``(N, P)``, ``(N, P)`` float64 and ``(N,)``, one backward per sequence."""
+    """``(grad S_i, grad S_w,i, S_w)``: ``(N, P)``, ``(N, P)`` float64, ``(N,)``; a backward per sequence."""
     params = trainable(model)
     seq, w = hand_sequence_logprobs(model, batch, temperature, weighting)
     gs = np.stack([flat_grad(seq[i], params) for i in range(batch.n_sequences)])

@@ -24,8 +24,17 @@ def tiny_qwen2():
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    return Qwen2ForCausalLM(Qwen2Config(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
-                                        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32))
+    return Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=VOCAB,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=32,
+        )
+    )
 
 
 @pytest.mark.parametrize("build,layers", [(tiny_gpt2, 2), (tiny_llama, 2), (tiny_qwen2, 3)])
@@ -63,8 +72,9 @@ def test_by_group_against_literal_x_n_and_sums_exactly(build):
     v = {n: torch.randn(p.shape, generator=gen) for n, p in params.items()}
     batch = random_batch(5, 3, vocab=VOCAB, seed=3, max_prompt=3, max_response=4)
     lr = 1e-2
-    r = ep.EntropyProbe(model, config=ep.ProbeConfig(lr=lr, unconditional_se=False)).run(eval_batch=batch,
-                                                                                         direction=v)
+    r = ep.EntropyProbe(model, config=ep.ProbeConfig(lr=lr, unconditional_se=False)).run(
+        eval_batch=batch, direction=v
+    )
     want = group_values_by_hand(model, batch, v, lr, default_group)
     assert list(r.by_group) == list(want)
     scale = max(abs(value) for value, _ in want.values())
@@ -87,7 +97,10 @@ def attention_or_mlp(name: str) -> str:
 
 def test_custom_groups_replace_the_default():
     model = tiny_gpt2(vocab=VOCAB)
-    v = {n: torch.randn(p.shape, generator=torch.Generator().manual_seed(4)) for n, p in trainable(model).items()}
+    v = {
+        n: torch.randn(p.shape, generator=torch.Generator().manual_seed(4))
+        for n, p in trainable(model).items()
+    }
     batch = random_batch(4, 3, vocab=VOCAB, seed=5)
     cfg = ep.ProbeConfig(lr=1e-2, unconditional_se=False, groups=attention_or_mlp)
     r = ep.EntropyProbe(model, config=cfg).run(eval_batch=batch, direction=v)
@@ -100,12 +113,18 @@ def test_custom_groups_replace_the_default():
 def test_jvp_engine_by_group_on_and_off():
     """Default: off with the jvp engine (it would cost a backward pass); on when asked, same numbers."""
     model = tiny_llama(vocab=VOCAB)
-    v = {n: torch.randn(p.shape, generator=torch.Generator().manual_seed(6)) for n, p in trainable(model).items()}
+    v = {
+        n: torch.randn(p.shape, generator=torch.Generator().manual_seed(6))
+        for n, p in trainable(model).items()
+    }
     batch = random_batch(4, 3, vocab=VOCAB, seed=7)
     base = ep.ProbeConfig(lr=1e-2, unconditional_se=False)
-    off = ep.EntropyProbe(model, config=dataclasses.replace(base, engine="jvp")).run(eval_batch=batch, direction=v)
+    off = ep.EntropyProbe(model, config=dataclasses.replace(base, engine="jvp")).run(
+        eval_batch=batch, direction=v
+    )
     on = ep.EntropyProbe(model, config=dataclasses.replace(base, engine="jvp", by_group=True)).run(
-        eval_batch=batch, direction=v)
+        eval_batch=batch, direction=v
+    )
     bwd = ep.EntropyProbe(model, config=base).run(eval_batch=batch, direction=v)
     assert off.by_group is None and "entropy_probe/group/head" not in off.to_dict()
     assert on.by_group == bwd.by_group
@@ -116,7 +135,9 @@ def test_bad_group_function_is_a_clear_error():
     model = tiny_gpt2(vocab=VOCAB)
     cfg = ep.ProbeConfig(lr=1e-2, unconditional_se=False, groups=lambda name: None)
     v = {n: torch.zeros(p.shape) for n, p in trainable(model).items()}
-    with pytest.raises(ValueError, match="ProbeConfig.groups returned None for parameter 'transformer.wte.weight'"):
+    with pytest.raises(
+        ValueError, match="ProbeConfig.groups returned None for parameter 'transformer.wte.weight'"
+    ):
         ep.EntropyProbe(model, config=cfg).run(eval_batch=random_batch(2, 3, vocab=VOCAB), direction=v)
     with pytest.raises(ValueError, match="ProbeConfig.groups"):
         ep.ProbeConfig(groups="block")
@@ -129,4 +150,5 @@ def test_groups_callable_enters_the_ddp_fingerprint_by_name():
     fields = call_fingerprint("run", cfg, 1e-3, None, None, None)
     assert "0x" not in repr(fields["ProbeConfig"])
     assert fingerprint_hash(fields["ProbeConfig"]) != fingerprint_hash(
-        call_fingerprint("run", ep.ProbeConfig(), 1e-3, None, None, None)["ProbeConfig"])
+        call_fingerprint("run", ep.ProbeConfig(), 1e-3, None, None, None)["ProbeConfig"]
+    )

@@ -37,35 +37,80 @@ def _row(t: torch.Tensor, row: int, values) -> torch.Tensor:
 
 
 BATCH_CASES = [
-    ("attention_mask shape", dict(attention_mask=ATTN[:, :2]), r"RolloutBatch\.attention_mask has shape \(4, 2\), "
-                                                               r"expected \(4, 3\)"),
+    (
+        "attention_mask shape",
+        dict(attention_mask=ATTN[:, :2]),
+        r"RolloutBatch\.attention_mask has shape \(4, 2\), "
+        r"expected \(4, 3\)",
+    ),
     ("response_mask shape", dict(response_mask=RESP[:3]), r"RolloutBatch\.response_mask has shape \(3, 3\)"),
-    ("group_ids shape", dict(group_ids=GROUPS[:3]), r"RolloutBatch\.group_ids has shape \(3,\), expected \(4,\)"),
-    ("rewards shape", dict(rewards=torch.zeros(5)), r"RolloutBatch\.rewards has shape \(5,\), expected \(4,\)"),
+    (
+        "group_ids shape",
+        dict(group_ids=GROUPS[:3]),
+        r"RolloutBatch\.group_ids has shape \(3,\), expected \(4,\)",
+    ),
+    (
+        "rewards shape",
+        dict(rewards=torch.zeros(5)),
+        r"RolloutBatch\.rewards has shape \(5,\), expected \(4,\)",
+    ),
     ("advantages shape", dict(advantages=torch.zeros(4, 1)), r"RolloutBatch\.advantages has shape \(4, 1\)"),
     ("input_ids 1-D", dict(input_ids=IDS[0]), r"RolloutBatch\.input_ids must be \(N, T\)"),
     ("input_ids float", dict(input_ids=IDS.float()), r"RolloutBatch\.input_ids must hold integer token ids"),
     ("input_ids list", dict(input_ids=IDS.tolist()), r"RolloutBatch\.input_ids must be a torch\.Tensor"),
-    ("negative token", dict(input_ids=_row(IDS, 2, [0, -1, 1])), r"RolloutBatch\.input_ids: row 2 has a negative"),
-    ("mask not 0/1", dict(attention_mask=_row(ATTN, 1, [1, 2, 1])), r"RolloutBatch\.attention_mask: row 1 holds"),
-    ("response on padding", dict(response_mask=_row(RESP, 2, [1, 0, 1])),
-     r"RolloutBatch\.response_mask: row 2 marks"),
-    ("response at position 0", dict(response_mask=_row(RESP, 3, [1, 1, 1])),
-     r"RolloutBatch\.response_mask: row 3 marks position 0"),
-    ("empty response leaves a unit of one", dict(response_mask=_row(RESP, 1, [0, 0, 0])),
-     r"RolloutBatch\.group_ids: unit 7 has 1 response\(s\) \(1 row\(s\) with an empty response"),
-    ("every response empty", dict(response_mask=torch.zeros_like(RESP)),
-     r"RolloutBatch\.response_mask: every row has an empty response"),
-    ("response after padding", dict(attention_mask=_row(ATTN, 0, [1, 0, 1]), response_mask=_row(RESP, 0, [0, 0, 1])),
-     r"RolloutBatch\.response_mask: row 0 has a response token right after padding"),
-    ("unit of one response", dict(group_ids=torch.tensor([7, 7, 7, 9])),
-     r"RolloutBatch\.group_ids: unit 9 has 1 response"),
+    (
+        "negative token",
+        dict(input_ids=_row(IDS, 2, [0, -1, 1])),
+        r"RolloutBatch\.input_ids: row 2 has a negative",
+    ),
+    (
+        "mask not 0/1",
+        dict(attention_mask=_row(ATTN, 1, [1, 2, 1])),
+        r"RolloutBatch\.attention_mask: row 1 holds",
+    ),
+    (
+        "response on padding",
+        dict(response_mask=_row(RESP, 2, [1, 0, 1])),
+        r"RolloutBatch\.response_mask: row 2 marks",
+    ),
+    (
+        "response at position 0",
+        dict(response_mask=_row(RESP, 3, [1, 1, 1])),
+        r"RolloutBatch\.response_mask: row 3 marks position 0",
+    ),
+    (
+        "empty response leaves a unit of one",
+        dict(response_mask=_row(RESP, 1, [0, 0, 0])),
+        r"RolloutBatch\.group_ids: unit 7 has 1 response\(s\) \(1 row\(s\) with an empty response",
+    ),
+    (
+        "every response empty",
+        dict(response_mask=torch.zeros_like(RESP)),
+        r"RolloutBatch\.response_mask: every row has an empty response",
+    ),
+    (
+        "response after padding",
+        dict(attention_mask=_row(ATTN, 0, [1, 0, 1]), response_mask=_row(RESP, 0, [0, 0, 1])),
+        r"RolloutBatch\.response_mask: row 0 has a response token right after padding",
+    ),
+    (
+        "unit of one response",
+        dict(group_ids=torch.tensor([7, 7, 7, 9])),
+        r"RolloutBatch\.group_ids: unit 9 has 1 response",
+    ),
     ("float group ids", dict(group_ids=GROUPS.float()), r"RolloutBatch\.group_ids must be integers"),
     ("nan reward", dict(rewards=_row(REWARDS, 3, math.nan)), r"RolloutBatch\.rewards: row 3 is nan"),
     ("inf reward", dict(rewards=_row(REWARDS, 0, math.inf)), r"RolloutBatch\.rewards: row 0 is inf"),
-    ("nan advantage", dict(rewards=None, advantages=_row(REWARDS, 2, math.nan)),
-     r"RolloutBatch\.advantages: row 2 is nan"),
-    ("integer rewards", dict(rewards=torch.tensor([1, 0, 1, 0])), r"RolloutBatch\.rewards must be a floating"),
+    (
+        "nan advantage",
+        dict(rewards=None, advantages=_row(REWARDS, 2, math.nan)),
+        r"RolloutBatch\.advantages: row 2 is nan",
+    ),
+    (
+        "integer rewards",
+        dict(rewards=torch.tensor([1, 0, 1, 0])),
+        r"RolloutBatch\.rewards must be a floating",
+    ),
 ]
 
 
@@ -76,10 +121,24 @@ def test_bad_rollout_batch(change, match):
 
 
 CONFIG_CASES = [
-    ("lr", 0.0), ("lr", -1e-3), ("lr", math.nan), ("lr", math.inf), ("temperature", 0.0), ("temperature", math.nan),
-    ("microbatch_units", 0), ("microbatch_units", 1.5), ("entropy_weighting", "mean"), ("x_estimator", "note"),
-    ("direction", "adam"), ("loss_aggregation", "mean"), ("advantage_estimator", "ppo"), ("engine", "forward"),
-    ("max_grad_norm", 0.0), ("max_grad_norm", math.inf), ("norm_length", 0), ("truth_alphas", ()),
+    ("lr", 0.0),
+    ("lr", -1e-3),
+    ("lr", math.nan),
+    ("lr", math.inf),
+    ("temperature", 0.0),
+    ("temperature", math.nan),
+    ("microbatch_units", 0),
+    ("microbatch_units", 1.5),
+    ("entropy_weighting", "mean"),
+    ("x_estimator", "note"),
+    ("direction", "adam"),
+    ("loss_aggregation", "mean"),
+    ("advantage_estimator", "ppo"),
+    ("engine", "forward"),
+    ("max_grad_norm", 0.0),
+    ("max_grad_norm", math.inf),
+    ("norm_length", 0),
+    ("truth_alphas", ()),
     ("truth_alphas", (1.0, math.nan)),
 ]
 
@@ -153,48 +212,101 @@ E = random_batch(3, seed=2)
 M = TinyLM(seed=0)
 
 PROBE_CASES = [
-    ("direction missing a name", lambda: _probe(M).run(eval_batch=E, direction=_v(M, **{"head.bias": None})),
-     r"direction does not match the model's trainable parameters: missing \['head\.bias'\], unknown \[\]"),
-    ("direction with an unknown name", lambda: _probe(M).run(eval_batch=E, direction=_v(M, extra=torch.zeros(2))),
-     r"direction does not match .*missing \[\], unknown \['extra'\]"),
-    ("direction of the wrong shape", lambda: _probe(M).run(eval_batch=E, direction=_v(M, tok=torch.zeros(7, 9))),
-     r"direction\['tok'\] has shape \(7, 9\), the parameter has \(7, 8\)"),
-    ("direction not finite", lambda: _probe(M).run(eval_batch=E, direction=_v(M, pos=torch.full((16, 8), math.nan))),
-     r"direction\['pos'\] is not finite"),
-    ("direction not a dict", lambda: _probe(M).run(eval_batch=E, direction=[torch.zeros(1)]),
-     r"direction must be a dict"),
-    ("optimizer holds a foreign parameter",
-     lambda: _probe(M, torch.optim.Adam([M.tok, nn.Parameter(torch.zeros(3))])).run(U, E),
-     r"optimizer\.param_groups\[0\]\['params'\]\[1\] \(shape \(3,\)\) is not a trainable parameter of the model"),
-    ("optimizer foreign parameter in group 1",
-     lambda: _probe(M, torch.optim.AdamW([{"params": [M.tok]}, {"params": [M.pos, nn.Parameter(torch.zeros(2))]}]),
-                    direction="optimizer-step").update_direction(U),
-     r"optimizer\.param_groups\[1\]\['params'\]\[1\]"),
-    ("maximize=True", lambda: _probe(M, torch.optim.Adam(M.parameters(), maximize=True)).run(U, E),
-     r"optimizer\.param_groups\[0\] has maximize=True"),
-    ("optimizer-step without an optimizer", lambda: _probe(M, direction="optimizer-step").run(U, E),
-     r"direction='optimizer-step' needs an optimizer"),
-    ("optimizer-step with SGD", lambda: _probe(M, torch.optim.SGD(M.parameters(), lr=0.1),
-                                               direction="optimizer-step").run(U, E),
-     r"direction='optimizer-step' supports torch\.optim\.Adam and AdamW; got SGD"),
-    ("given advantages missing", lambda: _probe(M, advantage_estimator="given").run(U, E),
-     r"advantage_estimator='given' needs RolloutBatch\.advantages"),
-    ("rewards missing", lambda: _probe(M, advantage_estimator="rloo").run(random_batch(2, advantages=True), E),
-     r"advantage_estimator='rloo' needs RolloutBatch\.rewards"),
-    ("update batch without rewards or advantages",
-     lambda: _probe(M).run(batch_with(rewards=None), E), r"update_batch: the RolloutBatch has neither rewards"),
+    (
+        "direction missing a name",
+        lambda: _probe(M).run(eval_batch=E, direction=_v(M, **{"head.bias": None})),
+        r"direction does not match the model's trainable parameters: missing \['head\.bias'\], unknown \[\]",
+    ),
+    (
+        "direction with an unknown name",
+        lambda: _probe(M).run(eval_batch=E, direction=_v(M, extra=torch.zeros(2))),
+        r"direction does not match .*missing \[\], unknown \['extra'\]",
+    ),
+    (
+        "direction of the wrong shape",
+        lambda: _probe(M).run(eval_batch=E, direction=_v(M, tok=torch.zeros(7, 9))),
+        r"direction\['tok'\] has shape \(7, 9\), the parameter has \(7, 8\)",
+    ),
+    (
+        "direction not finite",
+        lambda: _probe(M).run(eval_batch=E, direction=_v(M, pos=torch.full((16, 8), math.nan))),
+        r"direction\['pos'\] is not finite",
+    ),
+    (
+        "direction not a dict",
+        lambda: _probe(M).run(eval_batch=E, direction=[torch.zeros(1)]),
+        r"direction must be a dict",
+    ),
+    (
+        "optimizer holds a foreign parameter",
+        lambda: _probe(M, torch.optim.Adam([M.tok, nn.Parameter(torch.zeros(3))])).run(U, E),
+        r"optimizer\.param_groups\[0\]\['params'\]\[1\] \(shape \(3,\)\) "
+        r"is not a trainable parameter of the model",
+    ),
+    (
+        "optimizer foreign parameter in group 1",
+        lambda: _probe(
+            M,
+            torch.optim.AdamW([{"params": [M.tok]}, {"params": [M.pos, nn.Parameter(torch.zeros(2))]}]),
+            direction="optimizer-step",
+        ).update_direction(U),
+        r"optimizer\.param_groups\[1\]\['params'\]\[1\]",
+    ),
+    (
+        "maximize=True",
+        lambda: _probe(M, torch.optim.Adam(M.parameters(), maximize=True)).run(U, E),
+        r"optimizer\.param_groups\[0\] has maximize=True",
+    ),
+    (
+        "optimizer-step without an optimizer",
+        lambda: _probe(M, direction="optimizer-step").run(U, E),
+        r"direction='optimizer-step' needs an optimizer",
+    ),
+    (
+        "optimizer-step with SGD",
+        lambda: _probe(M, torch.optim.SGD(M.parameters(), lr=0.1), direction="optimizer-step").run(U, E),
+        r"direction='optimizer-step' supports torch\.optim\.Adam and AdamW; got SGD",
+    ),
+    (
+        "given advantages missing",
+        lambda: _probe(M, advantage_estimator="given").run(U, E),
+        r"advantage_estimator='given' needs RolloutBatch\.advantages",
+    ),
+    (
+        "rewards missing",
+        lambda: _probe(M, advantage_estimator="rloo").run(random_batch(2, advantages=True), E),
+        r"advantage_estimator='rloo' needs RolloutBatch\.rewards",
+    ),
+    (
+        "update batch without rewards or advantages",
+        lambda: _probe(M).run(batch_with(rewards=None), E),
+        r"update_batch: the RolloutBatch has neither rewards",
+    ),
     ("no eval batch", lambda: _probe(M).run(U), r"run: eval_batch is required"),
     ("update batch and direction", lambda: _probe(M).run(U, E, direction=_v(M)), r"run: give exactly one of"),
     ("neither update batch nor direction", lambda: _probe(M).run(eval_batch=E), r"run: give exactly one of"),
-    ("eval batch of the wrong type", lambda: _probe(M).run(U, {"input_ids": 1}),
-     r"run: eval_batch must be an entropy_probe\.RolloutBatch, got dict"),
+    (
+        "eval batch of the wrong type",
+        lambda: _probe(M).run(U, {"input_ids": 1}),
+        r"run: eval_batch must be an entropy_probe\.RolloutBatch, got dict",
+    ),
     ("update batch of the wrong type", lambda: _probe(M).run((1, 2), E), r"run: update_batch must be"),
-    ("no lr anywhere", lambda: ep.EntropyProbe(M, None, ep.ProbeConfig()).run(U, E),
-     r"ProbeConfig\.lr is None and no optimizer"),
-    ("no trainable parameter", lambda: _probe(TinyLM().requires_grad_(False)).run(U, E),
-     r"the model has no parameter with requires_grad=True"),
+    (
+        "no lr anywhere",
+        lambda: ep.EntropyProbe(M, None, ep.ProbeConfig()).run(U, E),
+        r"ProbeConfig\.lr is None and no optimizer",
+    ),
+    (
+        "no trainable parameter",
+        lambda: _probe(TinyLM().requires_grad_(False)).run(U, E),
+        r"the model has no parameter with requires_grad=True",
+    ),
     ("logits of the wrong shape", lambda: _probe(_Flat()).run(U, E), r"model logits have shape \(\d+, 7\)"),
-    ("model output without logits", lambda: _probe(_NoLogits()).run(U, E), r"model returned dict; expected logits"),
+    (
+        "model output without logits",
+        lambda: _probe(_NoLogits()).run(U, E),
+        r"model returned dict; expected logits",
+    ),
 ]
 
 

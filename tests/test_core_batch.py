@@ -16,8 +16,13 @@ def interleaved() -> RolloutBatch:
     """Units whose rows are interleaved and whose group ids are neither sorted nor 0..B-1."""
     b = random_batch(4, group_size=[2, 3, 4, 2], seed=0)
     perm = torch.tensor([4, 0, 9, 2, 1, 10, 6, 3, 5, 8, 7])  # (N,) shuffled rows
-    return RolloutBatch(b.input_ids[perm], b.attention_mask[perm], b.response_mask[perm], b.group_ids[perm],
-                        rewards=b.rewards[perm])
+    return RolloutBatch(
+        b.input_ids[perm],
+        b.attention_mask[perm],
+        b.response_mask[perm],
+        b.group_ids[perm],
+        rewards=b.rewards[perm],
+    )
 
 
 def test_units_in_order_of_first_appearance():

@@ -6,7 +6,8 @@ The truth now forms theta' in fp32 and evaluates the model in fp32 at theta and 
 
 Second method: the truth's SNIS estimate H_hat(alpha) has, at alpha = 0, the derivative
 
-    d H_hat / d alpha = eta [B sum_n (1/G_n) sum_i (dS_i h_i - dS_w,i) - (sum_n mean_i h_i) sum_n (1/G_n) sum_i dS_i] / B^2
+    d H_hat / d alpha = eta [B sum_n (1/G_n) sum_i (dS_i h_i - dS_w,i)
+                             - (sum_n mean_i h_i) sum_n (1/G_n) sum_i dS_i] / B^2
 
 (h_i = -S_w,i, B units), with dS_i, dS_w,i the derivatives along v, computed here in float64 by central
 finite differences on a float64 copy of the model (its values are exactly the bf16 ones). As alpha
@@ -52,14 +53,18 @@ def _float64_slope(model: torch.nn.Module, v: dict, batch: ep.RolloutBatch, lr: 
     g = batch.unit_sizes.double()[batch.unit_index]  # (N,) G_n of each row
     b = batch.n_units
     num0, d_num, d_den = (-w0 / g).sum(), ((d_seq * -w0 - d_w) / g).sum(), (d_seq / g).sum()
-    return float(lr * (d_num * b - num0 * d_den) / b ** 2)
+    return float(lr * (d_num * b - num0 * d_den) / b**2)
 
 
 def test_bf16_truth_tends_to_the_derivative_of_the_step_and_to_the_forecast(monkeypatch):
     model = tiny_gpt2(seed=0, vocab=VOCAB).to(torch.bfloat16)
-    U, E = random_batch(8, group_size=4, vocab=VOCAB, seed=1), random_batch(32, group_size=4, vocab=VOCAB, seed=2)
-    probe = ep.EntropyProbe(model, config=ep.ProbeConfig(lr=LR, direction="sgd", truth_alphas=ALPHAS,
-                                                         unconditional_se=False))
+    U, E = (
+        random_batch(8, group_size=4, vocab=VOCAB, seed=1),
+        random_batch(32, group_size=4, vocab=VOCAB, seed=2),
+    )
+    probe = ep.EntropyProbe(
+        model, config=ep.ProbeConfig(lr=LR, direction="sgd", truth_alphas=ALPHAS, unconditional_se=False)
+    )
     v = probe.update_direction(U)
     params = probe.parameters()
     # The regime where rounding matters: at the smallest alpha most bf16 entries would not move.
@@ -74,7 +79,12 @@ def test_bf16_truth_tends_to_the_derivative_of_the_step_and_to_the_forecast(monk
         # ~0.6% (log-probs of ~10 nats in fp32 against a change of 2e-6 nats at 1/256). 3% holds both.
         assert got / alpha / slope == pytest.approx(1.0, abs=0.03), (alpha, got / alpha, slope)
     for alpha, got, se_diff in zip(ALPHAS, result.truth.delta_h_at, result.truth.se_diff_at):
-        assert abs(got - alpha * result.delta_h1) <= K_SE * se_diff, (alpha, got, alpha * result.delta_h1, se_diff)
+        assert abs(got - alpha * result.delta_h1) <= K_SE * se_diff, (
+            alpha,
+            got,
+            alpha * result.delta_h1,
+            se_diff,
+        )
 
     # The same truth stepped in bf16 (the old code path) misses the derivative by far: the test can fail.
     monkeypatch.setattr(truth_module, "full_precision_state", lambda module, params: None)

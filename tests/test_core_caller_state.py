@@ -36,7 +36,9 @@ class NaNOnCall(nn.Module):
 
     def forward(self, input_ids, attention_mask, position_ids=None):
         self.calls += 1
-        logits = self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+        logits = self.inner(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+        ).logits
         if self.calls == self.nan_call:
             logits = logits.clone()
             logits[0, -1] = float("nan")  # left padding: the last position of every row is real
@@ -52,8 +54,9 @@ def caller_setup(nan_call=None):
     model.inner.transformer.h[0].ln_1.weight.requires_grad_(False)
     no_state = model.inner.transformer.h[1].mlp.c_fc.bias
     trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW([dict(params=trainable[:5], lr=1e-3), dict(params=trainable[5:], lr=3e-4,
-                                                                        weight_decay=0.0)])
+    opt = torch.optim.AdamW(
+        [dict(params=trainable[:5], lr=1e-3), dict(params=trainable[5:], lr=3e-4, weight_decay=0.0)]
+    )
     batch = random_batch(3, vocab=VOCAB, seed=99)
     for _ in range(2):
         opt.zero_grad()
@@ -106,10 +109,12 @@ def assert_unchanged(before: dict, model: nn.Module, opt: torch.optim.Optimizer)
 
 def _rng_and_mode_then(then: Callable):
     """Inside the probe: draw random numbers, put the model in train mode, then ``then()``."""
+
     def inner(module, *args, **kwargs):
         torch.rand(100)
         module.train()
         return then(module, *args, **kwargs)
+
     return inner
 
 
@@ -137,7 +142,9 @@ SCENARIOS = [
     Scenario("dot-raises-on-2nd-unit", "run", "sgd", patch="dot-raise", raises=RuntimeError),
     Scenario("nan-logits-in-update-pass", "run", nan_call=2, raises=ValueError),
     Scenario("nan-logits-in-eval-pass", "run-truth", nan_call=6, raises=ValueError),
-    Scenario("nan-logits-in-truth", "run-truth", nan_call=12, raises=ValueError),  # U: 2, E: 4, se_total: 3, truth: 4 forwards
+    Scenario(
+        "nan-logits-in-truth", "run-truth", nan_call=12, raises=ValueError
+    ),  # U: 2, E: 4, se_total: 3, truth: 4 forwards
     Scenario("run-truth-second-order", "run-truth", second_order=True),
     # U: 2, E: 4, then the second-order pass (2 microbatches of 2 units): its first forward
     Scenario("nan-logits-in-second-order", "run", nan_call=7, raises=ValueError, second_order=True),
@@ -162,11 +169,16 @@ def test_caller_state_is_bit_identical(sc: Scenario, monkeypatch):
                     torch.rand(10)
                     raise RuntimeError("injected failure")
                 return real(*args)
+
             return dot
+
         for name in ("dot", "_group_dots"):
-            monkeypatch.setattr(projections_module, name, failing_on_2nd_unit(getattr(projections_module, name)))
-    probe = ep.EntropyProbe(model, opt, ep.ProbeConfig(direction=sc.direction, microbatch_units=2,
-                                                       second_order=sc.second_order))
+            monkeypatch.setattr(
+                projections_module, name, failing_on_2nd_unit(getattr(projections_module, name))
+            )
+    probe = ep.EntropyProbe(
+        model, opt, ep.ProbeConfig(direction=sc.direction, microbatch_units=2, second_order=sc.second_order)
+    )
     functional = (torch.nn.functional.layer_norm, torch.nn.functional.silu)
     before = snapshot(model, opt)
     model.calls = 0

@@ -124,8 +124,9 @@ def test_probe_forwards_build_no_kv_cache():
     model = tiny_llama(seed=0, vocab=VOCAB)
     model.gradient_checkpointing_enable()
     seen = []
-    model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs.get("use_cache")),
-                                    with_kwargs=True)
+    model.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(kwargs.get("use_cache")), with_kwargs=True
+    )
     U, E = random_batch(3, vocab=VOCAB, seed=1), random_batch(4, vocab=VOCAB, seed=2)
     ep.EntropyProbe(model, config=ep.ProbeConfig(lr=1e-2, direction="sgd")).run(U, E, truth=True)
     assert seen and all(flag is False for flag in seen)

@@ -23,8 +23,19 @@ import entropy_probe as ep
 from entropy_probe.sampling import sample_rollouts
 
 SRC = str(Path(ep.__file__).parent)
-FACTORIES = {torch.tensor, torch.zeros, torch.ones, torch.full, torch.empty, torch.arange, torch.randn,
-             torch.rand, torch.randint, torch.linspace, torch.eye}
+FACTORIES = {
+    torch.tensor,
+    torch.zeros,
+    torch.ones,
+    torch.full,
+    torch.empty,
+    torch.arange,
+    torch.randn,
+    torch.rand,
+    torch.randint,
+    torch.linspace,
+    torch.eye,
+}
 # Host-side on purpose (function name: why).
 HOST_SIDE = {
     "global_totals": "integer loss normalisers; the communicator moves them to the backend's device",
@@ -49,8 +60,9 @@ class FactoryAudit(TorchFunctionMode):
         kwargs = kwargs or {}
         if func in FACTORIES and kwargs.get("device") is None:
             frame = sys._getframe(1)
-            while frame is not None and (not frame.f_code.co_filename.startswith(SRC)
-                                         or frame.f_code.co_name.startswith("<")):  # <genexpr>, <lambda>
+            while frame is not None and (
+                not frame.f_code.co_filename.startswith(SRC) or frame.f_code.co_name.startswith("<")
+            ):  # <genexpr>, <lambda>
                 frame = frame.f_back
             if frame is not None and frame.f_code.co_name not in HOST_SIDE:
                 where = f"{Path(frame.f_code.co_filename).name}:{frame.f_lineno} in {frame.f_code.co_name}"
@@ -65,13 +77,22 @@ def test_every_tensor_the_probe_makes_names_its_device():
     audit = FactoryAudit()
     with audit:
         U, E = random_batch(3, vocab=11, seed=1), random_batch(4, vocab=11, seed=2)  # RolloutBatch itself
-        for cfg in (ep.ProbeConfig(direction="optimizer-step", max_grad_norm=1.0, truth_alphas=(0.5, 1.0)),
-                    ep.ProbeConfig(direction="adam-preconditioned", engine="jvp")):
+        for cfg in (
+            ep.ProbeConfig(direction="optimizer-step", max_grad_norm=1.0, truth_alphas=(0.5, 1.0)),
+            ep.ProbeConfig(direction="adam-preconditioned", engine="jvp"),
+        ):
             probe = ep.EntropyProbe(model, opt, cfg)
             probe.run(U, E, truth=True)
             probe.run(eval_batch=E, direction=probe.update_direction(U))
-        sample_rollouts(model, [[1, 2], [3]], group_size=2, max_new_tokens=3, eos_token_id=0,
-                        reward_fn=lambda p, r: 1.0, seed=0)
+        sample_rollouts(
+            model,
+            [[1, 2], [3]],
+            group_size=2,
+            max_new_tokens=3,
+            eos_token_id=0,
+            reward_fn=lambda p, r: 1.0,
+            seed=0,
+        )
     offences = sorted(set(audit.offences))
     assert not offences, "\n".join(offences)
     assert U_cpu.n_units == U.n_units and E_cpu.n_units == E.n_units

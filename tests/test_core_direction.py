@@ -3,7 +3,8 @@
 ``theta + eta * v`` with ``direction="optimizer-step"`` must be the parameters a real Adam/AdamW step
 produces on the loss ``-J_U``, to 1e-6 relative to the parameter norm. The real step's loss is written
 by hand per aggregation (tests/core_support.hand_objective) from hand log-probs and numpy advantages,
-so the test also checks the probe's coefficients. Run: ``PYTHONPATH=src pytest -q tests/test_core_direction.py``.
+so the test also checks the probe's coefficients.
+Run: ``PYTHONPATH=src pytest -q tests/test_core_direction.py``.
 """
 
 from __future__ import annotations
@@ -37,9 +38,11 @@ class StepCase:
     foreach: bool | None = None  # torch's multi-tensor implementation (None: torch's default for CPU)
 
     def __str__(self):
-        return (f"{self.opt}-warm{self.warm_steps}-g{self.groups}-clip{self.clip}-ams{int(self.amsgrad)}-"
-                f"{self.aggregation}-{self.estimator}{'-frozen' if self.frozen else ''}"
-                f"{'-foreach' if self.foreach else ''}")
+        return (
+            f"{self.opt}-warm{self.warm_steps}-g{self.groups}-clip{self.clip}-ams{int(self.amsgrad)}-"
+            f"{self.aggregation}-{self.estimator}{'-frozen' if self.frozen else ''}"
+            f"{'-foreach' if self.foreach else ''}"
+        )
 
 
 # Clipping at 1e-3 is active on every case here (asserted below: the real total norm exceeds it).
@@ -53,8 +56,10 @@ CASES = (
     [StepCase(o, w, g, c) for o in ("Adam", "AdamW") for w in (0, 3) for g in (1, 2) for c in (None, CLIP)]
     + [StepCase(o, 3, 2, CLIP, amsgrad=True) for o in ("Adam", "AdamW")]
     + [StepCase("AdamW", 0, 1, amsgrad=True)]
-    + [StepCase("AdamW", 2, 2, None, aggregation=a) for a in
-       ("seq-mean-token-sum", "token-mean", "seq-mean-token-sum-norm")]
+    + [
+        StepCase("AdamW", 2, 2, None, aggregation=a)
+        for a in ("seq-mean-token-sum", "token-mean", "seq-mean-token-sum-norm")
+    ]
     + [StepCase("Adam", 2, 2, CLIP, estimator=e) for e in ("rloo", "dr-grpo", "given")]
     + [StepCase("AdamW", 2, 2, None, frozen=True)]
     + [StepCase(o, 2, 2, LOOSE_CLIP) for o in ("Adam", "AdamW")]
@@ -67,8 +72,10 @@ def make_optimizer(model: TinyLM, case: StepCase) -> torch.optim.Optimizer:
     if case.groups == 1:
         groups = [dict(params=list(model.parameters()), lr=1e-2, weight_decay=0.05)]
     else:  # different lr and weight decay per group
-        groups = [dict(params=[model.tok, model.pos, *model.hidden.parameters()], lr=1e-2, weight_decay=0.1),
-                  dict(params=list(model.head.parameters()), lr=3e-3, weight_decay=0.0)]
+        groups = [
+            dict(params=[model.tok, model.pos, *model.hidden.parameters()], lr=1e-2, weight_decay=0.1),
+            dict(params=list(model.head.parameters()), lr=3e-3, weight_decay=0.0),
+        ]
     return cls(groups, betas=(0.8, 0.95), eps=1e-6, amsgrad=case.amsgrad, foreach=case.foreach)
 
 
@@ -76,12 +83,19 @@ def real_step(model, optimizer, batch, case: StepCase) -> float | None:
     """One training step on ``-J_U`` written by hand; returns the pre-clip gradient norm."""
     optimizer.zero_grad(set_to_none=True)
     estimator = case.estimator
-    loss = -hand_objective(hand_token_logprobs(model, batch), batch, numpy_advantages(batch, estimator),
-                           case.aggregation, NORM_LENGTH)
+    loss = -hand_objective(
+        hand_token_logprobs(model, batch),
+        batch,
+        numpy_advantages(batch, estimator),
+        case.aggregation,
+        NORM_LENGTH,
+    )
     loss.backward()
     norm = None
     if case.clip is not None:
-        norm = float(torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], case.clip))
+        norm = float(
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], case.clip)
+        )
     optimizer.step()
     return norm
 
@@ -101,9 +115,18 @@ def test_optimizer_step_direction_equals_real_step(case: StepCase):
         real_step(model, optimizer, random_batch(4, seed=100 + k, advantages=given), case)
     update = random_batch(5, group_size=[2, 3, 4, 3, 2], seed=7, advantages=given)
 
-    probe = ep.EntropyProbe(model, optimizer, ep.ProbeConfig(
-        direction="optimizer-step", loss_aggregation=case.aggregation, advantage_estimator=case.estimator,
-        max_grad_norm=case.clip, microbatch_units=2, norm_length=NORM_LENGTH))
+    probe = ep.EntropyProbe(
+        model,
+        optimizer,
+        ep.ProbeConfig(
+            direction="optimizer-step",
+            loss_aggregation=case.aggregation,
+            advantage_estimator=case.estimator,
+            max_grad_norm=case.clip,
+            microbatch_units=2,
+            norm_length=NORM_LENGTH,
+        ),
+    )
     v = probe.update_direction(update)
     eta = probe.lr
     assert eta == optimizer.param_groups[0]["lr"]
@@ -111,8 +134,12 @@ def test_optimizer_step_direction_equals_real_step(case: StepCase):
     assert set(v) == set(params)  # the frozen parameter is not part of v
     theta = flat_params(model).clone()
     # a parameter outside v (frozen) must stay where it is: predicted = theta there
-    predicted = torch.cat([(p.detach() + eta * v[n]).reshape(-1) if n in v else p.detach().reshape(-1)
-                           for n, p in model.named_parameters()])  # (P,)
+    predicted = torch.cat(
+        [
+            (p.detach() + eta * v[n]).reshape(-1) if n in v else p.detach().reshape(-1)
+            for n, p in model.named_parameters()
+        ]
+    )  # (P,)
 
     norm = real_step(model, optimizer, update, case)
     if case.clip == CLIP:
@@ -134,7 +161,9 @@ def test_optimizer_step_direction_equals_real_step(case: StepCase):
 
 def _grad_j(model, batch, aggregation="seq-mean-token-mean", estimator="grpo"):
     params = trainable(model)
-    j = hand_objective(hand_token_logprobs(model, batch), batch, numpy_advantages(batch, estimator), aggregation)
+    j = hand_objective(
+        hand_token_logprobs(model, batch), batch, numpy_advantages(batch, estimator), aggregation
+    )
     return dict(zip(params, torch.autograd.grad(j, list(params.values()))))
 
 
@@ -163,7 +192,9 @@ def test_adam_preconditioned_direction_by_hand(warm_steps):
     for k in range(warm_steps):
         real_step(model, optimizer, random_batch(4, seed=50 + k), case)
     batch = random_batch(4, seed=5)
-    v = ep.EntropyProbe(model, optimizer, ep.ProbeConfig(direction="adam-preconditioned")).update_direction(batch)
+    v = ep.EntropyProbe(model, optimizer, ep.ProbeConfig(direction="adam-preconditioned")).update_direction(
+        batch
+    )
     g = _grad_j(model, batch)
     eta = optimizer.param_groups[0]["lr"]
     beta2, eps = optimizer.param_groups[0]["betas"][1], optimizer.param_groups[0]["eps"]
@@ -173,7 +204,7 @@ def test_adam_preconditioned_direction_by_hand(warm_steps):
             if warm_steps:
                 state = optimizer.state[p]
                 t = int(state["step"]) + 1
-                v_hat = (beta2 * state["exp_avg_sq"] + (1 - beta2) * g[name] ** 2) / (1 - beta2 ** t)
+                v_hat = (beta2 * state["exp_avg_sq"] + (1 - beta2) * g[name] ** 2) / (1 - beta2**t)
             else:
                 v_hat = g[name] ** 2  # Adam's first step: (1 - beta2) g^2 / (1 - beta2)
             expected = group["lr"] / eta * g[name] / (v_hat.sqrt() + eps)

@@ -33,7 +33,11 @@ def test_sequence_logprobs_match_hand(weighting, temperature):
 def test_position_ids_from_mask_left_and_right_padding():
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
     pos = position_ids_from_mask(mask)
-    assert pos[0, 2:].tolist() == [0, 1, 2] and pos[1, :3].tolist() == [0, 1, 2] and pos[2].tolist() == [0, 1, 2, 3, 4]
+    assert (
+        pos[0, 2:].tolist() == [0, 1, 2]
+        and pos[1, :3].tolist() == [0, 1, 2]
+        and pos[2].tolist() == [0, 1, 2, 3, 4]
+    )
 
 
 class NoPositions(nn.Module):
@@ -46,6 +50,7 @@ class NoPositions(nn.Module):
     def forward(self, input_ids, attention_mask):
         class Out:
             logits = self.lm(input_ids, attention_mask)
+
         return Out()
 
 
@@ -85,7 +90,9 @@ def test_hugging_face_models_skip_prompt_logits_with_the_same_result(build, weig
     first = int(batch.response_mask.to(torch.uint8).argmax(1).min())
     assert first >= 2, "the test batch needs a prompt of at least 2 tokens to skip any logits"
     asked = []
-    hook = model.register_forward_pre_hook(lambda m, a, kw: asked.append(kw.get("logits_to_keep")), with_kwargs=True)
+    hook = model.register_forward_pre_hook(
+        lambda m, a, kw: asked.append(kw.get("logits_to_keep")), with_kwargs=True
+    )
     lp = sequence_logprobs(model, batch, 0.8, weighting)
     hook.remove()
     assert asked == [batch.input_ids.shape[1] - first + 1]

@@ -66,7 +66,12 @@ def test_eval_pass_frees_each_x_n_before_the_next_backward(monkeypatch):
     v = probe.update_direction(U)
     still_alive = _track_gradients(monkeypatch)
     probe.run(eval_batch=E, direction=v)
-    assert len(still_alive) == 5 and still_alive[1:] == [0, 0, 0, 0]  # one backward per unit, nothing held over
+    assert len(still_alive) == 5 and still_alive[1:] == [
+        0,
+        0,
+        0,
+        0,
+    ]  # one backward per unit, nothing held over
 
 
 def test_update_pass_keeps_only_the_running_sum(monkeypatch):

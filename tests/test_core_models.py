@@ -30,8 +30,11 @@ from entropy_probe.logprobs import position_ids_from_mask, sequence_logprobs, to
 from entropy_probe.vectors import dot, grad_of
 
 VOCAB = 11
-BUILDERS = {"gpt2": lambda: tiny_gpt2(seed=0, vocab=VOCAB), "llama": lambda: tiny_llama(seed=0, vocab=VOCAB),
-            "plain": lambda: TinyLM(vocab=VOCAB, seed=0)}
+BUILDERS = {
+    "gpt2": lambda: tiny_gpt2(seed=0, vocab=VOCAB),
+    "llama": lambda: tiny_llama(seed=0, vocab=VOCAB),
+    "plain": lambda: TinyLM(vocab=VOCAB, seed=0),
+}
 
 
 @pytest.mark.parametrize("kind", list(BUILDERS))
@@ -62,8 +65,9 @@ def test_fused_dot_equals_flattened_dot():
     gen = torch.Generator().manual_seed(0)
     v = {n: torch.randn(p.shape, generator=gen) for n, p in params.items()}
     grads[next(iter(grads))] = None  # a parameter the loss does not reach
-    flat_g = torch.cat([(torch.zeros_like(p) if grads[n] is None else grads[n]).reshape(-1)
-                        for n, p in params.items()])  # (P,)
+    flat_g = torch.cat(
+        [(torch.zeros_like(p) if grads[n] is None else grads[n]).reshape(-1) for n, p in params.items()]
+    )  # (P,)
     flat_v = torch.cat([v[n].reshape(-1) for n in params])  # (P,)
     d = dot(grads, v)
     assert d.dim() == 0 and d.dtype == torch.float32
@@ -84,15 +88,22 @@ def test_padding_side_does_not_change_sequence_logprobs(kind):
         for i in range(left.n_sequences):  # row i without any padding
             real = left.attention_mask[i].bool()
             ids, resp = left.input_ids[i, real][None], left.response_mask[i, real][None]
-            row = ep.RolloutBatch(ids.repeat(2, 1), torch.ones_like(ids).repeat(2, 1), resp.repeat(2, 1),
-                                  torch.zeros(2, dtype=torch.long), rewards=torch.zeros(2))
+            row = ep.RolloutBatch(
+                ids.repeat(2, 1),
+                torch.ones_like(ids).repeat(2, 1),
+                resp.repeat(2, 1),
+                torch.zeros(2, dtype=torch.long),
+                rewards=torch.zeros(2),
+            )
             alone.append(sequence_logprobs(model, row, 1.0, "sum").seq[0])
     torch.testing.assert_close(s_left, torch.stack(alone), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(s_right, torch.stack(alone), rtol=1e-5, atol=1e-5)
     if kind == "gpt2":  # learned positions: without position ids from the mask, left padding is wrong
         with torch.no_grad():
             logits = model(input_ids=left.input_ids, attention_mask=left.attention_mask).logits
-        lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, left.input_ids[:, 1:, None]).squeeze(-1)  # (N, T-1)
+        lp = (
+            torch.log_softmax(logits[:, :-1], -1).gather(-1, left.input_ids[:, 1:, None]).squeeze(-1)
+        )  # (N, T-1)
         naive = (lp * left.response_mask[:, 1:]).sum(1)
         assert (naive - torch.stack(alone)).abs().max() > 1e-2
 
@@ -114,11 +125,16 @@ def test_bf16_model_gives_fp32_logprobs_close_to_fp32():
     assert not torch.equal(half_lp.seq, full_lp.seq)  # it really ran in bf16
     # the log-softmax itself runs in fp32 on the bf16 logits (no second bf16 rounding of log-probs)
     with torch.no_grad():
-        logits = half(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                      position_ids=position_ids_from_mask(batch.attention_mask)).logits
+        logits = half(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=position_ids_from_mask(batch.attention_mask),
+        ).logits
     assert logits.dtype == torch.bfloat16
     lp = token_logprobs(logits, batch.input_ids, 0.7)
-    exact = torch.log_softmax(logits.double()[:, :-1] / 0.7, -1).gather(-1, batch.input_ids[:, 1:, None])[..., 0]
+    exact = torch.log_softmax(logits.double()[:, :-1] / 0.7, -1).gather(-1, batch.input_ids[:, 1:, None])[
+        ..., 0
+    ]
     assert lp.dtype == torch.float32
     torch.testing.assert_close(lp[:, 1:].double(), exact, rtol=0, atol=1e-6)
     # the whole probe on the bf16 model: v in fp32, finite results close to the fp32 model's

@@ -36,8 +36,9 @@ def test_default_estimator_is_given_with_advantages_else_grpo():
     with_adv = random_batch(3, seed=1, advantages=True)
     with_rewards = random_batch(3, seed=1)
     assert torch.equal(advantages(with_adv, None), with_adv.advantages)
-    np.testing.assert_allclose(advantages(with_rewards, None).numpy(), numpy_advantages(with_rewards, "grpo"),
-                               rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+        advantages(with_rewards, None).numpy(), numpy_advantages(with_rewards, "grpo"), rtol=1e-6, atol=1e-7
+    )
 
 
 def test_grpo_of_a_tied_unit_is_exactly_zero():
@@ -45,7 +46,9 @@ def test_grpo_of_a_tied_unit_is_exactly_zero():
     ids = torch.tensor([[1, 2, 3]] * 4)
     ones = torch.ones_like(ids)
     resp = torch.tensor([[0, 1, 1]] * 4)
-    batch = RolloutBatch(ids, ones, resp, torch.tensor([5, 5, 9, 9]), rewards=torch.tensor([0.7, 0.7, 1.0, 0.0]))
+    batch = RolloutBatch(
+        ids, ones, resp, torch.tensor([5, 5, 9, 9]), rewards=torch.tensor([0.7, 0.7, 1.0, 0.0])
+    )
     a = advantages(batch, "grpo")
     assert a[0] == 0 and a[1] == 0 and a[2] > 0 > a[3]
 
@@ -56,19 +59,26 @@ def test_policy_gradient_coefficients_reproduce_each_loss(aggregation, norm_leng
     """``sum_i c_i S_i / B_U`` equals J_U as TRL/verl write the loss (per token, response mask)."""
     batch = random_batch(4, group_size=BATCH_SIZES, seed=12)
     adv = numpy_advantages(batch, "grpo")
-    lp = -torch.rand(batch.input_ids.shape, generator=torch.Generator().manual_seed(0))  # (N, T) token log-probs
+    lp = -torch.rand(
+        batch.input_ids.shape, generator=torch.Generator().manual_seed(0)
+    )  # (N, T) token log-probs
     lp = lp * batch.response_mask
     if aggregation == "seq-mean-token-sum-norm" and norm_length is None:  # TRL's constant is required
         with pytest.raises(ValueError, match="norm_length"):
-            policy_gradient_coefficients(batch, torch.tensor(adv, dtype=torch.float32), aggregation,
-                                         UpdateTotals.of(batch), None)
+            policy_gradient_coefficients(
+                batch, torch.tensor(adv, dtype=torch.float32), aggregation, UpdateTotals.of(batch), None
+            )
         return
-    c = policy_gradient_coefficients(batch, torch.tensor(adv, dtype=torch.float32), aggregation,
-                                     UpdateTotals.of(batch), norm_length)
+    c = policy_gradient_coefficients(
+        batch, torch.tensor(adv, dtype=torch.float32), aggregation, UpdateTotals.of(batch), norm_length
+    )
     s = lp.sum(1)  # S_i
     j_core = float((c.double() * s.double()).sum()) / batch.n_units
-    j_hand = float(hand_objective(lp, batch, adv, aggregation,
-                                  norm_length if aggregation == "seq-mean-token-sum-norm" else None))
+    j_hand = float(
+        hand_objective(
+            lp, batch, adv, aggregation, norm_length if aggregation == "seq-mean-token-sum-norm" else None
+        )
+    )
     assert j_core == pytest.approx(j_hand, rel=1e-6)
     # J_m is a plain sum over the unit's rows, and J_U is the mean of the J_m
     j_units = [float((c[rows].double() * s[rows].double()).sum()) for rows in units_of(batch)]
@@ -128,8 +138,9 @@ def test_grpo_advantages_and_dr_grpo_normaliser_are_trl_s():
     torch.testing.assert_close(advantages(batch, "grpo"), trl_adv, rtol=1e-6, atol=1e-7)
 
     max_completion_length = 16
-    c = policy_gradient_coefficients(batch, trl_adv, "seq-mean-token-sum-norm", UpdateTotals.of(batch),
-                                     max_completion_length)
+    c = policy_gradient_coefficients(
+        batch, trl_adv, "seq-mean-token-sum-norm", UpdateTotals.of(batch), max_completion_length
+    )
     # TRL: loss = (per_token_loss * mask).sum() / (N * max_completion_length); J_U = sum_i c_i S_i / B_U
     torch.testing.assert_close(c / batch.n_units, trl_adv / (batch.n_sequences * max_completion_length))
     with pytest.raises(ValueError, match="norm_length"):

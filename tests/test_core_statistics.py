@@ -37,10 +37,14 @@ ETA = 1e-2
 
 def _warm_adamw(model, steps=2, lrs=(1e-2, 3e-3)):
     """AdamW with two groups (different lr and decay) and real state from ``steps`` real steps."""
-    opt = torch.optim.AdamW([dict(params=[model.tok, model.pos, *model.hidden.parameters()], lr=lrs[0],
-                                  weight_decay=0.1),
-                             dict(params=list(model.head.parameters()), lr=lrs[1], weight_decay=0.0)],
-                            betas=(0.8, 0.95), eps=1e-6)
+    opt = torch.optim.AdamW(
+        [
+            dict(params=[model.tok, model.pos, *model.hidden.parameters()], lr=lrs[0], weight_decay=0.1),
+            dict(params=list(model.head.parameters()), lr=lrs[1], weight_decay=0.0),
+        ],
+        betas=(0.8, 0.95),
+        eps=1e-6,
+    )
     for k in range(steps):
         opt.zero_grad()
         out = model(input_ids=torch.tensor([[1, 2, 3, 4]]), attention_mask=torch.ones(1, 4, dtype=torch.long))
@@ -58,7 +62,7 @@ def test_statistics_equal_numpy_on_the_same_s():
     assert s.dtype == np.float64 and s.shape == (9,) and r.n_eval_units == 9
     b = len(s)
     assert r.delta_h1 == pytest.approx(ETA * s.mean(), rel=1e-12)
-    assert r.var_cond_e == pytest.approx(ETA ** 2 * s.var(ddof=1) / b, rel=1e-12)
+    assert r.var_cond_e == pytest.approx(ETA**2 * s.var(ddof=1) / b, rel=1e-12)
     assert r.se_cond_e == pytest.approx(ETA * math.sqrt(s.var(ddof=1) / b), rel=1e-12)
     assert r.se_jackknife == pytest.approx(r.se_cond_e, rel=1e-10)
     z = NormalDist().inv_cdf(0.975)  # 1.95996...: the 95% interval
@@ -79,7 +83,7 @@ def test_jackknife_equals_closed_form_and_explicit_deletion(b):
 
 
 def test_chan_merge_keeps_precision_under_a_large_offset():
-    """s_n = 1e6 + N(0, 1): float64 Chan-merged chunks keep the variance; the note's float32 formula does not."""
+    """s_n = 1e6 + N(0, 1): float64 Chan-merged chunks keep the variance; the note's float32 one does not."""
     gen = np.random.default_rng(0)
     s32 = (1e6 + gen.normal(size=4000)).astype(np.float32)  # the probe's s_n are fp32 device scalars
     exact_var = s32.astype(np.float64).var(ddof=1)  # numpy, two-pass in float64
@@ -111,7 +115,7 @@ def test_fewer_than_two_eval_units_gives_se_zero_with_a_warning():
 
 # ---- se_total against a brute force ------------------------------------------------------------------
 def hand_y_scale(model, optimizer, kind, grad_j, eta, clip):
-    """Per-parameter ``(scale, b)`` with ``v = b + scale * grad J_U`` and ``Y_m = scale * grad J_m``, by hand."""
+    """Per-parameter ``(scale, b)``, ``v = b + scale * grad J_U`` and ``Y_m = scale * grad J_m``, by hand."""
     params = trainable(model)
     norm = math.sqrt(sum(float(g.double().square().sum()) for g in grad_j.values()))
     c = 1.0 if clip is None else min(1.0, clip / (norm + 1e-6))  # clip_grad_norm_'s coefficient
@@ -132,22 +136,28 @@ def hand_y_scale(model, optimizer, kind, grad_j, eta, clip):
                 t = step + 1
                 d = -c * g
                 second = b2 * st["exp_avg_sq"].double() + (1 - b2) * d * d
-                denom = second.sqrt() / math.sqrt(1 - b2 ** t) + group["eps"]
-                bc1 = 1 - b1 ** t
+                denom = second.sqrt() / math.sqrt(1 - b2**t) + group["eps"]
+                bc1 = 1 - b1**t
                 scale[name] = ratio * (1 - b1) * c / (bc1 * denom)
-                offset[name] = (-ratio * b1 * st["exp_avg"].double() / (bc1 * denom)
-                                - ratio * group["weight_decay"] * p.detach().double())
+                offset[name] = (
+                    -ratio * b1 * st["exp_avg"].double() / (bc1 * denom)
+                    - ratio * group["weight_decay"] * p.detach().double()
+                )
     return scale, offset
 
 
-@pytest.mark.parametrize("kind,clip", [("sgd", None), ("adam-preconditioned", None), ("optimizer-step", None),
-                                       ("optimizer-step", 1e-3)])
+@pytest.mark.parametrize(
+    "kind,clip",
+    [("sgd", None), ("adam-preconditioned", None), ("optimizer-step", None), ("optimizer-step", 1e-3)],
+)
 def test_se_total_against_materialised_y(kind, clip):
     model = TinyLM(seed=5)
     optimizer = _warm_adamw(model)
     update = random_batch(5, group_size=[2, 3, 4, 3, 2], seed=6)
     evaluation = random_batch(6, group_size=[3, 2, 4, 3, 3, 2], seed=7)
-    probe = ep.EntropyProbe(model, optimizer, ep.ProbeConfig(direction=kind, max_grad_norm=clip, microbatch_units=2))
+    probe = ep.EntropyProbe(
+        model, optimizer, ep.ProbeConfig(direction=kind, max_grad_norm=clip, microbatch_units=2)
+    )
     r = probe.run(update, evaluation)
     eta = probe.lr
     params = trainable(model)
@@ -155,11 +165,15 @@ def test_se_total_against_materialised_y(kind, clip):
 
     x = brute_force_x(model, evaluation)  # (B_E, P) X_n, per-sequence backward passes
     np.testing.assert_allclose(r.per_unit.numpy(), x @ v, rtol=1e-4, atol=1e-6 * np.abs(x @ v).max())
-    gj_units = brute_force_grad_j_units(model, update, numpy_advantages(update, "grpo"), "seq-mean-token-mean")
+    gj_units = brute_force_grad_j_units(
+        model, update, numpy_advantages(update, "grpo"), "seq-mean-token-mean"
+    )
     gj = gj_units.mean(0)  # grad J_U = mean_m grad J_m
     sizes = [p.numel() for p in params.values()]
-    grad_j = {n: torch.from_numpy(chunk).reshape(p.shape)  # (P,) -> parameter shapes
-              for (n, p), chunk in zip(params.items(), np.split(gj, np.cumsum(sizes)[:-1]))}
+    grad_j = {
+        n: torch.from_numpy(chunk).reshape(p.shape)  # (P,) -> parameter shapes
+        for (n, p), chunk in zip(params.items(), np.split(gj, np.cumsum(sizes)[:-1]))
+    }
     scale, offset = hand_y_scale(model, optimizer, kind, grad_j, eta, clip)
     y = gj_units * flat(scale, params)  # (B_U, P) Y_m
     # the exact split v = b + mean_m Y_m
@@ -170,13 +184,15 @@ def test_se_total_against_materialised_y(kind, clip):
     dv = []
     for m in range(n):
         g_minus = (n * gj - gj_units[m]) / (n - 1)  # (P,)
-        gm = {k: torch.from_numpy(c).reshape(p.shape)
-              for (k, p), c in zip(params.items(), np.split(g_minus, np.cumsum(sizes)[:-1]))}
+        gm = {
+            k: torch.from_numpy(c).reshape(p.shape)
+            for (k, p), c in zip(params.items(), np.split(g_minus, np.cumsum(sizes)[:-1]))
+        }
         sc, off = hand_y_scale(model, optimizer, kind, gm, eta, clip)
         dv.append(flat(off, params) + flat(sc, params) * g_minus - v)
     dv = np.stack(dv)  # (B_U, P)
     a, b = dv @ x[0::2].mean(0), dv @ x[1::2].mean(0)  # halves: even and odd E positions
-    var_u = eta ** 2 * (n - 1) / n * float(((a - a.mean()) * (b - b.mean())).sum())
+    var_u = eta**2 * (n - 1) / n * float(((a - a.mean()) * (b - b.mean())).sum())
     expected = math.sqrt(r.var_cond_e + max(var_u, 0.0))
     print(f"{kind} clip={clip}: se_cond_e={r.se_cond_e:.3e} se_total={r.se_total:.3e} V_U={var_u:.3e}")
     assert abs(var_u) > 1e-3 * r.var_cond_e  # the U term is not negligible, so the comparison has teeth
@@ -184,8 +200,9 @@ def test_se_total_against_materialised_y(kind, clip):
     assert r.se_total == pytest.approx(expected, rel=1e-4)
     xbar_dv = dv @ x.mean(0)  # the influences: for sgd eta Xbar.Y_m / B_U, else the delete-one change
     influence = (eta * y @ x.mean(0) / n) if kind == "sgd" else -eta * xbar_dv
-    np.testing.assert_allclose(r.update_influence.numpy(), influence, rtol=1e-3,
-                               atol=1e-4 * np.abs(influence).max())
+    np.testing.assert_allclose(
+        r.update_influence.numpy(), influence, rtol=1e-3, atol=1e-4 * np.abs(influence).max()
+    )
     assert r.update_unit_ids.tolist() == update.unit_ids.tolist()
 
 
@@ -193,8 +210,9 @@ def test_se_total_against_materialised_y(kind, clip):
 def _zero_advantage_batch(kind: str, n_units=4, seed=0) -> RolloutBatch:
     b = random_batch(n_units, seed=seed)
     if kind == "given":
-        return RolloutBatch(b.input_ids, b.attention_mask, b.response_mask, b.group_ids,
-                            advantages=torch.zeros(b.n_sequences))
+        return RolloutBatch(
+            b.input_ids, b.attention_mask, b.response_mask, b.group_ids, advantages=torch.zeros(b.n_sequences)
+        )
     tied = b.unit_index.float() * 0.37  # every response of a unit gets the same reward: grpo gives exactly 0
     return RolloutBatch(b.input_ids, b.attention_mask, b.response_mask, b.group_ids, rewards=tied)
 
@@ -222,8 +240,9 @@ def test_se_total_absent_without_u_and_result_dict_is_json_ready():
     probe = ep.EntropyProbe(model, config=ep.ProbeConfig(lr=ETA, direction="sgd"))
     given = probe.run(eval_batch=evaluation, direction=probe.update_direction(update))
     full = probe.run(update, evaluation)
-    no_total = ep.EntropyProbe(model, config=ep.ProbeConfig(lr=ETA, direction="sgd", unconditional_se=False)).run(
-        update, evaluation)
+    no_total = ep.EntropyProbe(
+        model, config=ep.ProbeConfig(lr=ETA, direction="sgd", unconditional_se=False)
+    ).run(update, evaluation)
     assert given.se_total is None and given.n_update_units == 0 and no_total.se_total is None
     assert full.n_update_units == 3 and full.se_total >= full.se_cond_e  # V_U enters clamped at 0
     # the same v from U or given: the same s_n, bit for bit
@@ -238,8 +257,12 @@ def test_results_do_not_depend_on_microbatch_units():
     model = TinyLM(seed=8)
     optimizer = _warm_adamw(model)
     update, evaluation = random_batch(7, seed=10), random_batch(5, seed=11)
-    results = [ep.EntropyProbe(model, optimizer, ep.ProbeConfig(direction="optimizer-step", microbatch_units=k))
-               .run(update, evaluation) for k in (1, 3, 50)]
+    results = [
+        ep.EntropyProbe(model, optimizer, ep.ProbeConfig(direction="optimizer-step", microbatch_units=k)).run(
+            update, evaluation
+        )
+        for k in (1, 3, 50)
+    ]
     for r in results[1:]:  # fp32 sums in a different order: agreement to float32 rounding
         assert r.delta_h1 == pytest.approx(results[0].delta_h1, rel=1e-5)
         assert r.se_total == pytest.approx(results[0].se_total, rel=1e-5)

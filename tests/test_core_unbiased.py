@@ -89,8 +89,12 @@ def test_exact_entropy_matches_hand_enumeration():
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_delta_h1_is_unbiased_against_exact_enumeration(problem, case: Case):
     policy, update, evaluation = problem
-    config = ep.ProbeConfig(lr=ETA, entropy_weighting=case.weighting, x_estimator=case.estimator,
-                            direction="sgd" if case.direction == "grad-H" else case.direction)
+    config = ep.ProbeConfig(
+        lr=ETA,
+        entropy_weighting=case.weighting,
+        x_estimator=case.estimator,
+        direction="sgd" if case.direction == "grad-H" else case.direction,
+    )
     probe = ep.EntropyProbe(policy, config=config)
     if case.direction == "grad-H":
         (g,) = torch.autograd.grad(exact_entropy(policy, case.weighting), [policy.table])
@@ -103,11 +107,15 @@ def test_delta_h1_is_unbiased_against_exact_enumeration(problem, case: Case):
     truth = ETA * exact_directional_derivative(policy, v, case.weighting)
     # What this estimator estimates, exactly: the seed form lacks -(1/G) sum grad S_w,i, so its mean
     # is grad H + E[grad S_w] (zero for "sum": the score has mean zero).
-    expectation = truth + (ETA * exact_pathwise(policy, v, case.weighting) if case.estimator == "seed" else 0.0)
+    expectation = truth + (
+        ETA * exact_pathwise(policy, v, case.weighting) if case.estimator == "seed" else 0.0
+    )
     z_own = (result.delta_h1 - expectation) / se
     z_truth = (result.delta_h1 - truth) / se
-    print(f"{case}: delta_h1={result.delta_h1:.4e} exact={truth:.4e} se={se:.2e} z={z_truth:.2f} "
-          f"bias/se={(expectation - truth) / se:.2f}")
+    print(
+        f"{case}: delta_h1={result.delta_h1:.4e} exact={truth:.4e} se={se:.2e} z={z_truth:.2f} "
+        f"bias/se={(expectation - truth) / se:.2f}"
+    )
     # delta_h1 is a mean of 2000 iid s_n: normal to a good approximation, so |z| > 4 has
     # probability 6e-5 under unbiasedness (seeded, so the test is deterministic).
     assert abs(z_own) < 4

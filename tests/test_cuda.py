@@ -62,7 +62,9 @@ def _trained_pair(seed: int = 0):
     model = tiny_gpt2(seed=seed, vocab=VOCAB)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     batch = random_batch(3, vocab=VOCAB, seed=9)
-    model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.logsumexp(-1).mean().backward()
+    model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.logsumexp(
+        -1
+    ).mean().backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
     dev_model = copy.deepcopy(model).to(DEVICE)
@@ -76,11 +78,15 @@ def _close(a: float, b: float, rel: float, what: str) -> None:
     assert abs(a - b) <= rel * abs(b), f"{what}: device {a!r} vs cpu {b!r}"
 
 
-@pytest.mark.parametrize("cfg", [
-    ep.ProbeConfig(direction="optimizer-step", max_grad_norm=0.5, truth_alphas=(0.5, 1.0)),
-    ep.ProbeConfig(direction="adam-preconditioned", engine="jvp", microbatch_units=2),
-    ep.ProbeConfig(direction="sgd", lr=0.05, entropy_weighting="sum"),
-], ids=["optimizer-step", "jvp", "sgd"])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        ep.ProbeConfig(direction="optimizer-step", max_grad_norm=0.5, truth_alphas=(0.5, 1.0)),
+        ep.ProbeConfig(direction="adam-preconditioned", engine="jvp", microbatch_units=2),
+        ep.ProbeConfig(direction="sgd", lr=0.05, entropy_weighting="sum"),
+    ],
+    ids=["optimizer-step", "jvp", "sgd"],
+)
 def test_run_on_the_device_equals_the_cpu(cfg):
     (model, opt), (dev_model, dev_opt) = _trained_pair()
     U, E = random_batch(3, vocab=VOCAB, seed=1), random_batch(6, vocab=VOCAB, seed=2)
@@ -91,7 +97,9 @@ def test_run_on_the_device_equals_the_cpu(cfg):
         _close(getattr(out, k), getattr(ref, k), REL, k)
     if ref.se_total is not None:
         _close(out.se_total, ref.se_total, REL, "se_total")
-    torch.testing.assert_close(out.per_unit, ref.per_unit, rtol=REL, atol=REL * float(ref.per_unit.abs().max()))
+    torch.testing.assert_close(
+        out.per_unit, ref.per_unit, rtol=REL, atol=REL * float(ref.per_unit.abs().max())
+    )
     _close(out.truth.delta_h, ref.truth.delta_h, REL_TRUTH, "truth.delta_h")
     _close(out.truth.se, ref.truth.se, REL_TRUTH, "truth.se")
 
@@ -105,17 +113,45 @@ def test_run_on_the_device_equals_the_cpu(cfg):
 def test_sample_rollouts_on_the_device():
     model = tiny_gpt2(seed=0, vocab=VOCAB).to(DEVICE)
     prompts = [[1, 2, 3], [4, 5], [6]]
-    batch = sample_rollouts(model, prompts, group_size=3, max_new_tokens=4, eos_token_id=0,
-                            reward_fn=lambda p, r: float(len(r)), seed=5)
-    _on(DEVICE, batch.input_ids, batch.attention_mask, batch.response_mask, batch.group_ids, batch.rewards,
-        batch.unit_index)
-    again = sample_rollouts(model, prompts, group_size=3, max_new_tokens=4, eos_token_id=0,
-                            reward_fn=lambda p, r: float(len(r)), seed=5)
+    batch = sample_rollouts(
+        model,
+        prompts,
+        group_size=3,
+        max_new_tokens=4,
+        eos_token_id=0,
+        reward_fn=lambda p, r: float(len(r)),
+        seed=5,
+    )
+    _on(
+        DEVICE,
+        batch.input_ids,
+        batch.attention_mask,
+        batch.response_mask,
+        batch.group_ids,
+        batch.rewards,
+        batch.unit_index,
+    )
+    again = sample_rollouts(
+        model,
+        prompts,
+        group_size=3,
+        max_new_tokens=4,
+        eos_token_id=0,
+        reward_fn=lambda p, r: float(len(r)),
+        seed=5,
+    )
     assert torch.equal(batch.input_ids, again.input_ids)  # seeded on the device too
     # The plain loop (a module without generate) and the probe on its batch.
     policy = TabularPolicy(seed=0).to(DEVICE)
-    loop = sample_rollouts(policy, [list(p) for p in policy.prompts], group_size=4, max_new_tokens=3,
-                           eos_token_id=0, reward_fn=default_reward, seed=1)
+    loop = sample_rollouts(
+        policy,
+        [list(p) for p in policy.prompts],
+        group_size=4,
+        max_new_tokens=3,
+        eos_token_id=0,
+        reward_fn=default_reward,
+        seed=1,
+    )
     _on(DEVICE, loop.input_ids, loop.group_ids, loop.unit_index)
     E = sample_enumerated(policy.cpu(), n_units=4, seed=2).to(DEVICE)
     policy.to(DEVICE)
@@ -128,16 +164,29 @@ def test_demo_first_step_on_the_device():
     from entropy_probe.demo.task import SortingTask
     from entropy_probe.demo.train import build_model, rl_step, supervised_warmup
 
-    cfg = DemoConfig(steps=1, layers=1, width=16, heads=2, n_digits=4, update_prompts=4, eval_prompts=4,
-                     measure_prompts=8, group_size=4, warmup_steps=2, warmup_batch=8, device=DEVICE)
+    cfg = DemoConfig(
+        steps=1,
+        layers=1,
+        width=16,
+        heads=2,
+        n_digits=4,
+        update_prompts=4,
+        eval_prompts=4,
+        measure_prompts=8,
+        group_size=4,
+        warmup_steps=2,
+        warmup_batch=8,
+        device=DEVICE,
+    )
     task = SortingTask(n_digits=cfg.n_digits)
     torch.manual_seed(0)
     model = build_model(cfg, task).to(DEVICE)
     gen = torch.Generator().manual_seed(0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.warmup_lr, weight_decay=0.0)
     supervised_warmup(model, optimizer, task, cfg, gen)
-    probe = ep.EntropyProbe(model, optimizer, ep.ProbeConfig(direction="optimizer-step",
-                                                             max_grad_norm=cfg.max_grad_norm))
+    probe = ep.EntropyProbe(
+        model, optimizer, ep.ProbeConfig(direction="optimizer-step", max_grad_norm=cfg.max_grad_norm)
+    )
     row = rl_step(0, model, optimizer, probe, task, cfg, gen)
     assert all(math.isfinite(row[k]) for k in ("forecast", "forecast_se", "truth", "measured"))
     assert row["step_relative_error"] < 1e-3  # theta + eta v is the step AdamW took, on the device too

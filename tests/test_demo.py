@@ -19,9 +19,28 @@ from entropy_probe import demo
 from entropy_probe.demo.task import SortingTask
 from entropy_probe.statistics import Z95
 
-SHORT = ["--steps", "3", "--warmup-steps", "4", "--update-prompts", "4", "--eval-prompts", "6",
-         "--measure-prompts", "8", "--group-size", "4", "--width", "32", "--layers", "1", "--heads", "2",
-         "--device", "cpu"]
+SHORT = [
+    "--steps",
+    "3",
+    "--warmup-steps",
+    "4",
+    "--update-prompts",
+    "4",
+    "--eval-prompts",
+    "6",
+    "--measure-prompts",
+    "8",
+    "--group-size",
+    "4",
+    "--width",
+    "32",
+    "--layers",
+    "1",
+    "--heads",
+    "2",
+    "--device",
+    "cpu",
+]
 
 
 def run_demo(out, seed: int = 1, extra=()) -> dict:
@@ -62,7 +81,8 @@ def test_short_demo_files_agree_with_each_other(tmp_path):
         # The measured change is the paired mean: mean(h_after - h_before) = H_after - H_before.
         assert r["measured"] == pytest.approx(r["entropy_after"] - r["entropy"], abs=1e-12)
         assert r["measured_z"] == pytest.approx(
-            (r["measured"] - r["forecast"]) / math.hypot(r["forecast_se"], r["measured_se"]), rel=1e-12)
+            (r["measured"] - r["forecast"]) / math.hypot(r["forecast_se"], r["measured_se"]), rel=1e-12
+        )
         # For a mean, the delete-one jackknife SE equals the plug-in SE exactly (DESIGN section 5).
         assert r["forecast_se_jackknife"] == pytest.approx(r["forecast_se"], rel=1e-9)
         assert r["forecast_se_total"] >= r["forecast_se"]  # adds the variance over U
@@ -87,7 +107,8 @@ def test_short_demo_files_agree_with_each_other(tmp_path):
     assert summary["coverage95_measured"] == pytest.approx(np.mean(np.abs(col("measured_z")) <= z), abs=0)
     assert summary["correlation"] == pytest.approx(np.corrcoef(col("forecast"), col("truth"))[0, 1], rel=1e-9)
     assert summary["correlation_measured"] == pytest.approx(
-        np.corrcoef(col("forecast"), col("measured"))[0, 1], rel=1e-9)
+        np.corrcoef(col("forecast"), col("measured"))[0, 1], rel=1e-9
+    )
     assert summary["sum_forecast"] == pytest.approx(col("forecast").sum(), rel=1e-12)
     assert summary["sum_forecast_se"] == pytest.approx(np.sqrt((col("forecast_se") ** 2).sum()), rel=1e-12)
     assert summary["sum_truth"] == pytest.approx(col("truth").sum(), rel=1e-12)
@@ -97,14 +118,21 @@ def test_short_demo_files_agree_with_each_other(tmp_path):
     gap = col("truth") - col("forecast")
     assert summary["mean_truth_minus_forecast"] == pytest.approx(gap.mean(), rel=1e-9)
     assert summary["mean_truth_minus_forecast_se"] == pytest.approx(gap.std(ddof=1) / np.sqrt(3), rel=1e-9)
-    assert summary["entropy_start"] == rows[0]["entropy"] and summary["entropy_end"] == rows[-1]["entropy_after"]
-    assert summary["reward_start"] == rows[0]["reward"] and summary["reward_end"] == rows[-1]["reward"]  # k = 1
+    assert (
+        summary["entropy_start"] == rows[0]["entropy"] and summary["entropy_end"] == rows[-1]["entropy_after"]
+    )
+    assert (
+        summary["reward_start"] == rows[0]["reward"] and summary["reward_end"] == rows[-1]["reward"]
+    )  # k = 1
     assert summary["max_step_relative_error"] == max(col("step_relative_error"))
-    assert summary["correlation2"] == pytest.approx(np.corrcoef(col("forecast2"), col("truth"))[0, 1], rel=1e-9)
+    assert summary["correlation2"] == pytest.approx(
+        np.corrcoef(col("forecast2"), col("truth"))[0, 1], rel=1e-9
+    )
     assert summary["sum_forecast2"] == pytest.approx(col("forecast2").sum(), rel=1e-12)
     assert summary["sum_forecast2_se"] == pytest.approx(np.sqrt((col("forecast2_se") ** 2).sum()), rel=1e-12)
-    assert summary["sum_truth_minus_forecast2_se"] == pytest.approx(np.sqrt((col("truth_se_diff2") ** 2).sum()),
-                                                                   rel=1e-12)
+    assert summary["sum_truth_minus_forecast2_se"] == pytest.approx(
+        np.sqrt((col("truth_se_diff2") ** 2).sum()), rel=1e-12
+    )
     assert summary["coverage95_2"] == pytest.approx(col("truth_inside2").mean(), abs=0)
     layers = matplotlib.image.imread(tmp_path / "layers.png")  # the heat map by parameter group
     assert layers.ndim == 3 and layers.shape[1] > 600 and float(layers[..., :3].std()) > 0.05
@@ -126,7 +154,18 @@ def test_grpo_raises_reward_and_lowers_entropy(tmp_path):
     variances add). Reward: mean of the last 4 steps minus the first 4, SE from the per-step SEs
     (independent fresh samples). Both one-sided at 3 SE (p = 0.0013 under "nothing changes").
     """
-    argv = ["--steps", "16", "--eval-prompts", "16", "--measure-prompts", "64", "--seed", "0", "--out", str(tmp_path)]
+    argv = [
+        "--steps",
+        "16",
+        "--eval-prompts",
+        "16",
+        "--measure-prompts",
+        "64",
+        "--seed",
+        "0",
+        "--out",
+        str(tmp_path),
+    ]
     assert demo.main(argv) == 0
     doc = json.loads((tmp_path / "demo.json").read_text())
     s, rows = doc["summary"], doc["steps"]
@@ -149,13 +188,31 @@ def test_help_lists_every_option(capsys):
         demo.main(["--help"])
     assert exit_.value.code == 0
     text = capsys.readouterr().out
-    for option in ("--steps", "--seed", "--arch", "--layers", "--width", "--update-prompts", "--eval-prompts",
-                   "--group-size", "--lr", "--out", "--device"):
+    for option in (
+        "--steps",
+        "--seed",
+        "--arch",
+        "--layers",
+        "--width",
+        "--update-prompts",
+        "--eval-prompts",
+        "--group-size",
+        "--lr",
+        "--out",
+        "--device",
+    ):
         assert option in text
 
 
-@pytest.mark.parametrize("args, message", [(["--group-size", "1"], "--group-size"), (["--steps", "0"], "--steps"),
-                                           (["--lr", "nan"], "--lr"), (["--eval-prompts", "1"], "--eval-prompts")])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--group-size", "1"], "--group-size"),
+        (["--steps", "0"], "--steps"),
+        (["--lr", "nan"], "--lr"),
+        (["--eval-prompts", "1"], "--eval-prompts"),
+    ],
+)
 def test_bad_options_are_refused(args, message, capsys):
     with pytest.raises(SystemExit) as exit_:
         demo.main(args)

@@ -35,18 +35,22 @@ def test_guarded_pair_writes_its_files_and_scaled_steps_sit_on_the_budget(tmp_pa
     assert img.ndim == 3 and img.shape[1] > 1000
     rows = json.loads((tmp_path / "guarded" / "demo.json").read_text())["steps"]
     assert [float(r["guard_scale"]) for r in read_csv(tmp_path / "guarded" / "steps.csv")] == [
-        r["guard_scale"] for r in rows]
+        r["guard_scale"] for r in rows
+    ]
     scaled = [r for r in rows if r["guard_reason"] == "scaled"]
     assert scaled, "the budget must bind on at least one step of this seed"
     for r in rows:
         # The demo forecasts with the second order, so the guard's forecast at scale c is
-        # c * delta_h1 + c^2 * delta_h2, and its bound at c = 1 is the full step's forecast2 - z * forecast2_se.
+        # c * delta_h1 + c^2 * delta_h2, and its bound at c = 1 is the full step's
+        # forecast2 - z * forecast2_se.
         full_bound = r["forecast2"] - Z_ONE_SIDED * r["forecast2_se"]
         if r["guard_reason"] == "scaled":
             c = r["guard_scale"]
             assert 0 < c < 1 and full_bound < -budget
             assert r["guard_bound"] == pytest.approx(-budget, rel=1e-9)  # the budget equation, solved
-            assert r["guard_bound"] == pytest.approx(r["guard_forecast"] - Z_ONE_SIDED * r["guard_se"], rel=1e-12)
+            assert r["guard_bound"] == pytest.approx(
+                r["guard_forecast"] - Z_ONE_SIDED * r["guard_se"], rel=1e-12
+            )
             assert r["guard_forecast"] == pytest.approx(c * r["forecast"] + c * c * r["delta_h2"], rel=1e-12)
         else:
             assert r["guard_scale"] == 1 and full_bound >= -budget

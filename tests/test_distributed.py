@@ -41,8 +41,13 @@ def _free_port() -> int:
 
 def _rank_entry(rank: int, fn, port: int, world: int) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=PG_TIMEOUT_S))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=PG_TIMEOUT_S),
+    )
     try:
         fn(rank, world)
     finally:
@@ -51,8 +56,9 @@ def _rank_entry(rank: int, fn, port: int, world: int) -> None:
 
 def _launch(fn, world: int = 2) -> None:
     """Run ``fn(rank, world)`` on ``world`` spawned ranks; an exception on a rank fails the test."""
-    ctx = mp.start_processes(_rank_entry, args=(fn, _free_port(), world), nprocs=world, join=False,
-                             start_method="spawn")
+    ctx = mp.start_processes(
+        _rank_entry, args=(fn, _free_port(), world), nprocs=world, join=False, start_method="spawn"
+    )
     deadline = time.monotonic() + TEST_DEADLINE_S
     while not ctx.join(timeout=1.0):  # raises ProcessRaisedException with the rank's traceback
         if time.monotonic() > deadline:
@@ -65,7 +71,9 @@ def _launch(fn, world: int = 2) -> None:
 def _close(a: float, b: float, what: str) -> None:
     assert a is not None and b is not None, what
     assert math.isfinite(a) and math.isfinite(b), (what, a, b)
-    assert abs(a - b) <= REL * abs(b), f"{what}: 2 ranks {a!r} vs 1 process {b!r} (rel {abs(a - b) / abs(b):.2e})"
+    assert abs(a - b) <= REL * abs(b), (
+        f"{what}: 2 ranks {a!r} vs 1 process {b!r} (rel {abs(a - b) / abs(b):.2e})"
+    )
 
 
 def _close_vec(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
@@ -76,7 +84,9 @@ def _close_vec(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
     assert err <= REL * float(b.norm()), f"{what}: |diff| {err:.3e} vs |ref| {float(b.norm()):.3e}"
 
 
-def _assert_same_as_single(dist_r: ep.ProbeResult, ref: ep.ProbeResult, truth_ref: ep.TruthResult | None = None) -> None:
+def _assert_same_as_single(
+    dist_r: ep.ProbeResult, ref: ep.ProbeResult, truth_ref: ep.TruthResult | None = None
+) -> None:
     """The forecast against one process on all units; the truth against ``truth_ref``, the one-process
     truth along the *same* v (``run(direction=v)``); v itself is compared separately, to 1e-6.
 
@@ -148,16 +158,48 @@ def _split_cases(rank: int, world: int) -> None:
 
     cases = [
         # (name, U units of rank 0 / rank 1, E units of rank 0 / rank 1, config, truth)
-        ("even, adam-preconditioned, second order", ([0, 1], [2, 3]), ([0, 1], [2, 3]),
-         ep.ProbeConfig(second_order=True), True),
-        ("uneven 3+1, optimizer-step clipped, DAPO token-mean", ([0, 1, 2], [3]), ([0, 1, 2], [3]),
-         ep.ProbeConfig(direction="optimizer-step", max_grad_norm=0.05, loss_aggregation="token-mean",
-                        truth_alphas=(0.5, 1.0), microbatch_units=2), True),
-        ("E 4+0, U 1+3, sgd, Dr. GRPO (constant length), rloo", ([0], [1, 2, 3]), ([0, 1, 2, 3], []),
-         ep.ProbeConfig(direction="sgd", lr=0.1, loss_aggregation="seq-mean-token-sum-norm", norm_length=9,
-                        advantage_estimator="rloo", entropy_weighting="sum", second_order=True), True),
-        ("uneven 1+3, jvp engine (X half sums all-reduced)", ([0], [1, 2, 3]), ([0, 1, 2], [3]),
-         ep.ProbeConfig(engine="jvp", microbatch_units=2), True),
+        (
+            "even, adam-preconditioned, second order",
+            ([0, 1], [2, 3]),
+            ([0, 1], [2, 3]),
+            ep.ProbeConfig(second_order=True),
+            True,
+        ),
+        (
+            "uneven 3+1, optimizer-step clipped, DAPO token-mean",
+            ([0, 1, 2], [3]),
+            ([0, 1, 2], [3]),
+            ep.ProbeConfig(
+                direction="optimizer-step",
+                max_grad_norm=0.05,
+                loss_aggregation="token-mean",
+                truth_alphas=(0.5, 1.0),
+                microbatch_units=2,
+            ),
+            True,
+        ),
+        (
+            "E 4+0, U 1+3, sgd, Dr. GRPO (constant length), rloo",
+            ([0], [1, 2, 3]),
+            ([0, 1, 2, 3], []),
+            ep.ProbeConfig(
+                direction="sgd",
+                lr=0.1,
+                loss_aggregation="seq-mean-token-sum-norm",
+                norm_length=9,
+                advantage_estimator="rloo",
+                entropy_weighting="sum",
+                second_order=True,
+            ),
+            True,
+        ),
+        (
+            "uneven 1+3, jvp engine (X half sums all-reduced)",
+            ([0], [1, 2, 3]),
+            ([0, 1, 2], [3]),
+            ep.ProbeConfig(engine="jvp", microbatch_units=2),
+            True,
+        ),
     ]
     for name, u_split, e_split, cfg, truth in cases:
         probe = ep.EntropyProbe(ddp, optimizer, cfg)
@@ -183,8 +225,9 @@ def _split_cases(rank: int, world: int) -> None:
     # A fixed direction reused on a rank-split E (the "reuse U across E shards" pattern).
     cfg = ep.ProbeConfig(lr=0.05)
     v = ep.EntropyProbe(ddp, optimizer, cfg).update_direction(_share(U, [[0, 1, 2], [3]][rank]))
-    result = ep.EntropyProbe(ddp, optimizer, cfg).run(eval_batch=_share(E, [[0], [1, 2, 3]][rank]), direction=v,
-                                                     truth=True)
+    result = ep.EntropyProbe(ddp, optimizer, cfg).run(
+        eval_batch=_share(E, [[0], [1, 2, 3]][rank]), direction=v, truth=True
+    )
     ref = ep.EntropyProbe(policy, optimizer, cfg).run(eval_batch=E, direction=v, truth=True)
     _assert_same_as_single(result, ref, ref.truth)
     assert result.se_total is None and result.n_update_units == 0
@@ -293,32 +336,66 @@ def _disagreement_cases(rank: int, world: int) -> None:
     both = lambda msg: {0: msg, 1: msg}  # noqa: E731
 
     # different configs
-    _expect_raise(rank, lambda: ep.EntropyProbe(ddp, None, ep.ProbeConfig(lr=0.1 * (1 + rank))).run(U, E),
-                  both("disagree on ProbeConfig"), "config")
+    _expect_raise(
+        rank,
+        lambda: ep.EntropyProbe(ddp, None, ep.ProbeConfig(lr=0.1 * (1 + rank))).run(U, E),
+        both("disagree on ProbeConfig"),
+        "config",
+    )
     # one rank forecasts U, the other a given direction; or one asks for the truth
-    _expect_raise(rank, lambda: ep.EntropyProbe(ddp, None, cfg).run(
-        U if rank == 0 else None, E, direction=None if rank == 0 else v), both("disagree on the call"), "mode")
-    _expect_raise(rank, lambda: ep.EntropyProbe(ddp, None, cfg).run(U, E, truth=rank == 1),
-                  both("disagree on the call"), "truth")
+    _expect_raise(
+        rank,
+        lambda: ep.EntropyProbe(ddp, None, cfg).run(
+            U if rank == 0 else None, E, direction=None if rank == 0 else v
+        ),
+        both("disagree on the call"),
+        "mode",
+    )
+    _expect_raise(
+        rank,
+        lambda: ep.EntropyProbe(ddp, None, cfg).run(U, E, truth=rank == 1),
+        both("disagree on the call"),
+        "truth",
+    )
     # a direction of a different shape on rank 1: it names the tensor, rank 0 names rank 1
     bad = dict(v, bias=torch.zeros(7)) if rank == 1 else v
-    _expect_raise(rank, lambda: ep.EntropyProbe(ddp, None, cfg).run(eval_batch=E, direction=bad),
-                  {0: r"rank\(s\) \[1\] of 2 failed their input checks", 1: r"direction\['bias'\] has shape"},
-                  "direction shape")
+    _expect_raise(
+        rank,
+        lambda: ep.EntropyProbe(ddp, None, cfg).run(eval_batch=E, direction=bad),
+        {0: r"rank\(s\) \[1\] of 2 failed their input checks", 1: r"direction\['bias'\] has shape"},
+        "direction shape",
+    )
     # directions of the same shape but different values
-    _expect_raise(rank, lambda: ep.EntropyProbe(ddp, None, cfg).run(
-        eval_batch=E, direction={n: t * (1 + rank) for n, t in v.items()}), both("disagree on direction"),
-        "direction values")
+    _expect_raise(
+        rank,
+        lambda: ep.EntropyProbe(ddp, None, cfg).run(
+            eval_batch=E, direction={n: t * (1 + rank) for n, t in v.items()}
+        ),
+        both("disagree on direction"),
+        "direction values",
+    )
     # different numbers of trainable parameters
     model.bias.requires_grad_(rank == 0)
-    _expect_raise(rank, lambda: ep.EntropyProbe(ddp, None, cfg).run(U, E),
-                  both("disagree on trainable parameters"), "parameters")
-    _expect_raise(rank, lambda: ep.EntropyProbe(ddp, None, cfg).update_direction(U),
-                  both("disagree on trainable parameters"), "parameters, update_direction")
+    _expect_raise(
+        rank,
+        lambda: ep.EntropyProbe(ddp, None, cfg).run(U, E),
+        both("disagree on trainable parameters"),
+        "parameters",
+    )
+    _expect_raise(
+        rank,
+        lambda: ep.EntropyProbe(ddp, None, cfg).update_direction(U),
+        both("disagree on trainable parameters"),
+        "parameters, update_direction",
+    )
     model.bias.requires_grad_(True)
     # no rank holds E units: every rank says so
-    _expect_raise(rank, lambda: ep.EntropyProbe(ddp, None, cfg).run(U, None),
-                  both("no rank holds any evaluation unit"), "no E")
+    _expect_raise(
+        rank,
+        lambda: ep.EntropyProbe(ddp, None, cfg).run(U, None),
+        both("no rank holds any evaluation unit"),
+        "no E",
+    )
 
     # After all that the process group is healthy and an agreeing call works.
     _same_on_every_rank(ep.EntropyProbe(ddp, None, cfg).run(U, E, truth=True))

@@ -32,7 +32,7 @@ def tiny_model(kind: str) -> torch.nn.Module:
 
 
 def padded_batch(n_units: int, group: int, padding: str, seed: int) -> RolloutBatch:
-    """Prompts of 1..4 and responses of 1..6 tokens, padded on the ``padding`` side (same rows either side)."""
+    """Prompts of 1..4 and responses of 1..6 tokens, padded on the ``padding`` side (same rows each side)."""
     return random_batch(n_units, group, vocab=VOCAB, seed=seed, side=padding, max_prompt=4, max_response=6)
 
 
@@ -58,8 +58,12 @@ def assert_engines_agree(model, batch, microbatch_units: int, temperature: float
     v = random_direction(params)
     for weighting in ("token-mean", "sum"):
         for estimator in ("unbiased", "seed"):
-            cfg = ProbeConfig(temperature=temperature, entropy_weighting=weighting, x_estimator=estimator,
-                              microbatch_units=microbatch_units)
+            cfg = ProbeConfig(
+                temperature=temperature,
+                entropy_weighting=weighting,
+                x_estimator=estimator,
+                microbatch_units=microbatch_units,
+            )
             halves = torch.arange(batch.n_units) % 2  # the two halves of E that se_total projects on
             bwd = backward.eval_projections(model, params, batch, v, cfg, halves)
             fwd = jvp.eval_projections(model, params, batch, v, cfg, halves)
@@ -182,6 +186,11 @@ def test_hooks_restored_after_an_error():
     with torch.no_grad():
         model.lm_head.weight[3] = float("nan")  # every logit row gets a NaN entry
     with pytest.raises(ValueError, match=r"model logits are not finite for response 0 of unit"):
-        jvp.eval_projections(model, params, batch, random_direction(params),
-                             ProbeConfig(microbatch_units=2, entropy_weighting="sum"))
+        jvp.eval_projections(
+            model,
+            params,
+            batch,
+            random_direction(params),
+            ProbeConfig(microbatch_units=2, entropy_weighting="sum"),
+        )
     assert list(model.get_input_embeddings()._forward_hooks.items()) == embedding_hooks

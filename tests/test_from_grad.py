@@ -285,7 +285,6 @@ def test_eval_rows_without_response_are_dropped_and_counted():
         probe.run(update_batch=masked, eval_batch=kept)
 
 
-
 def test_the_core_imports_without_trl():
     """``trl`` is an optional extra: ``import entropy_probe`` loads neither it nor the integrations."""
     code = "import sys, entropy_probe; assert not {'trl', 'entropy_probe.integrations'} & set(sys.modules)"

@@ -4,9 +4,10 @@
    from_grad=True)`` after the trainer's backward (each rank its own rollouts, FSDP2 averages) equals
    one process on the unsharded model with the same weights, the same total ``.grad``, the same Adam
    state and all E units, to 1e-6 relative for delta_h1, se_cond_e, the jackknife, every s_n and the
-   truth (in-place step of the shards, restored), for the three direction rules; after a real ``optimizer.step()`` on both, ``measure_change`` agrees to
-   1e-6. The caller's parameter, ``.grad`` and optimizer state shards are bit-identical after every
-   call (the ``.grad`` objects themselves are put back), also when the lock-step pass raises. The
+   truth (in-place step of the shards, restored), for the three direction rules; after a real
+   ``optimizer.step()`` on both, ``measure_change`` agrees to 1e-6. The caller's parameter, ``.grad``
+   and optimizer state shards are bit-identical after every call (the ``.grad`` objects themselves
+   are put back), also when the lock-step pass raises. The
    unsupported modes (update batch, given direction, second order, a rank without E, gradient
    sync off) raise a ValueError on every rank. FSDP1 cannot be built on the CPU ("FSDP needs a
    non-CPU accelerator device"), so its refusal is not tested here.
@@ -59,12 +60,20 @@ def _sharded_optimizer(model, optimizer, rank: int, world: int):
     for name, p in model.named_parameters():
         shards[name] = torch.nn.Parameter(shard_of(p.detach(), rank, world).clone())
     group = optimizer.param_groups[0]
-    opt = torch.optim.AdamW(list(shards.values()), lr=group["lr"], betas=group["betas"], eps=group["eps"],
-                            weight_decay=group["weight_decay"])
+    opt = torch.optim.AdamW(
+        list(shards.values()),
+        lr=group["lr"],
+        betas=group["betas"],
+        eps=group["eps"],
+        weight_decay=group["weight_decay"],
+    )
     for (name, p), s in zip(model.named_parameters(), shards.values()):
         st = optimizer.state[p]
-        opt.state[s] = {"step": st["step"].clone(), "exp_avg": shard_of(st["exp_avg"], rank, world).clone(),
-                        "exp_avg_sq": shard_of(st["exp_avg_sq"], rank, world).clone()}
+        opt.state[s] = {
+            "step": st["step"].clone(),
+            "exp_avg": shard_of(st["exp_avg"], rank, world).clone(),
+            "exp_avg_sq": shard_of(st["exp_avg_sq"], rank, world).clone(),
+        }
     return shards, opt
 
 
@@ -90,11 +99,18 @@ def _arithmetic(rank: int, world: int) -> None:
         g_shards = {n: shard_of(g, rank, world).clone() for n, g in grad_j.items()}
         factor = clip_coefficient(comm, g_shards, clip) if kind == "optimizer-step" else 1.0
         shard_params, shard_opt = _sharded_optimizer(model, optimizer, rank, world)
-        v = build_direction(kind, {n: g.mul_(factor) for n, g in g_shards.items()}, shard_params, shard_opt,
-                            probe.lr, max_grad_norm=None).v
+        v = build_direction(
+            kind,
+            {n: g.mul_(factor) for n, g in g_shards.items()},
+            shard_params,
+            shard_opt,
+            probe.lr,
+            max_grad_norm=None,
+        ).v
         for name, t in v.items():  # elementwise on the shards: the slice of the whole v
-            torch.testing.assert_close(t, shard_of(v_ref[name], rank, world), rtol=REL, atol=REL * float(
-                v_ref[name].abs().max()))
+            torch.testing.assert_close(
+                t, shard_of(v_ref[name], rank, world), rtol=REL, atol=REL * float(v_ref[name].abs().max())
+            )
 
         s = []
         for mb in E.microbatches(1):  # X_n, sliced as FSDP2's reduce-scatter would hand it over
@@ -103,7 +119,9 @@ def _arithmetic(rank: int, world: int) -> None:
             x = grad_of((a * lp.seq + e * lp.weighted).sum(), params)
             s.append(global_dot(comm, {n: shard_of(g, rank, world) for n, g in x.items()}, v))
         s = torch.stack(s)  # (B_E,)
-        torch.testing.assert_close(s.double(), ref.per_unit, rtol=REL, atol=REL * float(ref.per_unit.abs().max()))
+        torch.testing.assert_close(
+            s.double(), ref.per_unit, rtol=REL, atol=REL * float(ref.per_unit.abs().max())
+        )
         _close(probe.lr * float(s.double().mean()), ref.delta_h1, f"{kind}: delta_h1")
         _close(conditional_variance(moments_update(s), probe.lr)[1], ref.se_cond_e, f"{kind}: se_cond_e")
 
@@ -128,7 +146,7 @@ def _trainer_backward(model, batch: ep.RolloutBatch) -> None:
 
 def _snapshot(params: dict, optimizer) -> list[torch.Tensor]:
     """Every local tensor of the caller's state: parameter shards, .grad shards, optimizer state shards."""
-    local = lambda t: t.to_local() if hasattr(t, "to_local") else t
+    local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731
     out = [local(p.detach()).clone() for p in params.values()]
     out += [local(p.grad).clone() for p in params.values()]
     out += [local(x).clone() for st in optimizer.state.values() for x in st.values()]
@@ -170,14 +188,20 @@ def _fsdp_equals_one_process(rank: int, world: int, build) -> None:
         cfg = ep.ProbeConfig(direction=kind, microbatch_units=1, truth_alphas=(0.0, 0.5, 1.0))
         before = _snapshot(params, opt)
         grads = [p.grad for p in params.values()]
-        got = ep.EntropyProbe(model, opt, cfg).run(eval_batch=E.select_units(units), from_grad=True, truth=True)
+        got = ep.EntropyProbe(model, opt, cfg).run(
+            eval_batch=E.select_units(units), from_grad=True, truth=True
+        )
         _assert_same_state(before, _snapshot(params, opt))
-        assert all(p.grad is g for p, g in zip(params.values(), grads)), "the caller's .grad objects were replaced"
+        assert all(p.grad is g for p, g in zip(params.values(), grads)), (
+            "the caller's .grad objects were replaced"
+        )
         want = ep.EntropyProbe(ref, opt_ref, cfg).run(eval_batch=E, from_grad=True, truth=True)
         assert want.delta_h1 != 0 and got.n_eval_units == want.n_eval_units == 6
         for k in ("delta_h1", "se_cond_e", "se_jackknife", "entropy"):
             _close(getattr(got, k), getattr(want, k), f"{kind}: {k}")
-        torch.testing.assert_close(got.per_unit, want.per_unit, rtol=REL, atol=REL * float(want.per_unit.abs().max()))
+        torch.testing.assert_close(
+            got.per_unit, want.per_unit, rtol=REL, atol=REL * float(want.per_unit.abs().max())
+        )
         assert torch.equal(got.eval_unit_ids, want.eval_unit_ids)
         assert got.truth.delta_h_at[0] == 0.0 and want.truth.delta_h != 0  # alpha = 0: every weight exactly 1
         for k in ("delta_h", "se", "ess", "se_diff", "slope"):
@@ -186,8 +210,10 @@ def _fsdp_equals_one_process(rank: int, world: int, build) -> None:
     opt.step()
     opt_ref.step()
     before = _snapshot(params, opt)
-    got_m, want_m = ep.EntropyProbe(model, opt, cfg).measure_change(got), ep.EntropyProbe(
-        ref, opt_ref, cfg).measure_change(want)
+    got_m, want_m = (
+        ep.EntropyProbe(model, opt, cfg).measure_change(got),
+        ep.EntropyProbe(ref, opt_ref, cfg).measure_change(want),
+    )
     _assert_same_state(before, _snapshot(params, opt))
     assert want_m.delta_h != 0
     for k in ("delta_h", "se", "ess", "se_diff"):
@@ -210,8 +236,12 @@ def _unsupported(model, opt, E, U, params) -> None:
     probe = ep.EntropyProbe(model, opt, ep.ProbeConfig(direction="sgd"))
     _raises(lambda: probe.run(U, E), "FSDP2", "from_grad=True")
     _raises(lambda: probe.update_direction(U), "FSDP2", "from_grad=True")
-    _raises(lambda: ep.EntropyProbe(model, opt, ep.ProbeConfig(second_order=True)).run(eval_batch=E, from_grad=True),
-            "second_order")
+    _raises(
+        lambda: ep.EntropyProbe(model, opt, ep.ProbeConfig(second_order=True)).run(
+            eval_batch=E, from_grad=True
+        ),
+        "second_order",
+    )
     _raises(lambda: probe.run(eval_batch=None, from_grad=True), "every rank must pass an eval_batch")
     model.set_requires_gradient_sync(False)  # gradient accumulation without communication
     before = _snapshot(params, opt)

@@ -37,8 +37,9 @@ def stop_at_once(prompt, response) -> float:
 def toy_setup(lr: float = 3e-3, n_update: int = 32):
     policy = TabularPolicy(seed=0, scale=0.5)
     U = sample_enumerated(policy, n_units=n_update, seed=1, reward_fn=stop_at_once)
-    probe = ep.EntropyProbe(policy, config=ep.ProbeConfig(lr=lr, direction="adam-preconditioned",
-                                                          unconditional_se=False))
+    probe = ep.EntropyProbe(
+        policy, config=ep.ProbeConfig(lr=lr, direction="adam-preconditioned", unconditional_se=False)
+    )
     return policy, probe, probe.update_direction(U)
 
 
@@ -48,10 +49,18 @@ def lower_bound(result, c: float, level: float) -> float:
 
 
 # ---- arguments ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("kwargs, field", [
-    ({"max_drop": 0.0}, "max_drop"), ({"max_drop": -1e-3}, "max_drop"), ({"max_drop": math.nan}, "max_drop"),
-    ({"max_drop": math.inf}, "max_drop"), ({"max_drop": 1e-3, "level": 0.0}, "level"),
-    ({"max_drop": 1e-3, "level": 1.0}, "level"), ({"max_drop": 1e-3, "level": 1.5}, "level")])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"max_drop": 0.0}, "max_drop"),
+        ({"max_drop": -1e-3}, "max_drop"),
+        ({"max_drop": math.nan}, "max_drop"),
+        ({"max_drop": math.inf}, "max_drop"),
+        ({"max_drop": 1e-3, "level": 0.0}, "level"),
+        ({"max_drop": 1e-3, "level": 1.0}, "level"),
+        ({"max_drop": 1e-3, "level": 1.5}, "level"),
+    ],
+)
 def test_bad_arguments_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         ep.EntropyGuard(**kwargs)
@@ -85,8 +94,12 @@ def test_first_order_scale_solves_the_budget_equation_and_is_the_probe_at_the_sc
     assert abs(lower_bound(r, d.scale, level) + max_drop) <= 1e-9  # binding: bound at c == -max_drop
     assert lower_bound(r, d.scale * (1 + 1e-6), level) < -max_drop  # and c is the largest such scale
     assert math.isclose(d.bound, -max_drop, rel_tol=1e-9) and math.isclose(d.forecast, d.scale * r.delta_h1)
-    assert d.to_dict() == {"entropy_probe/guard_scale": d.scale, "entropy_probe/guard_forecast": d.forecast,
-                           "entropy_probe/guard_bound": d.bound, "entropy_probe/guard_se": d.se}
+    assert d.to_dict() == {
+        "entropy_probe/guard_scale": d.scale,
+        "entropy_probe/guard_forecast": d.forecast,
+        "entropy_probe/guard_bound": d.bound,
+        "entropy_probe/guard_se": d.se,
+    }
     # second method: the probe itself at lr c * eta forecasts c times the change with c times the SE,
     # and the guard finds that step exactly on budget
     scaled = ep.EntropyProbe(policy, config=dataclasses.replace(probe.config, lr=d.scale * r.lr))
@@ -106,8 +119,10 @@ def test_scale_one_when_within_budget_raising_entropy_or_no_step():
     tight = ep.EntropyGuard(max_drop=1e-9)
     up = dataclasses.replace(r, delta_h1=-r.delta_h1, se_cond_e=abs(r.delta_h1) / 10)
     assert (tight.decide(up).scale, tight.decide(up).reason) == (1.0, RAISES)
-    for flat in (dataclasses.replace(r, lr=0.0, delta_h1=0.0, se_cond_e=0.0),
-                 dataclasses.replace(r, delta_h1=0.0, se_cond_e=0.0)):
+    for flat in (
+        dataclasses.replace(r, lr=0.0, delta_h1=0.0, se_cond_e=0.0),
+        dataclasses.replace(r, delta_h1=0.0, se_cond_e=0.0),
+    ):
         d = tight.decide(flat)
         assert (d.scale, d.reason, d.forecast, d.bound) == (1.0, NO_STEP, 0.0, 0.0)
 
@@ -141,8 +156,10 @@ def second_order_bound(r: SecondOrderResult, c: float, level: float) -> float:
     return float(x.mean()) - NormalDist().inv_cdf(level) * float(x.std()) / math.sqrt(len(x))
 
 
-@pytest.mark.parametrize("seed, s_mean, q_mean, rho", [(0, -1.0, -3.0, 0.5), (1, -1.0, 2.0, -0.3),
-                                                         (2, -2.0, 1.5, 0.9), (3, -0.5, -1.0, 0.0)])
+@pytest.mark.parametrize(
+    "seed, s_mean, q_mean, rho",
+    [(0, -1.0, -3.0, 0.5), (1, -1.0, 2.0, -0.3), (2, -2.0, 1.5, 0.9), (3, -0.5, -1.0, 0.0)],
+)
 def test_second_order_scale_solves_the_budget_equation(seed, s_mean, q_mean, rho):
     gen = torch.Generator().manual_seed(seed)
     z1, z2 = torch.randn(2, 24, generator=gen, dtype=torch.float64)
@@ -191,8 +208,10 @@ def test_second_order_takes_the_step_not_the_path():
 
 def test_second_order_without_per_unit_q_bounds_the_se_by_the_sum():
     gen = torch.Generator().manual_seed(4)
-    s, q = -1 + torch.randn(24, generator=gen, dtype=torch.float64), -2 + torch.randn(24, generator=gen,
-                                                                                       dtype=torch.float64)
+    s, q = (
+        -1 + torch.randn(24, generator=gen, dtype=torch.float64),
+        -2 + torch.randn(24, generator=gen, dtype=torch.float64),
+    )
     full = SecondOrderResult(s, q, lr=0.4)
     se2 = 0.4**2 / 2 * float(q.std()) / math.sqrt(24)
 
@@ -226,8 +245,9 @@ class _Fixed:
 def warm_model_and_optimizer(make_optimizer):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
-    optimizer = make_optimizer([{"params": model[0].parameters(), "lr": 3e-2},
-                                {"params": model[2].parameters(), "lr": 1e-2}])
+    optimizer = make_optimizer(
+        [{"params": model[0].parameters(), "lr": 3e-2}, {"params": model[2].parameters(), "lr": 1e-2}]
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.9**step)  # sets the lrs
     x, y = torch.randn(16, 5, dtype=torch.float64), torch.randn(16, 3, dtype=torch.float64)
 
@@ -397,5 +417,6 @@ def test_readme_guard_example_runs_after_the_readme_example():
     decision = scope["decision"]
     assert decision.reason in (SCALED, WITHIN, RAISES, NO_STEP) and 0 < decision.scale <= 1
     assert decision.bound >= -1e-3 - 1e-12  # the step taken is within the README's budget at its bound
-    assert optimizer.param_groups[0]["lr"] == lr and any(not torch.equal(b, p) for b, p in
-                                                         zip(before, model.parameters()))
+    assert optimizer.param_groups[0]["lr"] == lr and any(
+        not torch.equal(b, p) for b, p in zip(before, model.parameters())
+    )

@@ -28,9 +28,19 @@ K_ONE_SIDED = 2.33  # one-sided 1% normal quantile: the binomial tolerance of ev
 def _result(s: torch.Tensor, lr: float = 1.0) -> ep.ProbeResult:
     s = s.double()
     var = lr * lr * float(s.var()) / len(s)
-    return ep.ProbeResult(delta_h1=lr * float(s.mean()), se_cond_e=math.sqrt(var), var_cond_e=var,
-                          se_jackknife=math.sqrt(var), se_total=None, entropy=0.0, n_eval_units=len(s),
-                          n_update_units=0, lr=lr, per_unit=s, eval_unit_ids=torch.arange(len(s)))
+    return ep.ProbeResult(
+        delta_h1=lr * float(s.mean()),
+        se_cond_e=math.sqrt(var),
+        var_cond_e=var,
+        se_jackknife=math.sqrt(var),
+        se_total=None,
+        entropy=0.0,
+        n_eval_units=len(s),
+        n_update_units=0,
+        lr=lr,
+        per_unit=s,
+        eval_unit_ids=torch.arange(len(s)),
+    )
 
 
 @pytest.mark.parametrize("n,target", [(16, 0.92), (32, 0.93)])
@@ -39,7 +49,7 @@ def test_interval_covers_strongly_skewed_means(n, target):
     draws, mu = 400, -2.0  # E[-X^2] = -2 for X ~ Exp(1)
     covered = normal = 0
     for _ in range(draws):
-        r = _result(-torch.empty(n, dtype=torch.float64).exponential_(generator=gen) ** 2)
+        r = _result(-(torch.empty(n, dtype=torch.float64).exponential_(generator=gen) ** 2))
         lo, hi = r.interval(0.95)
         covered += lo <= mu <= hi
         lo, hi = r.interval(z=Z95)
@@ -50,8 +60,10 @@ def test_interval_covers_strongly_skewed_means(n, target):
     assert normal / draws < floor  # the case has teeth: the plain normal interval fails it
 
 
-@pytest.mark.parametrize("weighting,temperature,eval_units,target", [
-    ("sum", 0.7, 16, 0.92), ("sum", 0.7, 32, 0.93), ("token-mean", 1.0, 32, 0.93)])
+@pytest.mark.parametrize(
+    "weighting,temperature,eval_units,target",
+    [("sum", 0.7, 16, 0.92), ("sum", 0.7, 32, 0.93), ("token-mean", 1.0, 32, 0.93)],
+)
 def test_interval_covers_the_exact_change_on_the_toy_policy(weighting, temperature, eval_units, target):
     covered, n = interval_coverage(weighting, temperature, eval_units, n_draws=200, seed=0)
     check = coverage_floor_check("toy", covered, n, target, K_ONE_SIDED)  # floor: target - 2.33 binomial SEs

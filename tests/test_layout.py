@@ -11,8 +11,14 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "entropy_probe"
-APPLICATIONS = ("entropy_probe.demo", "entropy_probe.validation", "entropy_probe.integrations",
-                "entropy_probe.guard", "entropy_probe.cli", "entropy_probe.__main__")
+APPLICATIONS = (
+    "entropy_probe.demo",
+    "entropy_probe.validation",
+    "entropy_probe.integrations",
+    "entropy_probe.guard",
+    "entropy_probe.cli",
+    "entropy_probe.__main__",
+)
 MAX_LINES = 400
 
 
@@ -50,7 +56,9 @@ def is_application(name: str) -> bool:
 
 
 def test_no_module_is_longer_than_the_limit():
-    long = {module_name(p): n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    long = {
+        module_name(p): n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > MAX_LINES
+    }
     assert not long, f"modules over {MAX_LINES} lines: {long}"
 
 
@@ -64,7 +72,7 @@ def test_there_is_no_import_circle():
             if state.get(nxt) == 1:
                 # A package __init__ re-exporting its own submodules is not a circle of meaning.
                 if not nxt.startswith(node + ".") and not node.startswith(nxt + "."):
-                    raise AssertionError("import circle: " + " -> ".join(path[path.index(nxt):] + [nxt]))
+                    raise AssertionError("import circle: " + " -> ".join(path[path.index(nxt) :] + [nxt]))
             elif nxt not in state:
                 visit(nxt, path + [nxt])
         state[node] = 2
@@ -76,8 +84,11 @@ def test_there_is_no_import_circle():
 
 def test_the_core_never_imports_an_application():
     g = graph()
-    wrong = {name: sorted(m for m in deps if is_application(m))
-             for name, deps in g.items() if not is_application(name) and name != "entropy_probe"}
+    wrong = {
+        name: sorted(m for m in deps if is_application(m))
+        for name, deps in g.items()
+        if not is_application(name) and name != "entropy_probe"
+    }
     assert not {k: v for k, v in wrong.items() if v}, wrong
 
 

@@ -27,8 +27,18 @@ ALPHA = 1e-3
 
 def tiny_gpt2(vocab: int = 6, seed: int = 0) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=vocab, n_positions=16, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.0,
-                     embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=None, eos_token_id=vocab - 1)
+    cfg = GPT2Config(
+        vocab_size=vocab,
+        n_positions=16,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=None,
+        eos_token_id=vocab - 1,
+    )
     model = GPT2LMHeadModel(cfg)
     with torch.no_grad():  # spread the logits so the distributions are far from uniform
         model.transformer.wte.weight.mul_(3.0)
@@ -50,7 +60,9 @@ def assert_same_batch(a: RolloutBatch, b: RolloutBatch) -> None:
 
 
 # ---- batch layout --------------------------------------------------------------------------------
-@pytest.mark.parametrize("make", [lambda: TabularPolicy(seed=1), lambda: tiny_gpt2()], ids=["loop", "generate"])
+@pytest.mark.parametrize(
+    "make", [lambda: TabularPolicy(seed=1), lambda: tiny_gpt2()], ids=["loop", "generate"]
+)
 def test_reproducible_and_rng_and_mode_untouched(make):
     model = make()
     model.train()
@@ -84,8 +96,16 @@ def test_left_padding_group_ids_and_rewards():
         seen.append((prompt, response))
         return 10.0 * prompt[0] + len(response)
 
-    b = sample_rollouts(model, prompts, group_size=4, max_new_tokens=4, eos_token_id=5, reward_fn=reward,
-                        seed=0, pad_token_id=0)
+    b = sample_rollouts(
+        model,
+        prompts,
+        group_size=4,
+        max_new_tokens=4,
+        eos_token_id=5,
+        reward_fn=reward,
+        seed=0,
+        pad_token_id=0,
+    )
     width = 3
     assert b.group_ids.tolist() == [0] * 4 + [1] * 4 + [2] * 4
     for row in range(12):
@@ -95,15 +115,23 @@ def test_left_padding_group_ids_and_rewards():
         assert b.input_ids[row, :width].tolist() == [0] * pad + p
         assert b.response_mask[row, :width].sum() == 0  # responses start right after the prompt column
         length = int(b.response_mask[row].sum())
-        assert b.response_mask[row, width:width + length].all()
+        assert b.response_mask[row, width : width + length].all()
         assert float(b.rewards[row]) == 10.0 * p[0] + length  # the reward saw this row's prompt and response
     assert [s[0] for s in seen] == [tuple(prompts[r // 4]) for r in range(12)]
 
 
 def test_eos_ends_a_response_and_padding_follows():
     model = TabularPolicy(seed=2)
-    b = sample_rollouts(model, [[1], [2, 2]], group_size=200, max_new_tokens=3, eos_token_id=EOS,
-                        reward_fn=default_reward, seed=0, pad_token_id=7)
+    b = sample_rollouts(
+        model,
+        [[1], [2, 2]],
+        group_size=200,
+        max_new_tokens=3,
+        eos_token_id=EOS,
+        reward_fn=default_reward,
+        seed=0,
+        pad_token_id=7,
+    )
     width = 2
     n_eos = 0
     for ids, attn, resp in zip(b.input_ids.tolist(), b.attention_mask.tolist(), b.response_mask.tolist()):
@@ -113,7 +141,7 @@ def test_eos_ends_a_response_and_padding_follows():
         n_eos += body[-1] == EOS
         after = list(range(width + len(body), len(ids)))
         assert all(attn[t] == 0 and resp[t] == 0 and ids[t] == 7 for t in after)  # padding after EOS
-        assert attn[width:width + len(body)] == [1] * len(body)
+        assert attn[width : width + len(body)] == [1] * len(body)
     assert 0 < n_eos < b.n_sequences  # both cases occurred
 
 
@@ -121,8 +149,9 @@ def test_a_policy_that_always_stops_gives_one_token_responses():
     model = TabularPolicy(seed=0)
     with torch.no_grad():
         model.table[..., EOS] += 100.0
-    b = sample_rollouts(model, [[1], [2]], group_size=2, max_new_tokens=3, eos_token_id=EOS,
-                        reward_fn=default_reward, seed=0)
+    b = sample_rollouts(
+        model, [[1], [2]], group_size=2, max_new_tokens=3, eos_token_id=EOS, reward_fn=default_reward, seed=0
+    )
     assert b.response_lengths.tolist() == [1, 1, 1, 1]
     assert b.input_ids.shape[1] == 2  # no column left over after the longest response
 
@@ -134,10 +163,20 @@ def test_loop_samples_the_enumerated_distribution(temperature):
     resp = enumerate_responses(policy)
     n_resp = len(resp.responses)
     with torch.no_grad():
-        probs = torch.exp(resp.seq_logprobs(policy, temperature)).reshape(len(policy.prompts), n_resp)  # (P, R)
+        probs = torch.exp(resp.seq_logprobs(policy, temperature)).reshape(
+            len(policy.prompts), n_resp
+        )  # (P, R)
     g = 6000
-    b = sample_rollouts(policy, [list(p) for p in policy.prompts], group_size=g, max_new_tokens=policy.max_len,
-                        eos_token_id=EOS, reward_fn=default_reward, temperature=temperature, seed=11)
+    b = sample_rollouts(
+        policy,
+        [list(p) for p in policy.prompts],
+        group_size=g,
+        max_new_tokens=policy.max_len,
+        eos_token_id=EOS,
+        reward_fn=default_reward,
+        temperature=temperature,
+        seed=11,
+    )
     index = {r: k for k, r in enumerate(resp.responses)}
     counts = torch.zeros_like(probs)
     for row, (ids, m) in enumerate(zip(b.input_ids.tolist(), b.response_mask.tolist())):
@@ -177,8 +216,16 @@ def test_generate_samples_the_policy_over_whole_responses():
         probs = torch.exp(sequence_logprobs(model, exact, temperature, "sum").seq).reshape(len(prompts), -1)
     assert torch.allclose(probs.sum(dim=1), torch.ones(2), atol=1e-5)  # the list is complete
     g = 6000
-    b = sample_rollouts(model, prompts, group_size=g, max_new_tokens=2, eos_token_id=eos,
-                        reward_fn=lambda p, r: 0.0, temperature=temperature, seed=5)
+    b = sample_rollouts(
+        model,
+        prompts,
+        group_size=g,
+        max_new_tokens=2,
+        eos_token_id=eos,
+        reward_fn=lambda p, r: 0.0,
+        temperature=temperature,
+        seed=5,
+    )
     index = {r: k for k, r in enumerate(responses)}
     counts = torch.zeros_like(probs)
     for row, (ids, m) in enumerate(zip(b.input_ids.tolist(), b.response_mask.tolist())):
@@ -207,12 +254,19 @@ def test_generate_first_token_matches_softmax_of_the_logits(defaults):
         before = model.generation_config.to_dict()
     prompts = [[2], [0, 1, 4, 4]]
     g = 4000
-    b = sample_rollouts(model, prompts, group_size=g, max_new_tokens=1, eos_token_id=eos,
-                        reward_fn=lambda p, r: 0.0, seed=9)
-    counts = torch.stack([torch.bincount(b.input_ids[i * g:(i + 1) * g, -1], minlength=vocab) for i in range(2)])
+    b = sample_rollouts(
+        model, prompts, group_size=g, max_new_tokens=1, eos_token_id=eos, reward_fn=lambda p, r: 0.0, seed=9
+    )
+    counts = torch.stack(
+        [torch.bincount(b.input_ids[i * g : (i + 1) * g, -1], minlength=vocab) for i in range(2)]
+    )
     with torch.no_grad():  # each prompt alone, unpadded: the sampler's left padding must not matter
-        probs = torch.stack([torch.softmax(model_logits(model, torch.tensor([p]), torch.ones(1, len(p)))[0, -1], -1)
-                             for p in prompts])
+        probs = torch.stack(
+            [
+                torch.softmax(model_logits(model, torch.tensor([p]), torch.ones(1, len(p)))[0, -1], -1)
+                for p in prompts
+            ]
+        )
     stat, dof = chi_square(counts, probs)
     assert stats.chi2.sf(stat, dof) > ALPHA, (stat, dof)
     if defaults == "hub-like":
@@ -225,40 +279,69 @@ def test_generate_is_scored_consistently_by_sequence_logprobs():
     model = tiny_gpt2(vocab, seed=2)
     prompts = [[1, 2, 3], [4], [0, 0]]
     g, new = 3, 5
-    b = sample_rollouts(model, prompts, group_size=g, max_new_tokens=new, eos_token_id=eos,
-                        reward_fn=lambda p, r: 0.0, temperature=temperature, seed=3)
+    b = sample_rollouts(
+        model,
+        prompts,
+        group_size=g,
+        max_new_tokens=new,
+        eos_token_id=eos,
+        reward_fn=lambda p, r: 0.0,
+        temperature=temperature,
+        seed=3,
+    )
     # The same call generate makes, asked for its scores: same seed, so the same sequences.
     ids, attn = b.input_ids[:, :3], b.attention_mask[:, :3]
     torch.manual_seed(3)
     with torch.no_grad():
-        out = model.eval().generate(input_ids=ids, attention_mask=attn, generation_config=pure_sampling_config(
-            new, eos, eos, temperature, return_dict_in_generate=True, output_scores=True))
+        out = model.eval().generate(
+            input_ids=ids,
+            attention_mask=attn,
+            generation_config=pure_sampling_config(
+                new, eos, eos, temperature, return_dict_in_generate=True, output_scores=True
+            ),
+        )
     steps = out.sequences.shape[1] - 3
     assert steps == b.input_ids.shape[1] - 3
     resp = b.response_mask.bool()
     assert torch.equal(out.sequences[resp], b.input_ids[resp])
     scores = torch.stack(out.scores, dim=1)  # (N, steps, V): processed logits, logits / T
-    gen_lp = torch.log_softmax(scores.float(), -1).gather(-1, out.sequences[:, 3:, None]).squeeze(-1)  # (N, steps)
+    gen_lp = (
+        torch.log_softmax(scores.float(), -1).gather(-1, out.sequences[:, 3:, None]).squeeze(-1)
+    )  # (N, steps)
     with torch.no_grad():
-        tf_lp = token_logprobs(model_logits(model, b.input_ids, b.attention_mask), b.input_ids, temperature)[:, 3:]
+        tf_lp = token_logprobs(model_logits(model, b.input_ids, b.attention_mask), b.input_ids, temperature)[
+            :, 3:
+        ]
     assert torch.allclose(gen_lp[resp[:, 3:]], tf_lp[resp[:, 3:]], atol=1e-4)
     lp = sequence_logprobs(model, b, temperature, "sum").seq
     assert torch.allclose(lp, (gen_lp * resp[:, 3:]).sum(1), atol=1e-4)
 
 
 # ---- bad input ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kw, match", [
-    (dict(max_new_tokens=0), "max_new_tokens"),
-    (dict(group_size=1), "group_size"),
-    (dict(prompts=[]), "prompts is empty"),
-    (dict(prompts=[[1], []]), r"prompts\[1\]"),
-    (dict(temperature=float("nan")), "temperature"),
-    (dict(reward_fn=lambda p, r: 1 / 0), "reward_fn raised ZeroDivisionError.*row 0"),
-    (dict(reward_fn=lambda p, r: float("nan") if p == (2,) else 0.0), "reward_fn returned nan on row 2"),
-    (dict(reward_fn=lambda p, r: math.inf), "reward_fn returned inf on row 0"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(group_size=1), "group_size"),
+        (dict(prompts=[]), "prompts is empty"),
+        (dict(prompts=[[1], []]), r"prompts\[1\]"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(reward_fn=lambda p, r: 1 / 0), "reward_fn raised ZeroDivisionError.*row 0"),
+        (dict(reward_fn=lambda p, r: float("nan") if p == (2,) else 0.0), "reward_fn returned nan on row 2"),
+        (dict(reward_fn=lambda p, r: math.inf), "reward_fn returned inf on row 0"),
+    ],
+)
 def test_bad_input_is_a_value_error_naming_it(kw, match):
-    args = dict(prompts=[[1], [2]], group_size=2, max_new_tokens=2, eos_token_id=EOS,
-                reward_fn=default_reward, seed=0) | kw
+    args = (
+        dict(
+            prompts=[[1], [2]],
+            group_size=2,
+            max_new_tokens=2,
+            eos_token_id=EOS,
+            reward_fn=default_reward,
+            seed=0,
+        )
+        | kw
+    )
     with pytest.raises(ValueError, match=match):
         sample_rollouts(TabularPolicy(seed=0), **args)

@@ -37,8 +37,13 @@ def test_se_total_is_calibrated_over_independent_update_and_eval_batches(directi
 
 def _without_unit(batch: ep.RolloutBatch, m: int) -> ep.RolloutBatch:
     keep = batch.unit_index != m
-    return ep.RolloutBatch(batch.input_ids[keep], batch.attention_mask[keep], batch.response_mask[keep],
-                           batch.group_ids[keep], advantages=batch.advantages[keep])
+    return ep.RolloutBatch(
+        batch.input_ids[keep],
+        batch.attention_mask[keep],
+        batch.response_mask[keep],
+        batch.group_ids[keep],
+        advantages=batch.advantages[keep],
+    )
 
 
 def _update_batch(policy, n_units: int, seed: int) -> ep.RolloutBatch:
@@ -57,8 +62,9 @@ def test_sgd_update_influences_are_the_per_unit_terms_and_sum_to_delta_h1():
     n = update.n_units
     for m in range(n):
         only_m = update.advantages * (update.unit_index == m)  # J restricted to unit m, same normalisers
-        b = ep.RolloutBatch(update.input_ids, update.attention_mask, update.response_mask, update.group_ids,
-                            advantages=only_m)
+        b = ep.RolloutBatch(
+            update.input_ids, update.attention_mask, update.response_mask, update.group_ids, advantages=only_m
+        )
         (grad,) = torch.autograd.grad(policy_loss(policy, b, cfg), [policy.table])
         y_m = {"table": -n * grad}  # Y_m = grad J_m = -B_U grad of the loss restricted to unit m
         expected = probe.run(eval_batch=evaluation, direction=y_m).delta_h1 / n  # eta Xbar_E . Y_m / B_U

@@ -42,7 +42,9 @@ def hvp_derivatives(model, params, batch, v, weighting):
         seq, weighted = hand_sequence_logprobs(model, batch, 1.0, weighting)
         for i in range(batch.n_sequences):
             for value, d1, d2 in ((seq[i], "ds", "d2s"), (weighted[i], "dsw", "d2sw")):
-                grads = torch.autograd.grad(value, plist, create_graph=True, retain_graph=True, allow_unused=True)
+                grads = torch.autograd.grad(
+                    value, plist, create_graph=True, retain_graph=True, allow_unused=True
+                )
                 gv = sum((g * v[n]).sum() for n, g in zip(params, grads) if g is not None)
                 hv = torch.autograd.grad(gv, plist, retain_graph=True, allow_unused=True)
                 out[d1].append(float(gv))
@@ -58,8 +60,11 @@ def q_by_hand(ref, weighted, batch):
         total = 0.0
         for i in rows:
             b = sum(float(weighted[j]) for j in rows if j != i) / (g - 1)
-            total += (-(ref["d2s"][i] + ref["ds"][i] ** 2) * (weighted[i] - b) - 2 * ref["ds"][i] * ref["dsw"][i]
-                      - ref["d2sw"][i])
+            total += (
+                -(ref["d2s"][i] + ref["ds"][i] ** 2) * (weighted[i] - b)
+                - 2 * ref["ds"][i] * ref["dsw"][i]
+                - ref["d2sw"][i]
+            )
         q.append(float(total) / g)
     return torch.tensor(q, dtype=torch.float64)
 
@@ -82,7 +87,12 @@ def test_q_matches_hessian_vector_products(kind, weighting):
     ref, weighted = hvp_derivatives(model, params, batch, v, weighting)
     with second_order_ready(model):
         got = second_directional_logprobs(model, params, batch, v, cfg)
-    for name, value in (("ds", got.d_seq), ("d2s", got.d2_seq), ("dsw", got.d_weighted), ("d2sw", got.d2_weighted)):
+    for name, value in (
+        ("ds", got.d_seq),
+        ("d2s", got.d2_seq),
+        ("dsw", got.d_weighted),
+        ("d2sw", got.d2_weighted),
+    ):
         err = float((value.double() - ref[name]).abs().max() / ref[name].abs().max())
         assert err <= 1e-4, (name, err)
     q = eval_second_order(model, params, batch, v, cfg)
@@ -121,8 +131,12 @@ def test_delta_h2_unbiased_against_enumeration(weighting):
     v = {n: torch.randn(p.shape, generator=gen) for n, p in trainable(policy).items()}
     lr = 0.1
     exact = 0.5 * lr * lr * exact_second_directional(policy, v, weighting)
-    probe = ep.EntropyProbe(policy, config=ep.ProbeConfig(lr=lr, second_order=True, entropy_weighting=weighting,
-                                                          unconditional_se=False, microbatch_units=16))
+    probe = ep.EntropyProbe(
+        policy,
+        config=ep.ProbeConfig(
+            lr=lr, second_order=True, entropy_weighting=weighting, unconditional_se=False, microbatch_units=16
+        ),
+    )
     draws, ses = [], []
     for k in range(60):
         r = probe.run(eval_batch=sample_enumerated(policy, 32, 4, seed=100 + k), direction=v)
@@ -138,7 +152,9 @@ def test_delta_h2_unbiased_against_enumeration(weighting):
     k = len(draws)
     pred = torch.tensor(ses, dtype=torch.float64).square()
     kappa = float(((d - d.mean()) ** 4).mean() / d.var(unbiased=False) ** 2 - 3)
-    rel = math.hypot(math.sqrt(2 / (k - 1) + max(kappa, 0.0) / k), float(pred.std() / pred.mean()) / math.sqrt(k))
+    rel = math.hypot(
+        math.sqrt(2 / (k - 1) + max(kappa, 0.0) / k), float(pred.std() / pred.mean()) / math.sqrt(k)
+    )
     ratio = float(d.var()) / float(pred.mean())
     assert abs(ratio - 1.0) <= 3 * rel, (ratio, rel)
 
@@ -159,8 +175,9 @@ def test_second_order_off_leaves_the_fields_empty():
     policy = TabularPolicy(seed=0)
     batch = sample_enumerated(policy, 4, 3, seed=1)
     v = {n: torch.ones(p.shape) for n, p in trainable(policy).items()}
-    r = ep.EntropyProbe(policy, config=ep.ProbeConfig(lr=0.1, unconditional_se=False)).run(eval_batch=batch,
-                                                                                          direction=v)
+    r = ep.EntropyProbe(policy, config=ep.ProbeConfig(lr=0.1, unconditional_se=False)).run(
+        eval_batch=batch, direction=v
+    )
     assert r.delta_h2 is r.forecast is r.se_forecast is r.per_unit_q is None
     assert "entropy_probe/forecast" not in r.to_dict()
     with pytest.raises(ValueError, match="second_order=True"):
@@ -172,10 +189,14 @@ def test_se_forecast_is_the_se_of_the_per_unit_combined_values():
     eta^2/2 q_n / B_E); the interval is forecast -+ z se_forecast."""
     policy = TabularPolicy(seed=2, scale=2.0)
     batch = sample_enumerated(policy, 12, 4, seed=3)
-    v = {n: torch.randn(p.shape, generator=torch.Generator().manual_seed(4)) for n, p in trainable(policy).items()}
+    v = {
+        n: torch.randn(p.shape, generator=torch.Generator().manual_seed(4))
+        for n, p in trainable(policy).items()
+    }
     lr = 0.2
     r = ep.EntropyProbe(policy, config=ep.ProbeConfig(lr=lr, second_order=True, unconditional_se=False)).run(
-        eval_batch=batch, direction=v)
+        eval_batch=batch, direction=v
+    )
     c = lr * r.per_unit + 0.5 * lr * lr * r.per_unit_q
     assert r.per_unit_q.dtype == torch.float64 and r.per_unit_q.shape == (12,)
     assert math.isclose(r.forecast, float(c.mean()), rel_tol=1e-12)
@@ -211,9 +232,13 @@ def test_truth_se_diff_forecast_is_the_spread_of_truth_minus_forecast():
     difference over K = 100 independent E draws: variance ratio within 3 SDs of a sample variance with
     the draws' excess kurtosis, sqrt(2/(K-1) + kappa/K)."""
     policy = TabularPolicy(seed=1, scale=2.0)
-    v = {n: torch.randn(p.shape, generator=torch.Generator().manual_seed(5)) for n, p in trainable(policy).items()}
-    probe = ep.EntropyProbe(policy, config=ep.ProbeConfig(lr=0.3, second_order=True, unconditional_se=False,
-                                                          microbatch_units=32))
+    v = {
+        n: torch.randn(p.shape, generator=torch.Generator().manual_seed(5))
+        for n, p in trainable(policy).items()
+    }
+    probe = ep.EntropyProbe(
+        policy, config=ep.ProbeConfig(lr=0.3, second_order=True, unconditional_se=False, microbatch_units=32)
+    )
     diff, se = [], []
     for k in range(100):
         t = probe.run(eval_batch=sample_enumerated(policy, 32, 4, seed=500 + k), direction=v, truth=True)
@@ -237,9 +262,14 @@ def test_second_order_with_gradient_checkpointing():
         model.gradient_checkpointing_enable()
     hook_ids = [h.id for h in model._require_grads_hooks]
     batch = random_batch(3, 3, vocab=VOCAB, seed=8)
-    v = {n: torch.randn(p.shape, generator=torch.Generator().manual_seed(9)) for n, p in trainable(model).items()}
+    v = {
+        n: torch.randn(p.shape, generator=torch.Generator().manual_seed(9))
+        for n, p in trainable(model).items()
+    }
     cfg = ep.ProbeConfig(lr=1e-3, second_order=True, unconditional_se=False)
     got = ep.EntropyProbe(model, config=cfg).run(eval_batch=batch, direction=v)
     want = ep.EntropyProbe(plain, config=cfg).run(eval_batch=batch, direction=v)
-    assert torch.allclose(got.per_unit_q, want.per_unit_q, rtol=0, atol=1e-6 * float(want.per_unit_q.abs().max()))
+    assert torch.allclose(
+        got.per_unit_q, want.per_unit_q, rtol=0, atol=1e-6 * float(want.per_unit_q.abs().max())
+    )
     assert [h.id for h in model._require_grads_hooks] == hook_ids and model.training

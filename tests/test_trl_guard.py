@@ -51,8 +51,9 @@ class StepTrace(TrainerCallback):
     def on_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         moved = {n: p.detach() - self.before[n] for n, p in model.named_parameters()}
         lr_after = [g["lr"] for g in unwrap_optimizer(optimizer).param_groups]
-        self.rows.append({"moved": moved, "before": self.before, "lr_during": self.lr_during,
-                          "lr_after": lr_after})
+        self.rows.append(
+            {"moved": moved, "before": self.before, "lr_during": self.lr_during, "lr_after": lr_after}
+        )
 
 
 def _run(out, budget, steps=2):
@@ -102,9 +103,9 @@ def test_lrs_are_scaled_for_the_step_only(plain_and_guarded):
         # during the step: the scheduler's lr x scale; right after it: the scheduler's lr, bit for bit
         assert g_row["lr_during"] == [lr * rec["guard_scale"] for lr in p_row["lr_during"]], step
         assert g_row["lr_after"] == p_row["lr_after"] == p_row["lr_during"], step
-    logged = lambda t: [h["learning_rate"] for h in t.state.log_history if "learning_rate" in h]
+    logged = lambda t: [h["learning_rate"] for h in t.state.log_history if "learning_rate" in h]  # noqa: E731
     assert logged(guarded) == logged(plain) and len(logged(plain)) == 2
-    final = lambda t: [g["lr"] for g in unwrap_optimizer(t.optimizer).param_groups]
+    final = lambda t: [g["lr"] for g in unwrap_optimizer(t.optimizer).param_groups]  # noqa: E731
     assert final(guarded) == final(plain)
 
 
@@ -118,7 +119,8 @@ def test_guard_metrics_reach_log_history_and_the_jsonl(plain_and_guarded):
         assert 0 < rec["guard_scale"] <= 1 and h["entropy_probe/guard_scale"] == rec["guard_scale"]
         assert h["entropy_probe/guard_bound"] >= -budget * (1 + 1e-9)  # every step keeps its bound in budget
         assert h["entropy_probe/guard_measured_minus_forecast"] == pytest.approx(
-            rec["measured/delta_h"] - rec["guard_forecast"], abs=0)
+            rec["measured/delta_h"] - rec["guard_forecast"], abs=0
+        )
 
 
 def test_unprobed_steps_are_not_guarded_and_bad_options_are_refused(tmp_path):
@@ -150,8 +152,21 @@ def test_a_skipped_step_still_gets_its_lrs_back():
 def test_the_head_to_head_example_runs(tmp_path, monkeypatch):
     """examples/trl_entropy_control.py on 3 steps: three runs from one seed, the table's figures from them."""
     example = Path(__file__).resolve().parents[1] / "examples" / "trl_entropy_control.py"
-    monkeypatch.setattr(sys, "argv", ["trl_entropy_control.py", "--out", str(tmp_path), "--steps", "3",
-                                      "--budget", "1e-4", "--entropy-target", "9"])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "trl_entropy_control.py",
+            "--out",
+            str(tmp_path),
+            "--steps",
+            "3",
+            "--budget",
+            "1e-4",
+            "--entropy-target",
+            "9",
+        ],
+    )
     threads = torch.get_num_threads()
     try:
         runpy.run_path(str(example), run_name="__main__")

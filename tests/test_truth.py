@@ -34,8 +34,9 @@ def _concat(*batches: ep.RolloutBatch) -> ep.RolloutBatch:
         gids.append(b.group_ids + offset)
         offset += int(b.group_ids.max()) + 1
     cat = lambda name: torch.cat([getattr(b, name) for b in batches])  # noqa: E731
-    return ep.RolloutBatch(cat("input_ids"), cat("attention_mask"), cat("response_mask"), torch.cat(gids),
-                           rewards=cat("rewards"))
+    return ep.RolloutBatch(
+        cat("input_ids"), cat("attention_mask"), cat("response_mask"), torch.cat(gids), rewards=cat("rewards")
+    )
 
 
 def _exact_entropy_after(policy: TabularPolicy, v: dict, step: float, weighting: str) -> float:
@@ -51,8 +52,10 @@ def test_alpha_zero_is_exactly_zero_with_full_ess():
     policy = _policy()
     update = sample_enumerated(policy, n_units=8, seed=1)
     # Units of different sizes (G = 2 and G = 5) and left-padded prompts of different lengths.
-    evalb = _concat(sample_enumerated(policy, n_units=5, group_size=2, seed=2),
-                    sample_enumerated(policy, n_units=4, group_size=5, seed=3))
+    evalb = _concat(
+        sample_enumerated(policy, n_units=5, group_size=2, seed=2),
+        sample_enumerated(policy, n_units=4, group_size=5, seed=3),
+    )
     probe = ep.EntropyProbe(policy, config=ep.ProbeConfig(lr=0.3, truth_alphas=(0.0, 0.5, 1.0)))
     t = probe.run(update, evalb, truth=True).truth
     assert t.delta_h_at[0] == 0.0  # every weight is exactly 1: same forward at theta and theta + 0 v
@@ -65,11 +68,17 @@ def test_alpha_zero_is_exactly_zero_with_full_ess():
 def test_headline_is_alpha_one_wherever_it_is_in_the_sweep():
     policy = _policy()
     update, evalb = sample_enumerated(policy, 8, seed=1), sample_enumerated(policy, 8, seed=2)
-    t = ep.EntropyProbe(policy, config=ep.ProbeConfig(lr=0.3, truth_alphas=(1.0, 0.25))).run(
-        update, evalb, truth=True).truth
+    t = (
+        ep.EntropyProbe(policy, config=ep.ProbeConfig(lr=0.3, truth_alphas=(1.0, 0.25)))
+        .run(update, evalb, truth=True)
+        .truth
+    )
     assert t.delta_h == t.delta_h_at[0] and t.se_diff == t.se_diff_at[0] and t.ess == t.ess_at[0]
-    t = ep.EntropyProbe(policy, config=ep.ProbeConfig(lr=0.3, truth_alphas=(0.25, 0.5))).run(
-        update, evalb, truth=True).truth
+    t = (
+        ep.EntropyProbe(policy, config=ep.ProbeConfig(lr=0.3, truth_alphas=(0.25, 0.5)))
+        .run(update, evalb, truth=True)
+        .truth
+    )
     assert t.delta_h == t.delta_h_at[-1]
 
 
@@ -79,8 +88,12 @@ def test_truth_equals_exact_entropy_difference(weighting):
     update = sample_enumerated(policy, n_units=32, seed=11)
     evalb = sample_enumerated(policy, n_units=400, seed=12)
     lr, alphas = 0.3, (0.5, 1.0)
-    probe = ep.EntropyProbe(policy, config=ep.ProbeConfig(lr=lr, entropy_weighting=weighting, truth_alphas=alphas,
-                                                          unconditional_se=False))
+    probe = ep.EntropyProbe(
+        policy,
+        config=ep.ProbeConfig(
+            lr=lr, entropy_weighting=weighting, truth_alphas=alphas, unconditional_se=False
+        ),
+    )
     v = probe.update_direction(update)
     t = probe.run(eval_batch=evalb, direction=v, truth=True).truth
     h0 = float(exact_entropy(policy, weighting).detach())
@@ -96,8 +109,11 @@ def test_truth_equals_exact_entropy_difference(weighting):
 def test_optimizer_step_truth_matches_a_real_step(kind):
     policy = _policy(seed=5)
     lr = 0.2
-    opt = torch.optim.Adam(policy.parameters(), lr=lr) if kind == "Adam" else \
-        torch.optim.AdamW(policy.parameters(), lr=lr, weight_decay=0.1)
+    opt = (
+        torch.optim.Adam(policy.parameters(), lr=lr)
+        if kind == "Adam"
+        else torch.optim.AdamW(policy.parameters(), lr=lr, weight_decay=0.1)
+    )
     # Two real steps first, so that momentum and the second moment are non-trivial.
     for seed in (21, 22):
         opt.zero_grad()
@@ -105,7 +121,9 @@ def test_optimizer_step_truth_matches_a_real_step(kind):
         opt.step()
     opt.zero_grad(set_to_none=True)
     update, evalb = sample_enumerated(policy, 32, seed=23), sample_enumerated(policy, 400, seed=24)
-    copied_model, copied_opt = copy.deepcopy((policy, opt))  # one deepcopy: the copy's opt holds the copy's params
+    copied_model, copied_opt = copy.deepcopy(
+        (policy, opt)
+    )  # one deepcopy: the copy's opt holds the copy's params
     before_params = {n: p.detach().clone() for n, p in policy.named_parameters()}
     before_state = copy.deepcopy(opt.state_dict())
     policy.train()
@@ -187,7 +205,9 @@ def test_se_diff_and_se_match_a_brute_force_jackknife():
                 lp1 = sequence_logprobs(policy, sub, 1.0, "token-mean", params=stepped)
             w = torch.exp(lp1.seq.double() - lp0.seq.double())
             truth = float((w * -lp1.weighted.double()).sum() / w.sum() + lp0.weighted.double().mean())
-            pred = alpha * probe.run(eval_batch=sub, direction=v).delta_h1  # the probe rerun without unit `drop`
+            pred = (
+                alpha * probe.run(eval_batch=sub, direction=v).delta_h1
+            )  # the probe rerun without unit `drop`
             truth_loo.append(truth)
             diff_loo.append(truth - pred)
         assert math.isclose(t.se_at[i], _jackknife(truth_loo), rel_tol=1e-6)
@@ -268,8 +288,9 @@ def test_truth_slope_is_the_least_squares_slope_through_the_origin():
 
     policy = _policy(seed=0)
     cfg = ep.ProbeConfig(lr=60.0, direction="sgd", truth_alphas=(0.25, 1.0, 2.0))
-    r = ep.EntropyProbe(policy, config=cfg).run(sample_enumerated(policy, 8, seed=1),
-                                                sample_enumerated(policy, 64, seed=2), truth=True)
+    r = ep.EntropyProbe(policy, config=cfg).run(
+        sample_enumerated(policy, 8, seed=1), sample_enumerated(policy, 64, seed=2), truth=True
+    )
     a, d = np.array(r.truth.alphas), np.array(r.truth.delta_h_at)
     lstsq = float(np.linalg.lstsq(a[:, None], d, rcond=None)[0][0])
     ratio_of_sums = float(d.sum() / a.sum())

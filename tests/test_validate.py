@@ -1,4 +1,4 @@
-"""``entropy-probe validate``: its statistics have the stated level and power, and the command works end to end.
+"""``entropy-probe validate``: its statistics have the stated level and power; the command works end to end.
 
 Run: ``PYTHONPATH=src python -m pytest -q tests/test_validate.py``.
 
@@ -36,8 +36,11 @@ K = tolerance_k(22)  # the harness's own k (22 statistical tests at a 1% family-
 def _shards(n_shards: int, units: int, seed: int, skewed: bool = False):
     """Synthetic s_n (exponential = skewed and heavy-tailed, or normal) -> per-shard (delta_h1, var, se)."""
     gen = torch.Generator().manual_seed(seed)
-    s = (torch.empty(n_shards, units, dtype=torch.float64).exponential_(generator=gen) - 1.0 if skewed
-         else torch.randn(n_shards, units, dtype=torch.float64, generator=gen))  # (K, B_E), mean 0, var 1
+    s = (
+        torch.empty(n_shards, units, dtype=torch.float64).exponential_(generator=gen) - 1.0
+        if skewed
+        else torch.randn(n_shards, units, dtype=torch.float64, generator=gen)
+    )  # (K, B_E), mean 0, var 1
     mean = s.mean(dim=1)
     var = s.var(dim=1) / units  # the probe's Var_E with lr = 1
     return mean.tolist(), var.tolist(), var.sqrt().tolist(), s.reshape(-1).tolist()
@@ -51,7 +54,9 @@ def test_quantiles_match_scipy():
             # Wilson-Hilferty: relative error below 4e-3 at df >= 50 (module docstring).
             assert math.isclose(chi2_quantile(df, z), stats.chi2.ppf(stats.norm.cdf(z), df), rel_tol=4e-3)
     lo, hi = wilson_interval(87, 100, 3.0)
-    ref = stats.binomtest(87, 100).proportion_ci(confidence_level=2 * stats.norm.cdf(3.0) - 1, method="wilson")
+    ref = stats.binomtest(87, 100).proportion_ci(
+        confidence_level=2 * stats.norm.cdf(3.0) - 1, method="wilson"
+    )
     assert math.isclose(lo, ref.low, rel_tol=1e-9) and math.isclose(hi, ref.high, rel_tol=1e-9)
     x = stats.expon.rvs(size=20000, random_state=1)
     assert math.isclose(excess_kurtosis(x.tolist()), stats.kurtosis(x), rel_tol=1e-9)
@@ -81,7 +86,9 @@ def test_coverage_check_passes_calibrated_intervals_and_fails_narrow_ones(skewed
     moments = (skewness(s), excess_kurtosis(s))
     ok = checks.coverage_check("c", d, se, 0.0, 32, *moments, K)
     assert ok.passed, ok
-    assert not checks.coverage_check("c", d, [0.7 * x for x in se], 0.0, 32, *moments, K).passed  # covers ~83%
+    assert not checks.coverage_check(
+        "c", d, [0.7 * x for x in se], 0.0, 32, *moments, K
+    ).passed  # covers ~83%
     biased = checks.coverage_check("c", d, se, 1.5 * math.sqrt(1 / 32), 32, *moments, K)  # centre off 1.5 SE
     assert not biased.passed, biased
 
@@ -94,7 +101,12 @@ def test_studentized_coverage_matches_simulation(law, n):
     if law == "normal":
         x, mean, skew, kurt = torch.randn(shape, dtype=torch.float64, generator=gen), 0.0, 0.0, 0.0
     elif law == "exponential":
-        x, mean, skew, kurt = torch.empty(shape, dtype=torch.float64).exponential_(generator=gen), 1.0, 2.0, 6.0
+        x, mean, skew, kurt = (
+            torch.empty(shape, dtype=torch.float64).exponential_(generator=gen),
+            1.0,
+            2.0,
+            6.0,
+        )
     else:  # a sum of 4 exponentials
         x = torch.empty(shape + (4,), dtype=torch.float64).exponential_(generator=gen).sum(-1)
         mean, skew, kurt = 4.0, 1.0, 1.5
@@ -104,7 +116,9 @@ def test_studentized_coverage_matches_simulation(law, n):
     # for the exponential (skewness 2, the worst case here) and below 0.007 at n = 32.
     tol = 4 * 8e-4 + (0.02 if n == 16 else 0.007)
     assert abs(studentized_coverage(1.959963984540054, n, skew, kurt) - simulated) <= tol
-    assert abs(studentized_coverage(1.959963984540054, n, skew, kurt) - 0.95) > 0.003  # the correction is real
+    assert (
+        abs(studentized_coverage(1.959963984540054, n, skew, kurt) - 0.95) > 0.003
+    )  # the correction is real
 
 
 def test_unbiased_check_detects_a_bias_of_a_few_percent_of_the_spread():
@@ -145,9 +159,14 @@ def test_help_lists_the_options(capsys):
 
 
 def test_exit_status_is_1_when_a_check_fails(monkeypatch, tmp_path, capsys):
-    report = dict(passed=False, seed=0, runtime_s=0.0, tolerance=dict(k=3.0),
-                  checks=[dict(name="a check", measured="x", tolerance="y", passed=False)],
-                  plots=dict(calibration=str(tmp_path / "calibration.png")))
+    report = dict(
+        passed=False,
+        seed=0,
+        runtime_s=0.0,
+        tolerance=dict(k=3.0),
+        checks=[dict(name="a check", measured="x", tolerance="y", passed=False)],
+        plots=dict(calibration=str(tmp_path / "calibration.png")),
+    )
     monkeypatch.setattr(run, "run_validation", lambda *args, **kwargs: report)
     assert run.main(["--out", str(tmp_path)]) == 1
     assert "FAIL" in capsys.readouterr().out
@@ -159,21 +178,36 @@ def test_quick_run_end_to_end(tmp_path, capsys):
     assert "all checks passed" in out and "PASS" in out
     report = json.loads((tmp_path / "validation.json").read_text())
     names = [c["name"] for c in report["checks"]]
-    for expected in ("variance ratio (token-mean)", "variance ratio (sum)", "coverage (token-mean)", "coverage (sum)",
-                     "SE scaling: slope of log SE vs log c", "zero advantages: v, dH1, SEs, truth",
-                     "unbiased vs exact (token-mean)", "unbiased vs exact (sum)",
-                     "truth (exact): change / tangent -> 1", "truth (SNIS) vs exact change, every alpha",
-                     "truth / (alpha dH1) -> 1 at smallest alpha", "delta_h2 unbiased vs exact (token-mean)",
-                     "delta_h2 unbiased vs exact (sum)", "order: |truth - forecast| vs alpha (log-log)",
-                     "by_group sums to delta_h1"):
+    for expected in (
+        "variance ratio (token-mean)",
+        "variance ratio (sum)",
+        "coverage (token-mean)",
+        "coverage (sum)",
+        "SE scaling: slope of log SE vs log c",
+        "zero advantages: v, dH1, SEs, truth",
+        "unbiased vs exact (token-mean)",
+        "unbiased vs exact (sum)",
+        "truth (exact): change / tangent -> 1",
+        "truth (SNIS) vs exact change, every alpha",
+        "truth / (alpha dH1) -> 1 at smallest alpha",
+        "delta_h2 unbiased vs exact (token-mean)",
+        "delta_h2 unbiased vs exact (sum)",
+        "order: |truth - forecast| vs alpha (log-log)",
+        "by_group sums to delta_h1",
+    ):
         assert expected in names
     assert report["passed"] and all(c["passed"] for c in report["checks"])
     assert report["settings"]["n_shards"] >= 100
     assert report["tolerance"]["statistical_tests"] == 22 and math.isclose(report["tolerance"]["k"], K)
-    for expected in ("se_total (sgd, fresh)", "se_total (adam-preconditioned, fresh)",
-                     "se_total (adam-preconditioned, warm)", "se_total (optimizer-step, warm)",
-                     "interval coverage (sum, T=0.7, B_E=16)", "interval coverage (sum, T=0.7, B_E=32)",
-                     "interval coverage (token-mean, T=1, B_E=32)"):
+    for expected in (
+        "se_total (sgd, fresh)",
+        "se_total (adam-preconditioned, fresh)",
+        "se_total (adam-preconditioned, warm)",
+        "se_total (optimizer-step, warm)",
+        "interval coverage (sum, T=0.7, B_E=16)",
+        "interval coverage (sum, T=0.7, B_E=32)",
+        "interval coverage (token-mean, T=1, B_E=32)",
+    ):
         assert expected in names
     (control,) = report["controls"]  # the note's estimator is biased here, and the test sees it
     assert control["passed"] and abs(control["figures"]["z"]) > K

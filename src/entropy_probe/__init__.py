@@ -15,6 +15,14 @@ from .loss import policy_loss
 from .probe import EntropyProbe
 from .result import ProbeResult, TruthResult
 
-__all__ = ["RolloutBatch", "ProbeConfig", "EntropyProbe", "ProbeResult", "TruthResult", "policy_loss",
-           "EntropyGuard", "GuardDecision"]
+__all__ = [
+    "RolloutBatch",
+    "ProbeConfig",
+    "EntropyProbe",
+    "ProbeResult",
+    "TruthResult",
+    "policy_loss",
+    "EntropyGuard",
+    "GuardDecision",
+]
 __version__ = "0.1.0"

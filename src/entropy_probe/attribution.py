@@ -22,12 +22,14 @@ from torch import Tensor
 from .vectors import Params
 
 _BLOCK = re.compile(r"(?:^|\.)(?:h|layers|layer|blocks|block)\.(\d+)\.")
-_EMBEDDING = re.compile(r"(?:^|\.)(?:wte|wpe|embed_tokens|embed_positions|embeddings|word_embeddings)(?:\.|$)")
+_EMBEDDING = re.compile(
+    r"(?:^|\.)(?:wte|wpe|embed_tokens|embed_positions|embeddings|word_embeddings)(?:\.|$)"
+)
 _HEAD = re.compile(r"(?:^|\.)(?:ln_f|norm|final_layernorm|final_layer_norm|lm_head)(?:\.|$)")
 
 
 def default_group(name: str) -> str:
-    """"embeddings", "block.<i>" (transformer block i), "head" (final norm and LM head) or "other"."""
+    """ "embeddings", "block.<i>" (transformer block i), "head" (final norm and LM head) or "other"."""
     block = _BLOCK.search(name)
     if block:
         return f"block.{int(block.group(1))}"
@@ -45,15 +47,17 @@ def wants_groups(cfg) -> bool:
 
 
 def parameter_groups(params: Params, groups: Callable[[str], str] | None) -> tuple[list[str], Tensor]:
-    """(group names in order of first appearance, ``(K,)`` group index of each parameter in ``params`` order)."""
+    """(group names by first appearance, ``(K,)`` group index of each parameter in ``params`` order)."""
     f = groups or default_group
     names: list[str] = []
     index = []
     for pname in params:
         g = f(pname)
         if not isinstance(g, str) or not g:
-            raise ValueError(f"ProbeConfig.groups returned {g!r} for parameter {pname!r}; it must return a "
-                             "non-empty str (the group name)")
+            raise ValueError(
+                f"ProbeConfig.groups returned {g!r} for parameter {pname!r}; it must return a "
+                "non-empty str (the group name)"
+            )
         if g not in names:
             names.append(g)
         index.append(names.index(g))
@@ -68,3 +72,15 @@ def group_values(per_unit: Tensor, lr: float) -> tuple[list[float], list[float]]
         return means, [0.0] * per_unit.shape[1]
     ses = (lr * (per_unit.var(dim=0) / b).sqrt()).tolist()
     return means, ses
+
+
+def group_statistics(
+    comm, s_groups: Tensor | None, params: Params, groups, sizes: list[int], lr: float
+) -> dict[str, tuple[float, float]] | None:
+    """``{group: (eta mean_n s_n^(g), its SE over E)}`` from every rank's ``(B_local, n_groups)`` values."""
+    if s_groups is None:
+        return None
+    names = parameter_groups(params, groups)[0]
+    per_unit = comm.gather(s_groups, sizes)  # (B_E, n_groups) float64, rank order
+    means, ses = group_values(per_unit, lr)
+    return dict(zip(names, zip(means, ses)))

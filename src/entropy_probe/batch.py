@@ -109,7 +109,9 @@ class RolloutBatch:
         if not empty.any():
             return self.group_ids[:0]
         if empty.all():
-            raise ValueError("RolloutBatch.response_mask: every row has an empty response (no response token)")
+            raise ValueError(
+                "RolloutBatch.response_mask: every row has an empty response (no response token)"
+            )
         keep = (~empty).nonzero().reshape(-1)  # (N_kept,)
         dropped = self.group_ids[empty]
         for name in ("input_ids", "attention_mask", "response_mask", "group_ids", "rewards", "advantages"):
@@ -123,47 +125,68 @@ class RolloutBatch:
     def _validate_shapes(self) -> None:
         for name in ("input_ids", "attention_mask", "response_mask", "group_ids"):
             if not isinstance(getattr(self, name), Tensor):
-                raise ValueError(f"RolloutBatch.{name} must be a torch.Tensor, got "
-                                 f"{type(getattr(self, name)).__name__}")
+                raise ValueError(
+                    f"RolloutBatch.{name} must be a torch.Tensor, got {type(getattr(self, name)).__name__}"
+                )
         if self.input_ids.dim() != 2:
-            raise ValueError(f"RolloutBatch.input_ids must be (N, T), got shape {tuple(self.input_ids.shape)}")
+            raise ValueError(
+                f"RolloutBatch.input_ids must be (N, T), got shape {tuple(self.input_ids.shape)}"
+            )
         if self.input_ids.dtype.is_floating_point or self.input_ids.dtype == torch.bool:
-            raise ValueError(f"RolloutBatch.input_ids must hold integer token ids, got {self.input_ids.dtype}")
+            raise ValueError(
+                f"RolloutBatch.input_ids must hold integer token ids, got {self.input_ids.dtype}"
+            )
         n, t = self.input_ids.shape
         if n == 0 or t < 2:
-            raise ValueError(f"RolloutBatch.input_ids has shape {(n, t)}; need N >= 1 sequences and T >= 2 positions")
+            raise ValueError(
+                f"RolloutBatch.input_ids has shape {(n, t)}; need N >= 1 sequences and T >= 2 positions"
+            )
         for name in ("attention_mask", "response_mask"):
             if tuple(getattr(self, name).shape) != (n, t):
-                raise ValueError(f"RolloutBatch.{name} has shape {tuple(getattr(self, name).shape)}, "
-                                 f"expected {(n, t)} like input_ids")
+                raise ValueError(
+                    f"RolloutBatch.{name} has shape {tuple(getattr(self, name).shape)}, "
+                    f"expected {(n, t)} like input_ids"
+                )
         for name in ("group_ids", "rewards", "advantages"):
             x = getattr(self, name)
             if x is not None and tuple(x.shape) != (n,):
-                raise ValueError(f"RolloutBatch.{name} has shape {tuple(x.shape)}, expected ({n},): one per sequence")
+                raise ValueError(
+                    f"RolloutBatch.{name} has shape {tuple(x.shape)}, expected ({n},): one per sequence"
+                )
         if self.group_ids.dtype.is_floating_point:
             raise ValueError(f"RolloutBatch.group_ids must be integers, got {self.group_ids.dtype}")
         if (self.input_ids < 0).any():
-            raise ValueError(f"RolloutBatch.input_ids: row {_first_bad_row(self.input_ids < 0)} has a negative token id")
+            raise ValueError(
+                f"RolloutBatch.input_ids: row {_first_bad_row(self.input_ids < 0)} has a negative token id"
+            )
 
     def _validate_masks(self) -> None:
         for name in ("attention_mask", "response_mask"):
             m = getattr(self, name)
             bad = (m != 0) & (m != 1)
             if bad.any():
-                raise ValueError(f"RolloutBatch.{name}: row {_first_bad_row(bad)} holds values other than 0 and 1")
+                raise ValueError(
+                    f"RolloutBatch.{name}: row {_first_bad_row(bad)} holds values other than 0 and 1"
+                )
         attn, resp = self.attention_mask.bool(), self.response_mask.bool()
         outside = resp & ~attn
         if outside.any():
-            raise ValueError(f"RolloutBatch.response_mask: row {_first_bad_row(outside)} marks a padding position "
-                             "(attention_mask 0) as a response token")
+            raise ValueError(
+                f"RolloutBatch.response_mask: row {_first_bad_row(outside)} marks a padding position "
+                "(attention_mask 0) as a response token"
+            )
         if resp[:, 0].any():
-            raise ValueError(f"RolloutBatch.response_mask: row {_first_bad_row(resp[:, :1])} marks position 0 as a "
-                             "response token; its log-prob needs a token before it")
+            raise ValueError(
+                f"RolloutBatch.response_mask: row {_first_bad_row(resp[:, :1])} marks position 0 as a "
+                "response token; its log-prob needs a token before it"
+            )
         # The token before each response token must be real, else its logits see only padding.
         prev_pad = resp[:, 1:] & ~attn[:, :-1]
         if prev_pad.any():
-            raise ValueError(f"RolloutBatch.response_mask: row {_first_bad_row(prev_pad)} has a response token "
-                             "right after padding; responses must follow a real prompt token")
+            raise ValueError(
+                f"RolloutBatch.response_mask: row {_first_bad_row(prev_pad)} has a response token "
+                "right after padding; responses must follow a real prompt token"
+            )
 
     def _validate_scalars(self) -> None:
         for name in ("rewards", "advantages"):
@@ -174,8 +197,9 @@ class RolloutBatch:
                 raise ValueError(f"RolloutBatch.{name} must be a floating-point tensor")
             bad = ~torch.isfinite(x)
             if bad.any():
-                raise ValueError(f"RolloutBatch.{name}: row {_first_bad_row(bad)} is {float(x[bad][0])} "
-                                 "(not finite)")
+                raise ValueError(
+                    f"RolloutBatch.{name}: row {_first_bad_row(bad)} is {float(x[bad][0])} (not finite)"
+                )
 
     # ---- structure ----------------------------------------------------------------------------
     @property
@@ -198,14 +222,20 @@ class RolloutBatch:
     def rows_of_units(self, units: Tensor | list[int]) -> Tensor:
         """Row indices of the given units (positions 0..B-1), grouped unit by unit."""
         spans = [self._unit_spans[u] for u in torch.as_tensor(units, dtype=torch.long).tolist()]
-        return torch.cat([self._row_order[start: start + size] for start, size in spans])
+        return torch.cat([self._row_order[start : start + size] for start, size in spans])
 
     def select_units(self, units: Tensor | list[int]) -> "RolloutBatch":
         """The sub-batch of the given units (positions 0..B-1), in the given order."""
         rows = self.rows_of_units(units)
         pick = lambda x: None if x is None else x[rows.to(x.device)]  # noqa: E731
-        return RolloutBatch(pick(self.input_ids), pick(self.attention_mask), pick(self.response_mask),
-                            pick(self.group_ids), rewards=pick(self.rewards), advantages=pick(self.advantages))
+        return RolloutBatch(
+            pick(self.input_ids),
+            pick(self.attention_mask),
+            pick(self.response_mask),
+            pick(self.group_ids),
+            rewards=pick(self.rewards),
+            advantages=pick(self.advantages),
+        )
 
     def microbatches(self, units_per_batch: int) -> Iterator[Microbatch]:
         """The one microbatch loop of every pass: chunks of at most ``units_per_batch`` whole units."""
@@ -218,15 +248,44 @@ class RolloutBatch:
     def to(self, device: torch.device | str) -> "RolloutBatch":
         """The batch on ``device`` (this batch itself when every tensor is there already)."""
         device = torch.device(device)
-        tensors = (self.input_ids, self.attention_mask, self.response_mask, self.group_ids, self.rewards,
-                   self.advantages)
+        tensors = (
+            self.input_ids,
+            self.attention_mask,
+            self.response_mask,
+            self.group_ids,
+            self.rewards,
+            self.advantages,
+        )
         if all(x is None or _same_device(x.device, device) for x in tensors):
             return self
         mv = lambda x: None if x is None else x.to(device)  # noqa: E731
-        out = RolloutBatch(mv(self.input_ids), mv(self.attention_mask), mv(self.response_mask),
-                           mv(self.group_ids), rewards=mv(self.rewards), advantages=mv(self.advantages))
+        out = RolloutBatch(
+            mv(self.input_ids),
+            mv(self.attention_mask),
+            mv(self.response_mask),
+            mv(self.group_ids),
+            rewards=mv(self.rewards),
+            advantages=mv(self.advantages),
+        )
         out.n_dropped_rows = self.n_dropped_rows
         return out
+
+
+def check_batch(batch, name: str) -> None:
+    """``batch`` is a RolloutBatch fit for its role (``name``: "update_batch" or "eval_batch")."""
+    if not isinstance(batch, RolloutBatch):
+        raise ValueError(f"run: {name} must be an entropy_probe.RolloutBatch, got {type(batch).__name__}")
+    if name == "update_batch" and batch.n_dropped_rows:
+        # The trainer's loss normalisers count such rows (they add 0 to the sums): dropping them would not.
+        raise ValueError(
+            f"update_batch: {batch.n_dropped_rows} row(s) have no response token; an update batch "
+            "must keep every row its loss counts (use from_grad=True to forecast the trainer's step)"
+        )
+
+
+def on_device(batch: RolloutBatch | None, device: torch.device) -> RolloutBatch | None:
+    """The batch on ``device`` (the model's): every tensor the probe makes lives there."""
+    return None if batch is None else batch.to(device)
 
 
 class Microbatch(NamedTuple):

@@ -64,10 +64,14 @@ def warn_dropout_once(model: nn.Module) -> None:
     names = active_dropout(model)
     if names:
         _warned_dropout.add(model)
-        warnings.warn(f"EntropyProbe: the model has active dropout ({len(names)} module(s), e.g. "
-                      f"{names[0]!r}); "
-                      "the probe forecasts the dropout-free step (dropout off inside the probe), while the "
-                      "trainer's step is taken with dropout noise", RuntimeWarning, stacklevel=5)
+        warnings.warn(
+            f"EntropyProbe: the model has active dropout ({len(names)} module(s), e.g. "
+            f"{names[0]!r}); "
+            "the probe forecasts the dropout-free step (dropout off inside the probe), while the "
+            "trainer's step is taken with dropout noise",
+            RuntimeWarning,
+            stacklevel=5,
+        )
 
 
 @contextmanager
@@ -82,7 +86,9 @@ def preserved_caller_state(model: nn.Module, keep_checkpointing: bool = True, wa
         warn_dropout_once(model)
     modes = [(m, m.training) for m in model.modules()]
     cpu_rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    cuda_rng = (
+        torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    )
     try:
         model.eval()
         if keep_checkpointing:

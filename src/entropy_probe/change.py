@@ -49,14 +49,24 @@ class MeasuredChange:
         return {f"{PREFIX}measured/{k}": getattr(self, k) for k in ("delta_h", "se", "ess", "se_diff")}
 
 
-def measure_change(module: nn.Module, params: Params, state: EvalState, per_unit: Tensor, lr: float,
-                   cfg: ProbeConfig, comm=None) -> MeasuredChange:
+def measure_change(
+    module: nn.Module,
+    params: Params,
+    state: EvalState,
+    per_unit: Tensor,
+    lr: float,
+    cfg: ProbeConfig,
+    comm=None,
+) -> MeasuredChange:
     """One forward over ``state.batch`` at the live parameters; the change against ``state``'s log-probs."""
     after = None
     if state.batch is not None:
         sharded = is_sharded(params)  # FSDP2: forwards are collectives, every rank runs every rank's E
-        after = logprobs_lockstep(module, state.batch, cfg) if sharded else logprobs_at(module, dict(params),
-                                                                                          state.batch, cfg)
+        after = (
+            logprobs_lockstep(module, state.batch, cfg)
+            if sharded
+            else logprobs_at(module, dict(params), state.batch, cfg)
+        )
         _check_weights(state.before.seq, after.seq, 1.0)
     change = entropy_change(state.batch, state.before, after, per_unit, lr, comm=comm)
     return MeasuredChange(delta_h=change.delta_h, se=change.se, ess=change.ess, se_diff=change.se_diff)

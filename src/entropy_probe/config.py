@@ -76,30 +76,67 @@ class ProbeConfig:
             if not ok:
                 raise ValueError(f"ProbeConfig.{name}: {msg}, got {getattr(self, name)!r}")
 
-        need(self.lr is None or (math.isfinite(self.lr) and self.lr > 0), "lr", "must be a finite number > 0 or None")
-        need(math.isfinite(self.temperature) and self.temperature > 0, "temperature", "must be a finite number > 0")
-        need(isinstance(self.microbatch_units, int) and self.microbatch_units >= 1, "microbatch_units",
-             "must be an integer >= 1")
+        need(
+            self.lr is None or (math.isfinite(self.lr) and self.lr > 0),
+            "lr",
+            "must be a finite number > 0 or None",
+        )
+        need(
+            math.isfinite(self.temperature) and self.temperature > 0,
+            "temperature",
+            "must be a finite number > 0",
+        )
+        need(
+            isinstance(self.microbatch_units, int) and self.microbatch_units >= 1,
+            "microbatch_units",
+            "must be an integer >= 1",
+        )
         need(self.entropy_weighting in WEIGHTINGS, "entropy_weighting", f"must be one of {WEIGHTINGS}")
         need(self.x_estimator in X_ESTIMATORS, "x_estimator", f"must be one of {X_ESTIMATORS}")
         need(self.direction in DIRECTIONS, "direction", f"must be one of {DIRECTIONS}")
-        need(self.loss_aggregation in LOSS_AGGREGATIONS, "loss_aggregation", f"must be one of {LOSS_AGGREGATIONS}")
-        need(self.advantage_estimator is None or self.advantage_estimator in ADVANTAGE_ESTIMATORS,
-             "advantage_estimator", f"must be None or one of {ADVANTAGE_ESTIMATORS}")
+        need(
+            self.loss_aggregation in LOSS_AGGREGATIONS,
+            "loss_aggregation",
+            f"must be one of {LOSS_AGGREGATIONS}",
+        )
+        need(
+            self.advantage_estimator is None or self.advantage_estimator in ADVANTAGE_ESTIMATORS,
+            "advantage_estimator",
+            f"must be None or one of {ADVANTAGE_ESTIMATORS}",
+        )
         need(self.engine in ENGINES, "engine", f"must be one of {ENGINES}")
-        need(self.max_grad_norm is None or (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0),
-             "max_grad_norm", "must be a finite number > 0 or None")
-        need(self.norm_length is None or (isinstance(self.norm_length, int) and self.norm_length >= 1),
-             "norm_length", "must be an integer >= 1 or None")
-        need(self.loss_aggregation != "seq-mean-token-sum-norm" or self.norm_length is not None,
-             "norm_length",
-             "is required with loss_aggregation='seq-mean-token-sum-norm' (TRL: max_completion_length)")
-        object.__setattr__(self, "truth_alphas", tuple(float(a) for a in self.truth_alphas))  # frozen: set once
-        need(len(self.truth_alphas) > 0 and all(math.isfinite(a) for a in self.truth_alphas), "truth_alphas",
-             "must be a non-empty sequence of finite numbers")
+        need(
+            self.max_grad_norm is None or (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0),
+            "max_grad_norm",
+            "must be a finite number > 0 or None",
+        )
+        need(
+            self.norm_length is None or (isinstance(self.norm_length, int) and self.norm_length >= 1),
+            "norm_length",
+            "must be an integer >= 1 or None",
+        )
+        need(
+            self.loss_aggregation != "seq-mean-token-sum-norm" or self.norm_length is not None,
+            "norm_length",
+            "is required with loss_aggregation='seq-mean-token-sum-norm' (TRL: max_completion_length)",
+        )
+        object.__setattr__(
+            self, "truth_alphas", tuple(float(a) for a in self.truth_alphas)
+        )  # frozen: set once
+        need(
+            len(self.truth_alphas) > 0 and all(math.isfinite(a) for a in self.truth_alphas),
+            "truth_alphas",
+            "must be a non-empty sequence of finite numbers",
+        )
         need(isinstance(self.second_order, bool), "second_order", "must be True or False")
-        need(self.by_group is None or isinstance(self.by_group, bool), "by_group", "must be None, True or False")
-        need(self.groups is None or callable(self.groups), "groups", "must be None or a callable name -> group")
+        need(
+            self.by_group is None or isinstance(self.by_group, bool),
+            "by_group",
+            "must be None, True or False",
+        )
+        need(
+            self.groups is None or callable(self.groups), "groups", "must be None or a callable name -> group"
+        )
 
     def to_dict(self) -> dict:
         """Every field, JSON-ready: ``groups`` by its qualified name (a function's repr holds its address,
@@ -107,5 +144,7 @@ class ProbeConfig:
         out = asdict(self)
         if self.groups is not None:
             f = self.groups
-            out["groups"] = f"{getattr(f, '__module__', '?')}.{getattr(f, '__qualname__', type(f).__qualname__)}"
+            out["groups"] = (
+                f"{getattr(f, '__module__', '?')}.{getattr(f, '__qualname__', type(f).__qualname__)}"
+            )
         return out

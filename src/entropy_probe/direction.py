@@ -50,8 +50,9 @@ class ParamHyper:
     state: dict | None = None
 
 
-def optimizer_hyper(model_params: Params, optimizer: torch.optim.Optimizer | None,
-                    default_lr: float) -> dict[str, ParamHyper]:
+def optimizer_hyper(
+    model_params: Params, optimizer: torch.optim.Optimizer | None, default_lr: float
+) -> dict[str, ParamHyper]:
     """Per-parameter hyper-parameters; a trainable parameter the optimizer does not hold gets lr 0."""
     if optimizer is None:
         return {name: ParamHyper(lr=default_lr) for name in model_params}
@@ -59,23 +60,33 @@ def optimizer_hyper(model_params: Params, optimizer: torch.optim.Optimizer | Non
     hyper = {name: ParamHyper(lr=0.0) for name in model_params}
     for gi, group in enumerate(optimizer.param_groups):
         if group.get("maximize", False):
-            raise ValueError(f"optimizer.param_groups[{gi}] has maximize=True; the probe follows the "
-                             "convention loss = -J (minimised); use maximize=False")
+            raise ValueError(
+                f"optimizer.param_groups[{gi}] has maximize=True; the probe follows the "
+                "convention loss = -J (minimised); use maximize=False"
+            )
         for pi, p in enumerate(group["params"]):
             if not p.requires_grad:
                 continue
             name = name_of.get(id(p))
             if name is None:
-                raise ValueError(f"optimizer.param_groups[{gi}]['params'][{pi}] (shape {tuple(p.shape)}) is not a "
-                                 "trainable parameter of the model; the optimizer must hold the model's parameters")
+                raise ValueError(
+                    f"optimizer.param_groups[{gi}]['params'][{pi}] (shape {tuple(p.shape)}) is not a "
+                    "trainable parameter of the model; the optimizer must hold the model's parameters"
+                )
             lr = group["lr"]
             # torch < 2.7: AdamW is not an Adam subclass and its groups carry no decoupled_weight_decay key.
-            decoupled = bool(group.get("decoupled_weight_decay", False)) or isinstance(optimizer, torch.optim.AdamW)
+            decoupled = bool(group.get("decoupled_weight_decay", False)) or isinstance(
+                optimizer, torch.optim.AdamW
+            )
             hyper[name] = ParamHyper(
-                lr=float(lr), betas=tuple(float(b) for b in group.get("betas", (0.9, 0.999))),
-                eps=float(group.get("eps", 1e-8)), weight_decay=float(group.get("weight_decay", 0.0)),
-                decoupled=decoupled, amsgrad=bool(group.get("amsgrad", False)),
-                state=optimizer.state.get(p) or None)
+                lr=float(lr),
+                betas=tuple(float(b) for b in group.get("betas", (0.9, 0.999))),
+                eps=float(group.get("eps", 1e-8)),
+                weight_decay=float(group.get("weight_decay", 0.0)),
+                decoupled=decoupled,
+                amsgrad=bool(group.get("amsgrad", False)),
+                state=optimizer.state.get(p) or None,
+            )
     return hyper
 
 
@@ -83,7 +94,9 @@ def _require_adam(optimizer, kind: str) -> None:
     if optimizer is None:
         raise ValueError(f"direction={kind!r} needs an optimizer (torch.optim.Adam or AdamW); none was given")
     if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):  # separate classes before torch 2.7
-        raise ValueError(f"direction={kind!r} supports torch.optim.Adam and AdamW; got {type(optimizer).__name__}")
+        raise ValueError(
+            f"direction={kind!r} supports torch.optim.Adam and AdamW; got {type(optimizer).__name__}"
+        )
 
 
 def _clip_coefficient(grads: dict[str, Tensor | None], max_grad_norm: float | None) -> float:
@@ -104,9 +117,14 @@ def _step_of(state: dict | None) -> int:
     return int(step.item() if isinstance(step, Tensor) else step)
 
 
-def build_direction(kind: str, grad_j: dict[str, Tensor | None], params: Params,
-                    optimizer: torch.optim.Optimizer | None, lr: float,
-                    max_grad_norm: float | None = None) -> UpdateDirection:
+def build_direction(
+    kind: str,
+    grad_j: dict[str, Tensor | None],
+    params: Params,
+    optimizer: torch.optim.Optimizer | None,
+    lr: float,
+    max_grad_norm: float | None = None,
+) -> UpdateDirection:
     """v (fp32) from ``grad_j`` = grad J_U (None where the parameter got no gradient).
 
     A parameter with no gradient is skipped by ``optimizer.step()``; here it gets v = 0.
@@ -137,8 +155,10 @@ def build_direction(kind: str, grad_j: dict[str, Tensor | None], params: Params,
             # moment alone would give coordinates never seen before P = 1/eps.
             beta2, eps = h.betas[1], h.eps
             step = _step_of(h.state) + 1
-            exp_avg_sq = h.state["exp_avg_sq"].float() if h.state and "exp_avg_sq" in h.state else torch.zeros_like(g)
-            v_hat = exp_avg_sq.mul(beta2).addcmul_(g, g, value=1 - beta2).div_(1 - beta2 ** step)
+            exp_avg_sq = (
+                h.state["exp_avg_sq"].float() if h.state and "exp_avg_sq" in h.state else torch.zeros_like(g)
+            )
+            v_hat = exp_avg_sq.mul(beta2).addcmul_(g, g, value=1 - beta2).div_(1 - beta2**step)
             denom = v_hat.sqrt_().add_(eps)  # (one parameter's temporary, in place)
             v[name] = g.div_(denom).mul_(ratio)
         else:
@@ -165,8 +185,8 @@ def _adam_step(p: Tensor, grad: Tensor, h: ParamHyper, eta: float) -> Tensor:
     denom = exp_avg_sq.mul(beta2).addcmul_(grad, grad, value=1 - beta2)  # the second moment v2
     if h.amsgrad and "max_exp_avg_sq" in state:
         torch.maximum(state["max_exp_avg_sq"].float(), denom, out=denom)
-    bias_correction1 = 1 - beta1 ** step
-    bias_correction2_sqrt = (1 - beta2 ** step) ** 0.5
+    bias_correction1 = 1 - beta1**step
+    bias_correction2_sqrt = (1 - beta2**step) ** 0.5
     step_size = h.lr / bias_correction1
     denom.sqrt_().div_(bias_correction2_sqrt).add_(h.eps)
     delta = m.div_(denom).mul_(-step_size)  # -step_size * (m / denom), in m's storage
@@ -176,13 +196,17 @@ def _adam_step(p: Tensor, grad: Tensor, h: ParamHyper, eta: float) -> Tensor:
 
 
 def given_direction(v: dict[str, Tensor], params: Params) -> UpdateDirection:
-    """A caller's v (``run(direction=v)``) checked against the trainable parameters, as fp32 on their devices."""
+    """A caller's v (``run(direction=v)``) checked against the trainable parameters; fp32 on their devices."""
     if not isinstance(v, dict):
-        raise ValueError(f"direction must be a dict {{name: tensor}} from update_direction(), got {type(v).__name__}")
+        raise ValueError(
+            f"direction must be a dict {{name: tensor}} from update_direction(), got {type(v).__name__}"
+        )
     missing, extra = sorted(set(params) - set(v)), sorted(set(v) - set(params))
     if missing or extra:
-        raise ValueError(f"direction does not match the model's trainable parameters: missing {missing[:3]}"
-                         f"{'...' if len(missing) > 3 else ''}, unknown {extra[:3]}{'...' if len(extra) > 3 else ''}")
+        raise ValueError(
+            f"direction does not match the model's trainable parameters: missing {missing[:3]}"
+            f"{'...' if len(missing) > 3 else ''}, unknown {extra[:3]}{'...' if len(extra) > 3 else ''}"
+        )
     out = {}
     for name, p in params.items():
         t = v[name]

@@ -77,13 +77,17 @@ class ProcessGroupComm:
         import torch.distributed as dist
 
         if not dist.is_available() or not dist.is_initialized():
-            raise ValueError("EntropyProbe: the model is DDP-wrapped but torch.distributed is not initialised; "
-                             "call torch.distributed.init_process_group first")
+            raise ValueError(
+                "EntropyProbe: the model is DDP-wrapped but torch.distributed is not initialised; "
+                "call torch.distributed.init_process_group first"
+            )
         self.dist, self.group = dist, group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         backend = str(dist.get_backend(group))
-        self.device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend else torch.device("cpu")
+        self.device = (
+            torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend else torch.device("cpu")
+        )
 
     # ---- primitives ---------------------------------------------------------------------------
     def stack(self, t: Tensor) -> Tensor:
@@ -97,7 +101,9 @@ class ProcessGroupComm:
             sizes = self.stack(torch.tensor([t.shape[0]], dtype=torch.int64)).reshape(-1).tolist()
         sizes = [int(n) for n in sizes]
         if sizes[self.rank] != t.shape[0]:
-            raise ValueError(f"gather: rank {self.rank} holds {t.shape[0]} rows but the sizes say {sizes[self.rank]}")
+            raise ValueError(
+                f"gather: rank {self.rank} holds {t.shape[0]} rows but the sizes say {sizes[self.rank]}"
+            )
         longest = max(sizes)
         padded = torch.zeros((longest, *t.shape[1:]), dtype=t.dtype, device=self.device)
         padded[: t.shape[0]] = t.detach().to(self.device)
@@ -121,19 +127,25 @@ class ProcessGroupComm:
         """
         fields = fields()
         names = list(fields)
-        mine = torch.tensor([int(error is not None)] + [fingerprint_hash(fields[k]) for k in names], dtype=torch.int64)
+        mine = torch.tensor(
+            [int(error is not None)] + [fingerprint_hash(fields[k]) for k in names], dtype=torch.int64
+        )
         table = self.stack(mine)  # (world, 1 + len(fields))
         failed = table[:, 0].nonzero().reshape(-1).tolist()
         if error is not None:
             raise error
         if failed:
-            raise ValueError(f"{what}: rank(s) {failed} of {self.world_size} failed their input checks (see the "
-                             f"error on those ranks); rank {self.rank} stops too instead of waiting for them")
+            raise ValueError(
+                f"{what}: rank(s) {failed} of {self.world_size} failed their input checks (see the "
+                f"error on those ranks); rank {self.rank} stops too instead of waiting for them"
+            )
         for j, name in enumerate(names, start=1):
             differ = (table[:, j] != table[0, j]).nonzero().reshape(-1).tolist()
             if differ:
-                raise ValueError(f"{what}: the ranks disagree on {name}: ranks {differ} differ from rank 0; rank "
-                                 f"{self.rank} has {fields[name]!r}. Every rank must call the probe the same way.")
+                raise ValueError(
+                    f"{what}: the ranks disagree on {name}: ranks {differ} differ from rank 0; rank "
+                    f"{self.rank} has {fields[name]!r}. Every rank must call the probe the same way."
+                )
 
 
 # ---- which communicator ---------------------------------------------------------------------
@@ -149,12 +161,14 @@ def _is_sharded(model: nn.Module) -> bool:
     """FSDP2 (``fully_shard``) or any DTensor-sharded parameter."""
     try:
         from torch.distributed.fsdp import FSDPModule
+
         if any(isinstance(m, FSDPModule) for m in model.modules()):
             return True
     except ImportError:
         pass
     try:
         from torch.distributed.tensor import DTensor
+
         return any(isinstance(p, DTensor) for p in model.parameters())
     except ImportError:
         return False
@@ -174,9 +188,11 @@ def communicator_for(model: nn.Module):
     A plain module under torchrun is probed per rank, independently (nothing is communicated).
     """
     if _is_fsdp1(model):
-        raise ValueError("EntropyProbe: FullyShardedDataParallel (FSDP1) is not supported: use FSDP2 "
-                         "(torch.distributed.fsdp.fully_shard) with run(eval_batch=E, from_grad=True), or "
-                         "DistributedDataParallel (docs/distributed.md, FSDP)")
+        raise ValueError(
+            "EntropyProbe: FullyShardedDataParallel (FSDP1) is not supported: use FSDP2 "
+            "(torch.distributed.fsdp.fully_shard) with run(eval_batch=E, from_grad=True), or "
+            "DistributedDataParallel (docs/distributed.md, FSDP)"
+        )
     if _is_sharded(model):
         from .fsdp import fsdp2_group  # fsdp imports this module
 
@@ -190,7 +206,9 @@ def communicator_for(model: nn.Module):
 def global_totals(comm, local: UpdateTotals) -> UpdateTotals:
     """The loss normalisers over every rank's U units (sums; the max length is a max).
     One all_gather of four integers."""
-    mine = torch.tensor([local.n_units, local.n_sequences, local.n_tokens, local.max_length], dtype=torch.int64)
+    mine = torch.tensor(
+        [local.n_units, local.n_sequences, local.n_tokens, local.max_length], dtype=torch.int64
+    )
     table = comm.stack(mine)  # (world, 4)
     n_units, n_sequences, n_tokens = (int(x) for x in table[:, :3].sum(dim=0))
     return UpdateTotals(n_units, n_sequences, n_tokens, int(table[:, 3].max()))
@@ -209,12 +227,14 @@ def all_reduce_vector(comm, vec: Vector, params: Params) -> Vector:
     names = list(params)
     numels = [params[n].numel() for n in names]
     total = sum(numels)
-    flat = torch.zeros(total + len(names), dtype=torch.float32, device=params[names[0]].device)  # (P + n_tensors,)
+    flat = torch.zeros(
+        total + len(names), dtype=torch.float32, device=params[names[0]].device
+    )  # (P + n_tensors,)
     offset = 0
     for i, (name, n) in enumerate(zip(names, numels)):
         g = vec.get(name)
         if g is not None:
-            flat[offset: offset + n] = g.reshape(-1)  # (numel,)
+            flat[offset : offset + n] = g.reshape(-1)  # (numel,)
             flat[total + i] = 1.0
         offset += n
     vec.clear()  # release the per-rank sums: the buffer now holds them
@@ -223,7 +243,7 @@ def all_reduce_vector(comm, vec: Vector, params: Params) -> Vector:
     out: Vector = {}
     offset = 0
     for name, n, here in zip(names, numels, present):
-        out[name] = flat[offset: offset + n].view(params[name].shape) if here else None
+        out[name] = flat[offset : offset + n].view(params[name].shape) if here else None
         offset += n
     return out
 
@@ -241,15 +261,30 @@ def merged_moments(comm, local: Moments, extra: Tensor) -> tuple[Moments, Tensor
     return merged, table[:, 3:].sum(dim=0), [int(c) for c in table[:, 0].tolist()]
 
 
-FINGERPRINT_FIELDS = ("the call", "ProbeConfig", "learning rate", "trainable parameters", "optimizer",
-                      "direction", "gradient")
+FINGERPRINT_FIELDS = (
+    "the call",
+    "ProbeConfig",
+    "learning rate",
+    "trainable parameters",
+    "optimizer",
+    "direction",
+    "gradient",
+)
 
 
-def call_fingerprint(call: str, config, lr: float | None, params: Params | None, optimizer,
-                     given: dict[str, Tensor] | None, grads: list | None = None) -> dict:
+def call_fingerprint(
+    call: str,
+    config,
+    lr: float | None,
+    params: Params | None,
+    optimizer,
+    given: dict[str, Tensor] | None,
+    grads: list | None = None,
+) -> dict:
     """What every rank's probe call must agree on (``check_same``), ``FINGERPRINT_FIELDS`` in order.
 
-    ``call`` names the call and its mode (update batch, given direction or from_grad, truth); a given direction
+    ``call`` names the call and its mode (update batch, given direction or from_grad; truth); a given
+    direction
     enters by its names, shapes and float64 checksums, so that ranks holding different v raise
     instead of silently reporting different results.
     """
@@ -262,7 +297,9 @@ def call_fingerprint(call: str, config, lr: float | None, params: Params | None,
     if optimizer is not None:
         fields["optimizer"] = (type(optimizer).__name__, [len(g["params"]) for g in optimizer.param_groups])
     if given is not None:
-        sums = torch.stack([torch.stack([t.double().sum(), t.double().square().sum()]) for t in given.values()])
+        sums = torch.stack(
+            [torch.stack([t.double().sum(), t.double().square().sum()]) for t in given.values()]
+        )
         fields["direction"] = list(zip(given, [tuple(t.shape) for t in given.values()], sums.tolist()))
     # from_grad: the .grad DDP averaged must be the same on every rank (from_grad.grad_checksums)
     fields["gradient"] = grads

@@ -27,31 +27,39 @@ class SecondOrder:
     se_forecast: float
 
 
-def second_order_statistics(comm, q_local: Tensor, s: Tensor, sizes: list[int], unit_ids: Tensor,
-                            delta_h1: float, lr: float) -> SecondOrder:
+def second_order_statistics(
+    comm, q_local: Tensor, s: Tensor, sizes: list[int], unit_ids: Tensor, delta_h1: float, lr: float
+) -> SecondOrder:
     """From this rank's ``(B_local,)`` q_n and every rank's s_n (``s``, rank order, ``sizes`` per rank)."""
     q = comm.gather(q_local, sizes)  # (B_E,) rank order, as the s_n
     bad = (~torch.isfinite(q)).nonzero()
     if len(bad):
         unit = int(bad[0, 0])
-        raise ValueError(f"eval_batch: q_n (second order) is not finite for unit {int(unit_ids[unit])} "
-                         f"(position {unit})")
+        raise ValueError(
+            f"eval_batch: q_n (second order) is not finite for unit {int(unit_ids[unit])} (position {unit})"
+        )
     half = 0.5 * lr * lr
     start = sum(sizes[: comm.rank])
-    s_local = s[start: start + sizes[comm.rank]].double().to(q_local.device)  # this rank's s_n
+    s_local = s[start : start + sizes[comm.rank]].double().to(q_local.device)  # this rank's s_n
     no_extra = torch.zeros(0, device=q_local.device)
     m_q, _, _ = merged_moments(comm, moments_update(q_local), no_extra)
     m_c, _, _ = merged_moments(comm, moments_update(lr * s_local + half * q_local), no_extra)
     _, se_q = conditional_variance(m_q, 1.0)
     _, se_c = conditional_variance(m_c, 1.0)
     delta_h2 = half * float(m_q.mean)
-    return SecondOrder(q=q, delta_h2=delta_h2, se_delta_h2=half * se_q, forecast=delta_h1 + delta_h2,
-                       se_forecast=se_c)
+    return SecondOrder(
+        q=q, delta_h2=delta_h2, se_delta_h2=half * se_q, forecast=delta_h1 + delta_h2, se_forecast=se_c
+    )
 
 
 def second_order_fields(second: SecondOrder | None) -> dict:
     """The ``ProbeResult`` fields of the second order (none when it is off)."""
     if second is None:
         return {}
-    return dict(delta_h2=second.delta_h2, se_delta_h2=second.se_delta_h2, forecast=second.forecast,
-                se_forecast=second.se_forecast, per_unit_q=second.q.detach().cpu())
+    return dict(
+        delta_h2=second.delta_h2,
+        se_delta_h2=second.se_delta_h2,
+        forecast=second.forecast,
+        se_forecast=second.se_forecast,
+        per_unit_q=second.q.detach().cpu(),
+    )

@@ -87,12 +87,16 @@ def fsdp2_group(model: nn.Module):
         if not p.requires_grad:
             continue
         if not isinstance(p, dtensor) or p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
-            raise ValueError(f"EntropyProbe: parameter {name!r} is not sharded as fully_shard does (Shard(0) on a "
-                             "1-D device mesh); the probe supports FSDP2 (fully_shard) with every trainable "
-                             "parameter sharded, or DistributedDataParallel")
+            raise ValueError(
+                f"EntropyProbe: parameter {name!r} is not sharded as fully_shard does (Shard(0) on a "
+                "1-D device mesh); the probe supports FSDP2 (fully_shard) with every trainable "
+                "parameter sharded, or DistributedDataParallel"
+            )
         meshes.add(p.device_mesh)
     if len(meshes) != 1:
-        raise ValueError(f"EntropyProbe: the trainable parameters live on {len(meshes)} device meshes; one expected")
+        raise ValueError(
+            f"EntropyProbe: the trainable parameters live on {len(meshes)} device meshes; one expected"
+        )
     return meshes.pop().get_group()
 
 
@@ -111,12 +115,16 @@ def check_call(params: Params, cfg: ProbeConfig, from_grad: bool, eval_batch) ->
     if not is_sharded(params):
         return
     if not from_grad:
-        raise ValueError("FSDP2 model: only run(eval_batch=E, from_grad=True) is supported (v from the sharded "
-                         ".grad after the trainer's backward); an update batch or a given direction is not")
+        raise ValueError(
+            "FSDP2 model: only run(eval_batch=E, from_grad=True) is supported (v from the sharded "
+            ".grad after the trainer's backward); an update batch or a given direction is not"
+        )
     if cfg.second_order or cfg.groups is not None:
         raise ValueError("FSDP2 model: ProbeConfig.second_order and ProbeConfig.groups are not supported")
     if eval_batch is None:
-        raise ValueError("FSDP2 model: every rank must pass an eval_batch (the ranks run every E unit together)")
+        raise ValueError(
+            "FSDP2 model: every rank must pass an eval_batch (the ranks run every E unit together)"
+        )
 
 
 def local_view(params: Params, optimizer) -> tuple[Params, object]:
@@ -126,7 +134,7 @@ def local_view(params: Params, optimizer) -> tuple[Params, object]:
     The stand-ins share the shards' storage and are only read; the caller's tensors are untouched.
     """
     dtensor = _dtensor_type()
-    local = lambda t: t.to_local() if isinstance(t, dtensor) else t
+    local = lambda t: t.to_local() if isinstance(t, dtensor) else t  # noqa: E731
     out, of = {}, {}
     for name, p in params.items():
         shard = nn.Parameter(local(p.detach()), requires_grad=True)
@@ -136,8 +144,12 @@ def local_view(params: Params, optimizer) -> tuple[Params, object]:
         return out, None
     view = object.__new__(type(optimizer))  # isinstance checks hold; only param_groups and state are read
     view.defaults = optimizer.defaults
-    view.param_groups = [{**g, "params": [of.get(id(p), p) for p in g["params"]]} for g in optimizer.param_groups]
-    view.state = {of[id(p)]: {k: local(x) for k, x in st.items()} for p, st in optimizer.state.items() if id(p) in of}
+    view.param_groups = [
+        {**g, "params": [of.get(id(p), p) for p in g["params"]]} for g in optimizer.param_groups
+    ]
+    view.state = {
+        of[id(p)]: {k: local(x) for k, x in st.items()} for p, st in optimizer.state.items() if id(p) in of
+    }
     return out, view
 
 
@@ -151,15 +163,20 @@ def all_batches(group, batch: RolloutBatch) -> list[RolloutBatch]:
 def _check_reduction(module: nn.Module) -> None:
     for group in _fsdp_param_groups(module):
         if not getattr(group, "reduce_grads", True):
-            raise ValueError("FSDP2 model: gradient sync is off (set_requires_gradient_sync(False)); the probe's "
-                             "per-unit gradients need FSDP2's reduce-scatter: turn it back on before the probe")
+            raise ValueError(
+                "FSDP2 model: gradient sync is off (set_requires_gradient_sync(False)); the probe's "
+                "per-unit gradients need FSDP2's reduce-scatter: turn it back on before the probe"
+            )
         if getattr(group, "gradient_divide_factor", None) is not None:
-            raise ValueError("FSDP2 model: a custom gradient divide factor is set; the probe needs FSDP2's "
-                             "default average over ranks")
+            raise ValueError(
+                "FSDP2 model: a custom gradient divide factor is set; the probe needs FSDP2's "
+                "default average over ranks"
+            )
 
 
-def _unit_backward(module: nn.Module, params: Params, batch: RolloutBatch, cfg: ProbeConfig,
-                   v: Vector) -> tuple[Tensor, SequenceLogProbs]:
+def _unit_backward(
+    module: nn.Module, params: Params, batch: RolloutBatch, cfg: ProbeConfig, v: Vector
+) -> tuple[Tensor, SequenceLogProbs]:
     """(this rank's partial dot ``v_r . X_n,r``, the log-probs) for one unit, ``.grad`` left as None."""
     lp = sequence_logprobs(module, batch, cfg.temperature, cfg.entropy_weighting)
     a, e = entropy_gradient_coefficients(lp.weighted, batch, cfg.x_estimator)
@@ -171,8 +188,9 @@ def _unit_backward(module: nn.Module, params: Params, batch: RolloutBatch, cfg: 
     return partial, SequenceLogProbs(lp.seq.detach(), lp.weighted.detach())
 
 
-def eval_projections(module: nn.Module, params: Params, batch: RolloutBatch, v: Vector,
-                     cfg: ProbeConfig) -> EvalProjections:
+def eval_projections(
+    module: nn.Module, params: Params, batch: RolloutBatch, v: Vector, cfg: ProbeConfig
+) -> EvalProjections:
     """s_n of this rank's E units: every rank's units processed by all ranks in lock-step (module docstring).
 
     ``v``: the local shards. One all-reduce of the ``(sum_r B_r,)`` partial dots at the end.
@@ -197,7 +215,7 @@ def eval_projections(module: nn.Module, params: Params, batch: RolloutBatch, v: 
     s = torch.stack(partials).reshape(-1).clone()  # (sum_r B_r,) partial dots, rank order
     dist.all_reduce(s, op=dist.ReduceOp.SUM, group=group)
     start = sum(b.n_units for b in batches[:rank])
-    mine.s = s[start: start + batch.n_units]  # (B_E,) this rank's units
+    mine.s = s[start : start + batch.n_units]  # (B_E,) this rank's units
     return mine
 
 
@@ -216,8 +234,9 @@ def logprobs_lockstep(module: nn.Module, batch: RolloutBatch, cfg: ProbeConfig) 
     return SequenceLogProbs(seq, weighted)
 
 
-def logprobs_stepped(module: nn.Module, params: Params, v: Vector, step: float, batch: RolloutBatch,
-                     cfg: ProbeConfig) -> SequenceLogProbs:
+def logprobs_stepped(
+    module: nn.Module, params: Params, v: Vector, step: float, batch: RolloutBatch, cfg: ProbeConfig
+) -> SequenceLogProbs:
     """``logprobs_lockstep`` at ``theta + step * v`` (the truth): ``functional_call`` does not reach the
     parameters FSDP2 gathers, so the step is added in place to the local shards (in their dtype, as
     ``truth.stepped_parameters`` forms it) and undone from a saved copy, bit-exactly, also on an error.

@@ -62,6 +62,7 @@ REASONS = (NO_STEP, RAISES, WITHIN, SCALED)
 # forecast again) is within budget, not "scaled" by 1 - 1e-16.
 BUDGET_RTOL = 1e-12
 
+
 @dataclass(frozen=True)
 class GuardDecision:
     """What ``EntropyGuard.decide`` chose for one step."""
@@ -184,8 +185,13 @@ class EntropyGuard:
 
         # g's roots are roots of (m + d1 c + d2 c^2)^2 - z^2 c^2 (a + b c + k c^2), a quartic: they
         # split [0, 1] into pieces where g keeps its sign; the answer ends the last piece with g >= 0.
-        quartic = [fc.d2**2 - z * z * fc.k, 2 * fc.d1 * fc.d2 - z * z * fc.b,
-                   fc.d1**2 + 2 * m * fc.d2 - z * z * fc.a, 2 * m * fc.d1, m * m]  # highest power first
+        quartic = [
+            fc.d2**2 - z * z * fc.k,
+            2 * fc.d1 * fc.d2 - z * z * fc.b,
+            fc.d1**2 + 2 * m * fc.d2 - z * z * fc.a,
+            2 * m * fc.d1,
+            m * m,
+        ]  # highest power first
         # every root's real part is an edge: a complex pair adds a harmless split, and a real root
         # (possibly double, found with a small imaginary part) is never missed
         roots = sorted(float(r.real) for r in np.roots(quartic) if 0 < r.real < 1)
@@ -238,13 +244,16 @@ def _per_unit_moments(result, q, d1: float, d2: float, lr: float) -> tuple[float
     for name, values, total in (("per_unit", x, d1), (PER_UNIT_Q, y, d2)):
         tiny = 1e-12 * float(values.abs().max())
         if not math.isclose(float(values.mean()), total, rel_tol=1e-6, abs_tol=tiny):
-            raise ValueError(f"EntropyGuard: result.{name} does not average to the forecast it belongs to "
-                             f"({float(values.mean())} vs {total}): expected s_n with delta_h1 = lr mean(s) "
-                             f"and q_n with delta_h2 = lr^2/2 mean(q)")
+            raise ValueError(
+                f"EntropyGuard: result.{name} does not average to the forecast it belongs to "
+                f"({float(values.mean())} vs {total}): expected s_n with delta_h1 = lr mean(s) "
+                f"and q_n with delta_h2 = lr^2/2 mean(q)"
+            )
     n = s.numel()
     if n < 2:
         return 0.0, 0.0, 0.0  # as se_cond_e: SE 0 with fewer than 2 units
     xc, yc = x - x.mean(), y - y.mean()
+
     def cov(u: torch.Tensor, w: torch.Tensor) -> float:  # unbiased covariance, divided by B_E
         return float((u * w).sum()) / (n - 1) / n
 
@@ -263,6 +272,8 @@ def unwrap_optimizer(optimizer):
     while hasattr(optimizer, "optimizer"):  # AcceleratedOptimizer subclasses Optimizer but only delegates
         optimizer = optimizer.optimizer
     if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"EntropyGuard.applied: optimizer must be a torch.optim.Optimizer (or wrap one in "
-                         f".optimizer), got {type(optimizer).__name__}")
+        raise TypeError(
+            f"EntropyGuard.applied: optimizer must be a torch.optim.Optimizer (or wrap one in "
+            f".optimizer), got {type(optimizer).__name__}"
+        )
     return optimizer

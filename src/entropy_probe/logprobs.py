@@ -36,8 +36,13 @@ def _accepts(model: nn.Module, name: str, via_kwargs: bool = True) -> bool:
     return name in names or (via_kwargs and var_kw)
 
 
-def model_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
-                 params: dict[str, Tensor] | None = None, keep_last: int | None = None) -> Tensor:
+def model_logits(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    params: dict[str, Tensor] | None = None,
+    keep_last: int | None = None,
+) -> Tensor:
     """Call ``model(input_ids=..., attention_mask=...[, position_ids=...])`` and return ``(N, K, V)`` logits.
 
     K = T, or K = ``keep_last`` (the last positions only) when the model takes Hugging Face's
@@ -55,11 +60,15 @@ def model_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
     out = model(**kwargs) if params is None else torch.func.functional_call(model, params, (), kwargs)
     logits = out if isinstance(out, Tensor) else getattr(out, "logits", None)
     if logits is None:
-        raise ValueError(f"model returned {type(out).__name__}; expected logits (N, T, V) or an object with .logits")
+        raise ValueError(
+            f"model returned {type(out).__name__}; expected logits (N, T, V) or an object with .logits"
+        )
     expected = {tuple(input_ids.shape), (input_ids.shape[0], kwargs.get("logits_to_keep", -1))}
     if logits.dim() != 3 or tuple(logits.shape[:2]) not in expected:
-        raise ValueError(f"model logits have shape {tuple(logits.shape)}; expected (N, T, V) with "
-                         f"(N, T) = {tuple(input_ids.shape)}")
+        raise ValueError(
+            f"model logits have shape {tuple(logits.shape)}; expected (N, T, V) with "
+            f"(N, T) = {tuple(input_ids.shape)}"
+        )
     return logits
 
 
@@ -97,8 +106,13 @@ def response_weights(response_mask: Tensor, weighting: str) -> Tensor:
     raise ValueError(f"entropy_weighting must be one of {WEIGHTINGS}, got {weighting!r}")
 
 
-def sequence_logprobs(model: nn.Module, batch: RolloutBatch, temperature: float, weighting: str,
-                      params: dict[str, Tensor] | None = None) -> SequenceLogProbs:
+def sequence_logprobs(
+    model: nn.Module,
+    batch: RolloutBatch,
+    temperature: float,
+    weighting: str,
+    params: dict[str, Tensor] | None = None,
+) -> SequenceLogProbs:
     """Teacher-forced S_i and S_w,i of every sequence, differentiable in the model (or in ``params``)."""
     ids, attn, resp = batch.input_ids, batch.attention_mask, batch.response_mask
     first = int(resp.to(torch.uint8).argmax(dim=1).min())  # earliest response column of the batch (>= 1)
@@ -112,8 +126,10 @@ def sequence_logprobs(model: nn.Module, batch: RolloutBatch, temperature: float,
         # which are the same in the caller's batch (units keep their row order), not the row here.
         group = int(batch.group_ids[row])
         within = int((batch.group_ids[:row] == group).sum())
-        raise ValueError(f"model logits are not finite for response {within} of unit {group} (group id; "
-                         "responses counted from 0 in batch order): NaN or inf at a real token")
+        raise ValueError(
+            f"model logits are not finite for response {within} of unit {group} (group id; "
+            "responses counted from 0 in batch order): NaN or inf at a real token"
+        )
     # where, not multiply: padding logits may be inf and 0 * inf is NaN.
     lp = torch.where(resp.bool(), token_logprobs(logits, ids, temperature), 0.0)  # (N, T)
     w = response_weights(resp, weighting)

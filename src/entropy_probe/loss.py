@@ -30,7 +30,8 @@ def policy_loss(model: nn.Module, batch: RolloutBatch, config: ProbeConfig) -> T
     Single process: ``batch`` is the whole update batch (the aggregation's normalisers are its own).
     """
     adv = advantages(batch, config.advantage_estimator)
-    coeff = policy_gradient_coefficients(batch, adv, config.loss_aggregation, UpdateTotals.of(batch),
-                                         config.norm_length)
+    coeff = policy_gradient_coefficients(
+        batch, adv, config.loss_aggregation, UpdateTotals.of(batch), config.norm_length
+    )
     seq = sequence_logprobs(model, batch, config.temperature, config.entropy_weighting).seq
     return -(coeff * seq).sum() / batch.n_units

@@ -33,7 +33,9 @@ GRPO_STD_EPS = 1e-4
 
 def group_sum(x: Tensor, batch: RolloutBatch) -> Tensor:
     """``(B,)`` per-unit sums of a per-sequence ``(N,)`` tensor."""
-    return torch.zeros(batch.n_units, dtype=x.dtype, device=x.device).index_add_(0, batch.unit_index.to(x.device), x)
+    return torch.zeros(batch.n_units, dtype=x.dtype, device=x.device).index_add_(
+        0, batch.unit_index.to(x.device), x
+    )
 
 
 def per_sequence(x_unit: Tensor, batch: RolloutBatch) -> Tensor:
@@ -44,17 +46,23 @@ def per_sequence(x_unit: Tensor, batch: RolloutBatch) -> Tensor:
 def advantages(batch: RolloutBatch, estimator: str | None) -> Tensor:
     """``(N,)`` advantages. ``None`` means "given" when the batch has advantages, else "grpo"."""
     if batch.rewards is None and batch.advantages is None:
-        raise ValueError("update_batch: the RolloutBatch has neither rewards nor advantages; the policy "
-                         "gradient needs one of them")
+        raise ValueError(
+            "update_batch: the RolloutBatch has neither rewards nor advantages; the policy "
+            "gradient needs one of them"
+        )
     if estimator is None:
         estimator = "given" if batch.advantages is not None else "grpo"
     if estimator == "given":
         if batch.advantages is None:
-            raise ValueError("advantage_estimator='given' needs RolloutBatch.advantages; the batch has only rewards")
+            raise ValueError(
+                "advantage_estimator='given' needs RolloutBatch.advantages; the batch has only rewards"
+            )
         return batch.advantages.float()
     if batch.rewards is None:
-        raise ValueError(f"advantage_estimator={estimator!r} needs RolloutBatch.rewards; the batch has only "
-                         "advantages (use advantage_estimator='given')")
+        raise ValueError(
+            f"advantage_estimator={estimator!r} needs RolloutBatch.rewards; the batch has only "
+            "advantages (use advantage_estimator='given')"
+        )
     r = batch.rewards.double()
     g = per_sequence(batch.unit_sizes.to(r.device).double(), batch)
     mean = per_sequence(group_sum(r, batch), batch) / g
@@ -64,7 +72,7 @@ def advantages(batch: RolloutBatch, estimator: str | None) -> Tensor:
     elif estimator == "rloo":
         a = centred * g / (g - 1)  # r_i - mean_{j != i} r_j
     else:  # grpo: group z-score with the unbiased std
-        std = (per_sequence(group_sum(centred ** 2, batch), batch) / (g - 1)).sqrt()
+        std = (per_sequence(group_sum(centred**2, batch), batch) / (g - 1)).sqrt()
         a = centred / (std + GRPO_STD_EPS)
     return a.float()
 
@@ -84,8 +92,9 @@ class UpdateTotals:
         return UpdateTotals(batch.n_units, batch.n_sequences, int(lengths.sum()), int(lengths.max()))
 
 
-def policy_gradient_coefficients(batch: RolloutBatch, adv: Tensor, aggregation: str, totals: UpdateTotals,
-                                 norm_length: int | None = None) -> Tensor:
+def policy_gradient_coefficients(
+    batch: RolloutBatch, adv: Tensor, aggregation: str, totals: UpdateTotals, norm_length: int | None = None
+) -> Tensor:
     """``(N,)`` c_i with ``J_U = sum_i c_i S_i`` and ``J_m = B_U * sum_{i in m} c_i S_i``.
 
     Returned already multiplied by B_U so that ``J_m`` is a plain sum over the unit's sequences and
@@ -104,15 +113,19 @@ def policy_gradient_coefficients(batch: RolloutBatch, adv: Tensor, aggregation: 
         c = adv / totals.n_tokens
     elif aggregation == "seq-mean-token-sum-norm":
         if norm_length is None:
-            raise ValueError("loss_aggregation='seq-mean-token-sum-norm' needs ProbeConfig.norm_length: "
-                             "the run's constant length (TRL: GRPOConfig.max_completion_length)")
+            raise ValueError(
+                "loss_aggregation='seq-mean-token-sum-norm' needs ProbeConfig.norm_length: "
+                "the run's constant length (TRL: GRPOConfig.max_completion_length)"
+            )
         c = adv / (totals.n_sequences * float(norm_length))
     else:
         raise ValueError(f"loss_aggregation must be one of {LOSS_AGGREGATIONS}, got {aggregation!r}")
     return c * totals.n_units
 
 
-def entropy_gradient_coefficients(weighted: Tensor, batch: RolloutBatch, estimator: str) -> tuple[Tensor, Tensor]:
+def entropy_gradient_coefficients(
+    weighted: Tensor, batch: RolloutBatch, estimator: str
+) -> tuple[Tensor, Tensor]:
     """``(a, e)``, each ``(N,)``: the E-unit surrogate is ``sum_{i in n} a_i S_i + e_i S_w,i``.
 
     ``weighted`` holds S_w,i; it is detached here (the score-function coefficient is a constant).

@@ -26,14 +26,13 @@ A minimal call, on the exactly enumerable policy of ``entropy_probe.toy``:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from . import fsdp
-from .attribution import group_values, parameter_groups, wants_groups
-from .batch import RolloutBatch
+from .attribution import group_statistics, parameter_groups, wants_groups
+from .batch import RolloutBatch, check_batch, on_device
 from .caller_state import preserved_caller_state
 from .change import EvalState, MeasuredChange, measure_change
 from .config import ProbeConfig
@@ -43,38 +42,24 @@ from .distributed import (
     call_fingerprint,
     communicator_for,
     global_totals,
-    merged_moments,
     unwrap,
 )
 from .engines import EvalProjections, eval_projections, eval_second_order, update_gradient
+from .eval_statistics import EvalStatistics, eval_statistics
 from .forecast import SecondOrder, second_order_fields, second_order_statistics
 from .from_grad import direction_from_grad, grad_checksums, optimizer_lr, unwrap_optimizer
 from .logprobs import SequenceLogProbs
 from .objectives import UpdateTotals, advantages, policy_gradient_coefficients, unit_entropy
 from .result import ProbeResult
-from .statistics import conditional_variance, jackknife_se, moments_update
 from .truth import measure_truth
-from .update_jackknife import UpdateJackknife, combine, deleted_unit_projections, eval_halves, half_sizes
-from .vectors import Params, first_nonfinite
-
-
-@dataclass
-class EvalStatistics:
-    """Step 3 of a call: the E statistics, over all ranks.
-
-    s, unit_ids: ``(B_E,)`` the s_n and their group ids in rank order; the rest as in ``ProbeResult``.
-    """
-
-    s: Tensor
-    unit_ids: Tensor
-    n_eval: int
-    delta_h1: float
-    var_cond_e: float
-    se_cond_e: float
-    se_jackknife: float
-    entropy: float
-    n_dropped_rows: int
-    sizes: list[int] | None = None  # E units per rank
+from .update_jackknife import (
+    UpdateJackknife,
+    deleted_unit_projections,
+    eval_halves,
+    gathered_jackknife,
+    half_means,
+)
+from .vectors import Params, device_of, first_nonfinite
 
 
 class EntropyProbe:
@@ -90,11 +75,17 @@ class EntropyProbe:
     (``None`` for a rank holding none); every rank gets the same result.
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                 config: ProbeConfig | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        config: ProbeConfig | None = None,
+    ):
         self.model = model
         self.module = unwrap(model)
-        self.optimizer = unwrap_optimizer(optimizer)  # accelerate's AcceleratedOptimizer holds it in .optimizer
+        self.optimizer = unwrap_optimizer(
+            optimizer
+        )  # accelerate's AcceleratedOptimizer holds it in .optimizer
         self.config = config if config is not None else ProbeConfig()
         self.comm = communicator_for(model)
 
@@ -112,26 +103,30 @@ class EntropyProbe:
         if self.config.lr is not None:
             return float(self.config.lr)
         if self.optimizer is None:
-            raise ValueError("ProbeConfig.lr is None and no optimizer was given: set lr or pass the optimizer")
+            raise ValueError(
+                "ProbeConfig.lr is None and no optimizer was given: set lr or pass the optimizer"
+            )
         lr = optimizer_lr(self.optimizer)  # 0 at warm-up: the forecast is then exactly 0
         if not (math.isfinite(lr) and lr >= 0):
             raise ValueError(f"optimizer.param_groups[0]['lr'] is {lr}; the probe needs a finite lr >= 0")
         return lr
 
     def _v_lr(self) -> float:
-        """The rate v is normalised by: the optimizer's own, so that ``ProbeConfig.lr`` scales the whole step."""
+        """The rate v is normalised by: the optimizer's own, so ``ProbeConfig.lr`` scales the whole step."""
         return self.lr if self.optimizer is None else optimizer_lr(self.optimizer)
 
     # ---- 1. rollout batch U -> update direction v -----------------------------------------------
     def _update_coefficients(self, batch: RolloutBatch, totals: UpdateTotals) -> Tensor:
         """c_i with ``J_m = sum_{i in m} c_i S_i`` (global normalisers under DDP)."""
         cfg = self.config
-        return policy_gradient_coefficients(batch, advantages(batch, cfg.advantage_estimator),
-                                            cfg.loss_aggregation, totals, cfg.norm_length)
+        return policy_gradient_coefficients(
+            batch, advantages(batch, cfg.advantage_estimator), cfg.loss_aggregation, totals, cfg.norm_length
+        )
 
-    def _direction_from(self, batch: RolloutBatch | None, params: Params,
-                        keep_grad: bool = False) -> tuple[UpdateDirection, Tensor | None, int]:
-        """(v, the c_i of this rank's U units, B_U over all ranks); ``batch`` is None on a rank without U units.
+    def _direction_from(
+        self, batch: RolloutBatch | None, params: Params, keep_grad: bool = False
+    ) -> tuple[UpdateDirection, Tensor | None, int]:
+        """(v, the c_i of this rank's U units, B_U over all ranks); ``batch`` None: a rank without U units.
 
         v is built in place in the summed gradient (one fp32 copy of the parameters, DESIGN section 17).
         """
@@ -142,10 +137,12 @@ class EntropyProbe:
             raise ValueError("update_batch: no rank holds any update unit")
         grad_sum, coeff = {name: None for name in params}, None
         if batch is not None:
-            _check_batch(batch, "update_batch")
+            check_batch(batch, "update_batch")
             coeff = self._update_coefficients(batch, totals)
             grad_sum = update_gradient(self.module, params, batch, coeff, cfg)
-        grad_sum = all_reduce_vector(self.comm, grad_sum, params)  # one all-reduce; the same bits on every rank
+        grad_sum = all_reduce_vector(
+            self.comm, grad_sum, params
+        )  # one all-reduce; the same bits on every rank
         n_units = totals.n_units
         # grad J_U = mean_m grad J_m, in place
         grad_j = {name: None if g is None else g.div_(n_units) for name, g in grad_sum.items()}
@@ -155,8 +152,9 @@ class EntropyProbe:
             raise ValueError(f"update_batch: the policy gradient of parameter {bad!r} is not finite")
         # the jackknife over U (se_total) needs grad J_U after v is built: one more parameter-sized copy
         grad_kept = {n: None if g is None else g.clone() for n, g in grad_j.items()} if keep_grad else None
-        upd = build_direction(cfg.direction, grad_j, params, self.optimizer, self._v_lr(),
-                              cfg.max_grad_norm)  # consumes grad_j
+        upd = build_direction(
+            cfg.direction, grad_j, params, self.optimizer, self._v_lr(), cfg.max_grad_norm
+        )  # consumes grad_j
         upd.grad_j = grad_kept
         return upd, coeff, n_units
 
@@ -170,34 +168,38 @@ class EntropyProbe:
             if update_batch is None and self.comm.world_size == 1:
                 raise ValueError("update_direction: update_batch is required")
             if update_batch is not None:
-                _check_batch(update_batch, "update_batch")
+                check_batch(update_batch, "update_batch")
             params, lr = self.parameters(), self.lr
             fsdp.check_call(params, self.config, False, None)
         except ValueError as e:
             error = e
-        self.comm.check_same("EntropyProbe.update_direction", lambda: call_fingerprint(
-            "update_direction", self.config, lr, params, self.optimizer, None), error)
+        self.comm.check_same(
+            "EntropyProbe.update_direction",
+            lambda: call_fingerprint("update_direction", self.config, lr, params, self.optimizer, None),
+            error,
+        )
         with preserved_caller_state(self.module):
-            batch = _on_model_device(update_batch, params)
+            batch = on_device(update_batch, device_of(params))
             direction, _, _ = self._direction_from(batch, params)
         return direction.v
 
     # ---- 2. rollout batch E -> per-unit projections s_n -------------------------------------------
-    def _project_eval(self, batch: RolloutBatch | None, params: Params, upd: UpdateDirection,
-                      want_halves: bool) -> tuple[EvalProjections, Tensor, Tensor]:
+    def _project_eval(
+        self, batch: RolloutBatch | None, params: Params, upd: UpdateDirection, want_halves: bool
+    ) -> tuple[EvalProjections, Tensor, Tensor]:
         """(projections, this rank's summed unit entropies, its unit ids); empty on a rank without E units.
 
         ``want_halves``: also sum X_n over the two halves of E (even and odd global unit positions)."""
         want_groups = wants_groups(self.config)
         halves = None
         if want_halves:  # this rank's offset in the global E order: one all_gather of one integer
-            n_local = torch.tensor([0 if batch is None else batch.n_units], device=_device_of(params))
+            n_local = torch.tensor([0 if batch is None else batch.n_units], device=device_of(params))
             counts = self.comm.stack(n_local).reshape(-1)
             halves = eval_halves(0 if batch is None else batch.n_units, int(counts[: self.comm.rank].sum()))
         if batch is not None:
             proj = eval_projections(self.module, params, batch, upd.v, self.config, halves, want_groups)
             return proj, unit_entropy(proj.weighted, batch).double().sum(), batch.unit_ids
-        empty = torch.zeros(0, device=_device_of(params))
+        empty = torch.zeros(0, device=device_of(params))
         x_half = None
         if want_halves:
             x_half = tuple({n: torch.zeros_like(x) for n, x in upd.v.items()} for _ in range(2))
@@ -207,75 +209,47 @@ class EntropyProbe:
             proj.s_groups = torch.zeros((0, n_groups), dtype=torch.float64, device=empty.device)
         return proj, torch.zeros((), dtype=torch.float64, device=empty.device), empty.long()
 
-    # ---- 3. s_n -> statistics over E with U fixed -------------------------------------------------
-    def _eval_statistics(self, proj: EvalProjections, local_entropy: Tensor, local_ids: Tensor,
-                         local_dropped: int, lr: float) -> EvalStatistics:
-        """float64 moments merged over ranks, then the s_n themselves for the jackknife and attribution."""
-        comm = self.comm
-        # with groups, s_n is their float64 sum, so that the groups add up to delta_h1 to float64 rounding
-        local_s = proj.s if proj.s_groups is None else proj.s_groups.sum(dim=1)
-        dropped = torch.tensor(float(local_dropped), dtype=torch.float64, device=local_entropy.device)
-        extra = torch.stack([local_entropy, dropped])
-        moments, sums, sizes = merged_moments(comm, moments_update(local_s), extra)
-        n_eval = int(moments.count)
-        if n_eval == 0:
-            raise ValueError("eval_batch: no rank holds any evaluation unit")
-        s = comm.gather(local_s, sizes)  # (B_E,) over all ranks, rank order
-        unit_ids = comm.gather(local_ids, sizes)  # (B_E,)
-        bad = (~torch.isfinite(s)).nonzero()
-        if len(bad):
-            unit = int(bad[0, 0])
-            raise ValueError(f"eval_batch: s_n is not finite for unit {int(unit_ids[unit])} (position {unit})")
-        var_e, se_e = conditional_variance(moments, lr)
-        return EvalStatistics(s=s, unit_ids=unit_ids, n_eval=n_eval, delta_h1=lr * float(moments.mean),
-                              var_cond_e=var_e, se_cond_e=se_e, se_jackknife=jackknife_se(s, lr),
-                              entropy=float(sums[0]) / n_eval, n_dropped_rows=int(sums[1]), sizes=sizes)
-
-    # ---- 3b. s_n^(g) -> delta_h1 by parameter group -------------------------------------------------
-    def _by_group(self, proj: EvalProjections, params: Params, stats: EvalStatistics,
-                  lr: float) -> dict[str, tuple[float, float]] | None:
-        """``{group: (eta mean_n s_n^(g), its SE over E)}`` from every rank's per-unit group values."""
-        if proj.s_groups is None:
-            return None
-        names = parameter_groups(params, self.config.groups)[0]
-        per_unit = self.comm.gather(proj.s_groups, stats.sizes)  # (B_E, n_groups) float64, rank order
-        means, ses = group_values(per_unit, lr)
-        return dict(zip(names, zip(means, ses)))
-
+    # ---- 3. s_n -> statistics over E with U fixed: eval_statistics ------------------------------------
     # ---- 3c. v, E -> q_n -> delta_h2 and the forecast ----------------------------------------------
-    def _second_order(self, batch: RolloutBatch | None, params: Params, upd: UpdateDirection,
-                      stats: EvalStatistics, lr: float) -> SecondOrder:
+    def _second_order(
+        self,
+        batch: RolloutBatch | None,
+        params: Params,
+        upd: UpdateDirection,
+        stats: EvalStatistics,
+        lr: float,
+    ) -> SecondOrder:
         """q_n by nested forward mode on this rank's E units, then the statistics over all ranks."""
-        q_local = torch.zeros(0, dtype=torch.float64, device=_device_of(params))
+        q_local = torch.zeros(0, dtype=torch.float64, device=device_of(params))
         if batch is not None:
             q_local = eval_second_order(self.module, params, batch, upd.v, self.config)
-        return second_order_statistics(self.comm, q_local, stats.s, stats.sizes, stats.unit_ids, stats.delta_h1, lr)
+        return second_order_statistics(
+            self.comm, q_local, stats.s, stats.sizes, stats.unit_ids, stats.delta_h1, lr
+        )
 
     # ---- 4. Xbar_A, Xbar_B, U -> the variance over U ----------------------------------------------
-    def _update_jackknife(self, update_batch: RolloutBatch | None, params: Params, upd: UpdateDirection,
-                          coeff: Tensor | None, n_update: int, proj: EvalProjections, stats: EvalStatistics,
-                          lr: float) -> tuple[UpdateJackknife, Tensor]:
+    def _update_jackknife(
+        self,
+        update_batch: RolloutBatch | None,
+        params: Params,
+        upd: UpdateDirection,
+        coeff: Tensor | None,
+        n_update: int,
+        proj: EvalProjections,
+        stats: EvalStatistics,
+        lr: float,
+    ) -> tuple[UpdateJackknife, Tensor]:
         """V_U and the update influences (update_jackknife), with the U unit ids in gathered order."""
-        n_half = half_sizes(stats.n_eval)
-        x_a, x_b = (all_reduce_vector(self.comm, x, params) for x in proj.x_half)  # sums over all ranks
-        x_a = {n: (torch.zeros_like(upd.v[n]) if x is None else x / n_half[0]) for n, x in x_a.items()}
-        if n_half[1] == 0:  # B_E = 1: no second half; Xbar_E for both (V_U then keeps the E noise)
-            x_b = x_a
-        else:
-            x_b = {n: (torch.zeros_like(upd.v[n]) if x is None else x / n_half[1]) for n, x in x_b.items()}
-        # host-side: the per-unit pieces are few float64 numbers, gathered and combined on the host
-        pieces = torch.zeros((0, 2), dtype=torch.float64, device="cpu")
-        ids = torch.zeros(0, dtype=torch.long, device="cpu")
+        x_a, x_b, n_half = half_means(self.comm, proj.x_half, params, upd.v, stats.n_eval)
+        pieces = None
         if update_batch is not None and n_update >= 2:
-            pieces = deleted_unit_projections(self.module, params, update_batch, coeff, upd.grad_j, n_update,
-                                              upd.v, x_a, x_b, self.config, self.optimizer, self._v_lr())
-        if update_batch is not None:
-            ids = update_batch.unit_ids.cpu()
-            if n_update < 2:
-                pieces = torch.zeros((update_batch.n_units, 2), dtype=torch.float64)
-        sizes = [int(c) for c in self.comm.stack(torch.tensor([len(ids)], device="cpu")).reshape(-1).tolist()]
-        pieces, ids = self.comm.gather(pieces, sizes), self.comm.gather(ids, sizes)  # (B_U, 2), (B_U,)
-        return combine(pieces, n_half, lr, stats.delta_h1, self.config.direction), ids
+            pieces = deleted_unit_projections(
+                self.module, params, update_batch, coeff, upd.grad_j, n_update, upd.v, x_a, x_b,
+                self.config, self.optimizer, self._v_lr(),
+            )  # fmt: skip
+        return gathered_jackknife(
+            self.comm, update_batch, pieces, n_half, lr, stats.delta_h1, self.config.direction
+        )
 
     # ---- the whole call ------------------------------------------------------------------------
     def _checked_call(self, update_batch, eval_batch, direction, truth: bool, from_grad: bool):
@@ -289,9 +263,9 @@ class EntropyProbe:
             if n_sources > 1 or (n_sources == 0 and self.comm.world_size == 1):
                 raise ValueError("run: give exactly one of update_batch, direction and from_grad=True")
             if eval_batch is not None:
-                _check_batch(eval_batch, "eval_batch")
+                check_batch(eval_batch, "eval_batch")
             if update_batch is not None:
-                _check_batch(update_batch, "update_batch")
+                check_batch(update_batch, "update_batch")
             params, lr = self.parameters(), self.lr
             fsdp.check_call(params, self.config, from_grad, eval_batch)  # FSDP2: what is supported
             given = None if direction is None else given_direction(direction, params)
@@ -300,13 +274,29 @@ class EntropyProbe:
         except ValueError as e:
             error = e
         mode = "from_grad" if from_grad else "direction" if direction is not None else "update_batch"
-        self.comm.check_same("EntropyProbe.run", lambda: call_fingerprint(
-            f"run({mode}, truth={bool(truth)})", self.config, lr, params, self.optimizer,
-            None if given is None or from_grad else given.v, grad_checksums(params) if from_grad else None), error)
+        self.comm.check_same(
+            "EntropyProbe.run",
+            lambda: call_fingerprint(
+                f"run({mode}, truth={bool(truth)})",
+                self.config,
+                lr,
+                params,
+                self.optimizer,
+                None if given is None or from_grad else given.v,
+                grad_checksums(params) if from_grad else None,
+            ),
+            error,
+        )
         return params, lr, given
 
-    def run(self, update_batch: RolloutBatch | None = None, eval_batch: RolloutBatch | None = None,
-            truth: bool = False, direction: dict[str, Tensor] | None = None, from_grad: bool = False) -> ProbeResult:
+    def run(
+        self,
+        update_batch: RolloutBatch | None = None,
+        eval_batch: RolloutBatch | None = None,
+        truth: bool = False,
+        direction: dict[str, Tensor] | None = None,
+        from_grad: bool = False,
+    ) -> ProbeResult:
         """Forecast the step on ``update_batch`` (or along a given ``direction``, or the step the optimizer
         will take from the ``.grad`` now on the parameters: ``from_grad=True``), measured on ``eval_batch``.
 
@@ -315,39 +305,66 @@ class EntropyProbe:
         Parameters, ``.grad``, optimizer state, RNG and train/eval mode are unchanged afterwards.
         """
         params, lr, given = self._checked_call(update_batch, eval_batch, direction, truth, from_grad)
-        update_batch, eval_batch = _on_model_device(update_batch, params), _on_model_device(eval_batch, params)
+        update_batch, eval_batch = (
+            on_device(update_batch, device_of(params)),
+            on_device(eval_batch, device_of(params)),
+        )
         with preserved_caller_state(self.module):
             if given is None:  # 1. the update direction v, from U or as given
-                upd, coeff, n_update = self._direction_from(update_batch, params, self.config.unconditional_se)
+                upd, coeff, n_update = self._direction_from(
+                    update_batch, params, self.config.unconditional_se
+                )
             else:
                 upd, coeff, n_update = given, None, 0
             want_total = self.config.unconditional_se and given is None
             proj, local_entropy, local_ids = self._project_eval(eval_batch, params, upd, want_total)  # 2.
             dropped = 0 if eval_batch is None else eval_batch.n_dropped_rows
-            stats = self._eval_statistics(proj, local_entropy, local_ids, dropped, lr)  # 3.
-            by_group = self._by_group(proj, params, stats, lr)  # 3b.
+            stats = eval_statistics(self.comm, proj, local_entropy, local_ids, dropped, lr)  # 3.
+            by_group = group_statistics(self.comm, proj.s_groups, params, self.config.groups, stats.sizes, lr)
             second = None
             if self.config.second_order:  # 3c.
                 second = self._second_order(eval_batch, params, upd, stats, lr)
             se_total, jack, update_ids = None, None, None
             if want_total:  # 4.
-                jack, update_ids = self._update_jackknife(update_batch, params, upd, coeff, n_update, proj,
-                                                          stats, lr)
+                jack, update_ids = self._update_jackknife(
+                    update_batch, params, upd, coeff, n_update, proj, stats, lr
+                )
                 se_total = math.sqrt(stats.var_cond_e + max(jack.var_update, 0.0))
             truth_result = None
             if truth:  # 5. the step applied functionally
-                truth_result = measure_truth(self.module, params, upd.v, lr, eval_batch, stats.s, self.config,
-                                             self.comm, per_unit_q=None if second is None else second.q)
+                truth_result = measure_truth(
+                    self.module,
+                    params,
+                    upd.v,
+                    lr,
+                    eval_batch,
+                    stats.s,
+                    self.config,
+                    self.comm,
+                    per_unit_q=None if second is None else second.q,
+                )
         state = EvalState(eval_batch, SequenceLogProbs(proj.seq_logprob, proj.weighted))
-        return ProbeResult(delta_h1=stats.delta_h1, se_cond_e=stats.se_cond_e, var_cond_e=stats.var_cond_e,
-                           se_jackknife=stats.se_jackknife, se_total=se_total, entropy=stats.entropy,
-                           n_eval_units=stats.n_eval, n_update_units=n_update, lr=lr,
-                           per_unit=stats.s.detach().double().cpu(), eval_unit_ids=stats.unit_ids.cpu(),
-                           truth=truth_result, n_dropped_rows=stats.n_dropped_rows, eval_state=state,
-                           by_group=by_group, **second_order_fields(second),
-                           var_update=None if jack is None else jack.var_update,
-                           update_influence=None if jack is None else jack.influence,
-                           update_unit_ids=update_ids)
+        return ProbeResult(
+            delta_h1=stats.delta_h1,
+            se_cond_e=stats.se_cond_e,
+            var_cond_e=stats.var_cond_e,
+            se_jackknife=stats.se_jackknife,
+            se_total=se_total,
+            entropy=stats.entropy,
+            n_eval_units=stats.n_eval,
+            n_update_units=n_update,
+            lr=lr,
+            per_unit=stats.s.detach().double().cpu(),
+            eval_unit_ids=stats.unit_ids.cpu(),
+            truth=truth_result,
+            n_dropped_rows=stats.n_dropped_rows,
+            eval_state=state,
+            by_group=by_group,
+            **second_order_fields(second),
+            var_update=None if jack is None else jack.var_update,
+            update_influence=None if jack is None else jack.influence,
+            update_unit_ids=update_ids,
+        )
 
     def measure_change(self, result: ProbeResult) -> MeasuredChange:
         """After the real ``optimizer.step()``: the entropy change on ``result``'s E, one forward at the
@@ -359,27 +376,19 @@ class EntropyProbe:
         error = None
         if not isinstance(state, EvalState):
             error = ValueError("measure_change: result must be a ProbeResult returned by this probe's run()")
-        self.comm.check_same("EntropyProbe.measure_change", lambda: call_fingerprint(
-            "measure_change", self.config, getattr(result, "lr", None), self.parameters(), self.optimizer, None),
-            error)
+        self.comm.check_same(
+            "EntropyProbe.measure_change",
+            lambda: call_fingerprint(
+                "measure_change",
+                self.config,
+                getattr(result, "lr", None),
+                self.parameters(),
+                self.optimizer,
+                None,
+            ),
+            error,
+        )
         with preserved_caller_state(self.module):
-            return measure_change(self.module, self.parameters(), state, result.per_unit, result.lr, self.config,
-                                  self.comm)
-
-
-def _device_of(params: Params) -> torch.device:
-    return next(iter(params.values())).device
-
-
-def _on_model_device(batch: RolloutBatch | None, params: Params) -> RolloutBatch | None:
-    """The batch on the device of the model's (first) parameter: every tensor the probe makes lives there."""
-    return None if batch is None else batch.to(_device_of(params))
-
-
-def _check_batch(batch, name: str) -> None:
-    if not isinstance(batch, RolloutBatch):
-        raise ValueError(f"run: {name} must be an entropy_probe.RolloutBatch, got {type(batch).__name__}")
-    if name == "update_batch" and batch.n_dropped_rows:
-        # The trainer's loss normalisers count such rows (they add 0 to the sums): dropping them would not.
-        raise ValueError(f"update_batch: {batch.n_dropped_rows} row(s) have no response token; an update batch "
-                         "must keep every row its loss counts (use from_grad=True to forecast the trainer's step)")
+            return measure_change(
+                self.module, self.parameters(), state, result.per_unit, result.lr, self.config, self.comm
+            )

@@ -108,8 +108,10 @@ class ProbeResult:
     def forecast_interval(self, level: float = 0.95) -> tuple[float, float]:
         """Normal interval of ``forecast`` over E, ``forecast -+ z * se_forecast``; needs second_order."""
         if self.forecast is None:
-            raise ValueError("forecast_interval: no second-order term in this result; run with "
-                             "ProbeConfig(second_order=True)")
+            raise ValueError(
+                "forecast_interval: no second-order term in this result; run with "
+                "ProbeConfig(second_order=True)"
+            )
         if not 0.0 < level < 1.0:
             raise ValueError(f"forecast_interval: level must be in (0, 1), got {level!r}")
         z = NormalDist().inv_cdf(0.5 + level / 2)
@@ -126,17 +128,36 @@ class ProbeResult:
         if z is not None:
             return self.delta_h1 - z * self.se_cond_e, self.delta_h1 + z * self.se_cond_e
         if not 0 < level < 1:
-            raise ValueError(f"interval: level must lie in (0, 1), got {level!r} (for a normal interval with "
-                             "a z multiplier pass z=...)")
+            raise ValueError(
+                f"interval: level must lie in (0, 1), got {level!r} (for a normal interval with "
+                "a z multiplier pass z=...)"
+            )
         return skew_aware_interval(self.per_unit, self.lr, level)
 
     def to_dict(self) -> dict:
-        keys = ("delta_h1", "se_cond_e", "var_cond_e", "se_jackknife", "se_total", "var_update", "entropy",
-                "n_eval_units", "n_update_units", "lr", "n_dropped_rows", "interval_method")
+        keys = (
+            "delta_h1",
+            "se_cond_e",
+            "var_cond_e",
+            "se_jackknife",
+            "se_total",
+            "var_update",
+            "entropy",
+            "n_eval_units",
+            "n_update_units",
+            "lr",
+            "n_dropped_rows",
+            "interval_method",
+        )
         out = {f"{PREFIX}{k}": getattr(self, k) for k in keys}
         out[f"{PREFIX}interval_lo95"], out[f"{PREFIX}interval_hi95"] = self.interval(0.95)
         if self.forecast is not None:
-            out.update({f"{PREFIX}{k}": getattr(self, k) for k in ("delta_h2", "se_delta_h2", "forecast", "se_forecast")})
+            out.update(
+                {
+                    f"{PREFIX}{k}": getattr(self, k)
+                    for k in ("delta_h2", "se_delta_h2", "forecast", "se_forecast")
+                }
+            )
         for name, (value, se) in (self.by_group or {}).items():
             out[f"{PREFIX}group/{name}"], out[f"{PREFIX}group/{name}/se"] = value, se
         if self.truth is not None:

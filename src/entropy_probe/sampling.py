@@ -42,9 +42,17 @@ from .logprobs import model_logits
 RewardFn = Callable[[tuple, tuple], float]
 
 
-def sample_rollouts(model: nn.Module, prompts: Sequence[Sequence[int]], group_size: int, max_new_tokens: int,
-                    eos_token_id: int, reward_fn: RewardFn | None, temperature: float = 1.0, seed: int = 0,
-                    pad_token_id: int | None = None) -> RolloutBatch:
+def sample_rollouts(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    group_size: int,
+    max_new_tokens: int,
+    eos_token_id: int,
+    reward_fn: RewardFn | None,
+    temperature: float = 1.0,
+    seed: int = 0,
+    pad_token_id: int | None = None,
+) -> RolloutBatch:
     """``group_size`` sampled responses for each prompt, scored by ``reward_fn``, as a ``RolloutBatch``.
 
     reward_fn: None for an evaluation batch (E needs no rewards): the batch then carries none.
@@ -66,14 +74,16 @@ def sample_rollouts(model: nn.Module, prompts: Sequence[Sequence[int]], group_si
             out = _generate_hf(module, ids, attn, max_new_tokens, eos_token_id, pad, temperature)
         else:
             out = _generate_loop(module, ids, attn, max_new_tokens, eos_token_id, pad, temperature)
-    response = out[:, ids.shape[1]:]  # (N, L)
+    response = out[:, ids.shape[1] :]  # (N, L)
     resp_mask = response_mask_until_eos(response, eos_token_id)  # (N, L)
     response = torch.where(resp_mask.bool(), response, pad)
     input_ids = torch.cat([ids, response], dim=1)  # (N, Tp + L)
     attention = torch.cat([attn, resp_mask], dim=1)
     response_mask = torch.cat([torch.zeros_like(attn), resp_mask], dim=1)
     group_ids = torch.arange(len(prompts), device=device).repeat_interleave(group_size)  # (N,)
-    rewards = None if reward_fn is None else score(prompts, group_size, response, resp_mask, reward_fn).to(device)
+    rewards = (
+        None if reward_fn is None else score(prompts, group_size, response, resp_mask, reward_fn).to(device)
+    )
     return RolloutBatch(input_ids, attention, response_mask, group_ids, rewards=rewards)
 
 
@@ -84,8 +94,8 @@ def left_pad(prompts: list[tuple[int, ...]], pad_token_id: int, device) -> tuple
     attn = torch.zeros((len(prompts), width), dtype=torch.long)
     for row, p in enumerate(prompts):
         if p:
-            ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
-            attn[row, width - len(p):] = 1
+            ids[row, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+            attn[row, width - len(p) :] = 1
     return ids.to(device), attn.to(device)
 
 
@@ -96,8 +106,9 @@ def response_mask_until_eos(response: Tensor, eos_token_id: int) -> Tensor:
     return (eos_before == 0).long()
 
 
-def score(prompts: list[tuple[int, ...]], group_size: int, response: Tensor, resp_mask: Tensor,
-          reward_fn: RewardFn) -> Tensor:
+def score(
+    prompts: list[tuple[int, ...]], group_size: int, response: Tensor, resp_mask: Tensor, reward_fn: RewardFn
+) -> Tensor:
     """``(N,)`` float32 rewards; a raising or non-finite reward_fn is a ValueError naming the row."""
     rewards = []
     lengths = resp_mask.sum(dim=1).tolist()
@@ -106,11 +117,15 @@ def score(prompts: list[tuple[int, ...]], group_size: int, response: Tensor, res
         try:
             r = float(reward_fn(prompt, resp))
         except Exception as exc:  # noqa: BLE001 (re-raised with the row named)
-            raise ValueError(f"reward_fn raised {type(exc).__name__} ({exc}) on row {row} "
-                             f"(prompt {row // group_size} {list(prompt)}, response {list(resp)})") from exc
+            raise ValueError(
+                f"reward_fn raised {type(exc).__name__} ({exc}) on row {row} "
+                f"(prompt {row // group_size} {list(prompt)}, response {list(resp)})"
+            ) from exc
         if not math.isfinite(r):
-            raise ValueError(f"reward_fn returned {r} on row {row} (prompt {row // group_size} {list(prompt)}, "
-                             f"response {list(resp)}); rewards must be finite")
+            raise ValueError(
+                f"reward_fn returned {r} on row {row} (prompt {row // group_size} {list(prompt)}, "
+                f"response {list(resp)}); rewards must be finite"
+            )
         rewards.append(r)
     return torch.tensor(rewards, dtype=torch.float32)
 
@@ -125,8 +140,9 @@ def _is_hf_generator(module: nn.Module) -> bool:
     return isinstance(module, GenerationMixin)
 
 
-def _generate_hf(module, ids: Tensor, attn: Tensor, max_new_tokens: int, eos: int, pad: int,
-                 temperature: float) -> Tensor:
+def _generate_hf(
+    module, ids: Tensor, attn: Tensor, max_new_tokens: int, eos: int, pad: int, temperature: float
+) -> Tensor:
     """``(N, Tp + L)`` prompt and sampled tokens from ``generate`` (KV cache, pure sampling)."""
     config = pure_sampling_config(max_new_tokens, eos, pad, temperature)
     # generate() fills every field left None from model.generation_config (a Hub model's may carry
@@ -152,13 +168,25 @@ def pure_sampling_config(max_new_tokens: int, eos: int, pad: int, temperature: f
     """
     from transformers import GenerationConfig
 
-    return GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, num_beams=1,
-                            max_new_tokens=max_new_tokens, min_new_tokens=0, repetition_penalty=1.0,
-                            eos_token_id=eos, pad_token_id=pad, use_cache=True, **extra)
+    return GenerationConfig(
+        do_sample=True,
+        temperature=temperature,
+        top_k=0,
+        top_p=1.0,
+        num_beams=1,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=0,
+        repetition_penalty=1.0,
+        eos_token_id=eos,
+        pad_token_id=pad,
+        use_cache=True,
+        **extra,
+    )
 
 
-def _generate_loop(module, ids: Tensor, attn: Tensor, max_new_tokens: int, eos: int, pad: int,
-                   temperature: float) -> Tensor:
+def _generate_loop(
+    module, ids: Tensor, attn: Tensor, max_new_tokens: int, eos: int, pad: int, temperature: float
+) -> Tensor:
     """``(N, Tp + L)`` by a plain loop: full forward each step, sample from the last position."""
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
     for _ in range(max_new_tokens):
@@ -175,8 +203,10 @@ def _generate_loop(module, ids: Tensor, attn: Tensor, max_new_tokens: int, eos: 
 
 def _check_inputs(prompts, group_size, max_new_tokens, eos_token_id, temperature) -> list[tuple[int, ...]]:
     if not isinstance(group_size, int) or group_size < 2:
-        raise ValueError(f"sample_rollouts: group_size must be an integer >= 2 (a unit needs 2 responses), "
-                         f"got {group_size!r}")
+        raise ValueError(
+            f"sample_rollouts: group_size must be an integer >= 2 (a unit needs 2 responses), "
+            f"got {group_size!r}"
+        )
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"sample_rollouts: max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     if not isinstance(eos_token_id, int) or eos_token_id < 0:
@@ -188,7 +218,9 @@ def _check_inputs(prompts, group_size, max_new_tokens, eos_token_id, temperature
         raise ValueError("sample_rollouts: prompts is empty; give at least one prompt")
     for i, p in enumerate(prompts):
         if not p:
-            raise ValueError(f"sample_rollouts: prompts[{i}] is empty; a response needs a prompt token before it")
+            raise ValueError(
+                f"sample_rollouts: prompts[{i}] is empty; a response needs a prompt token before it"
+            )
         if min(p) < 0:
             raise ValueError(f"sample_rollouts: prompts[{i}] holds a negative token id {min(p)}")
     return prompts

@@ -65,8 +65,11 @@ def sample_variance(m: Moments, what: str = "s") -> float:
     """Unbiased sample variance; 0 with a warning when fewer than 2 values."""
     n = float(m.count)
     if n < 2:
-        warnings.warn(f"fewer than 2 units ({int(n)}) for the variance of {what}: its SE is reported as 0",
-                      RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"fewer than 2 units ({int(n)}) for the variance of {what}: its SE is reported as 0",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         return 0.0
     return max(float(m.m2) / (n - 1), 0.0)
 
@@ -108,8 +111,9 @@ BOOTSTRAP_RESAMPLES = 4000  # bootstrap-t replicates; the quantiles' Monte-Carlo
 BOOTSTRAP_SEED = 0  # a private generator: the interval is a deterministic function of the s_n
 
 
-def bootstrap_t_interval(s: Tensor, lr: float, level: float, resamples: int = BOOTSTRAP_RESAMPLES
-                         ) -> tuple[float, float]:
+def bootstrap_t_interval(
+    s: Tensor, lr: float, level: float, resamples: int = BOOTSTRAP_RESAMPLES
+) -> tuple[float, float]:
     """Bootstrap-t (studentized bootstrap) interval for ``eta * E[s]`` from the per-unit s_n.
 
     ``T* = (mean* - mean) / se*`` over resamples of the units with replacement; the interval is
@@ -161,7 +165,10 @@ def student_t_quantile(p: float, df: int) -> float:
     error < 1e-3 for df >= 4 and p <= 0.975 (t_0.975: 2.776 at df 4, 2.131 at df 15), < 3e-3 at p = 0.995,
     slightly low below df 4; torch has no t icdf."""
     z = NormalDist().inv_cdf(p)
-    terms = ((z ** 3 + z) / 4, (5 * z ** 5 + 16 * z ** 3 + 3 * z) / 96,
-             (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / 384,
-             (79 * z ** 9 + 776 * z ** 7 + 1482 * z ** 5 - 1920 * z ** 3 - 945 * z) / 92160)
+    terms = (
+        (z**3 + z) / 4,
+        (5 * z**5 + 16 * z**3 + 3 * z) / 96,
+        (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384,
+        (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / 92160,
+    )
     return z + sum(c / df ** (k + 1) for k, c in enumerate(terms))

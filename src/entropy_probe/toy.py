@@ -39,18 +39,27 @@ class TabularPolicy(nn.Module):
     Called like a Hugging Face causal LM: ``model(input_ids, attention_mask, position_ids)`` -> logits.
     """
 
-    def __init__(self, vocab_size: int = 3, max_len: int = 3, prompts=DEFAULT_PROMPTS, scale: float = 1.0,
-                 seed: int = 0):
+    def __init__(
+        self,
+        vocab_size: int = 3,
+        max_len: int = 3,
+        prompts=DEFAULT_PROMPTS,
+        scale: float = 1.0,
+        seed: int = 0,
+    ):
         super().__init__()
         self.vocab_size, self.max_len = vocab_size, max_len
         self.prompts = tuple(tuple(p) for p in prompts)
         self.max_positions = max(len(p) for p in self.prompts) + max_len
         gen = torch.Generator().manual_seed(seed)
         # (positions, previous token or "none", current token, next-token logits)
-        self.table = nn.Parameter(scale * torch.randn(self.max_positions, vocab_size + 1, vocab_size, vocab_size,
-                                                      generator=gen))
+        self.table = nn.Parameter(
+            scale * torch.randn(self.max_positions, vocab_size + 1, vocab_size, vocab_size, generator=gen)
+        )
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None) -> Tensor:
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None
+    ) -> Tensor:
         if position_ids is None:
             position_ids = position_ids_from_mask(attention_mask)
         real = attention_mask.bool()
@@ -74,8 +83,13 @@ class EnumeratedResponses:
     def batch(self, rows: Tensor | None = None, rewards: Tensor | None = None) -> RolloutBatch:
         sel = slice(None) if rows is None else rows
         n = self.input_ids[sel].shape[0]
-        return RolloutBatch(self.input_ids[sel], self.attention_mask[sel], self.response_mask[sel],
-                            self.prompt_index[sel], rewards=torch.zeros(n) if rewards is None else rewards)
+        return RolloutBatch(
+            self.input_ids[sel],
+            self.attention_mask[sel],
+            self.response_mask[sel],
+            self.prompt_index[sel],
+            rewards=torch.zeros(n) if rewards is None else rewards,
+        )
 
     def seq_logprobs(self, policy: nn.Module, temperature: float = 1.0) -> Tensor:
         return sequence_logprobs(policy, self.batch(), temperature, "sum").seq
@@ -118,7 +132,9 @@ def exact_entropy(policy: TabularPolicy, weighting: str = "token-mean", temperat
     return per_row.reshape(len(policy.prompts), -1).sum(dim=1).mean()
 
 
-def exact_entropy_f64(policy: TabularPolicy, table: Tensor | None = None, weighting: str = "token-mean") -> Tensor:
+def exact_entropy_f64(
+    policy: TabularPolicy, table: Tensor | None = None, weighting: str = "token-mean"
+) -> Tensor:
     """``H`` by enumeration entirely in float64 (``exact_entropy`` log-softmaxes in fp32, whose rounding,
     ~1e-7 nats, hides the O(eta^3) error of a second-order forecast at small steps).
 
@@ -126,16 +142,21 @@ def exact_entropy_f64(policy: TabularPolicy, table: Tensor | None = None, weight
     """
     resp = enumerate_responses(policy)
     table = (policy.table if table is None else table).double()
-    logits = torch.func.functional_call(policy, {"table": table}, (resp.input_ids, resp.attention_mask))  # (R, T, V)
-    logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, resp.input_ids[:, 1:, None]).squeeze(-1)  # (R, T-1)
+    logits = torch.func.functional_call(
+        policy, {"table": table}, (resp.input_ids, resp.attention_mask)
+    )  # (R, T, V)
+    logp = (
+        torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, resp.input_ids[:, 1:, None]).squeeze(-1)
+    )  # (R, T-1)
     m = resp.response_mask[:, 1:].double()
     w = m / m.sum(dim=1, keepdim=True) if weighting == "token-mean" else m
     seq, weighted = (logp * m).sum(dim=1), (logp * w).sum(dim=1)
     return (torch.exp(seq) * -weighted).reshape(len(policy.prompts), -1).sum(dim=1).mean()
 
 
-def exact_directional_derivatives(policy: TabularPolicy, v: dict[str, Tensor],
-                                  weighting: str = "token-mean") -> tuple[float, float]:
+def exact_directional_derivatives(
+    policy: TabularPolicy, v: dict[str, Tensor], weighting: str = "token-mean"
+) -> tuple[float, float]:
     """``(grad H . v, v^T (grad^2 H) v)`` in float64, by double backward through ``exact_entropy_f64``."""
     table = policy.table.detach().double().requires_grad_(True)
     direction = v["table"].double()
@@ -145,8 +166,9 @@ def exact_directional_derivatives(policy: TabularPolicy, v: dict[str, Tensor],
     return float(first.detach()), float((hess_v * direction).sum())
 
 
-def exact_directional_derivative(policy: TabularPolicy, v: dict[str, Tensor], weighting: str = "token-mean",
-                                 temperature: float = 1.0) -> float:
+def exact_directional_derivative(
+    policy: TabularPolicy, v: dict[str, Tensor], weighting: str = "token-mean", temperature: float = 1.0
+) -> float:
     """``grad H(theta) . v`` by autograd through the enumerated entropy."""
     params = {n: p for n, p in policy.named_parameters() if p.requires_grad}
     grads = torch.autograd.grad(exact_entropy(policy, weighting, temperature), list(params.values()))
@@ -159,22 +181,40 @@ def default_reward(prompt: tuple[int, ...], response: tuple[int, ...]) -> float:
     return float(sum(t == prompt[0] for t in body)) / max(len(body), 1) + 0.5 * float(response[-1] == EOS)
 
 
-def sample_enumerated(policy: TabularPolicy, n_units: int, group_size: int = 4, seed: int = 0,
-                      temperature: float = 1.0,
-                      reward_fn: Callable[[tuple, tuple], float] = default_reward) -> RolloutBatch:
+def sample_enumerated(
+    policy: TabularPolicy,
+    n_units: int,
+    group_size: int = 4,
+    seed: int = 0,
+    temperature: float = 1.0,
+    reward_fn: Callable[[tuple, tuple], float] = default_reward,
+) -> RolloutBatch:
     """Exact samples: prompts uniformly, G responses each from the enumerated pi(y|x). Seeded, RNG-neutral."""
     if group_size < 2:
         raise ValueError(f"group_size must be >= 2, got {group_size}")
     resp = enumerate_responses(policy)
     n_resp = len(resp.responses)
     with torch.no_grad():
-        probs = torch.exp(resp.seq_logprobs(policy, temperature)).reshape(len(policy.prompts), n_resp)  # (P, R)
+        probs = torch.exp(resp.seq_logprobs(policy, temperature)).reshape(
+            len(policy.prompts), n_resp
+        )  # (P, R)
     gen = torch.Generator().manual_seed(seed)
     prompt_of_unit = torch.randint(len(policy.prompts), (n_units,), generator=gen)
     draws = torch.multinomial(probs[prompt_of_unit], group_size, replacement=True, generator=gen)  # (B, G)
     rows = (prompt_of_unit[:, None] * n_resp + draws).reshape(-1)  # (B * G,)
-    rewards = torch.tensor([reward_fn(policy.prompts[int(prompt_of_unit[u])], resp.responses[int(d)])
-                            for u in range(n_units) for d in draws[u]], dtype=torch.float32)
+    rewards = torch.tensor(
+        [
+            reward_fn(policy.prompts[int(prompt_of_unit[u])], resp.responses[int(d)])
+            for u in range(n_units)
+            for d in draws[u]
+        ],
+        dtype=torch.float32,
+    )
     b = resp.batch(rows, rewards)
-    return RolloutBatch(b.input_ids, b.attention_mask, b.response_mask,
-                        torch.arange(n_units).repeat_interleave(group_size), rewards=rewards)
+    return RolloutBatch(
+        b.input_ids,
+        b.attention_mask,
+        b.response_mask,
+        torch.arange(n_units).repeat_interleave(group_size),
+        rewards=rewards,
+    )

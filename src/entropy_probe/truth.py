@@ -5,7 +5,9 @@ so the live model is never modified. E was sampled at theta; the entropy at thet
 self-normalised importance weights ``w_i = exp(S_i(theta') - S_i(theta))``. Units weigh equally
 whatever their group size (as in the entropy target ``E_x E_y``):
 
-    H_hat(theta') = sum_n (1/G_n) sum_{i in n} w_i h_i' / sum_n (1/G_n) sum_{i in n} w_i,  h_i' = -S_w,i(theta')
+    H_hat(theta') = sum_n (1/G_n) sum_{i in n} w_i h_i' / sum_n (1/G_n) sum_{i in n} w_i
+
+    with h_i' = -S_w,i(theta')
 
 which is the design's ``sum_i w_i h_i' / sum_i w_i`` when every G_n is equal. At alpha = 0 every
 weight is 1 and the change is exactly 0. SEs are delete-one-unit jackknives, also for the
@@ -40,7 +42,7 @@ from .logprobs import SequenceLogProbs, sequence_logprobs
 from .objectives import group_sum
 from .result import TruthResult
 from .statistics import jackknife_se_of
-from .vectors import Params, Vector
+from .vectors import Params, Vector, device_of
 
 
 def stepped_parameters(params: Params, v: Vector, step: float, base: Vector | None = None) -> Vector:
@@ -121,8 +123,14 @@ def _unit_sums(batch: RolloutBatch, before: SequenceLogProbs, after: SequenceLog
     return torch.stack([num, den, base, w_sum, w2_sum, g], dim=1)
 
 
-def entropy_change(batch: RolloutBatch | None, before: SequenceLogProbs | None, after: SequenceLogProbs | None,
-                   predicted_per_unit: Tensor | None = None, lr: float = 0.0, comm=None) -> Change:
+def entropy_change(
+    batch: RolloutBatch | None,
+    before: SequenceLogProbs | None,
+    after: SequenceLogProbs | None,
+    predicted_per_unit: Tensor | None = None,
+    lr: float = 0.0,
+    comm=None,
+) -> Change:
     """The entropy change on E from log-probs at theta (``before``) and theta' (``after``).
 
     ``predicted_per_unit``: the s_n; with ``lr`` it gives the jackknife of truth - prediction.
@@ -135,8 +143,9 @@ def entropy_change(batch: RolloutBatch | None, before: SequenceLogProbs | None, 
     num, den, base, w_sum, w2_sum, sizes = sums.unbind(dim=1)
     b = num.numel()
     if not float(den.sum()) > 0:
-        raise ValueError("truth: every importance weight underflows to 0; the step is far too large to "
-                         "measure")
+        raise ValueError(
+            "truth: every importance weight underflows to 0; the step is far too large to measure"
+        )
     delta = float(num.sum() / den.sum() - base.sum() / b)
     ess = float(w_sum.sum() ** 2 / w2_sum.sum())
     reliable = ess >= ess_threshold(int(sizes.sum()))
@@ -151,8 +160,17 @@ def entropy_change(batch: RolloutBatch | None, before: SequenceLogProbs | None, 
     return Change(delta, se, ess, se_diff, reliable)
 
 
-def measure_truth(module: nn.Module, params: Params, v: Vector, lr: float, batch: RolloutBatch | None,
-                  per_unit: Tensor, cfg: ProbeConfig, comm=None, per_unit_q: Tensor | None = None) -> TruthResult:
+def measure_truth(
+    module: nn.Module,
+    params: Params,
+    v: Vector,
+    lr: float,
+    batch: RolloutBatch | None,
+    per_unit: Tensor,
+    cfg: ProbeConfig,
+    comm=None,
+    per_unit_q: Tensor | None = None,
+) -> TruthResult:
     """The truth at each ``cfg.truth_alphas``; the headline numbers are those at alpha = 1 when swept,
     else at the last alpha.
 
@@ -166,7 +184,7 @@ def measure_truth(module: nn.Module, params: Params, v: Vector, lr: float, batch
     sharded = is_sharded(params)  # FSDP2: the step is taken in place on the shards and undone (fsdp.py)
     base = full_precision_state(module, params) if batch is not None and not sharded else None
     # A caller's autocast would round theta' back to bf16 inside every matmul: off for the truth.
-    no_autocast = torch.autocast(_device_of(params).type, enabled=False)
+    no_autocast = torch.autocast(device_of(params).type, enabled=False)
     with no_autocast:
         if sharded:
             before = logprobs_stepped(module, params, v, 0.0, batch, cfg)
@@ -177,8 +195,11 @@ def measure_truth(module: nn.Module, params: Params, v: Vector, lr: float, batch
         after = None
         if batch is not None:  # a rank holding no E units contributes nothing to the gathered sums
             with no_autocast:
-                after = (logprobs_stepped(module, params, v, alpha * lr, batch, cfg) if sharded else
-                         logprobs_at(module, stepped_parameters(params, v, alpha * lr, base), batch, cfg))
+                after = (
+                    logprobs_stepped(module, params, v, alpha * lr, batch, cfg)
+                    if sharded
+                    else logprobs_at(module, stepped_parameters(params, v, alpha * lr, base), batch, cfg)
+                )
             _check_weights(before.seq, after.seq, alpha)
         if alpha == (1.0 if 1.0 in alphas else alphas[-1]):
             after_head = after
@@ -198,17 +219,27 @@ def measure_truth(module: nn.Module, params: Params, v: Vector, lr: float, batch
     bad = [(a, c.ess) for a, c in zip(alphas, changes) if not c.reliable]
     if bad:
         where = ", ".join(f"{a:g} (ESS {e:.3g})" for a, e in bad)
-        warnings.warn(f"truth: degenerate importance weights at alpha {where}; below the threshold "
-                      f"{ess_threshold(_n_sequences(batch, comm)):.3g} the measured change is unreliable "
-                      "(truth.reliable = False)", RuntimeWarning, stacklevel=3)
-    return TruthResult(delta_h=head.delta_h, se=head.se, ess=head.ess, se_diff=head.se_diff, alphas=list(alphas),
-                       delta_h_at=deltas, se_at=[c.se for c in changes], ess_at=[c.ess for c in changes],
-                       se_diff_at=[c.se_diff for c in changes], slope=slope, se_diff_forecast=se_diff_forecast,
-                       reliable=head.reliable)
-
-
-def _device_of(params: Params) -> torch.device:
-    return next(iter(params.values())).device
+        warnings.warn(
+            f"truth: degenerate importance weights at alpha {where}; below the threshold "
+            f"{ess_threshold(_n_sequences(batch, comm)):.3g} the measured change is unreliable "
+            "(truth.reliable = False)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return TruthResult(
+        delta_h=head.delta_h,
+        se=head.se,
+        ess=head.ess,
+        se_diff=head.se_diff,
+        alphas=list(alphas),
+        delta_h_at=deltas,
+        se_at=[c.se for c in changes],
+        ess_at=[c.ess for c in changes],
+        se_diff_at=[c.se_diff for c in changes],
+        slope=slope,
+        se_diff_forecast=se_diff_forecast,
+        reliable=head.reliable,
+    )
 
 
 def _n_sequences(batch: RolloutBatch | None, comm) -> int:
@@ -227,5 +258,7 @@ def _check_weights(seq0: Tensor, seq1: Tensor, alpha: float) -> None:
     bad = (~torch.isfinite(log_ratio)) | (log_ratio > MAX_LOG_WEIGHT)
     if bad.any():
         row = int(bad.nonzero()[0, 0])
-        raise ValueError(f"truth at alpha={alpha!r}: the importance weight of eval sequence {row} is "
-                         f"exp({float(log_ratio[row]):.4g}), not representable; the step is far too large")
+        raise ValueError(
+            f"truth at alpha={alpha!r}: the importance weight of eval sequence {row} is "
+            f"exp({float(log_ratio[row]):.4g}), not representable; the step is far too large"
+        )

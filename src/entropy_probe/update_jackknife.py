@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from .batch import RolloutBatch
 from .config import ProbeConfig
 from .direction import build_direction
+from .distributed import all_reduce_vector
 from .engines import unit_gradients
 from .vectors import Params, Vector
 
@@ -61,9 +62,56 @@ def half_sizes(n_eval: int) -> tuple[int, int]:
     return (n_eval + 1) // 2, n_eval // 2
 
 
-def deleted_unit_projections(module: nn.Module, params: Params, batch: RolloutBatch, coeff: Tensor,
-                             grad_j: dict[str, Tensor | None], n_units: int, v: Vector,
-                             x_a: Vector, x_b: Vector, cfg: ProbeConfig, optimizer, v_lr: float) -> Tensor:
+def half_means(
+    comm, x_half: tuple[Vector, Vector], params: Params, v: Vector, n_eval: int
+) -> tuple[Vector, Vector, tuple[int, int]]:
+    """``(Xbar_A, Xbar_B, (|A|, |B|))`` from this rank's half sums of X (one all-reduce each)."""
+    n_half = half_sizes(n_eval)
+    means = []
+    for x, n in zip((all_reduce_vector(comm, x, params) for x in x_half), n_half):  # sums over all ranks
+        means.append(
+            {name: torch.zeros_like(v[name]) if t is None else t / max(n, 1) for name, t in x.items()}
+        )
+    if n_half[1] == 0:  # B_E = 1: no second half; Xbar_E for both (V_U then keeps the E noise)
+        means[1] = means[0]
+    return means[0], means[1], n_half
+
+
+def gathered_jackknife(
+    comm,
+    batch: RolloutBatch | None,
+    pieces: Tensor | None,
+    n_half: tuple[int, int],
+    lr: float,
+    delta_h1: float,
+    direction: str,
+) -> tuple[UpdateJackknife, Tensor]:
+    """Every rank's ``(B_U_local, 2)`` pieces gathered in rank order and combined; with the U unit ids.
+
+    ``pieces`` is None where no piece was computed (no U units on this rank, or B_U < 2: zeros)."""
+    # host-side: the per-unit pieces are few float64 numbers, gathered and combined on the host
+    ids = torch.zeros(0, dtype=torch.long, device="cpu") if batch is None else batch.unit_ids.cpu()
+    if pieces is None:
+        pieces = torch.zeros((len(ids), 2), dtype=torch.float64, device="cpu")
+    sizes = [int(c) for c in comm.stack(torch.tensor([len(ids)], device="cpu")).reshape(-1).tolist()]
+    pieces, ids = comm.gather(pieces, sizes), comm.gather(ids, sizes)  # (B_U, 2), (B_U,)
+    return combine(pieces, n_half, lr, delta_h1, direction), ids
+
+
+def deleted_unit_projections(
+    module: nn.Module,
+    params: Params,
+    batch: RolloutBatch,
+    coeff: Tensor,
+    grad_j: dict[str, Tensor | None],
+    n_units: int,
+    v: Vector,
+    x_a: Vector,
+    x_b: Vector,
+    cfg: ProbeConfig,
+    optimizer,
+    v_lr: float,
+) -> Tensor:
     """``(B_U_local, 2)`` float64 ``(Xbar_A . dv_m, Xbar_B . dv_m)`` for this rank's U units, in order.
 
     ``grad_j`` is grad J_U over all ranks' units, ``n_units`` = B_U over all ranks (>= 2); ``v_lr`` the
@@ -94,13 +142,18 @@ def _delta_dot(v_minus: Vector, v: Vector, x: Vector) -> Tensor:
     return torch.stack(terms).sum()
 
 
-def combine(pieces: Tensor, n_half: tuple[int, int], lr: float, delta_h1: float,
-            direction: str) -> UpdateJackknife:
+def combine(
+    pieces: Tensor, n_half: tuple[int, int], lr: float, delta_h1: float, direction: str
+) -> UpdateJackknife:
     """V_U and the influences from the gathered ``(B_U, 2)`` projections (see the module docstring)."""
     n = pieces.shape[0]
     if n < 2:
-        warnings.warn("fewer than 2 update units: the variance over U cannot be estimated; se_total is "
-                      "reported as se_cond_e", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            "fewer than 2 update units: the variance over U cannot be estimated; se_total is "
+            "reported as se_cond_e",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         return UpdateJackknife(0.0, torch.full((n,), delta_h1, dtype=torch.float64))
     a, b = pieces[:, 0], pieces[:, 1]
     cov = float(((a - a.mean()) * (b - b.mean())).sum())

@@ -24,7 +24,9 @@ def grad_of(loss: Tensor, params: Params) -> dict[str, Tensor | None]:
 
 def dot(grads: dict[str, Tensor | None], vec: Vector) -> Tensor:
     """``sum_p <grads[p], vec[p]>`` as one fp32 device scalar (no host sync)."""
-    terms = [torch.vdot(g.reshape(-1).float(), vec[name].reshape(-1)) for name, g in grads.items() if g is not None]
+    terms = [
+        torch.vdot(g.reshape(-1).float(), vec[name].reshape(-1)) for name, g in grads.items() if g is not None
+    ]
     if not terms:
         return torch.zeros((), dtype=torch.float32, device=next(iter(vec.values())).device)
     return torch.stack(terms).sum()
@@ -45,3 +47,8 @@ def first_nonfinite(vec: dict[str, Tensor | None]) -> str | None:
     ok = torch.stack([torch.isfinite(vec[name]).all().to(vec[names[0]].device) for name in names])  # (K,)
     bad = (~ok).nonzero()
     return names[int(bad[0, 0])] if len(bad) else None
+
+
+def device_of(params: Params) -> torch.device:
+    """The device of the model's (first) trainable parameter."""
+    return next(iter(params.values())).device

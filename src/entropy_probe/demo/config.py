@@ -40,8 +40,11 @@ class DemoConfig:
 
 def parse_args(argv: list[str] | None) -> DemoConfig:
     d = DemoConfig()
-    p = argparse.ArgumentParser(prog="entropy-probe demo", description=DESCRIPTION,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="entropy-probe demo",
+        description=DESCRIPTION,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--steps", type=int, default=d.steps, help="GRPO steps")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the whole run (init, data, sampling)")
     p.add_argument("--arch", choices=("gpt2", "llama"), default=d.arch, help="Hugging Face model class")
@@ -49,26 +52,53 @@ def parse_args(argv: list[str] | None) -> DemoConfig:
     p.add_argument("--width", type=int, default=d.width, help="hidden size")
     p.add_argument("--heads", type=int, default=d.heads, help="attention heads")
     p.add_argument("--n-digits", type=int, default=d.n_digits, help="digits 0..n-1 in the sorting task")
-    p.add_argument("--update-prompts", type=int, default=d.update_prompts, help="B_U: prompts per update batch")
-    p.add_argument("--eval-prompts", type=int, default=d.eval_prompts, help="B_E: prompts per probe eval batch")
-    p.add_argument("--measure-prompts", type=int, default=d.measure_prompts,
-                   help="prompts of the fresh samples that measure the entropy before and after each step")
+    p.add_argument(
+        "--update-prompts", type=int, default=d.update_prompts, help="B_U: prompts per update batch"
+    )
+    p.add_argument(
+        "--eval-prompts", type=int, default=d.eval_prompts, help="B_E: prompts per probe eval batch"
+    )
+    p.add_argument(
+        "--measure-prompts",
+        type=int,
+        default=d.measure_prompts,
+        help="prompts of the fresh samples that measure the entropy before and after each step",
+    )
     p.add_argument("--group-size", type=int, default=d.group_size, help="G: responses per prompt (>= 2)")
     p.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate of the GRPO steps")
-    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="supervised warm-up steps (0: none)")
+    p.add_argument(
+        "--warmup-steps", type=int, default=d.warmup_steps, help="supervised warm-up steps (0: none)"
+    )
     p.add_argument("--warmup-lr", type=float, default=d.warmup_lr, help="AdamW learning rate of the warm-up")
     p.add_argument("--warmup-batch", type=int, default=d.warmup_batch, help="examples per warm-up step")
     p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="gradient clipping (0: none)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    p.add_argument("--threads", type=int, default=d.threads,
-                   help="CPU threads for torch (a model this small runs fastest on one; results are "
-                        "bit-reproducible for a given seed and thread count)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=d.threads,
+        help="CPU threads for torch (a model this small runs fastest on one; results are "
+        "bit-reproducible for a given seed and thread count)",
+    )
     p.add_argument("--out", default=d.out, help="output folder for demo.json, steps.csv, demo.png")
-    p.add_argument("--entropy-budget", type=float, default=d.entropy_budget,
-                   help="nats: guard each GRPO step so its forecast entropy drop (95%% bound) stays within it")
+    p.add_argument(
+        "--entropy-budget",
+        type=float,
+        default=d.entropy_budget,
+        help="nats: guard each GRPO step so its forecast entropy drop (95%% bound) stays within it",
+    )
     a = p.parse_args(argv)
     cfg = DemoConfig(**{k.replace("-", "_"): v for k, v in vars(a).items()})
-    for name in ("steps", "layers", "width", "heads", "update_prompts", "eval_prompts", "measure_prompts", "threads"):
+    for name in (
+        "steps",
+        "layers",
+        "width",
+        "heads",
+        "update_prompts",
+        "eval_prompts",
+        "measure_prompts",
+        "threads",
+    ):
         if getattr(cfg, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     if cfg.group_size < 2:

@@ -33,8 +33,12 @@ def run_pair(cfg: DemoConfig, console=None) -> dict:
     docs = {}
     for name, budget in (("unguarded", None), ("guarded", cfg.entropy_budget)):
         docs[name] = run(replace(cfg, entropy_budget=budget, out=str(out / name)), console)
-    comparison = dict(entropy_budget=cfg.entropy_budget, seed=cfg.seed, steps=cfg.steps,
-                      **{name: run_summary(doc, cfg.entropy_budget) for name, doc in docs.items()})
+    comparison = dict(
+        entropy_budget=cfg.entropy_budget,
+        seed=cfg.seed,
+        steps=cfg.steps,
+        **{name: run_summary(doc, cfg.entropy_budget) for name, doc in docs.items()},
+    )
     (out / "demo_guard.json").write_text(json.dumps(comparison, indent=1))
     plot_pair(out / "demo_guard.png", docs, cfg.entropy_budget)
     return comparison
@@ -46,12 +50,18 @@ def run_summary(doc: dict, budget: float) -> dict:
     entropy = [r["entropy"] for r in rows] + [rows[-1]["entropy_after"]]  # before each step, after the last
     measured = np.array([r["measured"] for r in rows])
     out = {k: s[k] for k in ("entropy_start", "entropy_end", "reward_start", "reward_end", "sum_measured")}
-    out.update(entropy_min=min(entropy), steps_measured_drop_over_budget=int((measured < -budget).sum()),
-               runtime_s=doc["runtime_s"])
+    out.update(
+        entropy_min=min(entropy),
+        steps_measured_drop_over_budget=int((measured < -budget).sum()),
+        runtime_s=doc["runtime_s"],
+    )
     if "guard_scale" in rows[0]:
         scale = np.array([r["guard_scale"] for r in rows])
-        out.update(fraction_scaled=float(np.mean([r["guard_reason"] == "scaled" for r in rows])),
-                   mean_scale=float(scale.mean()), min_scale=float(scale.min()))
+        out.update(
+            fraction_scaled=float(np.mean([r["guard_reason"] == "scaled" for r in rows])),
+            mean_scale=float(scale.mean()),
+            min_scale=float(scale.min()),
+        )
     return out
 
 
@@ -77,11 +87,18 @@ def plot_pair(path: Path, docs: dict, budget: float) -> Path:
         ax[1].plot(step, rw, color=colors[name], marker="o", ms=3, label=name)
         if "guard_scale" in rows[0]:
             ax[2].bar(step, [r["guard_scale"] for r in rows], color=colors[name], width=0.8)
-    ax[0].set(xlabel="GRPO step", ylabel="entropy (nats per token, fresh samples)",
-              title="Entropy before each step (± 95%)")
+    ax[0].set(
+        xlabel="GRPO step",
+        ylabel="entropy (nats per token, fresh samples)",
+        title="Entropy before each step (± 95%)",
+    )
     ax[1].set(xlabel="GRPO step", ylabel="mean reward (fresh samples)", title="Reward (± 95%)")
-    ax[2].set(xlabel="GRPO step", ylabel="learning-rate scale", ylim=(0, 1.05),
-              title=f"Guard: scale of each step (budget {budget:g} nats at 95%)")
+    ax[2].set(
+        xlabel="GRPO step",
+        ylabel="learning-rate scale",
+        ylim=(0, 1.05),
+        title=f"Guard: scale of each step (budget {budget:g} nats at 95%)",
+    )
     for a in ax[:2]:
         a.legend(fontsize=8)
     fig.suptitle("GRPO from the same seed: unguarded vs EntropyGuard", fontsize=12)
@@ -93,18 +110,22 @@ def plot_pair(path: Path, docs: dict, budget: float) -> Path:
 def print_comparison(console, comparison: dict) -> None:
     from rich.table import Table
 
-    table = Table(title=f"Unguarded vs guarded (budget {comparison['entropy_budget']:g} nats per step, "
-                        f"seed {comparison['seed']}, {comparison['steps']} steps)")
+    table = Table(
+        title=f"Unguarded vs guarded (budget {comparison['entropy_budget']:g} nats per step, "
+        f"seed {comparison['seed']}, {comparison['steps']} steps)"
+    )
     table.add_column("")
     for name in ("unguarded", "guarded"):
         table.add_column(name, justify="right")
     u, g = comparison["unguarded"], comparison["guarded"]
-    rows = [("entropy start -> end (nats)", "{entropy_start:.3f} -> {entropy_end:.3f}"),
-            ("minimum entropy", "{entropy_min:.3f}"),
-            ("reward first -> last steps", "{reward_start:.3f} -> {reward_end:.3f}"),
-            ("summed measured changes (nats)", "{sum_measured:+.3f}"),
-            ("steps whose measured drop > budget", "{steps_measured_drop_over_budget}"),
-            ("wall time (s)", "{runtime_s:.0f}")]
+    rows = [
+        ("entropy start -> end (nats)", "{entropy_start:.3f} -> {entropy_end:.3f}"),
+        ("minimum entropy", "{entropy_min:.3f}"),
+        ("reward first -> last steps", "{reward_start:.3f} -> {reward_end:.3f}"),
+        ("summed measured changes (nats)", "{sum_measured:+.3f}"),
+        ("steps whose measured drop > budget", "{steps_measured_drop_over_budget}"),
+        ("wall time (s)", "{runtime_s:.0f}"),
+    ]
     for label, fmt in rows:
         table.add_row(label, fmt.format(**u), fmt.format(**g))
     table.add_row("steps scaled / mean scale", "-", f"{g['fraction_scaled']:.0%} / {g['mean_scale']:.2f}")

@@ -29,18 +29,33 @@ def layer_plot(out: Path, rows: list[dict]) -> Path | None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    names = [c[len(GROUP_PREFIX):] for c in columns]
+    names = [c[len(GROUP_PREFIX) :] for c in columns]
     values = np.array([[r[c] for r in rows] for c in columns], dtype=float)  # (groups, steps)
     steps = [r["step"] for r in rows]
     bound = float(np.abs(values).max()) or 1.0
-    fig, ax = plt.subplots(1, 2, figsize=(13, 0.45 * len(names) + 3), constrained_layout=True,
-                           gridspec_kw=dict(width_ratios=[4, 1]))
+    fig, ax = plt.subplots(
+        1,
+        2,
+        figsize=(13, 0.45 * len(names) + 3),
+        constrained_layout=True,
+        gridspec_kw=dict(width_ratios=[4, 1]),
+    )
     a = ax[0]
-    im = a.imshow(values, aspect="auto", cmap="RdBu", vmin=-bound, vmax=bound, interpolation="nearest",
-                  extent=(steps[0] - 0.5, steps[-1] + 0.5, len(names) - 0.5, -0.5))
+    im = a.imshow(
+        values,
+        aspect="auto",
+        cmap="RdBu",
+        vmin=-bound,
+        vmax=bound,
+        interpolation="nearest",
+        extent=(steps[0] - 0.5, steps[-1] + 0.5, len(names) - 0.5, -0.5),
+    )
     a.set_yticks(range(len(names)), names)
-    a.set(xlabel="GRPO step", title="Forecast entropy change of each step, by parameter group (delta_h1_g, "
-                                    "nats; columns sum to delta_h1)")
+    a.set(
+        xlabel="GRPO step",
+        title="Forecast entropy change of each step, by parameter group (delta_h1_g, "
+        "nats; columns sum to delta_h1)",
+    )
     fig.colorbar(im, ax=a, label="nats (red: lowers entropy)")
     a = ax[1]
     total = values.sum(axis=1)

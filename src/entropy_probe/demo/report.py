@@ -29,9 +29,9 @@ def summarize(rows: list[dict]) -> dict:
     col = lambda k: [r[k] for r in rows]  # noqa: E731
     n = len(rows)
     k = max(1, min(5, n // 4))  # first and last k steps for the reward trend
-    forecast_se = math.sqrt(sum(s ** 2 for s in col("forecast_se")))
+    forecast_se = math.sqrt(sum(s**2 for s in col("forecast_se")))
     gap = torch.tensor([r["truth"] - r["forecast"] for r in rows], dtype=torch.float64)  # (steps,)
-    measured_se = math.sqrt(sum(s ** 2 for s in col("measured_se")))
+    measured_se = math.sqrt(sum(s**2 for s in col("measured_se")))
     return dict(
         steps=n,
         coverage95=sum(col("truth_inside")) / n,
@@ -40,10 +40,15 @@ def summarize(rows: list[dict]) -> dict:
         measured_z_sd=float(torch.tensor(col("measured_z"), dtype=torch.float64).std()) if n > 1 else 0.0,
         correlation=pearson(col("forecast"), col("truth")),
         correlation_measured=pearson(col("forecast"), col("measured")),
-        reward_start=sum(col("reward")[:k]) / k, reward_end=sum(col("reward")[-k:]) / k,
-        entropy_start=rows[0]["entropy"], entropy_end=rows[-1]["entropy_after"],
-        sum_forecast=sum(col("forecast")), sum_forecast_se=forecast_se,
-        sum_truth=sum(col("truth")), sum_measured=sum(col("measured")), sum_measured_se=measured_se,
+        reward_start=sum(col("reward")[:k]) / k,
+        reward_end=sum(col("reward")[-k:]) / k,
+        entropy_start=rows[0]["entropy"],
+        entropy_end=rows[-1]["entropy_after"],
+        sum_forecast=sum(col("forecast")),
+        sum_forecast_se=forecast_se,
+        sum_truth=sum(col("truth")),
+        sum_measured=sum(col("measured")),
+        sum_measured_se=measured_se,
         mean_truth_minus_forecast=float(gap.mean()),
         mean_truth_minus_forecast_se=float(gap.std() / math.sqrt(n)) if n > 1 else 0.0,
         max_step_relative_error=max(col("step_relative_error")),
@@ -59,11 +64,12 @@ def second_order_summary(rows: list[dict]) -> dict:
     return dict(
         coverage95_2=sum(col("truth_inside2")) / n,
         correlation2=pearson(col("forecast2"), col("truth")),
-        sum_forecast2=sum(col("forecast2")), sum_forecast2_se=math.sqrt(sum(s ** 2 for s in col("forecast2_se"))),
-        sum_truth_se=math.sqrt(sum(s ** 2 for s in col("truth_se"))),
+        sum_forecast2=sum(col("forecast2")),
+        sum_forecast2_se=math.sqrt(sum(s**2 for s in col("forecast2_se"))),
+        sum_truth_se=math.sqrt(sum(s**2 for s in col("truth_se"))),
         # steps are independent; on each step truth and forecast share E, so their difference has se_diff
-        sum_truth_minus_forecast2_se=math.sqrt(sum(s ** 2 for s in col("truth_se_diff2"))),
-        sum_truth_minus_forecast_se=math.sqrt(sum(s ** 2 for s in col("truth_se_diff"))),
+        sum_truth_minus_forecast2_se=math.sqrt(sum(s**2 for s in col("truth_se_diff2"))),
+        sum_truth_minus_forecast_se=math.sqrt(sum(s**2 for s in col("truth_se_diff"))),
         mean_truth_minus_forecast2=float(gap.mean()),
         mean_truth_minus_forecast2_se=float(gap.std() / math.sqrt(n)) if n > 1 else 0.0,
     )
@@ -98,27 +104,63 @@ def plot(out: Path, rows: list[dict], summary: dict) -> Path:
     a = ax[0, 0]
     a.axhline(0, color=grey, lw=0.8)
     a.errorbar(step - 0.15, fc, yerr=Z95 * fse, fmt="o", ms=4, color=blue, capsize=2, label="forecast ± 95%")
-    a.errorbar(step + 0.15, tr, yerr=Z95 * tse, fmt="s", ms=3.5, color=orange, capsize=0, lw=0.8,
-               label="truth (same step, re-measured on E)")
+    a.errorbar(
+        step + 0.15,
+        tr,
+        yerr=Z95 * tse,
+        fmt="s",
+        ms=3.5,
+        color=orange,
+        capsize=0,
+        lw=0.8,
+        label="truth (same step, re-measured on E)",
+    )
     fc2, fse2 = col("forecast2"), col("forecast2_se")
-    a.errorbar(step, fc2, yerr=Z95 * fse2, fmt="D", ms=3.5, color=purple, capsize=0, lw=0.8,
-               label="forecast with 2nd order ± 95%")
+    a.errorbar(
+        step,
+        fc2,
+        yerr=Z95 * fse2,
+        fmt="D",
+        ms=3.5,
+        color=purple,
+        capsize=0,
+        lw=0.8,
+        label="forecast with 2nd order ± 95%",
+    )
     a.plot(step, ms, "x", color=green, ms=5, label="measured on fresh samples")
-    a.set(xlabel="GRPO step", ylabel="entropy change of the step (nats)",
-          title=f"Forecast before each step vs what happened\ntruth inside the 95% interval: {summary['coverage95']:.0%} "
-                f"(1st order), {summary['coverage95_2']:.0%} (2nd order) of steps")
+    a.set(
+        xlabel="GRPO step",
+        ylabel="entropy change of the step (nats)",
+        title="Forecast before each step vs what happened\ntruth inside the 95% interval: "
+        f"{summary['coverage95']:.0%} (1st order), {summary['coverage95_2']:.0%} (2nd order) of steps",
+    )
     a.legend(fontsize=8, loc="lower right")
 
     a = ax[0, 1]
     lim = np.array([min(fc.min(), fc2.min(), tr.min()), max(fc.max(), fc2.max(), tr.max())])
     lim = lim + np.array([-1, 1]) * 0.08 * (lim[1] - lim[0] + 1e-9)
     a.plot(lim, lim, color=grey, lw=0.8, label="truth = forecast")
-    a.errorbar(fc, tr, xerr=Z95 * fse, fmt="o", ms=4, color=blue, ecolor="#9ecae1", capsize=0, lw=0.8,
-               label="1st order delta_h1 (bars: 95%)")
+    a.errorbar(
+        fc,
+        tr,
+        xerr=Z95 * fse,
+        fmt="o",
+        ms=4,
+        color=blue,
+        ecolor="#9ecae1",
+        capsize=0,
+        lw=0.8,
+        label="1st order delta_h1 (bars: 95%)",
+    )
     a.plot(fc2, tr, "D", ms=3.5, color=purple, label="with 2nd order, delta_h1 + delta_h2")
-    a.set(xlim=lim, ylim=lim, xlabel="forecast (nats)", ylabel="truth delta_h (nats)",
-          title=f"Forecast vs truth, one point per step\ncorrelation {summary['correlation']:.3f} (1st order), "
-                f"{summary['correlation2']:.3f} (2nd order)")
+    a.set(
+        xlim=lim,
+        ylim=lim,
+        xlabel="forecast (nats)",
+        ylabel="truth delta_h (nats)",
+        title=f"Forecast vs truth, one point per step\ncorrelation {summary['correlation']:.3f} (1st order), "
+        f"{summary['correlation2']:.3f} (2nd order)",
+    )
     a.set_aspect("equal")
     a.legend(fontsize=8, loc="upper left")
 
@@ -127,14 +169,28 @@ def plot(out: Path, rows: list[dict], summary: dict) -> Path:
     x = np.concatenate([[0], step])  # entropy before step 1, then after each step
     measured = np.concatenate([col("entropy")[1:], [rows[-1]["entropy_after"]]])
     cum_fc = h0 + np.concatenate([[0], np.cumsum(fc)])
-    cum_band = Z95 * np.sqrt(np.concatenate([[0], np.cumsum(fse ** 2)]))
+    cum_band = Z95 * np.sqrt(np.concatenate([[0], np.cumsum(fse**2)]))
     a.fill_between(x, cum_fc - cum_band, cum_fc + cum_band, color=blue, alpha=0.2, lw=0)
     a.plot(x, cum_fc, color=blue, label="start + summed forecasts (± 95%)")
-    a.plot(x, h0 + np.concatenate([[0], np.cumsum(fc2)]), color=purple, label="start + summed 2nd-order forecasts")
+    a.plot(
+        x,
+        h0 + np.concatenate([[0], np.cumsum(fc2)]),
+        color=purple,
+        label="start + summed 2nd-order forecasts",
+    )
     a.plot(x, h0 + np.concatenate([[0], np.cumsum(tr)]), color=orange, lw=1, label="start + summed truths")
     es = col("entropy_se")
-    a.errorbar(x, np.concatenate([[h0], measured]), yerr=Z95 * np.concatenate([es[:1], es[1:], es[-1:]]),
-               fmt="o", ms=3, color="black", capsize=0, lw=0.8, label="measured entropy, fresh samples")
+    a.errorbar(
+        x,
+        np.concatenate([[h0], measured]),
+        yerr=Z95 * np.concatenate([es[:1], es[1:], es[-1:]]),
+        fmt="o",
+        ms=3,
+        color="black",
+        capsize=0,
+        lw=0.8,
+        label="measured entropy, fresh samples",
+    )
     a.set(xlabel="GRPO step", ylabel="policy entropy (nats per token)", title="Entropy: measured vs forecast")
     a.legend(fontsize=8)
 
@@ -142,11 +198,15 @@ def plot(out: Path, rows: list[dict], summary: dict) -> Path:
     rw, rse = col("reward"), col("reward_se")
     a.fill_between(step, rw - Z95 * rse, rw + Z95 * rse, color=green, alpha=0.2, lw=0)
     a.plot(step, rw, color=green, marker="o", ms=3, label="mean reward (fresh samples, ± 95%)")
-    a.set(xlabel="GRPO step", ylabel="reward (fraction of answer positions right)",
-          title="Reward: sort the prompt's digits")
+    a.set(
+        xlabel="GRPO step",
+        ylabel="reward (fraction of answer positions right)",
+        title="Reward: sort the prompt's digits",
+    )
     a.legend(fontsize=8, loc="lower right")
-    fig.suptitle("entropy-probe demo: GRPO on a tiny transformer, every step forecast before it is taken",
-                 fontsize=13)
+    fig.suptitle(
+        "entropy-probe demo: GRPO on a tiny transformer, every step forecast before it is taken", fontsize=13
+    )
     path = out / "demo.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -165,9 +225,14 @@ def print_report(console, rows: list[dict], summary: dict, out: Path) -> None:
     for r in rows:
         if (r["step"] - 1) % every and r is not rows[-1]:
             continue
-        table.add_row(str(r["step"]), f"{r['entropy']:.3f}",
-                      f"{r['forecast']:+.3f}±{r['forecast_se']:.3f}", f"{r['forecast2']:+.3f}",
-                      f"{r['truth']:+.3f}±{r['truth_se']:.3f}", f"{r['measured']:+.3f}±{r['measured_se']:.3f}")
+        table.add_row(
+            str(r["step"]),
+            f"{r['entropy']:.3f}",
+            f"{r['forecast']:+.3f}±{r['forecast_se']:.3f}",
+            f"{r['forecast2']:+.3f}",
+            f"{r['truth']:+.3f}±{r['truth_se']:.3f}",
+            f"{r['measured']:+.3f}±{r['measured_se']:.3f}",
+        )
     console.print(table)
     s = summary
     lines = Table(title="Summary", show_header=False)
@@ -177,21 +242,31 @@ def print_report(console, rows: list[dict], summary: dict, out: Path) -> None:
     lines.add_row("entropy (start -> end, nats)", f"{s['entropy_start']:.3f} -> {s['entropy_end']:.3f}")
     lines.add_row("truth inside the forecast's 95% interval", f"{s['coverage95']:.0%} of {s['steps']} steps")
     lines.add_row("fresh-sample change within 95% of forecast", f"{s['coverage95_measured']:.0%}")
-    lines.add_row("z of fresh-sample change vs forecast: mean, sd", f"{s['measured_z_mean']:+.2f}, "
-                  f"{s['measured_z_sd']:.2f}")
+    lines.add_row(
+        "z of fresh-sample change vs forecast: mean, sd",
+        f"{s['measured_z_mean']:+.2f}, {s['measured_z_sd']:.2f}",
+    )
     lines.add_row("correlation forecast / truth", f"{s['correlation']:.3f}")
     lines.add_row("correlation forecast / fresh-sample change", f"{s['correlation_measured']:.3f}")
     lines.add_row("correlation 2nd-order forecast / truth", f"{s['correlation2']:.3f}")
     lines.add_row("truth inside the 2nd-order forecast's 95% interval", f"{s['coverage95_2']:.0%}")
     lines.add_row("summed forecasts, 1st order", f"{s['sum_forecast']:+.3f} ± {s['sum_forecast_se']:.3f}")
-    lines.add_row("summed forecasts, with 2nd order", f"{s['sum_forecast2']:+.3f} ± {s['sum_forecast2_se']:.3f}")
-    lines.add_row("summed truths / fresh-sample changes", f"{s['sum_truth']:+.3f} ± {s['sum_truth_se']:.3f} / "
-                  f"{s['sum_measured']:+.3f}")
-    lines.add_row("summed truth - forecast (paired SE): 1st, 2nd order",
-                  f"{s['sum_truth'] - s['sum_forecast']:+.3f} ± {s['sum_truth_minus_forecast_se']:.3f}, "
-                  f"{s['sum_truth'] - s['sum_forecast2']:+.3f} ± {s['sum_truth_minus_forecast2_se']:.3f}")
-    lines.add_row("mean truth - forecast per step", f"{s['mean_truth_minus_forecast']:+.4f} ± "
-                  f"{s['mean_truth_minus_forecast_se']:.4f}")
+    lines.add_row(
+        "summed forecasts, with 2nd order", f"{s['sum_forecast2']:+.3f} ± {s['sum_forecast2_se']:.3f}"
+    )
+    lines.add_row(
+        "summed truths / fresh-sample changes",
+        f"{s['sum_truth']:+.3f} ± {s['sum_truth_se']:.3f} / {s['sum_measured']:+.3f}",
+    )
+    lines.add_row(
+        "summed truth - forecast (paired SE): 1st, 2nd order",
+        f"{s['sum_truth'] - s['sum_forecast']:+.3f} ± {s['sum_truth_minus_forecast_se']:.3f}, "
+        f"{s['sum_truth'] - s['sum_forecast2']:+.3f} ± {s['sum_truth_minus_forecast2_se']:.3f}",
+    )
+    lines.add_row(
+        "mean truth - forecast per step",
+        f"{s['mean_truth_minus_forecast']:+.4f} ± {s['mean_truth_minus_forecast_se']:.4f}",
+    )
     lines.add_row("real AdamW step vs forecast's step (rel. error)", f"{s['max_step_relative_error']:.1e}")
     console.print(lines)
     console.print(f"wrote {out / 'demo.json'}, {out / 'steps.csv'}, {out / 'demo.png'}, {out / 'layers.png'}")

@@ -57,8 +57,10 @@ class SortingTask:
     def prompts(self, n: int, generator: torch.Generator) -> list[tuple[int, ...]]:
         """n random prompts: a length in [min_len, max_len], digits uniform, then SEP."""
         lengths = torch.randint(self.min_len, self.max_len + 1, (n,), generator=generator).tolist()
-        return [tuple(torch.randint(self.n_digits, (k,), generator=generator).tolist()) + (self.sep,)
-                for k in lengths]
+        return [
+            tuple(torch.randint(self.n_digits, (k,), generator=generator).tolist()) + (self.sep,)
+            for k in lengths
+        ]
 
     def target(self, prompt: tuple[int, ...]) -> tuple[int, ...]:
         return tuple(sorted(prompt[:-1])) + (self.eos,)
@@ -83,5 +85,5 @@ class SortingTask:
             start = width - len(s)
             ids[row, start:] = torch.tensor(s)
             attn[row, start:] = 1
-            resp[row, start + len(p):] = 1
+            resp[row, start + len(p) :] = 1
         return RolloutBatch(ids, attn, resp, torch.zeros(n, dtype=torch.long), rewards=torch.ones(n))

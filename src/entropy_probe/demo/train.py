@@ -57,23 +57,47 @@ def build_model(cfg: DemoConfig, task: SortingTask) -> nn.Module:
     if cfg.arch == "gpt2":
         from transformers import GPT2Config, GPT2LMHeadModel
 
-        config = GPT2Config(vocab_size=task.vocab_size, n_positions=positions, n_embd=cfg.width, n_layer=cfg.layers,
-                            n_head=cfg.heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                            bos_token_id=None, eos_token_id=task.eos, pad_token_id=task.eos)
+        config = GPT2Config(
+            vocab_size=task.vocab_size,
+            n_positions=positions,
+            n_embd=cfg.width,
+            n_layer=cfg.layers,
+            n_head=cfg.heads,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=None,
+            eos_token_id=task.eos,
+            pad_token_id=task.eos,
+        )
         return GPT2LMHeadModel(config)
     if cfg.arch == "llama":
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        config = LlamaConfig(vocab_size=task.vocab_size, hidden_size=cfg.width, intermediate_size=2 * cfg.width,
-                             num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
-                             num_key_value_heads=cfg.heads, max_position_embeddings=positions,
-                             bos_token_id=None, eos_token_id=task.eos, pad_token_id=task.eos)
+        config = LlamaConfig(
+            vocab_size=task.vocab_size,
+            hidden_size=cfg.width,
+            intermediate_size=2 * cfg.width,
+            num_hidden_layers=cfg.layers,
+            num_attention_heads=cfg.heads,
+            num_key_value_heads=cfg.heads,
+            max_position_embeddings=positions,
+            bos_token_id=None,
+            eos_token_id=task.eos,
+            pad_token_id=task.eos,
+        )
         return LlamaForCausalLM(config)
     raise ValueError(f"demo --arch must be 'gpt2' or 'llama', got {cfg.arch!r}")
 
 
-def supervised_warmup(model: nn.Module, optimizer: torch.optim.Optimizer, task: SortingTask, cfg: DemoConfig,
-                      gen: torch.Generator, on_step=None) -> float:
+def supervised_warmup(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    task: SortingTask,
+    cfg: DemoConfig,
+    gen: torch.Generator,
+    on_step=None,
+) -> float:
     """A few steps of teacher-forced cross-entropy on correct answers; returns the last loss."""
     loss = torch.tensor(math.nan)
     model.train()
@@ -94,20 +118,35 @@ GUARD_COLUMNS = ("scale", "reason", "forecast", "bound", "se")  # steps.csv's gu
 # ---- one RL step -----------------------------------------------------------------------------------
 def _seed(cfg: DemoConfig, step: int, role: int) -> int:
     """A distinct, reproducible seed for each (run seed, step, role)."""
-    return (cfg.seed * 1_000_003 + step * 16 + role) % (2 ** 63)
+    return (cfg.seed * 1_000_003 + step * 16 + role) % (2**63)
 
 
-def fresh_entropy(model: nn.Module, task: SortingTask, prompts, cfg: DemoConfig, seed: int,
-                  probe_cfg: ProbeConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def fresh_entropy(
+    model: nn.Module, task: SortingTask, prompts, cfg: DemoConfig, seed: int, probe_cfg: ProbeConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(per-unit entropy, per-unit mean reward)``, each ``(B_F,)`` float64, on fresh samples."""
-    batch = sample_rollouts(model, prompts, cfg.group_size, task.max_new_tokens, task.eos, task.reward,
-                            probe_cfg.temperature, seed)
+    batch = sample_rollouts(
+        model,
+        prompts,
+        cfg.group_size,
+        task.max_new_tokens,
+        task.eos,
+        task.reward,
+        probe_cfg.temperature,
+        seed,
+    )
     with torch.no_grad():
-        weighted = sequence_logprobs(model, batch, probe_cfg.temperature, probe_cfg.entropy_weighting).weighted
+        weighted = sequence_logprobs(
+            model, batch, probe_cfg.temperature, probe_cfg.entropy_weighting
+        ).weighted
     h = unit_entropy(weighted, batch).double().cpu()
     g = batch.unit_sizes.double().cpu()
-    r = torch.zeros(batch.n_units, dtype=torch.float64).index_add_(0, batch.unit_index.cpu(),
-                                                                  batch.rewards.double().cpu()) / g
+    r = (
+        torch.zeros(batch.n_units, dtype=torch.float64).index_add_(
+            0, batch.unit_index.cpu(), batch.rewards.double().cpu()
+        )
+        / g
+    )
     return h, r
 
 
@@ -115,14 +154,22 @@ def _mean_se(x: torch.Tensor) -> tuple[float, float]:
     return float(x.mean()), float(x.std() / math.sqrt(x.numel()))
 
 
-def rl_step(step: int, model, optimizer, probe: EntropyProbe, task: SortingTask, cfg: DemoConfig,
-            prompt_gen: torch.Generator) -> dict:
+def rl_step(
+    step: int,
+    model,
+    optimizer,
+    probe: EntropyProbe,
+    task: SortingTask,
+    cfg: DemoConfig,
+    prompt_gen: torch.Generator,
+) -> dict:
     """Sample U, E and F; forecast; step; measure. Returns one row of steps.csv."""
     pc = probe.config
 
     def sample(prompts, seed: int) -> RolloutBatch:
-        return sample_rollouts(model, prompts, cfg.group_size, task.max_new_tokens, task.eos, task.reward,
-                               pc.temperature, seed)
+        return sample_rollouts(
+            model, prompts, cfg.group_size, task.max_new_tokens, task.eos, task.reward, pc.temperature, seed
+        )
 
     u_batch = sample(task.prompts(cfg.update_prompts, prompt_gen), _seed(cfg, step, 0))
     e_batch = sample(task.prompts(cfg.eval_prompts, prompt_gen), _seed(cfg, step, 1))
@@ -162,14 +209,27 @@ def rl_step(step: int, model, optimizer, probe: EntropyProbe, task: SortingTask,
     t = result.truth
     lo, hi = result.interval(z=Z95)  # the normal interval: the report's error bars are Z95 * forecast_se
     row = dict(
-        step=step + 1, reward=reward, reward_se=reward_se, reward_update=float(u_batch.rewards.mean()),
-        entropy=entropy, entropy_se=entropy_se, entropy_after=float(h_after.mean()),
-        forecast=result.delta_h1, forecast_se=result.se_cond_e, forecast_se_jackknife=result.se_jackknife,
-        forecast_se_total=result.se_total, forecast_lo95=lo, forecast_hi95=hi,
-        truth=t.delta_h, truth_se=t.se, truth_ess=t.ess, truth_se_diff=t.se_diff,
+        step=step + 1,
+        reward=reward,
+        reward_se=reward_se,
+        reward_update=float(u_batch.rewards.mean()),
+        entropy=entropy,
+        entropy_se=entropy_se,
+        entropy_after=float(h_after.mean()),
+        forecast=result.delta_h1,
+        forecast_se=result.se_cond_e,
+        forecast_se_jackknife=result.se_jackknife,
+        forecast_se_total=result.se_total,
+        forecast_lo95=lo,
+        forecast_hi95=hi,
+        truth=t.delta_h,
+        truth_se=t.se,
+        truth_ess=t.ess,
+        truth_se_diff=t.se_diff,
         truth_inside=int(lo <= t.delta_h <= hi),
-        measured=measured, measured_se=measured_se,
-        measured_z=(measured - taken) / math.sqrt(taken_se ** 2 + measured_se ** 2),
+        measured=measured,
+        measured_se=measured_se,
+        measured_z=(measured - taken) / math.sqrt(taken_se**2 + measured_se**2),
         step_relative_error=step_error / step_size if step_size > 0 else 0.0,
         **second_order_columns(result),
     )
@@ -182,9 +242,16 @@ def second_order_columns(result) -> dict:
     """The forecast with the second order (DESIGN section 12) and delta_h1 by parameter group (section 13)."""
     t = result.truth
     lo, hi = result.forecast_interval(0.95)
-    out = dict(delta_h2=result.delta_h2, delta_h2_se=result.se_delta_h2, forecast2=result.forecast,
-               forecast2_se=result.se_forecast, forecast2_lo95=lo, forecast2_hi95=hi,
-               truth_inside2=int(lo <= t.delta_h <= hi), truth_se_diff2=t.se_diff_forecast)
+    out = dict(
+        delta_h2=result.delta_h2,
+        delta_h2_se=result.se_delta_h2,
+        forecast2=result.forecast,
+        forecast2_se=result.se_forecast,
+        forecast2_lo95=lo,
+        forecast2_hi95=hi,
+        truth_inside2=int(lo <= t.delta_h <= hi),
+        truth_se_diff2=t.se_diff_forecast,
+    )
     out.update({f"group:{name}": value for name, (value, _) in result.by_group.items()})
     return out
 
@@ -206,28 +273,54 @@ def run(cfg: DemoConfig, console=None) -> dict:
     model = build_model(cfg, task).to(cfg.device)
     data_gen = torch.Generator().manual_seed(cfg.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.warmup_lr, weight_decay=0.0)
-    probe = EntropyProbe(model, optimizer, ProbeConfig(direction="optimizer-step", max_grad_norm=cfg.max_grad_norm
-                                                       if cfg.max_grad_norm else None, second_order=True))
+    probe = EntropyProbe(
+        model,
+        optimizer,
+        ProbeConfig(
+            direction="optimizer-step",
+            max_grad_norm=cfg.max_grad_norm if cfg.max_grad_norm else None,
+            second_order=True,
+        ),
+    )
     rows: list[dict] = []
-    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("{task.fields[info]}")]
+    columns = [
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[info]}"),
+    ]
     with Progress(*columns, console=console) as progress:
         bar = progress.add_task("warm-up", total=cfg.warmup_steps, info="")
-        warm_loss = supervised_warmup(model, optimizer, task, cfg, data_gen, on_step=lambda loss: progress.update(
-            bar, advance=1, info=f"token NLL {loss:.3f}"))
+        warm_loss = supervised_warmup(
+            model,
+            optimizer,
+            task,
+            cfg,
+            data_gen,
+            on_step=lambda loss: progress.update(bar, advance=1, info=f"token NLL {loss:.3f}"),
+        )
         for group in optimizer.param_groups:  # same AdamW (its moments carry over), RL learning rate
             group["lr"] = cfg.lr
         bar = progress.add_task("GRPO", total=cfg.steps, info="")
         for step in range(cfg.steps):
             r = rl_step(step, model, optimizer, probe, task, cfg, data_gen)
             rows.append(r)
-            progress.update(bar, advance=1, info=(
-                f"reward {r['reward']:.3f}  entropy {r['entropy']:.3f}  forecast {r['forecast']:+.4f} ± "
-                f"{r['forecast_se']:.4f}  truth {r['truth']:+.4f}"))
+            progress.update(
+                bar,
+                advance=1,
+                info=(
+                    f"reward {r['reward']:.3f}  entropy {r['entropy']:.3f}  forecast {r['forecast']:+.4f} ± "
+                    f"{r['forecast_se']:.4f}  truth {r['truth']:+.4f}"
+                ),
+            )
     summary = summarize(rows)
     out = Path(cfg.out)
-    extra = dict(warmup_final_loss=warm_loss, n_parameters=sum(p.numel() for p in model.parameters()),
-                 runtime_s=time.perf_counter() - start)
+    extra = dict(
+        warmup_final_loss=warm_loss,
+        n_parameters=sum(p.numel() for p in model.parameters()),
+        runtime_s=time.perf_counter() - start,
+    )
     write_files(out, cfg, rows, summary, extra)
     plot(out, rows, summary)
     layer_plot(out, rows)

@@ -26,8 +26,9 @@ from ..vectors import Params, Vector, add_into, dot, grad_of
 from .projections import EvalProjections
 
 
-def update_gradient(module: nn.Module, params: Params, batch: RolloutBatch, coeff: Tensor,
-                    cfg: ProbeConfig) -> dict[str, Tensor | None]:
+def update_gradient(
+    module: nn.Module, params: Params, batch: RolloutBatch, coeff: Tensor, cfg: ProbeConfig
+) -> dict[str, Tensor | None]:
     """grad of ``sum_i coeff_i S_i`` over the batch (coeff: ``(N,)`` in batch row order)."""
     total: dict[str, Tensor | None] = {name: None for name in params}
     for mb in batch.microbatches(cfg.microbatch_units):
@@ -40,8 +41,15 @@ def update_gradient(module: nn.Module, params: Params, batch: RolloutBatch, coef
     return total
 
 
-def eval_projections(module: nn.Module, params: Params, batch: RolloutBatch, v: Vector, cfg: ProbeConfig,
-                     halves: Tensor | None = None, want_groups: bool = False) -> EvalProjections:
+def eval_projections(
+    module: nn.Module,
+    params: Params,
+    batch: RolloutBatch,
+    v: Vector,
+    cfg: ProbeConfig,
+    halves: Tensor | None = None,
+    want_groups: bool = False,
+) -> EvalProjections:
     """s_n for every E unit, one forward and one backward per unit (the note's loop).
 
     With ``halves`` also the sums of X_n over the two halves of E (``se_total``). With ``want_groups``
@@ -71,14 +79,21 @@ def eval_projections(module: nn.Module, params: Params, batch: RolloutBatch, v: 
 def _group_dots(grads: dict[str, Tensor | None], v: Vector, index: Tensor) -> Tensor:
     """``(n_groups,)`` float64 ``X^(g) . v^(g)``: one fp32 dot per parameter, summed per group."""
     zero = torch.zeros((), dtype=torch.float32, device=index.device)
-    terms = torch.stack([zero if g is None else torch.vdot(g.reshape(-1).float(), v[name].reshape(-1))
-                         for name, g in grads.items()])  # (K,) in params order
+    terms = torch.stack(
+        [
+            zero if g is None else torch.vdot(g.reshape(-1).float(), v[name].reshape(-1))
+            for name, g in grads.items()
+        ]
+    )  # (K,) in params order
     n_groups = int(index.max()) + 1
-    return torch.zeros(n_groups, dtype=torch.float64, device=index.device).index_add_(0, index, terms.double())
+    return torch.zeros(n_groups, dtype=torch.float64, device=index.device).index_add_(
+        0, index, terms.double()
+    )
 
 
-def unit_gradients(module: nn.Module, params: Params, batch: RolloutBatch, coeff: Tensor,
-                   cfg: ProbeConfig) -> Iterator[tuple[int, dict[str, Tensor | None]]]:
+def unit_gradients(
+    module: nn.Module, params: Params, batch: RolloutBatch, coeff: Tensor, cfg: ProbeConfig
+) -> Iterator[tuple[int, dict[str, Tensor | None]]]:
     """``(m, grad J_m)`` for each U unit in turn, ``J_m = sum_{i in m} coeff_i S_i``: one backward per
     unit and only one unit's gradient alive at a time (the caller drops it before the next)."""
     for mb in batch.microbatches(1):

@@ -69,8 +69,9 @@ def forward_mode_ready(module: nn.Module):
             hooks.update(before)  # same hooks, same ids, same order
 
 
-def directional_logprobs(module: nn.Module, params: Params, batch: RolloutBatch, direction: Vector,
-                         cfg: ProbeConfig) -> DirectionalLogProbs:
+def directional_logprobs(
+    module: nn.Module, params: Params, batch: RolloutBatch, direction: Vector, cfg: ProbeConfig
+) -> DirectionalLogProbs:
     """(S_i, S_w,i) and (grad S_i . d, grad S_w,i . d) for every row of ``batch``, one jvp pass.
 
     The caller wraps it in ``forward_mode_ready``; ``direction`` is keyed like ``params``.
@@ -88,8 +89,14 @@ def directional_logprobs(module: nn.Module, params: Params, batch: RolloutBatch,
     return DirectionalLogProbs(seq.float(), weighted.float(), d_seq.float(), d_weighted.float())
 
 
-def eval_projections(module: nn.Module, params: Params, batch: RolloutBatch, v: Vector, cfg: ProbeConfig,
-                     halves: Tensor | None = None) -> EvalProjections:
+def eval_projections(
+    module: nn.Module,
+    params: Params,
+    batch: RolloutBatch,
+    v: Vector,
+    cfg: ProbeConfig,
+    halves: Tensor | None = None,
+) -> EvalProjections:
     """s_n for every E unit, ``cfg.microbatch_units`` units per forward-mode pass.
 
     With ``halves`` (``(B_E,)`` 0/1 per unit) also the sums of X_n over the two halves: one reverse
@@ -100,8 +107,9 @@ def eval_projections(module: nn.Module, params: Params, batch: RolloutBatch, v: 
         for mb in batch.microbatches(cfg.microbatch_units):
             lp = directional_logprobs(module, params, mb.batch, v, cfg)
             a, e = entropy_gradient_coefficients(lp.weighted, mb.batch, cfg.x_estimator)
-            out.s[torch.as_tensor(mb.units, device=out.s.device)] = group_sum(a * lp.d_seq + e * lp.d_weighted,
-                                                                              mb.batch)
+            out.s[torch.as_tensor(mb.units, device=out.s.device)] = group_sum(
+                a * lp.d_seq + e * lp.d_weighted, mb.batch
+            )
             out.seq_logprob[mb.rows], out.weighted[mb.rows] = lp.seq, lp.weighted
     if out.x_half is not None:
         for h in (0, 1):  # each half's units microbatched on their own: one reverse pass per microbatch
@@ -111,5 +119,7 @@ def eval_projections(module: nn.Module, params: Params, batch: RolloutBatch, v: 
             for mb in batch.select_units(units).microbatches(cfg.microbatch_units):
                 lp = sequence_logprobs(module, mb.batch, cfg.temperature, cfg.entropy_weighting)
                 a, e = entropy_gradient_coefficients(lp.weighted, mb.batch, cfg.x_estimator)
-                add_into(out.x_half[h], grad_of((a * lp.seq + e * lp.weighted).sum(), params))  # its X_n, summed
+                add_into(
+                    out.x_half[h], grad_of((a * lp.seq + e * lp.weighted).sum(), params)
+                )  # its X_n, summed
     return out

@@ -1,4 +1,4 @@
-"""The second-order pass: per-unit q_n with ``mean_n q_n`` unbiased for ``v^T (grad^2 H) v`` (DESIGN section 12).
+"""The second-order pass: per-unit q_n, ``mean_n q_n`` unbiased for ``v^T (grad^2 H) v`` (DESIGN section 12).
 
 Along ``theta(t) = theta + t v`` write ``dS, d2S, dS_w, d2S_w`` for the first and second derivatives
 in t of a sequence's S and S_w. Differentiating ``H = sum_y pi(y) (-S_w(y))`` twice in t:
@@ -83,8 +83,9 @@ class SecondDirectional:
     d2_weighted: Tensor
 
 
-def second_directional_logprobs(module: nn.Module, params: Params, batch: RolloutBatch, v: Vector,
-                                cfg: ProbeConfig) -> SecondDirectional:
+def second_directional_logprobs(
+    module: nn.Module, params: Params, batch: RolloutBatch, v: Vector, cfg: ProbeConfig
+) -> SecondDirectional:
     """One nested jvp pass over ``batch``; the caller wraps it in ``second_order_ready``."""
     primals = {name: p.detach() for name, p in params.items()}
     tangents = {name: v[name].to(dtype=p.dtype) for name, p in params.items()}
@@ -104,24 +105,30 @@ def second_directional_logprobs(module: nn.Module, params: Params, batch: Rollou
 
 def unit_second_order(lp: SecondDirectional, batch: RolloutBatch) -> Tensor:
     """``(B,)`` float64 q_n from the per-sequence derivatives (the formula of the module docstring)."""
-    sw, ds, dsw, d2s, d2sw = (t.double() for t in (lp.weighted, lp.d_seq, lp.d_weighted,
-                                                      lp.d2_seq, lp.d2_weighted))
+    sw, ds, dsw, d2s, d2sw = (
+        t.double() for t in (lp.weighted, lp.d_seq, lp.d_weighted, lp.d2_seq, lp.d2_weighted)
+    )
     g = per_sequence(batch.unit_sizes.to(sw.device).double(), batch)  # (N,) G of each row's unit
     loo = (per_sequence(group_sum(sw, batch), batch) - sw) / (g - 1)  # b_i = mean_{j != i} S_w,j
     per_row = -(d2s + ds * ds) * (sw - loo) - 2.0 * ds * dsw - d2sw  # (N,)
     return group_sum(per_row / g, batch)
 
 
-def eval_second_order(module: nn.Module, params: Params, batch: RolloutBatch, v: Vector,
-                      cfg: ProbeConfig) -> Tensor:
+def eval_second_order(
+    module: nn.Module, params: Params, batch: RolloutBatch, v: Vector, cfg: ProbeConfig
+) -> Tensor:
     """``(B_E,)`` float64 q_n for every unit of ``batch``, ``cfg.microbatch_units`` units per pass."""
     q = torch.empty(batch.n_units, dtype=torch.float64, device=batch.device)
     with second_order_ready(module):
         for mb in batch.microbatches(cfg.microbatch_units):
             try:
                 lp = second_directional_logprobs(module, params, mb.batch, v, cfg)
-            except NotImplementedError as e:  # an op of the model without a forward derivative of its derivative
-                raise NotImplementedError(f"ProbeConfig.second_order: nested forward mode is not supported by an "
-                                          f"op of {type(module).__name__} ({e}); run with second_order=False") from e
+            except (
+                NotImplementedError
+            ) as e:  # an op of the model without a forward derivative of its derivative
+                raise NotImplementedError(
+                    f"ProbeConfig.second_order: nested forward mode is not supported by an "
+                    f"op of {type(module).__name__} ({e}); run with second_order=False"
+                ) from e
             q[torch.as_tensor(mb.units, device=q.device)] = unit_second_order(lp, mb.batch)
     return q

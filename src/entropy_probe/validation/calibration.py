@@ -44,8 +44,9 @@ def _policy_and_optimizer(direction: str, warm_steps: int, seed: int):
     return policy, optimizer
 
 
-def se_total_pairs(direction: str, warm_steps: int, n_pairs: int, update_units: int, eval_units: int,
-                   seed: int = 0) -> dict:
+def se_total_pairs(
+    direction: str, warm_steps: int, n_pairs: int, update_units: int, eval_units: int, seed: int = 0
+) -> dict:
     """delta_h1, se_total^2 and var_cond_e over ``n_pairs`` independent (U, E) pairs."""
     policy, optimizer = _policy_and_optimizer(direction, warm_steps, seed)
     clip = CLIP if direction == "optimizer-step" else None
@@ -54,10 +55,12 @@ def se_total_pairs(direction: str, warm_steps: int, n_pairs: int, update_units: 
     out = dict(delta_h1=[], se_total2=[], var_cond_e=[])
     base = 1_000_003 * (seed + 1)
     for k in range(n_pairs):
-        r = probe.run(sample_enumerated(policy, update_units, seed=base + 2 * k),
-                      sample_enumerated(policy, eval_units, seed=base + 2 * k + 1))
+        r = probe.run(
+            sample_enumerated(policy, update_units, seed=base + 2 * k),
+            sample_enumerated(policy, eval_units, seed=base + 2 * k + 1),
+        )
         out["delta_h1"].append(r.delta_h1)
-        out["se_total2"].append(r.se_total ** 2)
+        out["se_total2"].append(r.se_total**2)
         out["var_cond_e"].append(r.var_cond_e)
     return out
 
@@ -69,8 +72,9 @@ def se_total_check(direction: str, warm_steps: int, data: dict, k: float) -> Che
     return variance_check(name, data["delta_h1"], data["se_total2"], kurt, 1, k)
 
 
-def interval_coverage(weighting: str, temperature: float, eval_units: int, n_draws: int, seed: int = 0,
-                      level: float = 0.95) -> tuple[int, int]:
+def interval_coverage(
+    weighting: str, temperature: float, eval_units: int, n_draws: int, seed: int = 0, level: float = 0.95
+) -> tuple[int, int]:
     """(covering draws, draws) of ``result.interval(level)`` against the exact change, v fixed (sgd)."""
     policy = TabularPolicy(seed=seed)
     cfg = ProbeConfig(lr=1e-2, direction="sgd", entropy_weighting=weighting, temperature=temperature)
@@ -79,8 +83,12 @@ def interval_coverage(weighting: str, temperature: float, eval_units: int, n_dra
     exact = cfg.lr * exact_directional_derivative(policy, v, weighting, temperature)
     covered = 0
     for k in range(n_draws):
-        r = probe.run(eval_batch=sample_enumerated(policy, eval_units, seed=7_000_001 * (seed + 1) + k,
-                                                   temperature=temperature), direction=v)
+        r = probe.run(
+            eval_batch=sample_enumerated(
+                policy, eval_units, seed=7_000_001 * (seed + 1) + k, temperature=temperature
+            ),
+            direction=v,
+        )
         lo, hi = r.interval(level)
         covered += lo <= exact <= hi
     return covered, n_draws
@@ -89,6 +97,10 @@ def interval_coverage(weighting: str, temperature: float, eval_units: int, n_dra
 def coverage_floor_check(name: str, covered: int, n: int, target: float, k: float) -> Check:
     """The share must not lie below ``target`` by more than k binomial SEs ``sqrt(t(1-t)/n)``."""
     share, floor = covered / n, target - k * math.sqrt(target * (1 - target) / n)
-    return Check(name, share >= floor, f"coverage {share:.3f} ({covered}/{n})",
-                 f">= {floor:.3f} (target {target})",
-                 dict(coverage=share, covered=covered, draws=n, target=target, floor=floor))
+    return Check(
+        name,
+        share >= floor,
+        f"coverage {share:.3f} ({covered}/{n})",
+        f">= {floor:.3f} (target {target})",
+        dict(coverage=share, covered=covered, draws=n, target=target, floor=floor),
+    )

@@ -21,8 +21,9 @@ def _var(x: list[float]) -> float:
     return sum((xi - m) ** 2 for xi in x) / (len(x) - 1)
 
 
-def variance_check(name: str, delta_h1: list[float], var_pred: list[float], unit_kurtosis: float,
-                   shard_units: int, k: float) -> Check:
+def variance_check(
+    name: str, delta_h1: list[float], var_pred: list[float], unit_kurtosis: float, shard_units: int, k: float
+) -> Check:
     """Empirical Var(delta_h1) across shards over the mean predicted Var_E, with a chi-square interval.
 
     With K normal shards, (K-1) * empirical / true ~ chi2(K-1). The s_n of one unit have excess
@@ -40,13 +41,34 @@ def variance_check(name: str, delta_h1: list[float], var_pred: list[float], unit
     rel_pred = math.sqrt(_var(var_pred) / n) / predicted
     lo = math.exp(-math.hypot(math.log(lo), k * rel_pred))
     hi = math.exp(math.hypot(math.log(hi), k * rel_pred))
-    return Check(name, lo <= ratio <= hi, f"ratio {ratio:.3f}", f"[{lo:.3f}, {hi:.3f}]",
-                 dict(ratio=ratio, interval=[lo, hi], empirical_var=empirical, mean_predicted_var=predicted,
-                      chi2_df=df, unit_excess_kurtosis=unit_kurtosis, rel_se_predicted=rel_pred, shards=n))
+    return Check(
+        name,
+        lo <= ratio <= hi,
+        f"ratio {ratio:.3f}",
+        f"[{lo:.3f}, {hi:.3f}]",
+        dict(
+            ratio=ratio,
+            interval=[lo, hi],
+            empirical_var=empirical,
+            mean_predicted_var=predicted,
+            chi2_df=df,
+            unit_excess_kurtosis=unit_kurtosis,
+            rel_se_predicted=rel_pred,
+            shards=n,
+        ),
+    )
 
 
-def coverage_check(name: str, delta_h1: list[float], se: list[float], exact: float, shard_units: int,
-                   unit_skew: float, unit_kurtosis: float, k: float) -> Check:
+def coverage_check(
+    name: str,
+    delta_h1: list[float],
+    se: list[float],
+    exact: float,
+    shard_units: int,
+    unit_skew: float,
+    unit_kurtosis: float,
+    k: float,
+) -> Check:
     """Share of shards whose 95% interval covers the exact value, against the coverage it should have.
 
     Each shard covers independently with probability p, so the count is Binomial(K, p); the Wilson
@@ -60,10 +82,22 @@ def coverage_check(name: str, delta_h1: list[float], se: list[float], exact: flo
     n = len(delta_h1)
     expected = studentized_coverage(Z95, shard_units, unit_skew, unit_kurtosis)
     lo, hi = wilson_interval(covered, n, k)
-    return Check(name, lo <= expected <= hi, f"{covered}/{n} = {covered / n:.3f}",
-                 f"{expected:.3f} in [{lo:.3f}, {hi:.3f}]",
-                 dict(coverage=covered / n, covered=covered, shards=n, nominal=0.95, expected=expected,
-                      wilson=[lo, hi], unit_skewness=unit_skew, unit_excess_kurtosis=unit_kurtosis))
+    return Check(
+        name,
+        lo <= expected <= hi,
+        f"{covered}/{n} = {covered / n:.3f}",
+        f"{expected:.3f} in [{lo:.3f}, {hi:.3f}]",
+        dict(
+            coverage=covered / n,
+            covered=covered,
+            shards=n,
+            nominal=0.95,
+            expected=expected,
+            wilson=[lo, hi],
+            unit_skewness=unit_skew,
+            unit_excess_kurtosis=unit_kurtosis,
+        ),
+    )
 
 
 def unbiased_check(name: str, delta_h1: list[float], exact: float, k: float) -> Check:
@@ -72,9 +106,19 @@ def unbiased_check(name: str, delta_h1: list[float], exact: float, k: float) -> 
     mean = sum(delta_h1) / n
     se = math.sqrt(_var(delta_h1) / n)
     z = (mean - exact) / se
-    return Check(name, abs(z) <= k, f"z = {z:+.2f} ({mean:.3e} vs {exact:.3e})", f"|z| <= {k:.2f}",
-                 dict(mean=mean, exact=exact, se_of_mean=se, z=z,
-                      relative_error=(mean - exact) / exact if exact != 0 else None))
+    return Check(
+        name,
+        abs(z) <= k,
+        f"z = {z:+.2f} ({mean:.3e} vs {exact:.3e})",
+        f"|z| <= {k:.2f}",
+        dict(
+            mean=mean,
+            exact=exact,
+            se_of_mean=se,
+            z=z,
+            relative_error=(mean - exact) / exact if exact != 0 else None,
+        ),
+    )
 
 
 def slope_check(name: str, factors: list[int], var_by_factor: list[list[float]], k: float) -> Check:
@@ -92,9 +136,21 @@ def slope_check(name: str, factors: list[int], var_by_factor: list[list[float]],
         se_y.append(math.sqrt(_var(vars_c) / len(vars_c)) / (2.0 * mean))
     fit = fit_slope(x, y, se_y)
     z = (fit.slope + 0.5) / fit.se_slope
-    return Check(name, abs(z) <= k, f"slope {fit.slope:+.3f} +- {fit.se_slope:.3f}", f"-0.5 within {k:.2f} SE",
-                 dict(slope=fit.slope, se_slope=fit.se_slope, intercept=fit.intercept, z=z, factors=list(factors),
-                      se=[math.exp(v) for v in y], se_of_log_se=se_y))
+    return Check(
+        name,
+        abs(z) <= k,
+        f"slope {fit.slope:+.3f} +- {fit.se_slope:.3f}",
+        f"-0.5 within {k:.2f} SE",
+        dict(
+            slope=fit.slope,
+            se_slope=fit.se_slope,
+            intercept=fit.intercept,
+            z=z,
+            factors=list(factors),
+            se=[math.exp(v) for v in y],
+            se_of_log_se=se_y,
+        ),
+    )
 
 
 # ---- the experiments --------------------------------------------------------------------------------
@@ -130,7 +186,9 @@ def run_scaling(problem: Problem, s: Settings, seed: int, advance) -> list[list[
     for c in s.scale_factors:
         out.append([])
         for r in range(s.scale_replicates):
-            batch = sample_enumerated(problem.policy, c * s.scale_units, s.group_size, seed=_seed(seed, 3, c, r))
+            batch = sample_enumerated(
+                problem.policy, c * s.scale_units, s.group_size, seed=_seed(seed, 3, c, r)
+            )
             out[-1].append(probe.run(eval_batch=batch, direction=problem.v).var_cond_e)
             advance(c)
     return out
@@ -140,10 +198,16 @@ def zero_advantage_check(problem: Problem, s: Settings, seed: int) -> Check:
     """Advantages all zero (given as zeros, or constant rewards under GRPO): everything exactly 0."""
     u = problem.update_batch
     cases = {
-        "advantages=0": RolloutBatch(u.input_ids, u.attention_mask, u.response_mask, u.group_ids,
-                                     advantages=torch.zeros(u.n_sequences)),
-        "constant rewards": RolloutBatch(u.input_ids, u.attention_mask, u.response_mask, u.group_ids,
-                                         rewards=torch.full((u.n_sequences,), 0.7)),
+        "advantages=0": RolloutBatch(
+            u.input_ids, u.attention_mask, u.response_mask, u.group_ids, advantages=torch.zeros(u.n_sequences)
+        ),
+        "constant rewards": RolloutBatch(
+            u.input_ids,
+            u.attention_mask,
+            u.response_mask,
+            u.group_ids,
+            rewards=torch.full((u.n_sequences,), 0.7),
+        ),
     }
     eval_batch = sample_enumerated(problem.policy, s.shard_units, s.group_size, seed=_seed(seed, 4))
     probe = EntropyProbe(problem.policy, config=ProbeConfig(lr=problem.lr))  # with se_total
@@ -151,12 +215,20 @@ def zero_advantage_check(problem: Problem, s: Settings, seed: int) -> Check:
     for label, batch in cases.items():
         v_max = max(float(t.abs().max()) for t in probe.update_direction(batch).values())
         r = probe.run(batch, eval_batch, truth=True)
-        got = dict(v_max_abs=v_max, delta_h1=r.delta_h1, se_cond_e=r.se_cond_e, se_jackknife=r.se_jackknife,
-                   se_total=r.se_total, truth_delta_h=r.truth.delta_h)
+        got = dict(
+            v_max_abs=v_max,
+            delta_h1=r.delta_h1,
+            se_cond_e=r.se_cond_e,
+            se_jackknife=r.se_jackknife,
+            se_total=r.se_total,
+            truth_delta_h=r.truth.delta_h,
+        )
         figures[label] = got
         ok = ok and all(value == 0.0 for value in got.values())  # exactly zero, no tolerance
     worst = max(abs(x) for got in figures.values() for x in got.values())
-    return Check("zero advantages: v, dH1, SEs, truth", ok, f"max |value| = {worst:.1e}", "exactly 0", figures)
+    return Check(
+        "zero advantages: v, dH1, SEs, truth", ok, f"max |value| = {worst:.1e}", "exactly 0", figures
+    )
 
 
 def truth_checks(problem: Problem, s: Settings, seed: int, k: float) -> tuple[list[Check], dict]:
@@ -172,34 +244,66 @@ def truth_checks(problem: Problem, s: Settings, seed: int, k: float) -> tuple[li
     # Pass when halving alpha from 1/32 to 1/64 takes |r - 1| below 3/4 of its value (halfway between
     # the two hypotheses), plus the fp32 rounding of r: H carries ~2 ulps (measured), i.e.
     # 4 * 2^-24 * max(H, 1) on each of H(theta') and H(theta), divided by the tangent alpha eta grad H . v.
-    fine = [2.0 ** -j for j in range(6, -1, -1)]  # 1/64 ... 1, exact enumeration is cheap
-    fine_ratio = [(exact_entropy_at(problem.policy, problem.v, a * lr) - problem.entropy) / (a * lr * slope)
-                  for a in fine]
-    rounding = [2 * 4 * 2.0 ** -24 * max(problem.entropy, 1.0) / abs(a * lr * slope) for a in fine]
+    fine = [2.0**-j for j in range(6, -1, -1)]  # 1/64 ... 1, exact enumeration is cheap
+    fine_ratio = [
+        (exact_entropy_at(problem.policy, problem.v, a * lr) - problem.entropy) / (a * lr * slope)
+        for a in fine
+    ]
+    rounding = [2 * 4 * 2.0**-24 * max(problem.entropy, 1.0) / abs(a * lr * slope) for a in fine]
     dev_small, dev_twice = abs(fine_ratio[0] - 1), abs(fine_ratio[1] - 1)
     bound = 0.75 * dev_twice + rounding[0] + 0.75 * rounding[1]
-    taylor = Check("truth (exact): change / tangent -> 1", dev_small <= bound,
-                   f"|r-1| {dev_twice:.4f} at a=1/32 -> {dev_small:.4f} at a=1/64; r = {fine_ratio[-1]:.3f} at a=1",
-                   f"<= {bound:.4f}", dict(alphas=fine, exact_ratio=fine_ratio, rounding=rounding, bound=bound))
+    taylor = Check(
+        "truth (exact): change / tangent -> 1",
+        dev_small <= bound,
+        f"|r-1| {dev_twice:.4f} at a=1/32 -> {dev_small:.4f} at a=1/64; r = {fine_ratio[-1]:.3f} at a=1",
+        f"<= {bound:.4f}",
+        dict(alphas=fine, exact_ratio=fine_ratio, rounding=rounding, bound=bound),
+    )
     # 5b. The importance-weighted truth estimates the exact change; its jackknife SE is over E units
     # (the SNIS bias is O(1/N) with N = 4 * truth_units sequences, far below that SE).
     z_exact = [(d - e) / se for d, e, se in zip(t.delta_h_at, exact, t.se_at)]
     worst = max(range(len(alphas)), key=lambda i: abs(z_exact[i]))
-    snis = Check("truth (SNIS) vs exact change, every alpha", max(abs(z) for z in z_exact) <= k,
-                 f"max |z| = {abs(z_exact[worst]):.2f} (a={alphas[worst]:g})", f"|z| <= {k:.2f}",
-                 dict(alphas=alphas, delta_h_true=t.delta_h_at, se=t.se_at, exact=exact, z=z_exact, ess=t.ess_at))
+    snis = Check(
+        "truth (SNIS) vs exact change, every alpha",
+        max(abs(z) for z in z_exact) <= k,
+        f"max |z| = {abs(z_exact[worst]):.2f} (a={alphas[worst]:g})",
+        f"|z| <= {k:.2f}",
+        dict(alphas=alphas, delta_h_true=t.delta_h_at, se=t.se_at, exact=exact, z=z_exact, ess=t.ess_at),
+    )
     # 5c. On the same E, truth - alpha * delta_h1 has the jackknife SE se_diff (both use the same units);
     # the two agree to first order, so at the smallest alpha their difference is noise: |z| <= k.
     pred = [a * r.delta_h1 for a in alphas]
     ratio = [d / p for d, p in zip(t.delta_h_at, pred)]
     z_pred = [(d - p) / sd for d, p, sd in zip(t.delta_h_at, pred, t.se_diff_at)]
-    agree = Check("truth / (alpha dH1) -> 1 at smallest alpha", abs(z_pred[0]) <= k,
-                  f"{ratio[0]:.3f} (z = {z_pred[0]:+.2f}) at a={alphas[0]:g}; {ratio[-1]:.3f} at a={alphas[-1]:g}",
-                  f"|z| <= {k:.2f}", dict(alphas=alphas, ratio=ratio, z=z_pred, se_diff=t.se_diff_at,
-                                          delta_h1=r.delta_h1, se_cond_e=r.se_cond_e, eval_units=s.truth_units))
+    agree = Check(
+        "truth / (alpha dH1) -> 1 at smallest alpha",
+        abs(z_pred[0]) <= k,
+        f"{ratio[0]:.3f} (z = {z_pred[0]:+.2f}) at a={alphas[0]:g}; {ratio[-1]:.3f} at a={alphas[-1]:g}",
+        f"|z| <= {k:.2f}",
+        dict(
+            alphas=alphas,
+            ratio=ratio,
+            z=z_pred,
+            se_diff=t.se_diff_at,
+            delta_h1=r.delta_h1,
+            se_cond_e=r.se_cond_e,
+            eval_units=s.truth_units,
+        ),
+    )
     grid = [j / 40 for j in range(41)]  # the exact curve for the plot
-    plot = dict(alphas=alphas, exact=exact, truth=t.delta_h_at, truth_se=t.se_at, delta_h1=r.delta_h1,
-                se_cond_e=r.se_cond_e, exact_tangent=lr * slope, ratio=ratio, fine=fine, fine_ratio=fine_ratio,
-                ratio_se=[sd / abs(p) for sd, p in zip(t.se_diff_at, pred)], grid=grid,
-                curve=[exact_entropy_at(problem.policy, problem.v, a * lr) - problem.entropy for a in grid])
+    plot = dict(
+        alphas=alphas,
+        exact=exact,
+        truth=t.delta_h_at,
+        truth_se=t.se_at,
+        delta_h1=r.delta_h1,
+        se_cond_e=r.se_cond_e,
+        exact_tangent=lr * slope,
+        ratio=ratio,
+        fine=fine,
+        fine_ratio=fine_ratio,
+        ratio_se=[sd / abs(p) for sd, p in zip(t.se_diff_at, pred)],
+        grid=grid,
+        curve=[exact_entropy_at(problem.policy, problem.v, a * lr) - problem.entropy for a in grid],
+    )
     return [taylor, snis, agree], plot

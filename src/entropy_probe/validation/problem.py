@@ -42,8 +42,15 @@ class Settings:
 # covers less than 95% by O(1/B_E) (measured for the "sum" weighting: 0.90 at B_E = 16, 0.94 at 32);
 # the coverage check tests the expected finite-B_E coverage, which at 32 is still within 2% of 0.95.
 FULL = Settings(n_shards=300, shard_units=32, scale_units=16, scale_replicates=24, truth_units=1024)
-QUICK = Settings(n_shards=100, shard_units=32, scale_units=8, scale_replicates=10, truth_units=192,
-                 total_pairs=100, interval_draws=150)
+QUICK = Settings(
+    n_shards=100,
+    shard_units=32,
+    scale_units=8,
+    scale_replicates=10,
+    truth_units=192,
+    total_pairs=100,
+    interval_draws=150,
+)
 
 
 @dataclass
@@ -72,11 +79,12 @@ class Problem:
 
 def _seed(seed: int, *offsets: int) -> int:
     """Distinct, reproducible sampling seeds for every experiment of one harness seed."""
-    return 1_000_003 * seed + sum(o * 10_007 ** i for i, o in enumerate(offsets, start=1))
+    return 1_000_003 * seed + sum(o * 10_007**i for i, o in enumerate(offsets, start=1))
 
 
-def exact_entropy_at(policy: TabularPolicy, v: dict[str, torch.Tensor], step: float,
-                     weighting: str = "token-mean") -> float:
+def exact_entropy_at(
+    policy: TabularPolicy, v: dict[str, torch.Tensor], step: float, weighting: str = "token-mean"
+) -> float:
     """Exact ``H(theta + step * v)`` by enumeration, on a copy of the policy (the original untouched)."""
     stepped = copy.deepcopy(policy)
     with torch.no_grad():
@@ -85,8 +93,9 @@ def exact_entropy_at(policy: TabularPolicy, v: dict[str, torch.Tensor], step: fl
         return float(exact_entropy(stepped, weighting))
 
 
-def choose_lr(policy: TabularPolicy, v: dict[str, torch.Tensor], slope: float, entropy: float,
-              curvature: float) -> float:
+def choose_lr(
+    policy: TabularPolicy, v: dict[str, torch.Tensor], slope: float, entropy: float, curvature: float
+) -> float:
     """The smallest eta = 1e-3 * sqrt(2)^j whose exact change departs from the tangent by ``curvature``.
 
     The truth check needs a step whose nonlinearity is visible at alpha = 1 and vanishes as alpha -> 0.
@@ -102,7 +111,9 @@ def choose_lr(policy: TabularPolicy, v: dict[str, torch.Tensor], slope: float, e
 
 def build_problem(seed: int, s: Settings) -> Problem:
     policy = TabularPolicy(seed=seed, scale=s.policy_scale)
-    update_batch = sample_enumerated(policy, n_units=s.update_units, group_size=s.group_size, seed=_seed(seed, 1))
+    update_batch = sample_enumerated(
+        policy, n_units=s.update_units, group_size=s.group_size, seed=_seed(seed, 1)
+    )
     # Without optimizer state Adam's preconditioner is that of its own first step; v does not depend on lr.
     v = EntropyProbe(policy, config=ProbeConfig(lr=1.0)).update_direction(update_batch)
     exact_slope = {w: exact_directional_derivative(policy, v, w) for w in WEIGHTINGS}

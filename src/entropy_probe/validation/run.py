@@ -84,8 +84,15 @@ def run_validation(seed: int, settings: Settings, out: Path, console: Console) -
     start = time.perf_counter()
     s = settings
     # the statistical tests below (the second-order unbiasedness adds one per weighting)
-    n_tests = (2 * len(WEIGHTINGS) + 1 + 2 * len(WEIGHTINGS) + len(s.alphas) + 1
-               + len(SE_TOTAL_CASES) + len(INTERVAL_CASES))
+    n_tests = (
+        2 * len(WEIGHTINGS)
+        + 1
+        + 2 * len(WEIGHTINGS)
+        + len(s.alphas)
+        + 1
+        + len(SE_TOTAL_CASES)
+        + len(INTERVAL_CASES)
+    )
     k = tolerance_k(n_tests)
     columns = (TextColumn("{task.description:<34}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as progress:
@@ -94,7 +101,9 @@ def run_validation(seed: int, settings: Settings, out: Path, console: Console) -
         progress.advance(setup)
         task = progress.add_task(f"E shards (K={s.n_shards})", total=s.n_shards)
         shards = run_shards(problem, s, seed, lambda: progress.advance(task))
-        task = progress.add_task("SE scaling (c = 1, 2, 4, 8)", total=s.scale_replicates * sum(s.scale_factors))
+        task = progress.add_task(
+            "SE scaling (c = 1, 2, 4, 8)", total=s.scale_replicates * sum(s.scale_factors)
+        )
         scaling = run_scaling(problem, s, seed, lambda c: progress.advance(task, c))
         task = progress.add_task("zero advantages", total=1)
         zero = zero_advantage_check(problem, s, seed)
@@ -108,8 +117,9 @@ def run_validation(seed: int, settings: Settings, out: Path, console: Console) -
             data = se_total_pairs(direction, warm, s.total_pairs, *s.total_units, seed=seed)
             totals.append(se_total_check(direction, warm, data, k))
             progress.advance(task)
-        task = progress.add_task(f"interval coverage ({s.interval_draws} draws x 3)",
-                                 total=len(INTERVAL_CASES))
+        task = progress.add_task(
+            f"interval coverage ({s.interval_draws} draws x 3)", total=len(INTERVAL_CASES)
+        )
         intervals = []
         for weighting, temperature, units, target in INTERVAL_CASES:
             covered, n = interval_coverage(weighting, temperature, units, s.interval_draws, seed=seed)
@@ -122,64 +132,109 @@ def run_validation(seed: int, settings: Settings, out: Path, console: Console) -
     for w in WEIGHTINGS:
         d = shards[w]
         kurt, skew = excess_kurtosis(d["s"]), skewness(d["s"])  # of the s_n, pooled over the shards
-        checks.append(variance_check(f"variance ratio ({w})", d["delta_h1"], d["var"], kurt, s.shard_units, k))
-        checks.append(coverage_check(f"coverage ({w})", d["delta_h1"], d["se"], exact[w], s.shard_units, skew,
-                                     kurt, k))
+        checks.append(
+            variance_check(f"variance ratio ({w})", d["delta_h1"], d["var"], kurt, s.shard_units, k)
+        )
+        checks.append(
+            coverage_check(f"coverage ({w})", d["delta_h1"], d["se"], exact[w], s.shard_units, skew, kurt, k)
+        )
     checks.append(slope_check("SE scaling: slope of log SE vs log c", list(s.scale_factors), scaling, k))
     checks.append(zero)
-    checks += [unbiased_check(f"unbiased vs exact ({w})", shards[w]["delta_h1"], exact[w], k) for w in WEIGHTINGS]
+    checks += [
+        unbiased_check(f"unbiased vs exact ({w})", shards[w]["delta_h1"], exact[w], k) for w in WEIGHTINGS
+    ]
     checks += truth + totals + intervals
     exact_h2 = {w: exact_second_terms(problem, w)[1] for w in WEIGHTINGS}
-    checks += [unbiased_check(f"delta_h2 unbiased vs exact ({w})", shards[w]["delta_h2"], exact_h2[w], k)
-               for w in WEIGHTINGS]
+    checks += [
+        unbiased_check(f"delta_h2 unbiased vs exact ({w})", shards[w]["delta_h2"], exact_h2[w], k)
+        for w in WEIGHTINGS
+    ]
     checks += [order_check(problem), by_group_check(seed)]
-    full_step = forecast_at_full_step(problem, shards["token-mean"]["forecast"], shards["token-mean"]["delta_h1"])
+    full_step = forecast_at_full_step(
+        problem, shards["token-mean"]["forecast"], shards["token-mean"]["delta_h1"]
+    )
     # Not a check of the probe (it counts neither in the verdict nor in k): the same unbiasedness test
     # applied to a known-biased estimator must reject it, or the test would have no power here.
-    control = unbiased_check("control: x_estimator='seed' (token-mean) is biased", shards[CONTROL]["delta_h1"],
-                             exact["token-mean"], k)
+    control = unbiased_check(
+        "control: x_estimator='seed' (token-mean) is biased",
+        shards[CONTROL]["delta_h1"],
+        exact["token-mean"],
+        k,
+    )
     control.passed = not control.passed  # "passed" = the bias was detected
     control.tolerance = f"|z| > {k:.2f}"
 
     out.mkdir(parents=True, exist_ok=True)
     by_name = {c.name: asdict(c) for c in checks}
-    plots = {"calibration": out / "calibration.png", "se_scaling": out / "se_scaling.png",
-             "truth_vs_prediction": out / "truth_vs_prediction.png"}
+    plots = {
+        "calibration": out / "calibration.png",
+        "se_scaling": out / "se_scaling.png",
+        "truth_vs_prediction": out / "truth_vs_prediction.png",
+    }
     calibration_plot(plots["calibration"], {w: shards[w] for w in WEIGHTINGS}, exact, by_name, s.shard_units)
-    se_scaling_plot(plots["se_scaling"], list(s.scale_factors), s.scale_units, scaling,
-                    by_name["SE scaling: slope of log SE vs log c"])
+    se_scaling_plot(
+        plots["se_scaling"],
+        list(s.scale_factors),
+        s.scale_units,
+        scaling,
+        by_name["SE scaling: slope of log SE vs log c"],
+    )
     truth_plot(plots["truth_vs_prediction"], truth_data, problem.lr, s.truth_units)
     report = dict(
-        passed=all(c.passed for c in checks), seed=seed, runtime_s=time.perf_counter() - start, settings=asdict(s),
+        passed=all(c.passed for c in checks),
+        seed=seed,
+        runtime_s=time.perf_counter() - start,
+        settings=asdict(s),
         tolerance=dict(family_level=FAMILY_LEVEL, statistical_tests=n_tests, k=k),
-        problem=dict(lr=problem.lr, entropy=problem.entropy, exact_grad_h_dot_v=problem.exact_slope,
-                     exact_delta_h1=exact, exact_delta_h2=exact_h2, update_units=problem.update_batch.n_units,
-                     direction="adam-preconditioned", full_step=full_step),
-        checks=[asdict(c) for c in checks], controls=[asdict(control)],
-        plots={name: str(p) for name, p in plots.items()})
+        problem=dict(
+            lr=problem.lr,
+            entropy=problem.entropy,
+            exact_grad_h_dot_v=problem.exact_slope,
+            exact_delta_h1=exact,
+            exact_delta_h2=exact_h2,
+            update_units=problem.update_batch.n_units,
+            direction="adam-preconditioned",
+            full_step=full_step,
+        ),
+        checks=[asdict(c) for c in checks],
+        controls=[asdict(control)],
+        plots={name: str(p) for name, p in plots.items()},
+    )
     (out / "validation.json").write_text(json.dumps(report, indent=2))
     return report
 
 
 def print_table(report: dict, console: Console) -> None:
-    table = Table(title=f"entropy-probe validate (seed {report['seed']}, {report['runtime_s']:.1f} s; "
-                        f"k = {report['tolerance']['k']:.2f} for a 1% family-wise level)")
+    table = Table(
+        title=f"entropy-probe validate (seed {report['seed']}, {report['runtime_s']:.1f} s; "
+        f"k = {report['tolerance']['k']:.2f} for a 1% family-wise level)"
+    )
     table.add_column("check")
     table.add_column("measured")
     table.add_column("tolerance")
     table.add_column("result", justify="center")
     for c in report["checks"]:
-        table.add_row(c["name"], c["measured"], c["tolerance"],
-                      "[bold green]PASS[/]" if c["passed"] else "[bold red]FAIL[/]")
+        table.add_row(
+            c["name"],
+            c["measured"],
+            c["tolerance"],
+            "[bold green]PASS[/]" if c["passed"] else "[bold red]FAIL[/]",
+        )
     table.add_section()
     for c in report.get("controls", []):  # informational: does not change the verdict
-        table.add_row(c["name"], c["measured"], c["tolerance"],
-                      "[yellow]detected[/]" if c["passed"] else "[yellow]missed[/]")
+        table.add_row(
+            c["name"],
+            c["measured"],
+            c["tolerance"],
+            "[yellow]detected[/]" if c["passed"] else "[yellow]missed[/]",
+        )
     console.print(table)
     full = report.get("problem", {}).get("full_step")
     if full:
-        console.print(f"at the full step (alpha = 1): exact change / mean forecast = {full['truth_over_forecast']:.3f} "
-                      f"with the second order, {full['truth_over_delta_h1']:.3f} with the first order alone")
+        console.print(
+            f"at the full step (alpha = 1): exact change / mean forecast = {full['truth_over_forecast']:.3f} "
+            f"with the second order, {full['truth_over_delta_h1']:.3f} with the first order alone"
+        )
     verdict = "[bold green]all checks passed[/]" if report["passed"] else "[bold red]some checks FAILED[/]"
     console.print(f"{verdict}; validation.json and plots in {Path(report['plots']['calibration']).parent}")
 
@@ -188,17 +243,30 @@ def main(argv: list[str] | None = None) -> int:
     """``entropy-probe validate [--out DIR] [--seed N] [--quick]``; returns 0 when every check passes."""
     parser = argparse.ArgumentParser(
         prog="entropy-probe validate",
-        description="Check on a built-in, exactly enumerable policy that the probe's forecast is unbiased and "
-                    "its standard errors are calibrated (DESIGN section 8). Writes validation.json and PNG "
-                    "plots; exits with status 1 when a check fails.")
-    parser.add_argument("--out", type=Path, default=Path("runs/validate"),
-                        help="folder for validation.json, calibration.png, se_scaling.png, truth_vs_prediction.png "
-                             "(default: runs/validate)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seed of the policy and of every sample; each seed is a new problem (default: 0)")
-    parser.add_argument("--quick", action="store_true",
-                        help=f"smaller experiments (K={QUICK.n_shards} shards of {QUICK.shard_units} units): "
-                             "about 15 s of CPU, same checks, wider tolerances")
+        description="Check on a built-in, exactly enumerable policy that the probe's forecast is unbiased "
+        "and "
+        "its standard errors are calibrated (DESIGN section 8). Writes validation.json and PNG "
+        "plots; exits with status 1 when a check fails.",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("runs/validate"),
+        help="folder for validation.json, calibration.png, se_scaling.png, truth_vs_prediction.png "
+        "(default: runs/validate)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the policy and of every sample; each seed is a new problem (default: 0)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"smaller experiments (K={QUICK.n_shards} shards of {QUICK.shard_units} units): "
+        "about 15 s of CPU, same checks, wider tolerances",
+    )
     args = parser.parse_args(argv)
     if args.seed < 0:
         parser.error(f"--seed must be >= 0, got {args.seed}")

@@ -57,7 +57,7 @@ def excess_kurtosis(values) -> float:
 def skewness(values) -> float:
     """Sample skewness ``m3 / m2^1.5`` (0 for a symmetric distribution)."""
     m2, m3, _ = _central_moments(values)
-    return m3 / m2 ** 1.5 if m2 > 0 else 0.0
+    return m3 / m2**1.5 if m2 > 0 else 0.0
 
 
 def studentized_coverage(z: float, n: int, skew: float, kurt: float) -> float:
@@ -71,7 +71,7 @@ def studentized_coverage(z: float, n: int, skew: float, kurt: float) -> float:
     (normal: 0.941 at n = 32, the t(31) value; exponential: 0.913 against 0.920 simulated).
     """
     phi = math.exp(-z * z / 2) / math.sqrt(2 * math.pi)
-    q2 = z * (kurt * (z * z - 3) / 12 - skew * skew * (z ** 4 + 2 * z * z - 3) / 18 - (z * z + 3) / 4)
+    q2 = z * (kurt * (z * z - 3) / 12 - skew * skew * (z**4 + 2 * z * z - 3) / 18 - (z * z + 3) / 4)
     return 2 * NormalDist().cdf(z) - 1 + (2.0 / n) * phi * (q2 + z / 2)
 
 
