@@ -136,6 +136,9 @@ def test_short_demo_files_agree_with_each_other(tmp_path):
     assert summary["coverage95_2"] == pytest.approx(col("truth_inside2").mean(), abs=0)
     layers = matplotlib.image.imread(tmp_path / "layers.png")  # the heat map by parameter group
     assert layers.ndim == 3 and layers.shape[1] > 600 and float(layers[..., :3].std()) > 0.05
+    influence = matplotlib.image.imread(tmp_path / "influence.png")  # the U prompts of the largest drop
+    assert influence.ndim == 3 and float(influence[..., :3].std()) > 0.05
+    assert not any(k.startswith("_") for k in rows[0])  # per-prompt lists stay out of the CSV and JSON rows
 
 
 def test_short_demo_is_reproducible_for_a_seed(tmp_path):

@@ -4,6 +4,10 @@ One row per group (embeddings, block.0, block.1, ..., head: the probe's default 
 per GRPO step; the colour is ``delta_h1_g = eta Xbar_E^(g) . v^(g)`` in nats, red where the group's
 share of the step lowers the entropy. Each column sums to the step's ``delta_h1`` exactly. The right
 panel sums every row over the run: which groups drove the entropy change overall.
+
+influence.png: at the step whose truth removed the most entropy, the update prompts that drove it,
+``result.update_influence`` (the delete-one-prompt change of the first-order forecast, DESIGN
+section 13), the most negative first.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 
 GROUP_PREFIX = "group:"
+INFLUENCE_KEY = "_update_prompts"  # per step: [(prompt digits, its influence on delta_h1)] of every U prompt
+TOP_PROMPTS = 12
 
 
 def group_columns(rows: list[dict]) -> list[str]:
@@ -65,6 +71,35 @@ def layer_plot(out: Path, rows: list[dict]) -> Path | None:
     a.axvline(0, color="#7f7f7f", lw=0.8)
     a.set(xlabel="summed over the run (nats)", title="Total by group")
     path = out / "layers.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def influence_plot(out: Path, rows: list[dict]) -> Path | None:
+    """The U prompts of the step that removed the most entropy (by the truth), ranked by influence."""
+    if not rows or INFLUENCE_KEY not in rows[0]:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    worst = min(rows, key=lambda r: r["truth"])
+    ranked = sorted(worst[INFLUENCE_KEY], key=lambda pair: pair[1])[:TOP_PROMPTS]
+    labels, values = [p for p, _ in ranked], [x for _, x in ranked]
+    fig, a = plt.subplots(figsize=(8, 0.35 * len(ranked) + 1.8), constrained_layout=True)
+    a.barh(range(len(ranked)), values, color=["#d62728" if x < 0 else "#1f77b4" for x in values])
+    a.set_yticks(range(len(ranked)), labels)
+    a.invert_yaxis()
+    a.axvline(0, color="#7f7f7f", lw=0.8)
+    a.set(
+        xlabel="influence on the step's forecast delta_h1 (nats; delete-one-prompt change)",
+        ylabel="update prompt (digits to sort)",
+        title=f"Step {worst['step']} removed the most entropy (truth {worst['truth']:+.3f} nats): "
+        f"its {len(ranked)} most entropy-removing update prompts",
+    )
+    path = out / "influence.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -76,13 +76,22 @@ def second_order_summary(rows: list[dict]) -> dict:
 
 
 # ---- outputs ---------------------------------------------------------------------------------------
+OUTPUT_FILES = ("demo.json", "steps.csv", "demo.png", "layers.png", "influence.png")
+
+
+def table_rows(rows: list[dict]) -> list[dict]:
+    """The rows without their per-prompt lists (keys starting with "_"): one scalar per column."""
+    return [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
+
+
 def write_files(out: Path, cfg: DemoConfig, rows: list[dict], summary: dict, extra: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    table = table_rows(rows)
     with open(out / "steps.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=list(table[0]))
         writer.writeheader()
-        writer.writerows(rows)
-    doc = dict(config=asdict(cfg), summary=summary, steps=rows, **extra)
+        writer.writerows(table)
+    doc = dict(config=asdict(cfg), summary=summary, steps=table, **extra)
     (out / "demo.json").write_text(json.dumps(doc, indent=1))
 
 
@@ -269,4 +278,4 @@ def print_report(console, rows: list[dict], summary: dict, out: Path) -> None:
     )
     lines.add_row("real AdamW step vs forecast's step (rel. error)", f"{s['max_step_relative_error']:.1e}")
     console.print(lines)
-    console.print(f"wrote {out / 'demo.json'}, {out / 'steps.csv'}, {out / 'demo.png'}, {out / 'layers.png'}")
+    console.print("wrote " + ", ".join(str(out / n) for n in OUTPUT_FILES))

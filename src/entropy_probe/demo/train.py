@@ -41,8 +41,8 @@ from ..probe import EntropyProbe
 from ..sampling import sample_rollouts
 from ..statistics import Z95
 from .config import DemoConfig
-from .layers import layer_plot
-from .report import plot, print_report, summarize, write_files
+from .layers import INFLUENCE_KEY, influence_plot, layer_plot
+from .report import plot, print_report, summarize, table_rows, write_files
 from .task import SortingTask
 
 
@@ -171,7 +171,8 @@ def rl_step(
             model, prompts, cfg.group_size, task.max_new_tokens, task.eos, task.reward, pc.temperature, seed
         )
 
-    u_batch = sample(task.prompts(cfg.update_prompts, prompt_gen), _seed(cfg, step, 0))
+    u_prompts = task.prompts(cfg.update_prompts, prompt_gen)
+    u_batch = sample(u_prompts, _seed(cfg, step, 0))
     e_batch = sample(task.prompts(cfg.eval_prompts, prompt_gen), _seed(cfg, step, 1))
     f_prompts = task.prompts(cfg.measure_prompts, prompt_gen)
     h_before, r_before = fresh_entropy(model, task, f_prompts, cfg, _seed(cfg, step, 2), pc)
@@ -233,6 +234,11 @@ def rl_step(
         step_relative_error=step_error / step_size if step_size > 0 else 0.0,
         **second_order_columns(result),
     )
+    # each U prompt's influence on delta_h1 (result.update_influence), for influence.png; not a CSV column
+    row[INFLUENCE_KEY] = [
+        (" ".join(str(d) for d in u_prompts[int(g)][:-1]), float(x))
+        for g, x in zip(result.update_unit_ids, result.update_influence)
+    ]
     if decision is not None:  # the guard's columns (forecast, bound, se: of the step taken, at the scale)
         row.update({f"guard_{k}": getattr(decision, k) for k in GUARD_COLUMNS})
     return row
@@ -324,5 +330,6 @@ def run(cfg: DemoConfig, console=None) -> dict:
     write_files(out, cfg, rows, summary, extra)
     plot(out, rows, summary)
     layer_plot(out, rows)
+    influence_plot(out, rows)
     print_report(console, rows, summary, out)
-    return dict(config=asdict(cfg), summary=summary, steps=rows, **extra)
+    return dict(config=asdict(cfg), summary=summary, steps=table_rows(rows), **extra)
