@@ -96,7 +96,7 @@ def influence_plot(out: Path, rows: list[dict]) -> Path | None:
     a.set(
         xlabel="influence on the step's forecast delta_h1 (nats; delete-one-prompt change)",
         ylabel="update prompt (digits to sort)",
-        title=f"Step {worst['step']} removed the most entropy (truth {worst['truth']:+.3f} nats): "
+        title=f"Step {worst['step']} removed the most entropy (truth {worst['truth']:+.3f} nats):\n"
         f"its {len(ranked)} most entropy-removing update prompts",
     )
     path = out / "influence.png"
