@@ -69,8 +69,9 @@ def half_means(
     n_half = half_sizes(n_eval)
     means = []
     for x, n in zip((all_reduce_vector(comm, x, params) for x in x_half), n_half):  # sums over all ranks
+        # in place: the probe owns the sums (a second copy of both halves would cost 2x the parameters)
         means.append(
-            {name: torch.zeros_like(v[name]) if t is None else t / max(n, 1) for name, t in x.items()}
+            {name: torch.zeros_like(v[name]) if t is None else t.div_(max(n, 1)) for name, t in x.items()}
         )
     if n_half[1] == 0:  # B_E = 1: no second half; Xbar_E for both (V_U then keeps the E noise)
         means[1] = means[0]
@@ -126,19 +127,27 @@ def deleted_unit_projections(
             gm = g[name]
             gm = torch.zeros_like(total) if gm is None else gm.float()
             g[name] = gm.neg_().add_(total, alpha=n_units).div_(n_units - 1)
-        v_minus = build_direction(cfg.direction, g, params, optimizer, v_lr, cfg.max_grad_norm).v
+        dv = build_direction(cfg.direction, g, params, optimizer, v_lr, cfg.max_grad_norm).v  # v_(-m)
         del g
-        rows.append(torch.stack([_delta_dot(v_minus, v, x) for x in (x_a, x_b)]))
-        del v_minus
+        for name in dv:  # dv_m = v_(-m) - v in v_(-m)'s storage, formed before the dots: dv_m is ~1/B_U
+            dv[name].sub_(v[name])  # of v, a difference of two dots would lose it to rounding
+        rows.append(torch.stack([_dot64(dv, x) for x in (x_a, x_b)]))
+        del dv
     if not rows:
         return torch.zeros((0, 2), dtype=torch.float64)
     return torch.stack(rows).cpu()  # (B_U_local, 2)
 
 
-def _delta_dot(v_minus: Vector, v: Vector, x: Vector) -> Tensor:
-    """``(v_minus - v) . x`` in float64, parameter by parameter (the difference formed before the dot:
-    dv_m is ~1/B_U of v, a difference of two dots would lose it to rounding)."""
-    terms = [torch.vdot((v_minus[n] - v[n]).reshape(-1).double(), x[n].reshape(-1).double()) for n in v]
+DOT_CHUNK = 1 << 20  # elements per float64 partial dot: temporaries stay small whatever the parameter size
+
+
+def _dot64(a: Vector, b: Vector) -> Tensor:
+    """``a . b`` accumulated in float64, in chunks so that the float64 temporaries stay small."""
+    terms = []
+    for name, t in a.items():
+        x, y = t.reshape(-1), b[name].reshape(-1)  # (numel,)
+        for i in range(0, x.numel(), DOT_CHUNK):
+            terms.append(torch.vdot(x[i : i + DOT_CHUNK].double(), y[i : i + DOT_CHUNK].double()))
     return torch.stack(terms).sum()
 
 
