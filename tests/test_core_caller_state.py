@@ -160,22 +160,22 @@ def test_caller_state_is_bit_identical(sc: Scenario, monkeypatch):
     elif sc.patch == "truth-raise":
         monkeypatch.setattr(probe_module, "measure_truth", _rng_and_mode_then(_raise))
     elif sc.patch == "dot-raise":
-        calls = []
+        made = []
+        real = projections_module._dot_and_drop
 
-        def failing_on_2nd_unit(real):  # the per-unit dot with v: plain, or per parameter group (by_group)
-            def dot(*args):
-                calls.append(1)
-                if len(calls) == 2:
+        def failing_in_2nd_unit(dots, i, *rest):  # raise inside the backward of the 2nd E unit, mid-pass
+            made.append(i)
+            inner, second_unit = real(dots, i, *rest), made.count(0) >= 2
+
+            def hook(g):
+                if second_unit:
                     torch.rand(10)
                     raise RuntimeError("injected failure")
-                return real(*args)
+                return inner(g)
 
-            return dot
+            return hook
 
-        for name in ("dot", "_group_dots"):
-            monkeypatch.setattr(
-                projections_module, name, failing_on_2nd_unit(getattr(projections_module, name))
-            )
+        monkeypatch.setattr(projections_module, "_dot_and_drop", failing_in_2nd_unit)
     probe = ep.EntropyProbe(
         model, opt, ep.ProbeConfig(direction=sc.direction, microbatch_units=2, second_order=sc.second_order)
     )
@@ -199,6 +199,7 @@ def test_caller_state_is_bit_identical(sc: Scenario, monkeypatch):
         assert model.calls == sc.nan_call  # the failure happened where intended, mid-run
     assert_unchanged(before, model, opt)
     assert (torch.nn.functional.layer_norm, torch.nn.functional.silu) == functional  # composites lifted
+    assert not any(p._backward_hooks for p in model.parameters())  # the engine's gradient hooks removed
 
 
 def test_probe_runs_in_eval_mode_whatever_the_callers_mode():

@@ -59,19 +59,36 @@ def _track_gradients(monkeypatch) -> list[list[weakref.ref]]:
     return still_alive
 
 
-def test_eval_pass_frees_each_x_n_before_the_next_backward(monkeypatch):
+def test_eval_pass_never_holds_x_n_whole(monkeypatch):
+    """Each parameter's share of X_n is dotted with v and dropped as the backward forms it: when the
+    engine's hook sees one parameter's gradient, every gradient it saw before is already freed."""
     model = tiny_gpt2(seed=0, vocab=VOCAB)
     U, E = random_batch(3, vocab=VOCAB, seed=1), random_batch(5, vocab=VOCAB, seed=2)
     probe = ep.EntropyProbe(model, config=ep.ProbeConfig(lr=1e-2, direction="sgd", unconditional_se=False))
     v = probe.update_direction(U)
-    still_alive = _track_gradients(monkeypatch)
-    probe.run(eval_batch=E, direction=v)
-    assert len(still_alive) == 5 and still_alive[1:] == [
-        0,
-        0,
-        0,
-        0,
-    ]  # one backward per unit, nothing held over
+    seen: list[weakref.ref] = []
+    alive_at_each_call: list[int] = []
+    real = backward_engine._dot_and_drop
+
+    def tracking(*args):
+        inner = real(*args)
+
+        def hook(g):
+            alive_at_each_call.append(sum(r() is not None for r in seen))
+            seen.append(weakref.ref(g))
+            return inner(g)
+
+        return hook
+
+    monkeypatch.setattr(backward_engine, "_dot_and_drop", tracking)
+    reference = ep.EntropyProbe(model, config=probe.config).run(eval_batch=E, direction=v)
+    n_tensors = sum(1 for _ in model.parameters())
+    # every unit's backward reached (nearly) every parameter tensor
+    assert len(alive_at_each_call) >= 5 * (n_tensors - 2)
+    assert max(alive_at_each_call) == 0  # nothing held: the gradient is never materialised whole
+    monkeypatch.setattr(backward_engine, "_dot_and_drop", real)
+    plain = ep.EntropyProbe(model, config=probe.config).run(eval_batch=E, direction=v)
+    assert torch.equal(reference.per_unit, plain.per_unit)  # the tracking changed nothing
 
 
 def test_update_pass_keeps_only_the_running_sum(monkeypatch):

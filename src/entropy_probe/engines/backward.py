@@ -22,7 +22,7 @@ from ..batch import RolloutBatch
 from ..config import ProbeConfig
 from ..logprobs import sequence_logprobs
 from ..objectives import entropy_gradient_coefficients
-from ..vectors import Params, Vector, add_into, dot, grad_of
+from ..vectors import Params, Vector, device_of, grad_of
 from .projections import EvalProjections
 
 
@@ -62,12 +62,10 @@ def eval_projections(
     for mb in batch.microbatches(1):
         lp = sequence_logprobs(module, mb.batch, cfg.temperature, cfg.entropy_weighting)
         a, e = entropy_gradient_coefficients(lp.weighted, mb.batch, cfg.x_estimator)
-        grads = grad_of((a * lp.seq + e * lp.weighted).sum(), params)  # X_n
-        s.append(dot(grads, v) if index is None else _group_dots(grads, v, index))
-        if out.x_half is not None:
-            add_into(out.x_half[int(halves[mb.units[0]])], grads)
+        x_half = None if out.x_half is None else out.x_half[int(halves[mb.units[0]])]
+        dots = projected_backward((a * lp.seq + e * lp.weighted).sum(), params, v, x_half)  # (K,) of X_n . v
+        s.append(dots.sum() if index is None else _group_sums(dots, index))
         out.seq_logprob[mb.rows], out.weighted[mb.rows] = lp.seq.detach(), lp.weighted.detach()
-        del grads  # else the next unit's backward runs while this X_n is still held: 2 gradient copies
     if index is None:
         out.s = torch.stack(s)  # (B_E,)
     else:
@@ -76,19 +74,43 @@ def eval_projections(
     return out
 
 
-def _group_dots(grads: dict[str, Tensor | None], v: Vector, index: Tensor) -> Tensor:
-    """``(n_groups,)`` float64 ``X^(g) . v^(g)``: one fp32 dot per parameter, summed per group."""
-    zero = torch.zeros((), dtype=torch.float32, device=index.device)
-    terms = torch.stack(
-        [
-            zero if g is None else torch.vdot(g.reshape(-1).float(), v[name].reshape(-1))
-            for name, g in grads.items()
-        ]
-    )  # (K,) in params order
+def projected_backward(loss: Tensor, params: Params, v: Vector, x_sum: Vector | None = None) -> Tensor:
+    """``(K,)`` fp32 ``<d loss / d p, v[p]>`` per parameter, ``params`` order (0 where the loss does not
+    reach p), and ``x_sum += d loss / d params`` when given: one reverse pass in which each parameter's
+    gradient is used the moment it is formed and then dropped, so the gradient is never held whole
+    (1x the parameters less at the peak than ``grad_of``; DESIGN section 17).
+
+    A tensor hook on each parameter (removed on exit) takes the gradient and hands autograd back a
+    zero-stride zero of the same shape; ``torch.autograd.grad`` fires no DDP hook and leaves ``.grad``
+    alone, as everywhere in the probe. Hooks the caller registered run first, as they would for
+    ``grad_of``.
+    """
+    dots = torch.zeros(len(params), dtype=torch.float32, device=device_of(params))  # (K,)
+    hooks = [
+        p.register_hook(_dot_and_drop(dots, i, v[n], x_sum, n)) for i, (n, p) in enumerate(params.items())
+    ]
+    try:
+        torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return dots
+
+
+def _dot_and_drop(dots: Tensor, i: int, v: Tensor, x_sum: Vector | None, name: str):
+    def hook(g: Tensor) -> Tensor:
+        dots[i] = torch.vdot(g.reshape(-1).float(), v.reshape(-1))
+        if x_sum is not None:
+            x_sum[name].add_(g.float())
+        return torch.zeros((), dtype=g.dtype, device=g.device).expand_as(g)  # no storage: g is freed
+
+    return hook
+
+
+def _group_sums(dots: Tensor, index: Tensor) -> Tensor:
+    """``(n_groups,)`` float64 ``X^(g) . v^(g)``: the per-parameter fp32 dots summed per group."""
     n_groups = int(index.max()) + 1
-    return torch.zeros(n_groups, dtype=torch.float64, device=index.device).index_add_(
-        0, index, terms.double()
-    )
+    return torch.zeros(n_groups, dtype=torch.float64, device=index.device).index_add_(0, index, dots.double())
 
 
 def unit_gradients(
