@@ -43,7 +43,8 @@ def direction_from_grad(
 ) -> UpdateDirection:
     """v from ``-p.grad`` by the rule ``kind``; ``v_lr`` the rate v is normalised by (0: v = 0).
 
-    ``scale`` is None: there is no U batch, so no variance over U (``se_total`` is None). FSDP2
+    There is no U batch, so no variance over U (``se_total`` is None). Memory: one negated copy of the
+    gradient, turned into v in place (the caller's ``.grad`` is never written). FSDP2
     (DTensor parameters): v is built on this rank's shards (``fsdp.local_view``) and is a local shard.
     """
     if is_sharded(params):
