@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from trl_grpo import build_model, build_tokenizer, prompts, reward_a
+from trl_grpo import build_model, build_tokenizer, grpo_args, prompts, reward_a
 
 CONTROLS = ("none", "adaptive", "guard")
 
@@ -38,7 +38,7 @@ CONTROLS = ("none", "adaptive", "guard")
 def train_one(control: str, opts, out: Path) -> dict:
     """One GRPO run with the given control; its per-step entropy, reward and the control's own numbers."""
     from datasets import Dataset
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOTrainer
 
     from entropy_probe.integrations.trl import EntropyProbeCallback, attach
 
@@ -51,26 +51,7 @@ def train_one(control: str, opts, out: Path) -> dict:
             "entropy_coef_delta": opts.coef_delta,
         }
     tokenizer = build_tokenizer()
-    args = GRPOConfig(
-        output_dir=str(out / control),
-        max_steps=opts.steps,
-        learning_rate=3e-3,
-        per_device_train_batch_size=32,
-        num_generations=8,
-        max_completion_length=8,
-        temperature=1.0,
-        bf16=False,
-        use_cpu=True,
-        gradient_checkpointing=False,
-        logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
-        beta=0.0,
-        loss_type="dapo",
-        seed=opts.seed,
-        **extra,
-    )
+    args = grpo_args(out / control, opts.steps, seed=opts.seed, **extra)
     trainer = GRPOTrainer(
         model=build_model(tokenizer),
         reward_funcs=reward_a,

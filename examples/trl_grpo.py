@@ -104,8 +104,34 @@ def plot(records: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def grpo_args(out: Path, steps: int, seed: int, **extra):
+    """The run's ``GRPOConfig``: tiny CPU GRPO (DAPO loss, no KL), one log line per step."""
+    from trl import GRPOConfig
+
+    base = dict(
+        output_dir=str(out),
+        max_steps=steps,
+        learning_rate=3e-3,
+        per_device_train_batch_size=32,
+        num_generations=8,
+        max_completion_length=8,
+        temperature=1.0,
+        bf16=False,
+        use_cpu=True,
+        gradient_checkpointing=False,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        beta=0.0,
+        loss_type="dapo",
+        seed=seed,
+    )
+    return GRPOConfig(**{**base, **extra})
+
+
 def main() -> None:
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOTrainer
 
     from entropy_probe import ProbeConfig
     from entropy_probe.integrations.trl import EntropyProbeCallback, attach
@@ -122,25 +148,7 @@ def main() -> None:
     from datasets import Dataset
 
     tokenizer = build_tokenizer()
-    args = GRPOConfig(
-        output_dir=str(out),
-        max_steps=opts.steps,
-        learning_rate=3e-3,
-        per_device_train_batch_size=32,
-        num_generations=8,
-        max_completion_length=8,
-        temperature=1.0,
-        bf16=False,
-        use_cpu=True,
-        gradient_checkpointing=False,
-        logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=False,
-        beta=0.0,
-        loss_type="dapo",
-        seed=0,
-    )
+    args = grpo_args(out, opts.steps, seed=0, disable_tqdm=False)
     trainer = GRPOTrainer(
         model=build_model(tokenizer),
         reward_funcs=reward_a,
