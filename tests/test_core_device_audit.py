@@ -47,7 +47,6 @@ HOST_SIDE = {
     "left_pad": "prompt token lists padded on the host, moved to the model's device in one copy",
     "_clip_coefficient": "only the empty case, a Python float",
     "eval_halves": "the half (0/1) of each E unit, read on the host to route each unit's X_n",
-    "_n_sequences": "the count of E sequences for the ESS threshold, one host integer gathered",
 }
 
 

@@ -31,7 +31,8 @@ pytest.importorskip("trl")
 from transformers import TrainerCallback
 from trl_support import grpo_trainer
 
-from entropy_probe.guard import EntropyGuard, unwrap_optimizer
+from entropy_probe.from_grad import unwrap_optimizer
+from entropy_probe.guard import EntropyGuard
 from entropy_probe.integrations.trl import EntropyProbeCallback
 
 EVAL_PROMPTS = ["a b c", "d e f", "g h a", "b b d"]

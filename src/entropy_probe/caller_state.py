@@ -1,7 +1,9 @@
 """The probe never loses the caller's state.
 
-The probe differentiates with ``torch.autograd.grad`` (``.grad`` is never written) and applies steps
-with ``torch.func.functional_call`` (parameters are never written); the optimizer state is only read.
+The probe differentiates with ``torch.autograd.grad`` (``.grad`` is never written; the backward
+engine's tensor hooks on the parameters live for one reverse pass and are removed in a ``finally``)
+and applies steps with ``torch.func.functional_call`` (parameters are never written); the optimizer
+state is only read.
 (FSDP2 is the exception: its per-unit gradients arrive through ``backward()``, so ``fsdp.py`` sets the
 caller's ``.grad`` objects aside and puts them back, untouched, also on an exception.)
 What remains is guarded here, on success and on an exception alike: the train/eval flag of every

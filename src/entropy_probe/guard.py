@@ -47,7 +47,9 @@ from statistics import NormalDist
 import numpy as np
 import torch
 
-PREFIX = "entropy_probe/"
+from .from_grad import unwrap_optimizer
+from .result import PREFIX
+
 PER_UNIT_Q = "per_unit_q"  # the attribute holding the q_n (DESIGN section 12); read with getattr
 
 # GuardDecision.reason: why the scale is what it is.
@@ -144,7 +146,12 @@ class EntropyGuard:
         scale = float(decision.scale)
         if not (math.isfinite(scale) and 0 < scale <= 1):
             raise ValueError(f"EntropyGuard.applied: decision.scale must be in (0, 1], got {scale!r}")
-        inner = unwrap_optimizer(optimizer)
+        inner = unwrap_optimizer(optimizer)  # accelerate's AcceleratedOptimizer holds it in .optimizer
+        if not isinstance(inner, torch.optim.Optimizer):
+            raise TypeError(
+                "EntropyGuard.applied: optimizer must be a torch.optim.Optimizer (or wrap one in "
+                f".optimizer), got {type(inner).__name__}"
+            )
         saved = [group["lr"] for group in inner.param_groups]
         restored = False
 
@@ -265,15 +272,3 @@ def _finite(result, name: str) -> float:
     if value is None or not math.isfinite(float(value)):
         raise ValueError(f"EntropyGuard: result.{name} must be a finite number, got {value!r}")
     return float(value)
-
-
-def unwrap_optimizer(optimizer):
-    """The ``torch.optim.Optimizer`` inside accelerate's ``AcceleratedOptimizer`` (or one itself)."""
-    while hasattr(optimizer, "optimizer"):  # AcceleratedOptimizer subclasses Optimizer but only delegates
-        optimizer = optimizer.optimizer
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(
-            f"EntropyGuard.applied: optimizer must be a torch.optim.Optimizer (or wrap one in "
-            f".optimizer), got {type(optimizer).__name__}"
-        )
-    return optimizer

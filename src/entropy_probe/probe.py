@@ -83,9 +83,8 @@ class EntropyProbe:
     ):
         self.model = model
         self.module = unwrap(model)
-        self.optimizer = unwrap_optimizer(
-            optimizer
-        )  # accelerate's AcceleratedOptimizer holds it in .optimizer
+        # accelerate's AcceleratedOptimizer holds the torch optimizer in .optimizer
+        self.optimizer = unwrap_optimizer(optimizer)
         self.config = config if config is not None else ProbeConfig()
         self.comm = communicator_for(model)
 
@@ -140,9 +139,8 @@ class EntropyProbe:
             check_batch(batch, "update_batch")
             coeff = self._update_coefficients(batch, totals)
             grad_sum = update_gradient(self.module, params, batch, coeff, cfg)
-        grad_sum = all_reduce_vector(
-            self.comm, grad_sum, params
-        )  # one all-reduce; the same bits on every rank
+        # one all-reduce; the same bits on every rank
+        grad_sum = all_reduce_vector(self.comm, grad_sum, params)
         n_units = totals.n_units
         # grad J_U = mean_m grad J_m, in place
         grad_j = {name: None if g is None else g.div_(n_units) for name, g in grad_sum.items()}
@@ -209,7 +207,7 @@ class EntropyProbe:
             proj.s_groups = torch.zeros((0, n_groups), dtype=torch.float64, device=empty.device)
         return proj, torch.zeros((), dtype=torch.float64, device=empty.device), empty.long()
 
-    # ---- 3. s_n -> statistics over E with U fixed: eval_statistics ------------------------------------
+    # ---- 3. s_n -> statistics over E with U fixed (eval_statistics), by group (attribution) -------------
     # ---- 3c. v, E -> q_n -> delta_h2 and the forecast ----------------------------------------------
     def _second_order(
         self,
@@ -320,7 +318,8 @@ class EntropyProbe:
             proj, local_entropy, local_ids = self._project_eval(eval_batch, params, upd, want_total)  # 2.
             dropped = 0 if eval_batch is None else eval_batch.n_dropped_rows
             stats = eval_statistics(self.comm, proj, local_entropy, local_ids, dropped, lr)  # 3.
-            by_group = group_statistics(self.comm, proj.s_groups, params, self.config.groups, stats.sizes, lr)
+            groups, sizes = self.config.groups, stats.sizes
+            by_group = group_statistics(self.comm, proj.s_groups, params, groups, sizes, lr)  # 3b.
             second = None
             if self.config.second_order:  # 3c.
                 second = self._second_order(eval_batch, params, upd, stats, lr)

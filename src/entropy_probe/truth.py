@@ -190,8 +190,9 @@ def measure_truth(
             before = logprobs_stepped(module, params, v, 0.0, batch, cfg)
         else:
             before = logprobs_at(module, base or dict(params), batch, cfg) if batch is not None else None
-    changes = []
-    for alpha in alphas:
+    head_at = list(alphas).index(1.0) if 1.0 in alphas else len(alphas) - 1
+    changes, after_head = [], None
+    for i, alpha in enumerate(alphas):
         after = None
         if batch is not None:  # a rank holding no E units contributes nothing to the gathered sums
             with no_autocast:
@@ -201,7 +202,7 @@ def measure_truth(
                     else logprobs_at(module, stepped_parameters(params, v, alpha * lr, base), batch, cfg)
                 )
             _check_weights(before.seq, after.seq, alpha)
-        if alpha == (1.0 if 1.0 in alphas else alphas[-1]):
+        if i == head_at:
             after_head = after
         # The prediction at alpha is alpha * delta_h1; its per-unit pieces scale the same way.
         changes.append(entropy_change(batch, before, after, per_unit * alpha, lr, comm=comm))
@@ -209,20 +210,18 @@ def measure_truth(
     a = torch.tensor(alphas, dtype=torch.float64)
     d = torch.tensor(deltas, dtype=torch.float64)
     slope = float((a * d).sum() / (a * a).sum()) if float((a * a).sum()) > 0 else math.nan
-    head_at = list(alphas).index(1.0) if 1.0 in alphas else len(alphas) - 1
     head = changes[head_at]
     se_diff_forecast = None
     if per_unit_q is not None:  # no forward needed: the same log-probs, another per-unit prediction
-        a = alphas[head_at]
-        combined = a * per_unit.double() + 0.5 * a * a * lr * per_unit_q.double().to(per_unit.device)
+        c = alphas[head_at]
+        combined = c * per_unit.double() + 0.5 * c * c * lr * per_unit_q.double().to(per_unit.device)
         se_diff_forecast = entropy_change(batch, before, after_head, combined, lr, comm=comm).se_diff
     bad = [(a, c.ess) for a, c in zip(alphas, changes) if not c.reliable]
     if bad:
         where = ", ".join(f"{a:g} (ESS {e:.3g})" for a, e in bad)
         warnings.warn(
-            f"truth: degenerate importance weights at alpha {where}; below the threshold "
-            f"{ess_threshold(_n_sequences(batch, comm)):.3g} the measured change is unreliable "
-            "(truth.reliable = False)",
+            f"truth: degenerate importance weights at alpha {where}; with an ESS below 10% of the E "
+            "sequences (or below min(8, N/2)) the measured change is unreliable (truth.reliable = False)",
             RuntimeWarning,
             stacklevel=3,
         )
@@ -240,12 +239,6 @@ def measure_truth(
         se_diff_forecast=se_diff_forecast,
         reliable=head.reliable,
     )
-
-
-def _n_sequences(batch: RolloutBatch | None, comm) -> int:
-    """The number of E sequences over all ranks."""
-    mine = torch.tensor([0 if batch is None else batch.n_sequences])  # host-side count for the gather
-    return int(comm.stack(mine).sum()) if comm is not None else int(mine)
 
 
 # exp(709.8) is the largest finite float64: beyond it a weight is inf and the SNIS ratio inf / inf = NaN.

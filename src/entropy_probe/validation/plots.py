@@ -19,7 +19,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-Z95 = 1.959963984540054
+from ..statistics import Z95
+
 PASS_COLOUR, FAIL_COLOUR = "tab:green", "tab:red"
 
 
