@@ -26,11 +26,8 @@ Writes ``runs/bench/bench_memory_<device>.json`` and prints a table.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -39,6 +36,9 @@ from pathlib import Path
 import torch
 
 import entropy_probe as ep
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_engines import peak_extra_mib  # noqa: E402  (one way to measure peak memory)
 
 LAYERS, WIDTH, VOCAB, HEADS = 8, 512, 8192, 8
 PROMPT, RESPONSE, UNITS, GROUP = 4, 8, 4, 2
@@ -99,28 +99,6 @@ def batch(seed: int, device: str) -> ep.RolloutBatch:
     ).to(device)
 
 
-def _proc_kib(field: str) -> int:
-    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
-
-
-def measure(fn, device: str) -> int:
-    """Peak bytes of ``fn()`` above what is held before it."""
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - before
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-    before = _proc_kib("VmRSS")
-    fn()
-    return (_proc_kib("VmHWM") - before) * 1024
-
-
 def child(case: str, device: str) -> dict:
     torch.set_num_threads(1)
     call, fields = CASES[case]
@@ -150,7 +128,7 @@ def child(case: str, device: str) -> dict:
             probe.run(U, E)
 
     start = time.process_time()
-    peak = measure(fn, device)
+    peak = round(peak_extra_mib(fn, device) * 2**20)  # bytes
     return dict(
         case=case,
         peak_bytes=peak,
