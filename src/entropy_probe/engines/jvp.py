@@ -33,7 +33,8 @@ from ..batch import RolloutBatch
 from ..config import ProbeConfig
 from ..logprobs import sequence_logprobs
 from ..objectives import entropy_gradient_coefficients, group_sum
-from ..vectors import Params, Vector, add_into, grad_of
+from ..vectors import Params, Vector
+from .backward import projected_backward
 from .projections import EvalProjections
 
 
@@ -119,7 +120,6 @@ def eval_projections(
             for mb in batch.select_units(units).microbatches(cfg.microbatch_units):
                 lp = sequence_logprobs(module, mb.batch, cfg.temperature, cfg.entropy_weighting)
                 a, e = entropy_gradient_coefficients(lp.weighted, mb.batch, cfg.x_estimator)
-                add_into(
-                    out.x_half[h], grad_of((a * lp.seq + e * lp.weighted).sum(), params)
-                )  # its X_n, summed
+                # this microbatch's X_n added into the half's sum as the backward forms them, never whole
+                projected_backward((a * lp.seq + e * lp.weighted).sum(), params, v, out.x_half[h])
     return out
