@@ -164,6 +164,21 @@ def hand_sequence_logprobs(model, batch, temperature=1.0, weighting="token-mean"
     return seq, (lp * m).sum(1) / m.sum(1)
 
 
+def hand_entropy_change(batch: RolloutBatch, s0, w0, s1, w1) -> float:
+    """The truth's change on E written out unit by unit (numpy): importance weights exp(S' - S) with
+    the leave-one-out mean of h = -S_w(theta) as the control variate, averaged over units."""
+    s0, w0, s1, w1 = (np.asarray(x, dtype=np.float64) for x in (s0, w0, s1, w1))
+    changes = []
+    for rows in units_of(batch):
+        total = 0.0
+        for i in rows:
+            baseline = np.mean([-w0[j] for j in rows if j != i])
+            weight = np.exp(s1[i] - s0[i])
+            total += weight * (-w1[i] - baseline) - (-w0[i] - baseline)
+        changes.append(total / len(rows))
+    return float(np.mean(changes))
+
+
 # ---- advantages and losses by hand (numpy) ---------------------------------------------------------
 def numpy_advantages(batch: RolloutBatch, estimator: str) -> np.ndarray:
     r = batch.rewards.double().numpy() if batch.rewards is not None else None

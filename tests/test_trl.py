@@ -5,7 +5,7 @@ tokenizer).
   projected on the same E (a given direction) equals the ``from_grad`` forecast to 1e-5 relative, for TRL's
   loss types (dapo, grpo and bnpo with gradient accumulation 2, dr_grpo, a KL term beta = 0.04);
 - ``measure_change`` equals an independent re-measurement: hand log-probs (log_softmax + gather) before
-  and after the step and the importance-sampling ratio written out in numpy;
+  and after the step and the importance-weighted change written out unit by unit in numpy;
 - the metrics land in ``trainer.state.log_history``, in the JSON lines file, and, with ``attach``, reach
   a reporting callback placed where ``report_to`` integrations go;
 - the trainer's weights, optimizer state and RNG are bit-identical with and without the callback.
@@ -20,13 +20,12 @@ import copy
 import io
 import json
 
-import numpy as np
 import pytest
 import torch
 
 pytest.importorskip("trl")
 
-from core_support import hand_sequence_logprobs
+from core_support import hand_entropy_change, hand_sequence_logprobs
 from transformers import TrainerCallback
 from trl_support import grpo_trainer, word_tokenizer
 
@@ -59,7 +58,7 @@ class StepAudit(TrainerCallback):
                 "forecast": result.delta_h1,
                 "projected": projected,
                 "measured": self.probe_cb.records[-1],
-                "by_hand": _snis_change(before, model, batch, args.temperature),
+                "by_hand": _change_by_hand(before, model, batch, args.temperature),
             }
         )
 
@@ -71,15 +70,12 @@ def _copy_of(model):
     return twin
 
 
-def _snis_change(before, after, batch, temperature) -> float:
-    """The self-normalised IS change of the token-mean entropy on E, by hand (every unit has G responses)."""
+def _change_by_hand(before, after, batch, temperature) -> float:
+    """The truth's change of the token-mean entropy on E from hand log-probs (log_softmax + gather)."""
     with torch.no_grad():
-        s0, w0 = (x.double().numpy() for x in hand_sequence_logprobs(before.eval(), batch, temperature))
-        s1, w1 = (
-            x.double().numpy() for x in hand_sequence_logprobs(_copy_of(after).eval(), batch, temperature)
-        )
-    w = np.exp(s1 - s0)
-    return float((w * -w1).sum() / w.sum() - (-w0).mean())
+        s0, w0 = hand_sequence_logprobs(before.eval(), batch, temperature)
+        s1, w1 = hand_sequence_logprobs(_copy_of(after).eval(), batch, temperature)
+    return hand_entropy_change(batch, s0, w0, s1, w1)
 
 
 LOSS_CASES = {

@@ -3,9 +3,9 @@
 ``probe.run(...)`` keeps, for its E units, the batch and the log-probs ``S_i, S_w,i`` at theta from
 its forecast pass (``EvalState``, on the result; never in ``to_dict``). After the trainer's real
 ``optimizer.step()`` one forward over the same E at the new parameters gives ``S_i(theta')``, and
-the change is the truth's self-normalised importance-sampling estimate (``truth.entropy_change``):
-same definitions of ``delta_h``, its jackknife ``se``, the ``ess`` and ``se_diff`` (SE of measured
-minus forecast on the same E). No parameter is copied.
+the change is the truth's importance-weighted estimate (``truth.entropy_change``): same definitions
+of ``delta_h``, its ``se`` over E units, the ``ess`` and ``se_diff`` (SE of measured minus forecast on
+the same E). No parameter is copied.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class MeasuredChange:
     """The entropy change on E between the forecast's parameters and the current ones."""
 
     delta_h: float
-    """measured change (nats), self-normalised importance sampling"""
+    """measured change (nats), importance-weighted on E (``truth.entropy_change``)"""
     se: float
     """its delete-one-unit jackknife SE over E"""
     ess: float

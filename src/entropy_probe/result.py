@@ -23,7 +23,7 @@ se_delta_h2         its SE over E
 forecast            ``delta_h1 + delta_h2``; se_forecast its SE over E (from the per-unit combined values)
 group/<name>        ``delta_h1`` of parameter group <name> (by_group; the groups sum to delta_h1)
 group/<name>/se     its SE over E
-truth/delta_h       measured change at alpha = 1 (or the last alpha), self-normalised IS
+truth/delta_h       measured change at alpha = 1 (or the last alpha), importance-weighted on E
 truth/se            its jackknife SE over E units
 truth/ess           effective sample size of the importance weights
 truth/se_diff       jackknife SE of ``delta_h - delta_h1`` on the same E

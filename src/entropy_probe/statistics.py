@@ -88,7 +88,7 @@ def jackknife_se(s: Tensor, lr: float) -> float:
     For a mean it equals the closed form ``eta sqrt(var(s)/B)`` algebraically. The probe keeps it as
     ``se_jackknife`` (DESIGN section 10) because it is computed by another route, from the gathered s_n
     rather than the float64 moments merged across ranks, so a disagreement flags a bad merge; it is
-    no independent error estimate. The truth reuses ``jackknife_se_of`` for its ratio estimator.
+    no independent error estimate. The truth uses it for its per-unit changes.
     """
     x = s.detach().double().reshape(-1)
     b = x.numel()

@@ -3,7 +3,7 @@
 - calibration.png: the K shard intervals around the exact value, the standardised errors against
   N(0, 1), the variance ratio and the coverage with their acceptance intervals;
 - se_scaling.png: SE against the scale factor c of B_E on log-log axes, with the c^(-1/2) line;
-- truth_vs_prediction.png: the entropy change against the step fraction alpha (exact, SNIS truth,
+- truth_vs_prediction.png: the entropy change against the step fraction alpha (exact, weighted truth,
   first-order prediction) and the ratio truth / prediction tending to 1.
 
 Called by ``validate.main``; docs/validation.md says how to read each panel.
@@ -235,7 +235,7 @@ def truth_plot(path: Path, data: dict, lr: float, eval_units: int) -> None:
         fmt="s",
         color="tab:orange",
         capsize=4,
-        label="truth (SNIS on E) +- 1.96 SE",
+        label="truth (importance weights on E) +- 1.96 SE",
     )
     a.axhline(0, color="0.8", lw=0.8)
     a.set(
