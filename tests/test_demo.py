@@ -105,6 +105,7 @@ def test_short_demo_files_agree_with_each_other(tmp_path):
     col = lambda k: np.array([r[k] for r in rows], dtype=float)  # noqa: E731
     assert summary["coverage95"] == pytest.approx(col("truth_inside").mean(), abs=0)
     assert summary["coverage95_measured"] == pytest.approx(np.mean(np.abs(col("measured_z")) <= z), abs=0)
+    assert summary["truth_unreliable_steps"] == 0 and all(r["truth_reliable"] == 1 for r in rows)
     assert summary["correlation"] == pytest.approx(np.corrcoef(col("forecast"), col("truth"))[0, 1], rel=1e-9)
     assert summary["correlation_measured"] == pytest.approx(
         np.corrcoef(col("forecast"), col("measured"))[0, 1], rel=1e-9
@@ -246,3 +247,30 @@ def test_sorting_task_prompts_and_supervised_batch():
         answer = batch.input_ids[row][batch.response_mask[row].bool()].tolist()
         assert ids == list(p) + answer and tuple(answer) == task.target(p)
         assert batch.attention_mask[row, -1] == 1  # left-padded: the sequence ends at the last column
+
+
+def test_steps_with_an_unreliable_truth_are_left_out_of_the_correlations():
+    """A step flagged ``truth_reliable = 0`` (ESS below 10%) is counted and not correlated; the rest is."""
+    from entropy_probe.demo.report import summarize
+
+    gen = np.random.default_rng(0)
+    rows = []
+    for step in range(12):
+        truth = float(gen.normal())
+        rows.append(
+            dict(step=step + 1, truth=truth, forecast=truth + 0.1 * float(gen.normal()), truth_reliable=1)
+        )
+    rows[5].update(truth=50.0, truth_reliable=0)  # a wild truth: included, it would decide the correlation
+    for r in rows:
+        r.update(
+            forecast2=r["forecast"], measured=r["truth"], reward=0.5, entropy=1.0, entropy_after=1.0,
+            forecast_se=0.1, forecast2_se=0.1, truth_se=0.1, truth_se_diff=0.1, truth_se_diff2=0.1,
+            measured_se=0.1, measured_z=0.0, truth_inside=1, truth_inside2=1, step_relative_error=0.0,
+        )  # fmt: skip
+    kept = [r for r in rows if r["truth_reliable"]]
+    expected = np.corrcoef([r["forecast"] for r in kept], [r["truth"] for r in kept])[0, 1]
+    s = summarize(rows)
+    assert s["truth_unreliable_steps"] == 1
+    assert s["correlation"] == pytest.approx(expected, rel=1e-12) and s["correlation"] > 0.9
+    assert s["correlation2"] == pytest.approx(expected, rel=1e-12)
+    assert s["sum_truth"] == pytest.approx(sum(r["truth"] for r in rows))  # sums keep every step

@@ -15,8 +15,8 @@ as a function of alpha, the function whose derivatives at 0 are the forecast's `
 ``O(alpha^2)`` per unit for the first order and ``O(alpha^3)`` for the second. DESIGN section 6's
 self-normalised ratio ``sum w h' / sum w`` has the global mean of E as its baseline instead, which
 leaves a first-order difference ``eta (1/G) sum_i dS_i (b_i - mean h)`` between truth and forecast:
-on the demo at alpha = 1/4 the SD of truth - forecast over 40 steps was 0.00106 nats with the ratio
-and 0.00013 with the control variate (docs/validation.md). At alpha = 0 every weight is 1 and the
+on the demo at alpha = 1/4 the SD of truth - forecast2 over 40 steps was 0.00106 nats with the ratio
+and 0.00013 with the control variate (docs/demo.md). At alpha = 0 every weight is 1 and the
 change is exactly 0. SEs are over units (the delete-one-unit jackknife of a mean), also for the
 difference truth - prediction (same E, so the two are correlated).
 

@@ -24,9 +24,19 @@ def pearson(x: list[float], y: list[float]) -> float:
     return float((a * b).sum()) / den if den > 0 else math.nan
 
 
+def reliable_rows(rows: list[dict]) -> list[dict]:
+    """The steps whose truth is a measurement: ``truth.reliable`` (importance weights' ESS >= 10%)."""
+    return [r for r in rows if r["truth_reliable"]]
+
+
 def summarize(rows: list[dict]) -> dict:
-    """The headline figures, all recomputable from the rows of steps.csv."""
+    """The headline figures, all recomputable from the rows of steps.csv.
+
+    Correlations with the truth leave out the steps whose truth the probe flagged unreliable (a step so
+    large that a few E sequences carry the importance weight); ``truth_unreliable_steps`` counts them.
+    """
     col = lambda k: [r[k] for r in rows]  # noqa: E731
+    kept = reliable_rows(rows)
     n = len(rows)
     k = max(1, min(5, n // 4))  # first and last k steps for the reward trend
     forecast_se = math.sqrt(sum(s**2 for s in col("forecast_se")))
@@ -38,7 +48,8 @@ def summarize(rows: list[dict]) -> dict:
         coverage95_measured=sum(abs(z) <= Z95 for z in col("measured_z")) / n,
         measured_z_mean=sum(col("measured_z")) / n,
         measured_z_sd=float(torch.tensor(col("measured_z"), dtype=torch.float64).std()) if n > 1 else 0.0,
-        correlation=pearson(col("forecast"), col("truth")),
+        correlation=pearson([r["forecast"] for r in kept], [r["truth"] for r in kept]),
+        truth_unreliable_steps=n - len(kept),
         correlation_measured=pearson(col("forecast"), col("measured")),
         reward_start=sum(col("reward")[:k]) / k,
         reward_end=sum(col("reward")[-k:]) / k,
@@ -59,11 +70,12 @@ def summarize(rows: list[dict]) -> dict:
 def second_order_summary(rows: list[dict]) -> dict:
     """The same headline figures for the second-order forecast ``delta_h1 + delta_h2``."""
     col = lambda k: [r[k] for r in rows]  # noqa: E731
+    kept = reliable_rows(rows)  # correlations: as in summarize
     n = len(rows)
     gap = torch.tensor([r["truth"] - r["forecast2"] for r in rows], dtype=torch.float64)  # (steps,)
     return dict(
         coverage95_2=sum(col("truth_inside2")) / n,
-        correlation2=pearson(col("forecast2"), col("truth")),
+        correlation2=pearson([r["forecast2"] for r in kept], [r["truth"] for r in kept]),
         sum_forecast2=sum(col("forecast2")),
         sum_forecast2_se=math.sqrt(sum(s**2 for s in col("forecast2_se"))),
         sum_truth_se=math.sqrt(sum(s**2 for s in col("truth_se"))),
@@ -255,6 +267,11 @@ def print_report(console, rows: list[dict], summary: dict, out: Path) -> None:
         "z of fresh-sample change vs forecast: mean, sd",
         f"{s['measured_z_mean']:+.2f}, {s['measured_z_sd']:.2f}",
     )
+    if s["truth_unreliable_steps"]:
+        lines.add_row(
+            "steps with an unreliable truth (ESS < 10%), left out of the correlations",
+            str(s["truth_unreliable_steps"]),
+        )
     lines.add_row("correlation forecast / truth", f"{s['correlation']:.3f}")
     lines.add_row("correlation forecast / fresh-sample change", f"{s['correlation_measured']:.3f}")
     lines.add_row("correlation 2nd-order forecast / truth", f"{s['correlation2']:.3f}")

@@ -226,6 +226,7 @@ def rl_step(
         truth=t.delta_h,
         truth_se=t.se,
         truth_ess=t.ess,
+        truth_reliable=int(t.reliable),
         truth_se_diff=t.se_diff,
         truth_inside=int(lo <= t.delta_h <= hi),
         measured=measured,
