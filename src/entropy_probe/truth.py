@@ -145,10 +145,10 @@ def entropy_change(
     ``comm``: under DDP the per-unit values of every rank are gathered (rank order), so the mean,
     the SEs and the ESS are global; ``batch`` is None on a rank holding no E units.
     """
-    sums = _per_unit(batch, before, after) if batch is not None else torch.zeros((0, 4), dtype=torch.float64)
+    units = _per_unit(batch, before, after) if batch is not None else torch.zeros((0, 4), dtype=torch.float64)
     if comm is not None:
-        sums = comm.gather(sums)  # (B_E, 4) over all ranks
-    change, w_sum, w2_sum, sizes = sums.unbind(dim=1)
+        units = comm.gather(units)  # (B_E, 4) over all ranks
+    change, w_sum, w2_sum, sizes = units.unbind(dim=1)
     if not float(w_sum.sum()) > 0:
         raise ValueError(
             "truth: every importance weight underflows to 0; the step is far too large to measure"
