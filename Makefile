@@ -1,23 +1,54 @@
 # entropy-probe: `make demo` runs the main job, `make test` the tests.
-# Both create .venv and install what a fresh machine lacks. TORCH_SPEC is overridable,
-# e.g. `make test TORCH_SPEC='torch==2.5.1'`; on our CI machines torch==2.13.0 is the local CPU build.
-PYTHON     ?= python3
-VENV       ?= .venv
-TORCH_SPEC ?= torch==2.13.0
-PY         := $(VENV)/bin/python
+# Both create .venv and install what a fresh machine lacks, every package at the version pinned in
+# constraints.txt (`make lock` refreshes the pins). TORCH_SPEC is overridable,
+# e.g. `make test TORCH_SPEC='torch==2.5.1'`: torch and what it brings then come unpinned, the rest
+# stays pinned. On our CI machines the pinned torch (2.13.0) is the local CPU build.
+PYTHON      ?= python3
+VENV        ?= .venv
+CONSTRAINTS := constraints.txt
+TORCH_PIN   := torch==$(shell sed -n 's/^torch==//p' $(CONSTRAINTS))
+TORCH_SPEC  ?= $(TORCH_PIN)
+PY          := $(VENV)/bin/python
 STAMP      := $(VENV)/.installed
 DEMO_OUT   ?= runs/demo
 PYTEST_ARGS ?= -n 2
 
-.PHONY: install test lint format demo demo-guard validate bench clean
+.PHONY: install lock test lint format demo demo-guard validate figures bench clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# With the pinned torch everything installs under the constraints. With another TORCH_SPEC, torch
+# installs first, free, and the constraints lose every package already in the venv (torch and its
+# own dependencies), so the two cannot conflict.
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
+ifeq ($(TORCH_SPEC),$(TORCH_PIN))
+	$(PY) -m pip install -q -c $(CONSTRAINTS) "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e ".[dev]"
+else
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip list --format=freeze | awk -F'==' 'function key(s) { s = tolower(s); gsub(/[-_.]+/, "-", s); \
+	  return s } NR == FNR { have[key($$1)] = 1; next } /^#/ || !(key($$1) in have)' - $(CONSTRAINTS) \
+	  > $(VENV)/constraints-without-torch.txt
+	$(PY) -m pip install -q -c $(VENV)/constraints-without-torch.txt -e ".[dev]"
+endif
 	touch $(STAMP)
+
+# Refresh constraints.txt: a fresh venv in a temporary folder, torch at TORCH_SPEC, the newest
+# releases of everything else that pyproject.toml allows (`.[dev]`), frozen. Then `make test` and
+# `make figures` on the new pins (~3 min for the install, network needed).
+LOCK_VENV := /tmp/entropy-probe-lock
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(LOCK_VENV)/bin/python -m pip install -q -e ".[dev]"
+	{ echo "# Every runtime and dev dependency of entropy-probe, pinned; make install uses it (pip -c)."; \
+	  echo "# Refreshed by make lock: a fresh venv, torch at TORCH_SPEC, the newest releases pyproject.toml allows."; \
+	  echo "# Frozen $$(date -u +%F) with $$($(LOCK_VENV)/bin/python -V)."; \
+	  $(LOCK_VENV)/bin/python -m pip freeze --exclude-editable | sed -E 's/^(torch==[^+]*)\+.*/\1/'; \
+	} > $(CONSTRAINTS)
+	rm -rf $(LOCK_VENV)
 
 LINTED     := src tests benchmarks examples
 
@@ -40,6 +71,23 @@ demo-guard: $(STAMP)
 
 validate: $(STAMP)
 	$(VENV)/bin/entropy-probe validate --out runs/validate
+
+# Re-run every command whose figures README.md and docs/*.md quote, one after the other, each writing
+# its record to docs/records/ (--record) and its pictures to docs/: about 20 minutes on 2 CPU cores
+# (demo 1.5 min, demo-guard 3, validate 3, the two TRL examples 2, the demo at seeds 1 and 2 3).
+# Then `make test`: tests/test_doc_figures.py names every quote that no longer equals its record;
+# `$(PY) tests/doc_figures.py --fix` rewrites those numbers (reread the prose around them).
+figures: $(STAMP)
+	$(VENV)/bin/entropy-probe demo --out runs/demo --record docs/records/demo.json
+	$(VENV)/bin/entropy-probe demo --seed 1 --out runs/demo_seed1 --record docs/records/demo_seed1.json
+	$(VENV)/bin/entropy-probe demo --seed 2 --out runs/demo_seed2 --record docs/records/demo_seed2.json
+	$(VENV)/bin/entropy-probe demo-guard --out runs/demo_guard --record docs/records/demo_guard.json
+	$(VENV)/bin/entropy-probe validate --out runs/validate --record docs/records/validate.json
+	$(PY) examples/trl_grpo.py --out runs/trl_grpo --record docs/records/trl_grpo.json
+	$(PY) examples/trl_entropy_control.py --out runs/trl_entropy_control --record docs/records/trl_entropy_control.json
+	cp runs/demo/demo.png runs/demo/layers.png runs/demo/influence.png runs/demo_guard/demo_guard.png docs/
+	cp runs/trl_grpo/forecast_vs_measured.png docs/trl_grpo.png
+	cp runs/trl_entropy_control/entropy_control.png docs/trl_entropy_control.png
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_engines.py

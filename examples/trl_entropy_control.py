@@ -176,6 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--budget", type=float, default=0.02, help="guard: nats per step at 95%%")
     parser.add_argument("--entropy-target", type=float, default=1.5, help="TRL adaptive: target entropy")
     parser.add_argument("--coef-delta", type=float, default=0.02, help="TRL adaptive: coefficient step")
+    parser.add_argument("--record", type=Path, help="also save the figures as a record (docs/records/)")
     opts = parser.parse_args(argv)
     torch.set_num_threads(1)
     out = Path(opts.out)
@@ -183,9 +184,14 @@ def main(argv: list[str] | None = None) -> dict:
     runs = {control: train_one(control, opts, out) for control in CONTROLS}
     print_table(runs, opts)
     plot(runs, out / "entropy_control.png", opts)
-    doc = {"options": vars(opts), "summary": {k: summary(r) for k, r in runs.items()}, "runs": runs}
+    options = {k: v for k, v in vars(opts).items() if k != "record"}
+    doc = {"options": options, "summary": {k: summary(r) for k, r in runs.items()}, "runs": runs}
     (out / "entropy_control.json").write_text(json.dumps(doc, indent=1))
     print(f"wrote {out / 'entropy_control.png'} and {out / 'entropy_control.json'}")
+    if opts.record:
+        from entropy_probe.records import write_record
+
+        write_record(opts.record, ["python", "examples/trl_entropy_control.py", *(argv or sys.argv[1:])], doc)
     return doc
 
 

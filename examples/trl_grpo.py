@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -139,6 +140,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="runs/trl_grpo")
     parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--record", type=Path, help="also save the figures as a record (docs/records/)")
     opts = parser.parse_args()
     torch.set_num_threads(1)
     out = Path(opts.out)
@@ -173,15 +175,29 @@ def main() -> None:
     forecast = torch.tensor([r["delta_h1"] for r in records])
     measured = torch.tensor([r["measured/delta_h"] for r in records])
     corr = float(torch.corrcoef(torch.stack([forecast, measured]))[0, 1])
-    print(
-        f"{len(records)} steps in {time.time() - start:.0f} s; forecast vs measured: correlation {corr:.2f}, "
-        f"summed over the run {float(forecast.sum()):+.3f} vs {float(measured.sum()):+.3f} nats"
-    )
     rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
+    summary = {
+        "steps": len(records),
+        "runtime_s": time.time() - start,
+        "correlation": corr,
+        "sum_forecast": float(forecast.sum()),
+        "sum_measured": float(measured.sum()),
+        "reward_start": rewards[0],
+        "reward_end": rewards[-1],
+    }
+    print(
+        f"{len(records)} steps in {summary['runtime_s']:.0f} s; forecast vs measured: correlation "
+        f"{corr:.3f}, "
+        f"summed over the run {summary['sum_forecast']:+.3f} vs {summary['sum_measured']:+.3f} nats"
+    )
     print(
         f"reward {rewards[0]:.2f} -> {rewards[-1]:.2f}; wrote {out / 'entropy_probe.jsonl'} and "
         f"{out / 'forecast_vs_measured.png'}"
     )
+    if opts.record:
+        from entropy_probe.records import write_record
+
+        write_record(opts.record, ["python", *sys.argv], {"summary": summary, "steps": records})
     assert callback.records == records
 
 

@@ -1,13 +1,19 @@
 """``entropy-probe`` command line: ``demo`` (the main job) and ``validate`` (calibration checks).
 
-Run ``entropy-probe --help``; each sub-command has its own ``--help``.
+Run ``entropy-probe --help``; each sub-command has its own ``--help``. Every sub-command also takes
+``--record PATH``: after the run, the JSON it wrote to its ``--out`` folder and what it printed are saved
+as one record at PATH (``entropy_probe.records``; ``make figures`` writes docs/records/ this way).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
+from pathlib import Path
+
+from .records import capturing_stdout, pop_record_option, write_record
 
 COMMANDS = {
     "demo": (
@@ -25,8 +31,39 @@ COMMANDS = {
 }
 
 
+# Where each command writes its JSON: (default --out folder, file name), for --record.
+OUTPUTS = {
+    "demo": ("runs/demo", "demo.json"),
+    "demo-guard": ("runs/demo_guard", "demo_guard.json"),
+    "validate": ("runs/validate", "validation.json"),
+}
+
+
+def output_json(command: str, argv: list[str]) -> Path:
+    """The JSON file ``command`` run with ``argv`` writes: its --out folder (or default) and file name."""
+    folder, name = OUTPUTS[command]
+    for i, arg in enumerate(argv):
+        if arg == "--out" and i + 1 < len(argv):
+            folder = argv[i + 1]
+        elif arg.startswith("--out="):
+            folder = arg.split("=", 1)[1]
+    return Path(folder) / name
+
+
+def run_recorded(command: str, argv: list[str], record: Path) -> int:
+    """Run ``command`` and save its output JSON and its printed text as a record at ``record``."""
+    module = importlib.import_module(COMMANDS[command][0])
+    with capturing_stdout() as printed:
+        status = int(module.main(argv) or 0)
+    data = json.loads(output_json(command, argv).read_text())
+    write_record(record, ["entropy-probe", command, *argv], data, printed.getvalue())
+    print(f"recorded {record}")
+    return status
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    argv, record = pop_record_option(argv)
     parser = argparse.ArgumentParser(prog="entropy-probe", description=__doc__.splitlines()[0])
     parser.add_argument(
         "command", choices=sorted(COMMANDS), help="; ".join(f"{k}: {v[1]}" for k, v in COMMANDS.items())
@@ -34,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         parser.parse_args(argv)  # prints help or the error and exits
         return 2
+    if record is not None:
+        return run_recorded(argv[0], argv[1:], record)
     module = importlib.import_module(COMMANDS[argv[0]][0])
     return int(module.main(argv[1:]) or 0)
 
