@@ -49,6 +49,9 @@ def _col(rows, name):
 
 FUNCTIONS = {
     "abs": abs,
+    "argmax": lambda x: int(np.argmax(x)),
+    "argmin": lambda x: int(np.argmin(x)),
+    "corr": lambda x, y: float(np.corrcoef(x, y)[0, 1]),
     "col": _col,
     "count": lambda x: int(np.sum(x)),
     "len": len,
@@ -163,21 +166,36 @@ def documents() -> list[Path]:
 
 
 def load_records() -> dict[str, dict]:
-    return {p.stem: json.loads(p.read_text()) for p in sorted(RECORDS.glob("*.json"))}
+    """Every JSON file in docs/records by name. A file written by ``--record`` (``entropy_probe.records``)
+    has ``command``, ``versions``, ``data``, ``console``; any other JSON (a benchmark's own output) is
+    read as ``data`` alone."""
+    records = {}
+    for path in sorted(RECORDS.glob("*.json")):
+        doc = json.loads(path.read_text())
+        is_record = isinstance(doc, dict) and {"command", "versions", "data"} <= doc.keys()
+        records[path.stem] = doc if is_record else {"command": None, "versions": None, "data": doc}
+    return records
 
 
 def _line_of(text: str, offset: int) -> int:
     return text.count("\n", 0, offset) + 1
 
 
+def _in_code(text: str) -> list[tuple[int, int]]:
+    """Spans of fenced blocks and inline code: a mark shown there as an example is no quote."""
+    return [(m.start(), m.end()) for m in re.finditer(r"```.*?```|`[^`\n]*`", text, flags=re.S)]
+
+
 def quotes_in(path: Path) -> list[Quote]:
     text = path.read_text()
+    code = _in_code(text)
     return [
         Quote(
             path, _line_of(text, m.start()), m["number"], bool(m["percent"]), m["record"], m["expr"],
             m.start(), m.start("percent") + len(m["percent"]),
         )
         for m in MARK.finditer(text)
+        if not any(lo <= m.start() < hi for lo, hi in code)
     ]  # fmt: skip
 
 
@@ -217,13 +235,11 @@ def summary_values(data, path: str = "") -> dict[str, float]:
 
 
 def looks_measured(text: str, percent: bool) -> bool:
-    """A number a reader takes for a measurement: a decimal with 2+ significant digits, a percentage
-    of 2+ digits, or an integer of 3+ significant digits (settings like 300 or 40 are not)."""
+    """A number a reader takes for a measurement: a decimal or a percentage with 2+ significant
+    digits, or an integer with 3+ (trailing zeros not counted: 1.0, 40 or 300 are not)."""
     mantissa = text.lower().partition("e")[0].lstrip("+-\u2212")
-    digits = mantissa.replace(".", "").lstrip("0")
-    if "." in mantissa or percent:
-        return len(digits) >= 2
-    return len(digits.rstrip("0")) >= 3
+    digits = mantissa.replace(".", "").strip("0")  # 1.0 and 300 are settings more often than figures
+    return len(digits) >= (2 if "." in mantissa or percent else 3)
 
 
 def _outside_code(text: str) -> list[tuple[int, int]]:

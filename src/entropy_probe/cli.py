@@ -31,23 +31,32 @@ COMMANDS = {
 }
 
 
-# Where each command writes its JSON: (default --out folder, file name), for --record.
+# Where each command writes its JSON, for --record: (default --out folder, file name, more JSON files
+# of the same run that the record keeps under their relative paths).
 OUTPUTS = {
-    "demo": ("runs/demo", "demo.json"),
-    "demo-guard": ("runs/demo_guard", "demo_guard.json"),
-    "validate": ("runs/validate", "validation.json"),
+    "demo": ("runs/demo", "demo.json", ()),
+    "demo-guard": ("runs/demo_guard", "demo_guard.json", ("unguarded/demo.json", "guarded/demo.json")),
+    "validate": ("runs/validate", "validation.json", ()),
 }
 
 
-def output_json(command: str, argv: list[str]) -> Path:
-    """The JSON file ``command`` run with ``argv`` writes: its --out folder (or default) and file name."""
-    folder, name = OUTPUTS[command]
+def output_folder(command: str, argv: list[str]) -> Path:
+    """The folder ``command`` run with ``argv`` writes to: its --out, or the command's default."""
+    folder = OUTPUTS[command][0]
     for i, arg in enumerate(argv):
         if arg == "--out" and i + 1 < len(argv):
             folder = argv[i + 1]
         elif arg.startswith("--out="):
             folder = arg.split("=", 1)[1]
-    return Path(folder) / name
+    return Path(folder)
+
+
+def recorded_data(command: str, argv: list[str]) -> dict:
+    """What a record of ``command`` keeps: its JSON output, plus its other JSON files by path."""
+    folder, (_, name, more) = output_folder(command, argv), OUTPUTS[command]
+    data = json.loads((folder / name).read_text())
+    data.update({path: json.loads((folder / path).read_text()) for path in more})
+    return data
 
 
 def run_recorded(command: str, argv: list[str], record: Path) -> int:
@@ -55,8 +64,7 @@ def run_recorded(command: str, argv: list[str], record: Path) -> int:
     module = importlib.import_module(COMMANDS[command][0])
     with capturing_stdout() as printed:
         status = int(module.main(argv) or 0)
-    data = json.loads(output_json(command, argv).read_text())
-    write_record(record, ["entropy-probe", command, *argv], data, printed.getvalue())
+    write_record(record, ["entropy-probe", command, *argv], recorded_data(command, argv), printed.getvalue())
     print(f"recorded {record}")
     return status
 
