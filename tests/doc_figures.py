@@ -63,6 +63,8 @@ FUNCTIONS = {
     "sqrt": math.sqrt,
     "sum": lambda x: float(np.sum(x)),
     "find": lambda rows, **kw: next(r for r in rows if all(r.get(k) == v for k, v in kw.items())),
+    "where": lambda rows, key, value: [r for r in rows if r[key] == value],  # the rows with that value
+    "number": lambda rows, key, value: sum(r[key] == value for r in rows),  # how many rows have it
 }
 _OPS = {
     ast.Add: lambda a, b: a + b,
@@ -235,11 +237,11 @@ def summary_values(data, path: str = "") -> dict[str, float]:
 
 
 def looks_measured(text: str, percent: bool) -> bool:
-    """A number a reader takes for a measurement: a decimal or a percentage with 2+ significant
-    digits, or an integer with 3+ (trailing zeros not counted: 1.0, 40 or 300 are not)."""
+    """A number specific enough that equalling a recorded figure is no coincidence: 3+ significant
+    digits, trailing zeros not counted (0.956 or -0.634, not 0.93, 1.0 or 300)."""
     mantissa = text.lower().partition("e")[0].lstrip("+-\u2212")
     digits = mantissa.replace(".", "").strip("0")  # 1.0 and 300 are settings more often than figures
-    return len(digits) >= (2 if "." in mantissa or percent else 3)
+    return len(digits) >= 3  # fewer digits match some recorded number by chance too often
 
 
 def _outside_code(text: str) -> list[tuple[int, int]]:
@@ -249,9 +251,16 @@ def _outside_code(text: str) -> list[tuple[int, int]]:
 
 
 def unmarked_quotes(path: Path, records: dict[str, dict]) -> list[str]:
-    """Numbers left unmarked although a record holds exactly that figure: a quote that could drift."""
+    """Numbers left unmarked although a record the document quotes holds exactly that figure: a quote
+    that could drift unseen."""
     text, problems = path.read_text(), []
-    pool = [(name, expr, v) for name, r in records.items() for expr, v in summary_values(r["data"]).items()]
+    quoted = {q.record for q in quotes_in(path)}  # a document that quotes a record shows its figures marked
+    pool = [
+        (name, expr, v)
+        for name, r in records.items()
+        if name in quoted
+        for expr, v in summary_values(r["data"]).items()
+    ]
     for lo, hi in _outside_code(text):
         for m in BARE.finditer(text, lo, hi):
             if text.startswith("<!--fig", m.end()) or not looks_measured(m["number"], bool(m["percent"])):

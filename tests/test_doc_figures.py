@@ -76,6 +76,7 @@ def check(tmp_path, text: str) -> list[str]:
         "<!--fig-lines demo console-->\n```\n  step   entropy\n...\n     1     0.870\n```\n",
         "a setting, 0.0062<!--fig none-->, and `0.983` in code are not quotes",
         "a mark shown as an example, `0.5<!--fig demo summary.gone-->`, is not one either",
+        "0.983 in a document that quotes no record is not checked",
     ],
 )
 def test_the_checker_accepts_quotes_that_equal_the_record(tmp_path, text):
@@ -91,8 +92,11 @@ def test_the_checker_accepts_quotes_that_equal_the_record(tmp_path, text):
         ("error 1.2e-04<!--fig demo summary.tiny-->", "printed that way: 1.1e-04"),
         ("x 0.5<!--fig demo summary.gone-->", "cannot be read"),
         ("x 0.5<!--fig other summary.gap-->", "no record docs/records/other.json"),
-        ("correlation 0.983 with the truth", "is not marked and equals record demo `summary.correlation`"),
-        ("gap 0.0062 nats", "not marked"),
+        (
+            "corr 0.98<!--fig demo summary.correlation-->, later 0.983 unmarked",
+            "is not marked and equals record demo `summary.correlation`",
+        ),
+        ("corr 0.98<!--fig demo summary.correlation-->, tiny 1.13e-04 at most", "not marked"),
         ("<!--fig-lines demo console-->\n```\n     1     0.871\n```\n", "'1     0.871' is not in"),
     ],
 )
