@@ -197,7 +197,8 @@ def main() -> None:
     if opts.record:
         from entropy_probe.records import write_record
 
-        write_record(opts.record, ["python", *sys.argv], {"summary": summary, "steps": records})
+        command = ["python", "examples/trl_grpo.py", *sys.argv[1:]]
+        write_record(opts.record, command, {"summary": summary, "steps": records})
     assert callback.records == records
 
 

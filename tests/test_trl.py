@@ -219,7 +219,9 @@ def test_the_example_runs(tmp_path, monkeypatch, capsys):
     from pathlib import Path
 
     example = Path(__file__).resolve().parents[1] / "examples" / "trl_grpo.py"
-    monkeypatch.setattr(sys, "argv", ["trl_grpo.py", "--out", str(tmp_path), "--steps", "3"])
+    record = tmp_path / "record.json"  # --record: the run's figures as a docs/records/ record
+    argv = ["trl_grpo.py", "--out", str(tmp_path), "--steps", "3", "--record", str(record)]
+    monkeypatch.setattr(sys, "argv", argv)
     threads = torch.get_num_threads()
     try:
         runpy.run_path(str(example), run_name="__main__")
@@ -228,6 +230,12 @@ def test_the_example_runs(tmp_path, monkeypatch, capsys):
     assert "3 steps in" in capsys.readouterr().out
     assert len((tmp_path / JSONL_NAME).read_text().splitlines()) == 3
     assert (tmp_path / "forecast_vs_measured.png").stat().st_size > 0
+    doc = json.loads(record.read_text())
+    rows = [json.loads(line) for line in (tmp_path / JSONL_NAME).read_text().splitlines()]
+    assert doc["command"] == "python examples/" + " ".join(argv) and doc["data"]["steps"] == rows
+    forecast, measured = (torch.tensor([r[k] for r in rows]) for k in ("delta_h1", "measured/delta_h"))
+    corr = float(torch.corrcoef(torch.stack([forecast, measured]))[0, 1])
+    assert doc["data"]["summary"]["steps"] == 3 and doc["data"]["summary"]["correlation"] == corr
 
 
 def test_conversational_prompts_through_the_chat_template(tmp_path):

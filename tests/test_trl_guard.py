@@ -166,6 +166,8 @@ def test_the_head_to_head_example_runs(tmp_path, monkeypatch):
             "1e-4",
             "--entropy-target",
             "9",
+            "--record",
+            str(tmp_path / "record.json"),
         ],
     )
     threads = torch.get_num_threads()
@@ -175,6 +177,7 @@ def test_the_head_to_head_example_runs(tmp_path, monkeypatch):
         torch.set_num_threads(threads)
         sys.path[:] = [p for p in sys.path if p != str(example.parent)]
     doc = json.loads((tmp_path / "entropy_control.json").read_text())
+    assert json.loads((tmp_path / "record.json").read_text())["data"] == doc  # --record keeps the same JSON
     runs, summary = doc["runs"], doc["summary"]
     assert (tmp_path / "entropy_control.png").stat().st_size > 0
     assert all(len(runs[c]["entropy"]) == 3 for c in ("none", "adaptive", "guard"))
