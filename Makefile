@@ -73,8 +73,9 @@ validate: $(STAMP)
 	$(VENV)/bin/entropy-probe validate --out runs/validate
 
 # Re-run every command whose figures README.md and docs/*.md quote, one after the other, each writing
-# its record to docs/records/ (--record) and its pictures to docs/: about 20 minutes on 2 CPU cores
-# (demo 1.5 min, demo-guard 3, validate 3, the two TRL examples 2, the demo at seeds 1 and 2 3).
+# its record to docs/records/ (--record) and its pictures to docs/: about 10 minutes on 2 idle CPU
+# cores (the demo 1.5 min at each of 3 seeds, demo-guard 3, validate 2, the TRL examples 1); the
+# records of 2026-12-06 took 58 min on 2 cores shared with a dozen other jobs.
 # Then `make test`: tests/test_doc_figures.py names every quote that no longer equals its record;
 # `$(PY) tests/doc_figures.py --fix` rewrites those numbers (reread the prose around them).
 figures: $(STAMP)
