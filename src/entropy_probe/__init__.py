@@ -1,6 +1,6 @@
 """entropy-probe: forecast, before an RL optimizer step, how much policy entropy it will remove.
 
-Public API (DESIGN section 10)::
+Public API (docs/design.md section 14)::
 
     import entropy_probe as ep
     batch = ep.RolloutBatch(input_ids, attention_mask, response_mask, group_ids, rewards=...)

@@ -1,4 +1,4 @@
-"""Attribution of delta_h1 by parameter group (DESIGN section 13).
+"""Attribution of delta_h1 by parameter group (docs/design.md section 9).
 
 v and X_n split over any partition of the trainable parameters, so ``s_n = sum_g s_n^(g)`` with
 ``s_n^(g) = X_n^(g) . v^(g)`` and ``delta_h1 = sum_g eta mean_n s_n^(g)`` exactly. The default

@@ -1,7 +1,7 @@
 """The rollout batch: N sequences grouped into units (one prompt with its G >= 2 responses).
 
 A response token at position t has log-prob ``log pi(input_ids[t] | input_ids[<t])``, read from the
-logits at position t-1 (DESIGN section 2). Everything the probe later assumes is checked here, once,
+logits at position t-1 (docs/design.md section 2). Everything the probe later assumes is checked here, once,
 so that every later error can name the field and the row or unit at fault.
 
 >>> import torch

@@ -14,7 +14,7 @@ attention dropout that Hugging Face attention applies when its module is trainin
 of the layers that run Hugging Face gradient checkpointing (``gradient_checkpointing = True`` with a
 non-reentrant checkpoint function): their own forward only decides, from ``self.training``, whether
 to checkpoint, so turning them on keeps checkpointing active in the probe's backward passes while
-every dropout below them stays off (DESIGN section 17). Reentrant checkpointing
+every dropout below them stays off (docs/design.md section 11). Reentrant checkpointing
 (``use_reentrant=True``) cannot serve ``torch.autograd.grad``; those layers stay in eval mode and run
 without checkpointing, as before.
 

@@ -1,4 +1,4 @@
-"""The entropy change the real step caused, measured on the forecast's own E (DESIGN section 11).
+"""The entropy change the real step caused, measured on the forecast's own E (docs/design.md section 10).
 
 ``probe.run(...)`` keeps, for its E units, the batch and the log-probs ``S_i, S_w,i`` at theta from
 its forecast pass (``EvalState``, on the result; never in ``to_dict``). After the trainer's real

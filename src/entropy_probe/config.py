@@ -1,4 +1,4 @@
-"""``ProbeConfig``: every option of the probe, one documented field each (DESIGN section 10)."""
+"""``ProbeConfig``: every option of the probe, one documented field each (docs/design.md section 14)."""
 
 from __future__ import annotations
 

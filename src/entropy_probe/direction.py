@@ -1,4 +1,4 @@
-"""The update direction v built from the U gradient (DESIGN section 4), ascent convention.
+"""The update direction v built from the U gradient (docs/design.md section 3), ascent convention.
 
 Each rule maps grad J_U to v elementwise, per parameter (se_total rebuilds v by the same rule for
 each delete-one-unit gradient: update_jackknife):

@@ -1,4 +1,4 @@
-"""Communication of the probe: one process, or the ranks of a DDP-wrapped model (DESIGN section 9).
+"""Communication of the probe: one process, or the ranks of a DDP-wrapped model (docs/design.md section 11).
 
 The probe calls only the communicator's methods, so that one process and N ranks run the same code:
 

@@ -1,4 +1,5 @@
-"""Step 3 of a call: every rank's per-unit values -> the statistics over E with U fixed (DESIGN section 5).
+"""Step 3 of a call: every rank's per-unit values -> the statistics over E with U fixed
+(docs/design.md section 5).
 
 float64 moments ``(count, mean, M2)`` are merged over ranks (Chan), with the entropy on E and the count
 of dropped rows riding along in the same all_gather; then the per-unit values themselves (s_n, the

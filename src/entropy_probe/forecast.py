@@ -1,4 +1,5 @@
-"""The second-order forecast (DESIGN section 12): per-unit q_n -> ``delta_h2``, ``forecast`` and their SEs.
+"""The second-order forecast (docs/design.md section 8): per-unit q_n -> ``delta_h2``, ``forecast`` and
+their SEs.
 
 ``delta_h2 = (eta^2/2) mean_n q_n``; ``forecast = delta_h1 + delta_h2`` with its SE from the per-unit
 combined values ``eta s_n + (eta^2/2) q_n`` (one E unit carries both terms, so they are correlated).

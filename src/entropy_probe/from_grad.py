@@ -1,4 +1,5 @@
-"""The step the trainer really takes, read from the ``.grad`` already on the parameters (DESIGN section 11).
+"""The step the trainer really takes, read from the ``.grad`` already on the parameters
+(docs/design.md section 3).
 
 After the trainer's backward (any loss: KL term, importance ratios, accumulation) and its clipping,
 ``p.grad`` is the gradient of the loss it minimises; the ascent direction is its negative. The

@@ -1,4 +1,4 @@
-"""The probe's passes on an FSDP2 model (``torch.distributed.fsdp.fully_shard``), DESIGN section 17.
+"""The probe's passes on an FSDP2 model (``torch.distributed.fsdp.fully_shard``), docs/design.md section 11.
 
 Under FSDP2 every trainable parameter is a DTensor holding this rank's dim-0 shard (``Shard(0)`` on a
 1-D device mesh); a forward all-gathers each unit's parameters and a backward reduce-scatters their

@@ -1,4 +1,4 @@
-"""The entropy guard (DESIGN section 15): shrink one optimizer step so its forecast entropy drop,
+"""The entropy guard (docs/design.md section 15): shrink one optimizer step so its forecast entropy drop,
 taken at a one-sided confidence bound, stays inside a budget.
 
 An Adam/AdamW step is linear in the learning rate (AdamW's decoupled decay ``lr * wd * theta``
@@ -29,7 +29,7 @@ Which parts of the result are read (the contract with ``ProbeResult``):
   about to be taken, so the variance over U does not apply to it) and ``lr``;
 - second order when ``result.second`` is not None. Its SE at scale ``c`` is, in
   order of preference: from the per-unit values (``per_unit`` = s_n and ``per_unit_q`` = the q_n of
-  DESIGN section 12, unit n contributing ``eta^2/2 * q_n / B_E`` to ``delta_h2``) as
+  docs/design.md section 8, unit n contributing ``eta^2/2 * q_n / B_E`` to ``delta_h2``) as
   ``sqrt(var_n(c eta s_n + c^2 eta^2/2 q_n) / B_E)``; else ``c * se_cond_e + c^2 * se_delta_h2``
   (an upper bound: the SE of a sum is at most the sum of the SEs); else ``c * se_cond_e`` (the
   noise of the second-order term ignored).

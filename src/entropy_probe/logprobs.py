@@ -105,7 +105,7 @@ def token_logprobs(logits: Tensor, input_ids: Tensor, temperature: float) -> Ten
 
 
 def response_weights(response_mask: Tensor, weighting: str) -> Tensor:
-    """``(N, T)`` fp32 weights w_ik of S_w (DESIGN section 2)."""
+    """``(N, T)`` fp32 weights w_ik of S_w (docs/design.md section 2)."""
     m = response_mask.float()
     if weighting == "token-mean":
         return m / m.sum(dim=1, keepdim=True)

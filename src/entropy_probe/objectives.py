@@ -3,10 +3,10 @@
 Every quantity the probe needs is linear in the per-sequence log-probs S_i and S_w,i with
 coefficients that are constant (detached) given the batch:
 
-- the policy-gradient surrogate of one U unit m (DESIGN section 4), ascent convention:
+- the policy-gradient surrogate of one U unit m (docs/design.md section 3), ascent convention:
   ``J_m = sum_{i in m} c_i S_i``, so ``grad J_m`` is a backward of that sum and ``grad J_m . u``
   is ``sum_i c_i dS_i``;
-- the entropy-gradient estimate of one E unit n (DESIGN section 3):
+- the entropy-gradient estimate of one E unit n (docs/design.md section 4):
   ``X_n = grad( sum_{i in n} a_i S_i + e_i S_w,i )`` with
   ``a_i = -(S_w,i - b_i) / G``, ``b_i = mean_{j != i} S_w,j`` and ``e_i = -1/G`` (unbiased) or 0
   (``"seed"``: the founding note's ``L_X = -mean(detach(S_w - S_w^LOO) * S)``).

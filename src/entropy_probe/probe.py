@@ -186,7 +186,8 @@ class EntropyProbe:
     ) -> UpdateDirection:
         """v from U (``batch`` None: a rank without U units), with this rank's c_i and B_U over all ranks.
 
-        v is built in place in the summed gradient (one fp32 copy of the parameters, DESIGN section 17).
+        v is built in place in the summed gradient (one fp32 copy of the parameters, docs/design.md
+        section 11).
         """
         cfg, params = call.config, call.params
         local = UpdateTotals.of(batch) if batch is not None else UpdateTotals(0, 0, 0, 0)
@@ -214,7 +215,7 @@ class EntropyProbe:
         return UpdateDirection(v, grad_kept, batch, coeff, n_units)  # build_direction consumed grad_j
 
     def update_direction(self, update_batch: RolloutBatch | None) -> dict[str, Tensor]:
-        """v of DESIGN section 4 as ``{name: fp32 tensor}``; pass it back as ``run(direction=v)``.
+        """v of docs/design.md section 3 as ``{name: fp32 tensor}``; pass it back as ``run(direction=v)``.
 
         Under DDP every rank calls it with its share of U (None for none) and gets the same v.
         """
@@ -329,7 +330,7 @@ class EntropyProbe:
 
     def measure_change(self, result: ProbeResult, step_scale: float = 1.0) -> MeasuredChange:
         """After the real ``optimizer.step()``: the entropy change on ``result``'s E, one forward at the
-        current parameters against the log-probs kept from the forecast pass (DESIGN section 11).
+        current parameters against the log-probs kept from the forecast pass (docs/design.md section 10).
 
         ``step_scale``: the step taken was ``step_scale`` times the forecast's (a guard scaled the learning
         rates, ``EntropyGuard``); ``se_diff`` is then against that step's first-order forecast.

@@ -60,7 +60,7 @@ PREFIX = "entropy_probe/"
 
 @dataclass
 class TruthResult:
-    """The measured entropy change of ``theta + alpha * eta * v`` (DESIGN section 6)."""
+    """The measured entropy change of ``theta + alpha * eta * v`` (docs/design.md section 10)."""
 
     delta_h: float
     se: float

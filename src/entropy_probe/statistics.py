@@ -1,4 +1,4 @@
-"""Statistics of the per-unit projections s_n = v . X_n (DESIGN section 5).
+"""Statistics of the per-unit projections s_n = v . X_n (docs/design.md section 5).
 
 torchmetrics-style: ``moments_update`` turns a chunk of values into running moments
 ``(count, mean, M2)`` in float64, ``moments_merge`` combines two (Chan et al.), and the ``*_compute``
@@ -86,7 +86,7 @@ def jackknife_se(s: Tensor, lr: float) -> float:
     """Delete-one jackknife SE of ``eta * mean(s)`` over the units, computed from the leave-one-out means.
 
     For a mean it equals the closed form ``eta sqrt(var(s)/B)`` algebraically. The probe keeps it as
-    ``se_jackknife`` (DESIGN section 10) because it is computed by another route, from the gathered s_n
+    ``se_jackknife`` (docs/design.md section 5) because it is computed by another route, from the gathered s_n
     rather than the float64 moments merged across ranks, so a disagreement flags a bad merge; it is
     no independent error estimate. The truth uses it for its per-unit changes.
     """

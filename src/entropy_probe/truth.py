@@ -1,4 +1,4 @@
-"""The truth: the entropy change the step really causes, measured on E (DESIGN section 6).
+"""The truth: the entropy change the step really causes, measured on E (docs/design.md section 10).
 
 The step ``theta' = theta + alpha * eta * v`` is applied functionally (``torch.func.functional_call``),
 so the live model is never modified. E was sampled at theta; the entropy at theta' is estimated with
@@ -11,16 +11,16 @@ and the change is ``mean_n Delta_n`` (units weigh equally whatever their group s
 entropy target ``E_x E_y``). ``E[w_i] = 1`` and ``b_i`` does not depend on response i, so
 ``E[Delta_n]`` is exactly the unit's entropy change: no self-normalisation bias. And ``Delta_n`` is,
 as a function of alpha, the function whose derivatives at 0 are the forecast's ``s_n`` and ``q_n``
-(DESIGN sections 3 and 12): truth - forecast on the same E is the Taylor remainder of one function,
-``O(alpha^2)`` per unit for the first order and ``O(alpha^3)`` for the second. DESIGN section 6's
-self-normalised ratio ``sum w h' / sum w`` has the global mean of E as its baseline instead, which
-leaves a first-order difference ``eta (1/G) sum_i dS_i (b_i - mean h)`` between truth and forecast:
-on the demo at alpha = 1/4 the SD of truth - forecast2 over 40 steps was 0.00106 nats with the ratio
-and 0.00013 with the control variate (docs/demo.md). At alpha = 0 every weight is 1 and the
-change is exactly 0. SEs are over units (the delete-one-unit jackknife of a mean), also for the
-difference truth - prediction (same E, so the two are correlated).
+(docs/design.md sections 4 and 8): truth - forecast on the same E is the Taylor remainder of one function,
+``O(alpha^2)`` per unit for the first order and ``O(alpha^3)`` for the second. The self-normalised
+ratio the truth used before, ``sum w h' / sum w``, has the global mean of E as its baseline instead,
+which leaves a first-order difference ``eta (1/G) sum_i dS_i (b_i - mean h)`` between truth and
+forecast: on the demo at alpha = 1/4 the SD of truth - forecast2 over 40 steps was 0.00106 nats with
+the ratio and 0.00013 with the control variate (measured when the truth changed). At alpha = 0 every
+weight is 1 and the change is exactly 0. SEs are over units (the delete-one-unit jackknife of a
+mean), also for the difference truth - prediction (same E, so the two are correlated).
 
-bf16/fp16 models (DESIGN section 17): theta' is formed in fp32 and the model evaluated in fp32 at
+bf16/fp16 models (docs/design.md section 11): theta' is formed in fp32 and the model evaluated in fp32 at
 theta and theta' (``full_precision_state``), so the truth sees steps below the parameters' rounding.
 
 A step so large that a few sequences carry all the importance weight is a degenerate measurement:

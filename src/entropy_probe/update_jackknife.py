@@ -1,6 +1,6 @@
 """The variance over U of the forecast: a delete-one-unit jackknife through the exact direction map.
 
-DESIGN section 14. Given U, ``delta_h1 = eta Xbar_E . v(U)``; another U gives another v. For each U
+docs/design.md section 7. Given U, ``delta_h1 = eta Xbar_E . v(U)``; another U gives another v. For each U
 unit m the direction is rebuilt from ``g_(-m) = (B_U grad J_U - grad J_m) / (B_U - 1)`` by the very
 rule that built v (``direction.build_direction``: Adam's v_hat, momentum, bias correction, weight
 decay and the clip factor all recomputed), and ``dv_m = v_(-m) - v`` is projected on the mean X of
@@ -23,7 +23,7 @@ Memory: one unit's gradient at a time, turned in place into ``g_(-m)`` and then 
 (``build_direction`` builds v in the gradient's storage), next to v, a kept copy of grad J_U and the
 two half sums of X: a constant number of parameter-sized buffers (five), never B_U of them.
 
-The per-unit pieces are the update-prompt influences (DESIGN section 13): for "sgd" exactly
+The per-unit pieces are the update-prompt influences (docs/design.md section 9): for "sgd" exactly
 ``eta Xbar_E . Y_m / B_U`` (they sum to ``delta_h1``), for the Adam directions the delete-one-unit
 change ``delta_h1 - eta Xbar_E . v_(-m)``.
 """

@@ -6,8 +6,8 @@ share of the step lowers the entropy. Each column sums to the step's ``delta_h1`
 panel sums every row over the run: which groups drove the entropy change overall.
 
 influence.png: at the step whose truth removed the most entropy, the update prompts that drove it,
-``result.update_influence`` (the delete-one-prompt change of the first-order forecast, DESIGN
-section 13), the most negative first.
+``result.update_influence`` (the delete-one-prompt change of the first-order forecast, docs/design.md
+section 9), the most negative first.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ What happens:
    - run the probe on the step AdamW is about to take (``direction="optimizer-step"``): the forecast
      ``delta_h1`` with its SE over E, the unconditional SE, the second-order forecast
      ``delta_h1 + delta_h2``, delta_h1 by parameter group, and the truth (the same step applied
-     functionally, entropy re-measured on E by importance weighting, DESIGN section 6);
+     functionally, entropy re-measured on E by importance weighting, docs/design.md section 10);
    - take the real AdamW step with the same loss the probe differentiates;
    - measure the entropy again on fresh samples drawn with the same seed and prompts as F
      (``H_after``; common random numbers make the paired difference precise): the measured change.
@@ -255,7 +255,8 @@ def _row(step: int, result, scale: float, u_batch: RolloutBatch, fresh: tuple, s
 
 
 def second_order_columns(result) -> dict:
-    """The forecast with the second order (DESIGN section 12) and delta_h1 by parameter group (section 13)."""
+    """The forecast with the second order (docs/design.md section 8) and delta_h1 by parameter group
+    (section 9)."""
     t = result.truth
     lo, hi = result.forecast_interval(0.95)
     out = dict(

@@ -1,7 +1,7 @@
 """Engines for the per-unit projections: the one place that dispatches on ``ProbeConfig.eval_engine``.
 
 ``backward`` (one reverse pass per E unit, the note's loop) and ``jvp`` (forward mode, a microbatch
-of units per pass) compute the same numbers (DESIGN section 7); ``update_gradient`` (grad J_U) is
+of units per pass) compute the same numbers (docs/design.md section 11); ``update_gradient`` (grad J_U) is
 reverse mode whichever engine is configured. Which engine an E pass runs, and whether it splits s_n by
 parameter group, the config decides (``ProbeConfig.eval_engine``, ``ProbeConfig.computes_groups``).
 """
@@ -39,5 +39,5 @@ def eval_projections(
 def eval_second_order(
     module: nn.Module, params: Params, batch: RolloutBatch, v: Vector, cfg: ProbeConfig
 ) -> Tensor:
-    """``(B_E,)`` float64 q_n (DESIGN section 12), one nested forward-mode pass whatever the engine."""
+    """``(B_E,)`` float64 q_n (docs/design.md section 8), one nested forward-mode pass whatever the engine."""
     return second_order.eval_second_order(module, params, batch, v, cfg)

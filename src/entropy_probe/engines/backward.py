@@ -78,7 +78,7 @@ def projected_backward(loss: Tensor, params: Params, v: Vector, x_sum: Vector | 
     """``(K,)`` fp32 ``<d loss / d p, v[p]>`` per parameter, ``params`` order (0 where the loss does not
     reach p), and ``x_sum += d loss / d params`` when given: one reverse pass in which each parameter's
     gradient is used the moment it is formed and then dropped, so the gradient is never held whole
-    (1x the parameters less at the peak than ``grad_of``; DESIGN section 17).
+    (1x the parameters less at the peak than ``grad_of``; docs/design.md section 11).
 
     A tensor hook on each parameter (removed on exit) takes the gradient and hands autograd back a
     zero-stride zero of the same shape; ``torch.autograd.grad`` fires no DDP hook and leaves ``.grad``

@@ -1,7 +1,7 @@
 """The "jvp" engine: every s_n of a microbatch of E units from one forward-mode pass.
 
 s_n = v . X_n needs only the per-sequence directional derivatives ``dS_i = grad S_i . v`` and
-``dS_w,i = grad S_w,i . v`` (DESIGN section 7): X_n is the gradient of the E surrogate
+``dS_w,i = grad S_w,i . v`` (docs/design.md section 11): X_n is the gradient of the E surrogate
 ``sum_{i in n} a_i S_i + e_i S_w,i`` with (a, e) constant given the batch, so
 
     s_n = sum_{i in n} a_i dS_i + e_i dS_w,i       (a, e from objectives.entropy_gradient_coefficients)

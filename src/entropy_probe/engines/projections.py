@@ -20,7 +20,7 @@ class EvalProjections:
     logprobs: ``(N,)`` fp32 S_i and S_w,i at theta (detached), batch row order; the entropy on E and
         the importance weights of a later measurement start from these (``seq_logprob``, ``weighted``).
     x_half: ``(sum_{n in A} X_n, sum_{n in B} X_n)`` (fp32, parameter-shaped) over the two halves of
-        E named by ``halves`` when asked for, else None (the variance over U, DESIGN section 14).
+        E named by ``halves`` when asked for, else None (the variance over U, docs/design.md section 7).
     s_groups: ``(B_E, n_groups)`` float64 s_n^(g) = X_n^(g) . v^(g) by parameter group when asked for
         (``attribution``), else None; ``s_groups.sum(1)`` is s_n in float64.
     """

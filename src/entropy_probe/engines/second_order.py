@@ -1,4 +1,5 @@
-"""The second-order pass: per-unit q_n, ``mean_n q_n`` unbiased for ``v^T (grad^2 H) v`` (DESIGN section 12).
+"""The second-order pass: per-unit q_n, ``mean_n q_n`` unbiased for ``v^T (grad^2 H) v``
+(docs/design.md section 8).
 
 Along ``theta(t) = theta + t v`` write ``dS, d2S, dS_w, d2S_w`` for the first and second derivatives
 in t of a sequence's S and S_w. Differentiating ``H = sum_y pi(y) (-S_w(y))`` twice in t:

@@ -5,7 +5,7 @@
     attach(trainer, EntropyProbeCallback(eval_prompts, every=1, group_size=8, max_new_tokens=64))
     trainer.train()   # entropy_probe/* in state.log_history, report_to and output_dir/entropy_probe.jsonl
 
-Per probed optimizer step (DESIGN section 16), with the ``Trainer``'s own events:
+Per probed optimizer step (docs/design.md section 15), with the ``Trainer``'s own events:
 
 - ``on_pre_optimizer_step`` (after backward, accumulation and clipping, before ``optimizer.step()``):
   sample E, ``group_size`` responses to each held-out prompt from the current policy, pure

@@ -1,4 +1,5 @@
-"""Checks of DESIGN section 14 for ``entropy-probe validate``: se_total and the skew-aware interval.
+"""Checks of docs/design.md sections 6 and 7 for ``entropy-probe validate``: se_total and the skew-aware
+interval.
 
 - se_total: over K independent (U, E) pairs on the enumerable policy, ``var(delta_h1) / mean(se_total^2)``
   lies in its chi-square band, widened for the kurtosis of delta_h1 and the noise of the denominator

@@ -160,7 +160,8 @@ def run_shards(problem: Problem, s: Settings, seed: int, advance) -> dict:
     second order: delta_h2 and the forecast too).
 
     Also with the founding note's estimator (``x_estimator="seed"``, no pathwise term), biased for
-    "token-mean" with variable lengths (DESIGN section 3): the control that the unbiasedness check can fail.
+    "token-mean" with variable lengths (docs/design.md section 4): the control that the unbiasedness check
+    can fail.
     """
     probes = {w: _probe(problem, entropy_weighting=w, second_order=True) for w in WEIGHTINGS}
     probes[CONTROL] = _probe(problem, entropy_weighting="token-mean", x_estimator="seed")

@@ -62,7 +62,7 @@ def calibration_plot(path: Path, shards: dict, exact: dict, checks: dict, shard_
         panel.set_xlim(-0.6, len(weightings) - 0.4)
         panel.set(title=title, ylabel=ylabel)
         panel.legend(fontsize=8, loc="lower center")
-    fig.suptitle("Calibration over E with U fixed (DESIGN section 8, checks 1 and 4)", fontsize=13)
+    fig.suptitle("Calibration over E with U fixed (docs/design.md section 12, checks 1 and 4)", fontsize=13)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -8,7 +8,7 @@ fails. docs/validation.md explains every check and how to read the plots.
 Everything runs on the built-in ``TabularPolicy`` (``entropy_probe.toy``), whose responses can be listed: E is
 sampled exactly (``sample_enumerated``) and the true entropy and its gradient come from enumeration,
 so each estimate of the probe is compared with the exact number it estimates. U is sampled once and
-fixed; v is the note's Adam-preconditioned direction. The checks (DESIGN section 8):
+fixed; v is the note's Adam-preconditioned direction. The checks (docs/design.md section 12):
 
 1. calibration: over K independent E shards, the empirical variance of delta_h1 matches the mean
    predicted Var_E (chi-square interval), and the 95% intervals cover the exact value ~95% of the time;
@@ -18,10 +18,10 @@ fixed; v is the note's Adam-preconditioned direction. The checks (DESIGN section
    entropy weightings (responses have lengths 1 to 3);
 5. truth: delta_h_true(alpha) / (alpha * delta_h1) -> 1 as alpha -> 0, with H(theta + alpha eta v)
    by exact enumeration and by the probe's importance-weighted truth;
-6. second order (DESIGN section 12): the mean delta_h2 over the shards equals the exact
+6. second order (docs/design.md section 8): the mean delta_h2 over the shards equals the exact
    (eta^2/2) v^T grad^2 H v, both weightings; the error |truth - forecast| falls as alpha^3 (first
    order: alpha^2) on a log-log fit; and by_group sums exactly to delta_h1 (section 13).
-7. se_total (DESIGN section 14): over independent (U, E) pairs, var(delta_h1) / mean(se_total^2) in
+7. se_total (docs/design.md section 7): over independent (U, E) pairs, var(delta_h1) / mean(se_total^2) in
    its chi-square band for sgd, Adam-preconditioned fresh and warm, optimizer-step warm;
 8. the skew-aware ``result.interval()`` covers the exact change at its level on the skewed case
    ("sum" weighting, temperature 0.7, B_E = 16 and 32) and on an easy one.
@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="entropy-probe validate",
         description="Check on a built-in, exactly enumerable policy that the probe's forecast is unbiased "
         "and "
-        "its standard errors are calibrated (DESIGN section 8). Writes validation.json and PNG "
+        "its standard errors are calibrated (docs/design.md section 12). Writes validation.json and PNG "
         "plots; exits with status 1 when a check fails.",
     )
     parser.add_argument(

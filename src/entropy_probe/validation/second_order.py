@@ -1,4 +1,5 @@
-"""The checks of ``entropy-probe validate`` for the second order and the attribution (DESIGN sections 12, 13).
+"""The checks of ``entropy-probe validate`` for the second order and the attribution (docs/design.md
+sections 8 and 9).
 
 - delta_h2 unbiased: the mean of delta_h2 over the K shards of ``run_shards`` against the exact
   ``(eta^2/2) v^T grad^2 H v`` (float64 double backward through the enumerated entropy), both weightings;
