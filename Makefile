@@ -35,8 +35,8 @@ endif
 	touch $(STAMP)
 
 # Refresh constraints.txt: a fresh venv in a temporary folder, torch at TORCH_SPEC, the newest
-# releases of everything else that pyproject.toml allows (`.[dev]`), frozen. Then `make test` and
-# `make figures` on the new pins (~3 min for the install, network needed).
+# releases of everything else that pyproject.toml allows (`.[dev]`), frozen. A few minutes (it installs
+# torch and the dev tools). Then `make test` and `make figures` on the new pins.
 LOCK_VENV := /tmp/entropy-probe-lock
 lock:
 	rm -rf $(LOCK_VENV)
