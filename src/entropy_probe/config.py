@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable
 
 from .direction import DIRECTIONS
+from .inputs import is_integer, is_number
 from .logprobs import WEIGHTINGS
 from .objectives import ADVANTAGE_ESTIMATORS, LOSS_AGGREGATIONS, X_ESTIMATORS
 
@@ -77,17 +78,17 @@ class ProbeConfig:
                 raise ValueError(f"ProbeConfig.{name}: {msg}, got {getattr(self, name)!r}")
 
         need(
-            self.lr is None or (math.isfinite(self.lr) and self.lr > 0),
+            self.lr is None or (is_number(self.lr) and math.isfinite(self.lr) and self.lr > 0),
             "lr",
-            "must be a finite number > 0 or None",
+            "must be a finite number > 0 (not a boolean) or None",
         )
         need(
-            math.isfinite(self.temperature) and self.temperature > 0,
+            is_number(self.temperature) and math.isfinite(self.temperature) and self.temperature > 0,
             "temperature",
             "must be a finite number > 0",
         )
         need(
-            isinstance(self.microbatch_units, int) and self.microbatch_units >= 1,
+            is_integer(self.microbatch_units) and self.microbatch_units >= 1,
             "microbatch_units",
             "must be an integer >= 1",
         )
@@ -106,12 +107,15 @@ class ProbeConfig:
         )
         need(self.engine in ENGINES, "engine", f"must be one of {ENGINES}")
         need(
-            self.max_grad_norm is None or (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0),
+            self.max_grad_norm is None
+            or (
+                is_number(self.max_grad_norm) and math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0
+            ),
             "max_grad_norm",
             "must be a finite number > 0 or None",
         )
         need(
-            self.norm_length is None or (isinstance(self.norm_length, int) and self.norm_length >= 1),
+            self.norm_length is None or (is_integer(self.norm_length) and self.norm_length >= 1),
             "norm_length",
             "must be an integer >= 1 or None",
         )
@@ -120,14 +124,14 @@ class ProbeConfig:
             "norm_length",
             "is required with loss_aggregation='seq-mean-token-sum-norm' (TRL: max_completion_length)",
         )
-        object.__setattr__(
-            self, "truth_alphas", tuple(float(a) for a in self.truth_alphas)
-        )  # frozen: set once
+        alphas = tuple(self.truth_alphas) if isinstance(self.truth_alphas, (list, tuple)) else ()
         need(
-            len(self.truth_alphas) > 0 and all(math.isfinite(a) for a in self.truth_alphas),
+            len(alphas) > 0 and all(is_number(a) and math.isfinite(a) for a in alphas),
             "truth_alphas",
-            "must be a non-empty sequence of finite numbers",
+            "must be a non-empty sequence of finite numbers (not booleans)",
         )
+        object.__setattr__(self, "truth_alphas", tuple(float(a) for a in alphas))  # frozen: set once
+        need(isinstance(self.unconditional_se, bool), "unconditional_se", "must be True or False")
         need(isinstance(self.second_order, bool), "second_order", "must be True or False")
         need(
             self.by_group is None or isinstance(self.by_group, bool),

@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 from .from_grad import unwrap_optimizer
+from .inputs import is_number
 from .result import PREFIX
 
 PER_UNIT_Q = "per_unit_q"  # the attribute holding the q_n (DESIGN section 12); read with getattr
@@ -116,9 +117,12 @@ class EntropyGuard:
     """
 
     def __init__(self, max_drop: float, level: float = 0.95):
-        if not (isinstance(max_drop, (int, float)) and math.isfinite(max_drop) and max_drop > 0):
-            raise ValueError(f"EntropyGuard: max_drop must be a finite number of nats > 0, got {max_drop!r}")
-        if not (isinstance(level, (int, float)) and 0 < level < 1):
+        if not (is_number(max_drop) and math.isfinite(max_drop) and max_drop > 0):
+            raise ValueError(
+                f"EntropyGuard: max_drop must be a finite number of nats > 0 (not a boolean), "
+                f"got {max_drop!r}"
+            )
+        if not (is_number(level) and 0 < level < 1):
             raise ValueError(f"EntropyGuard: level must be in (0, 1), got {level!r}")
         self.max_drop, self.level = float(max_drop), float(level)
         self.z = NormalDist().inv_cdf(self.level)

@@ -48,6 +48,7 @@ from .engines import EvalProjections, eval_projections, eval_second_order, updat
 from .eval_statistics import EvalStatistics, eval_statistics
 from .forecast import SecondOrder, second_order_fields, second_order_statistics
 from .from_grad import direction_from_grad, grad_checksums, optimizer_lr, unwrap_optimizer
+from .inputs import check_token_ids, model_vocab_size
 from .logprobs import SequenceLogProbs
 from .objectives import UpdateTotals, advantages, policy_gradient_coefficients, unit_entropy
 from .result import ProbeResult
@@ -87,6 +88,7 @@ class EntropyProbe:
         self.optimizer = unwrap_optimizer(optimizer)
         self.config = config if config is not None else ProbeConfig()
         self.comm = communicator_for(model)
+        self.vocab_size = model_vocab_size(self.module)  # None: ids are not checked against a vocabulary
 
     # ---- parameters and learning rate ---------------------------------------------------------
     def parameters(self) -> Params:
@@ -167,6 +169,7 @@ class EntropyProbe:
                 raise ValueError("update_direction: update_batch is required")
             if update_batch is not None:
                 check_batch(update_batch, "update_batch")
+                check_token_ids(update_batch.input_ids, self.vocab_size, "update_batch")
             params, lr = self.parameters(), self.lr
             fsdp.check_call(params, self.config, False, None)
         except ValueError as e:
@@ -260,10 +263,10 @@ class EntropyProbe:
             n_sources = (update_batch is not None) + (direction is not None) + bool(from_grad)
             if n_sources > 1 or (n_sources == 0 and self.comm.world_size == 1):
                 raise ValueError("run: give exactly one of update_batch, direction and from_grad=True")
-            if eval_batch is not None:
-                check_batch(eval_batch, "eval_batch")
-            if update_batch is not None:
-                check_batch(update_batch, "update_batch")
+            for name, batch in (("eval_batch", eval_batch), ("update_batch", update_batch)):
+                if batch is not None:
+                    check_batch(batch, name)
+                    check_token_ids(batch.input_ids, self.vocab_size, name)
             params, lr = self.parameters(), self.lr
             fsdp.check_call(params, self.config, from_grad, eval_batch)  # FSDP2: what is supported
             given = None if direction is None else given_direction(direction, params)
