@@ -428,3 +428,19 @@ def test_probe_config_refuses_booleans_and_strings_by_name(field, value):
 def test_guard_refuses_booleans(kw):
     with pytest.raises(ValueError, match=r"EntropyGuard: (max_drop|level)"):
         ep.EntropyGuard(**kw)
+
+
+# ---- issue 23: identical E units, direction rules that are not the optimizer's step -------------------
+def test_identical_eval_units_warn_and_flag():
+    one = random_batch(1, group_size=3, seed=2)
+    ids = one.input_ids.repeat(4, 1)  # the same unit four times, as four group ids
+    groups = torch.arange(4).repeat_interleave(3)
+    same = RolloutBatch(ids, one.attention_mask.repeat(4, 1), one.response_mask.repeat(4, 1), groups)
+    probe = _probe(TinyLM(seed=0), direction="sgd")
+    with pytest.warns(RuntimeWarning, match=r"all 4 evaluation units give the same s_n"):
+        r = probe.run(random_batch(3, seed=1), same)
+    assert r.se_cond_e == 0 and r.delta_h1 != 0
+    assert r.reliable is False and "identical units" in r.caveats[0]
+    assert r.to_dict()["entropy_probe/reliable"] is False
+    ok = probe.run(random_batch(3, seed=1), random_batch(4, seed=2))
+    assert ok.reliable is True and ok.caveats == ()

@@ -43,7 +43,10 @@ class ProbeConfig:
     x_estimator: str = "unbiased"
     """Entropy-gradient estimate X_n: "unbiased" (with the pathwise term) or "seed" (the note's L_X)."""
     direction: str = "adam-preconditioned"
-    """Update direction v: "adam-preconditioned" (the note), "optimizer-step" or "sgd"."""
+    """Update direction v: "adam-preconditioned" (the note), "optimizer-step" (Adam/AdamW, closed form),
+    "optimizer-copy" (any torch.optim optimizer: its step taken by a copy) or "sgd". With from_grad, "sgd"
+    on an optimizer that takes another step is refused, and "adam-preconditioned" past Adam's first step
+    warns and flags the result (``reliable=False``)."""
     loss_aggregation: str = "seq-mean-token-mean"
     """Policy loss aggregation of the run: "seq-mean-token-mean" (GRPO), "seq-mean-token-sum",
     "token-mean" (DAPO), "seq-mean-token-sum-norm" (Dr. GRPO)."""

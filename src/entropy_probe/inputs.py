@@ -14,7 +14,7 @@ from __future__ import annotations
 import numbers
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 
 def is_number(x) -> bool:
@@ -53,16 +53,20 @@ def model_vocab_size(module: nn.Module) -> int | None:
     return None
 
 
-def check_token_ids(input_ids: Tensor, vocab_size: int | None, name: str) -> None:
-    """Every id (padding positions included: the model embeds them too) is below ``vocab_size``."""
+def check_token_ids(vocab_size: int | None, **batches) -> None:
+    """Every id of every batch given by name (padding positions included: the model embeds them too) is
+    below ``vocab_size``; None batches and an unknown vocabulary are skipped."""
     if vocab_size is None:
         return
-    bad = input_ids >= vocab_size  # (N, T)
-    if bad.any():
-        rows = bad.any(dim=1).nonzero()
-        row = int(rows[0, 0])
-        col = int(bad[row].nonzero()[0, 0])
-        raise ValueError(
-            f"{name}.input_ids: row {row} holds token id {int(input_ids[row, col])} at position {col}, "
-            f"outside the model's vocabulary (embedding size {vocab_size}; padding positions count too)"
-        )
+    for name, batch in batches.items():
+        if batch is None:
+            continue
+        ids = batch.input_ids
+        bad = ids >= vocab_size  # (N, T)
+        if bad.any():
+            row = int(bad.any(dim=1).nonzero()[0, 0])
+            col = int(bad[row].nonzero()[0, 0])
+            raise ValueError(
+                f"{name}.input_ids: row {row} holds token id {int(ids[row, col])} at position {col}, outside "
+                f"the model's vocabulary (embedding size {vocab_size}; padding positions count too)"
+            )

@@ -169,8 +169,8 @@ class EntropyProbe:
                 raise ValueError("update_direction: update_batch is required")
             if update_batch is not None:
                 check_batch(update_batch, "update_batch")
-                check_token_ids(update_batch.input_ids, self.vocab_size, "update_batch")
             params, lr = self.parameters(), self.lr
+            check_token_ids(self.vocab_size, update_batch=update_batch)
             fsdp.check_call(params, self.config, False, None)
         except ValueError as e:
             error = e
@@ -263,11 +263,12 @@ class EntropyProbe:
             n_sources = (update_batch is not None) + (direction is not None) + bool(from_grad)
             if n_sources > 1 or (n_sources == 0 and self.comm.world_size == 1):
                 raise ValueError("run: give exactly one of update_batch, direction and from_grad=True")
-            for name, batch in (("eval_batch", eval_batch), ("update_batch", update_batch)):
-                if batch is not None:
-                    check_batch(batch, name)
-                    check_token_ids(batch.input_ids, self.vocab_size, name)
-            params, lr = self.parameters(), self.lr
+            if eval_batch is not None:
+                check_batch(eval_batch, "eval_batch")
+            if update_batch is not None:
+                check_batch(update_batch, "update_batch")
+            params, lr = self.parameters(), self.lr  # first: the agreement check below needs them
+            check_token_ids(self.vocab_size, eval_batch=eval_batch, update_batch=update_batch)
             fsdp.check_call(params, self.config, from_grad, eval_batch)  # FSDP2: what is supported
             given = None if direction is None else given_direction(direction, params)
             if from_grad:
@@ -346,6 +347,7 @@ class EntropyProbe:
                     per_unit_q=None if second is None else second.q,
                 )
         state = EvalState(eval_batch, SequenceLogProbs(proj.seq_logprob, proj.weighted))
+        caveats = tuple(c for c in (upd.caveat, stats.caveat) if c is not None)
         return ProbeResult(
             delta_h1=stats.delta_h1,
             se_cond_e=stats.se_cond_e,
@@ -366,6 +368,8 @@ class EntropyProbe:
             var_update=None if jack is None else jack.var_update,
             update_influence=None if jack is None else jack.influence,
             update_unit_ids=update_ids,
+            reliable=not caveats,
+            caveats=caveats,
         )
 
     def measure_change(self, result: ProbeResult) -> MeasuredChange:

@@ -11,6 +11,7 @@ se_jackknife        delete-one jackknife SE over E units from the gathered s_n; 
 se_total            unconditional SE ``sqrt(var_cond_e + var_update)`` (None without U)
 var_update          V_U, the variance over U: jackknife through the exact direction map (None without U)
 interval_method     how ``interval()`` is built: "hull(student-t, bootstrap-t)" (DESIGN section 14)
+reliable            False when the probe knows a number may be wrong (``caveats`` says why)
 interval_lo95/hi95  ``interval(0.95)``
 truth/reliable      False when the importance weights are degenerate (ESS below truth.ess_threshold)
 entropy             entropy of the policy on E before the step, ``mean_n -(1/G) sum S_w`` (nats)
@@ -104,6 +105,10 @@ class ProbeResult:
     update_influence: Tensor | None = None  # (B_U,) float64 per U unit (update_jackknife); None without U
     update_unit_ids: Tensor | None = None  # (B_U,) group id of each U unit, the order of update_influence
     interval_method: str = INTERVAL_METHOD
+    reliable: bool = True
+    """False when the probe knows a number may be wrong: the direction rule is not the optimizer's step
+    (from_grad), or the E units are identical (SE 0 from B_E > 1 units); ``caveats`` says why."""
+    caveats: tuple[str, ...] = ()
 
     def forecast_interval(self, level: float = 0.95) -> tuple[float, float]:
         """Normal interval of ``forecast`` over E, ``forecast -+ z * se_forecast``; needs second_order."""
@@ -148,6 +153,7 @@ class ProbeResult:
             "lr",
             "n_dropped_rows",
             "interval_method",
+            "reliable",
         )
         out = {f"{PREFIX}{k}": getattr(self, k) for k in keys}
         out[f"{PREFIX}interval_lo95"], out[f"{PREFIX}interval_hi95"] = self.interval(0.95)
