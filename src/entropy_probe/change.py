@@ -19,7 +19,7 @@ from .config import ProbeConfig
 from .fsdp import is_sharded, logprobs_lockstep
 from .logprobs import SequenceLogProbs
 from .result import PREFIX
-from .truth import _check_weights, entropy_change, logprobs_at
+from .truth import _check_weights, entropy_change, logprobs_at, step_too_large
 from .vectors import Params
 
 
@@ -62,11 +62,13 @@ def measure_change(
     after = None
     if state.batch is not None:
         sharded = is_sharded(params)  # FSDP2: forwards are collectives, every rank runs every rank's E
-        after = (
-            logprobs_lockstep(module, state.batch, cfg)
-            if sharded
-            else logprobs_at(module, dict(params), state.batch, cfg)
-        )
-        _check_weights(state.before.seq, after.seq, 1.0)
+        where = "measure_change (the real step, on the forecast's E)"
+        with step_too_large(where, f"the optimizer's step; the forecast was made at lr {lr:g}"):
+            after = (
+                logprobs_lockstep(module, state.batch, cfg)
+                if sharded
+                else logprobs_at(module, dict(params), state.batch, cfg)
+            )
+        _check_weights(state.before.seq, after.seq, where)
     change = entropy_change(state.batch, state.before, after, per_unit, lr, comm=comm)
     return MeasuredChange(delta_h=change.delta_h, se=change.se, ess=change.ess, se_diff=change.se_diff)
