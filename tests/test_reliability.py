@@ -88,3 +88,33 @@ def test_unrepresentable_weights_are_an_error_not_a_number():
         policy.table.copy_(flat)
     with pytest.raises(ValueError, match=r"^measure_change .*importance weight of eval sequence \d+ is exp"):
         probe.measure_change(result)
+
+
+# ---- result.entropy against an independent computation; the bootstrap on tiny B_E -------------------
+def test_result_entropy_is_the_mean_unit_entropy_by_hand():
+    """entropy = mean over E units of -(1/G) sum_i S_w,i, S_w from a hand-written log_softmax + gather."""
+    from core_support import TinyLM, hand_token_logprobs
+
+    model = TinyLM(seed=0)
+    E = random_batch(5, group_size=[2, 3, 4, 3, 2], seed=2)
+    for weighting in ("token-mean", "sum"):
+        cfg = ep.ProbeConfig(lr=1e-2, direction="sgd", entropy_weighting=weighting)
+        r = ep.EntropyProbe(model, config=cfg).run(random_batch(3, seed=1), E)
+        with torch.no_grad():
+            lp = hand_token_logprobs(model, E).double()  # (N, T)
+        m = E.response_mask.double()
+        w = m / m.sum(dim=1, keepdim=True) if weighting == "token-mean" else m
+        s_w = (lp * w).sum(dim=1)  # (N,)
+        units = [-s_w[E.unit_index == u].mean() for u in range(E.n_units)]
+        assert r.entropy == pytest.approx(float(torch.stack(units).mean()), rel=1e-6)
+
+
+@pytest.mark.parametrize("b", [3, 4])
+def test_bootstrap_interval_is_finite_on_tiny_samples(b):
+    """With B_E = 3 or 4 many resamples draw one unit B times (se* = 0): they carry no t and must be
+    dropped, else the quantiles are NaN."""
+    from entropy_probe.statistics import bootstrap_t_interval
+
+    s = torch.tensor([0.3, -1.2, 2.0, 0.7][:b], dtype=torch.float64)
+    lo, hi = bootstrap_t_interval(s, lr=0.5, level=0.9)
+    assert math.isfinite(lo) and math.isfinite(hi) and lo < 0.5 * float(s.mean()) < hi
