@@ -94,7 +94,16 @@ class EntropyProbeCallback(TrainerCallback):
         entropy_budget: float | None = None,
         level: float = 0.95,
     ):
-        _check_arguments(eval_prompts, every, group_size, max_new_tokens, config, seed, entropy_budget, level)
+        _check_arguments(
+            eval_prompts,
+            every=every,
+            group_size=group_size,
+            max_new_tokens=max_new_tokens,
+            config=config,
+            seed=seed,
+            budget=entropy_budget,
+            level=level,
+        )
         self.eval_prompts = [p["prompt"] if isinstance(p, dict) else p for p in eval_prompts]
         self.every, self.group_size, self.max_new_tokens, self.seed = every, group_size, max_new_tokens, seed
         self.config = config if config is not None else ProbeConfig(direction="optimizer-step")
@@ -143,11 +152,10 @@ class EntropyProbeCallback(TrainerCallback):
                 pad_token_id=pad,
                 seed=self.seed + state.global_step * world + rank,
             )
-        probe = EntropyProbe(model, optimizer, cfg)
-        if world > 1:  # the Trainer hands callbacks the unwrapped model: the ranks combine through the group
-            from ..distributed import ProcessGroupComm
-
-            probe.comm = ProcessGroupComm()
+        # the Trainer hands callbacks the unwrapped model: the ranks combine through the default group
+        probe = EntropyProbe(
+            model, optimizer, cfg, process_group=torch.distributed.group.WORLD if world > 1 else None
+        )
         result = probe.run(eval_batch=eval_batch, from_grad=True)
         decision = self._guard_step(optimizer, result) if self.guard is not None else None
         self._pending = (probe, result, decision, state.global_step + 1)  # step number once it is taken
@@ -158,11 +166,9 @@ class EntropyProbeCallback(TrainerCallback):
             return
         probe, result, decision, step = self._pending
         self._pending = None
-        guard_metrics, guard_record, taken = {}, {}, result
-        if decision is not None:
-            # the step taken was lr * scale * v: measured.se_diff is against that step's first-order forecast
-            taken = replace(result, lr=result.lr * decision.scale, delta_h1=result.delta_h1 * decision.scale)
-        measured = probe.measure_change(taken)
+        guard_metrics, guard_record = {}, {}
+        # the step taken was lr * scale * v: measured.se_diff is against that step's first-order forecast
+        measured = probe.measure_change(result, step_scale=1.0 if decision is None else decision.scale)
         if decision is not None:
             guard_metrics = {
                 **decision.to_dict(),
@@ -172,7 +178,7 @@ class EntropyProbeCallback(TrainerCallback):
         metrics = {
             f"{PREFIX}step": step,
             **result.to_dict(),
-            **_taken(taken, 1.0 if decision is None else decision.scale),
+            **_taken(result, 1.0 if decision is None else decision.scale),
             **measured.to_dict(),
             **guard_metrics,
         }
@@ -246,14 +252,14 @@ def tokenise_prompt(processing_class, prompt) -> list[int]:
     )
 
 
-def _taken(taken, scale: float) -> dict:
+def _taken(result, scale: float) -> dict:
     """The first-order forecast of the step actually taken (at ``scale`` x lr when guarded), under its own
     names; ``delta_h1`` keeps the forecast of the unscaled step."""
     return {
         f"{PREFIX}taken/scale": scale,
-        f"{PREFIX}taken/lr": taken.lr,
-        f"{PREFIX}taken/delta_h1": taken.delta_h1,
-        f"{PREFIX}taken/se_cond_e": taken.se_cond_e * scale,
+        f"{PREFIX}taken/lr": result.lr * scale,
+        f"{PREFIX}taken/delta_h1": result.delta_h1 * scale,
+        f"{PREFIX}taken/se_cond_e": result.se_cond_e * scale,
     }
 
 
@@ -261,9 +267,11 @@ def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _check_arguments(eval_prompts, every, group_size, max_new_tokens, config, seed, budget, level) -> None:
+def _check_arguments(eval_prompts, **kw) -> None:
     """Every argument of ``EntropyProbeCallback``, when it is built (a ValueError naming it)."""
     name = "EntropyProbeCallback."
+    every, group_size, max_new_tokens = kw["every"], kw["group_size"], kw["max_new_tokens"]
+    config, seed, budget, level = kw["config"], kw["seed"], kw["budget"], kw["level"]
     if (
         eval_prompts is None
         or isinstance(eval_prompts, (str, dict))
