@@ -31,18 +31,35 @@ def test_the_docs_quote_every_record_and_make_figures_writes_each():
     assert records <= quoted, f"records no document quotes: {records - quoted}"
 
 
-def test_records_ran_on_the_pinned_versions():
-    pins = {}
+def pins() -> dict[str, str]:
+    """constraints.txt as {normalised name: version}."""
+    found = {}
     for line in (figures.ROOT / "constraints.txt").read_text().splitlines():
         if "==" in line and not line.startswith("#"):
             name, version = line.split("==")
-            pins[name.lower().replace("_", "-")] = version.strip()
+            found[re.sub(r"[-_.]+", "-", name.lower())] = version.strip()
+    return found
+
+
+def test_every_dependency_in_pyproject_is_pinned():
+    """A dependency added to pyproject.toml without `make lock` would install unpinned."""
+    text = (figures.ROOT / "pyproject.toml").read_text()
+    optional = text.split("[project.optional-dependencies]")[1].split("\n[")[0]
+    lists = re.findall(r"^dependencies = \[(.*?)\]", text, flags=re.M | re.S)
+    lists += re.findall(r"\[(.*?)\]", optional)
+    names = {re.sub(r"[-_.]+", "-", n.lower()) for b in lists for n in re.findall(r'"([A-Za-z0-9_.-]+)', b)}
+    assert "torch" in names and "trl" in names  # the parse found the lists
+    assert names <= pins().keys(), f"not pinned in constraints.txt (run make lock): {names - pins().keys()}"
+
+
+def test_records_ran_on_the_pinned_versions():
+    pins_ = pins()
     for name, record in figures.load_records().items():
         for package, version in (record["versions"] or {}).items():
             if package not in TORCH_FREE:
-                assert version.split("+")[0] == pins[package], (
+                assert version.split("+")[0] == pins_[package], (
                     f"docs/records/{name}.json ran on {package} {version}, constraints.txt pins "
-                    f"{pins[package]}: re-run `make figures` on the pinned install"
+                    f"{pins_[package]}: re-run `make figures` on the pinned install"
                 )
 
 
