@@ -52,12 +52,16 @@ def sample_rollouts(
     temperature: float = 1.0,
     seed: int = 0,
     pad_token_id: int | None = None,
+    synced_gpus: bool = False,
 ) -> RolloutBatch:
     """``group_size`` sampled responses for each prompt, scored by ``reward_fn``, as a ``RolloutBatch``.
 
     reward_fn: None for an evaluation batch (E needs no rewards): the batch then carries none.
 
     pad_token_id: the id written at padding positions (attention 0); default ``eos_token_id``.
+    synced_gpus: the model's forward is a collective (FSDP2): every rank of the default process group
+        calls this together and keeps stepping until all ranks are done (``generate(synced_gpus=True)``;
+        Hugging Face does not detect FSDP2 itself, and ranks that stop early deadlock the others).
     """
     prompts = _check_inputs(prompts, group_size, max_new_tokens, eos_token_id, temperature)
     pad = eos_token_id if pad_token_id is None else int(pad_token_id)
@@ -71,9 +75,11 @@ def sample_rollouts(
     with torch.random.fork_rng(devices=cuda), caller, torch.no_grad():
         torch.manual_seed(seed)
         if _is_hf_generator(module):
-            out = _generate_hf(module, ids, attn, max_new_tokens, eos_token_id, pad, temperature)
+            out = _generate_hf(module, ids, attn, max_new_tokens, eos_token_id, pad, temperature, synced_gpus)
         else:
-            out = _generate_loop(module, ids, attn, max_new_tokens, eos_token_id, pad, temperature)
+            out = _generate_loop(
+                module, ids, attn, max_new_tokens, eos_token_id, pad, temperature, synced_gpus
+            )
     response = out[:, ids.shape[1] :]  # (N, L)
     resp_mask = response_mask_until_eos(response, eos_token_id)  # (N, L)
     response = torch.where(resp_mask.bool(), response, pad)
@@ -141,7 +147,14 @@ def _is_hf_generator(module: nn.Module) -> bool:
 
 
 def _generate_hf(
-    module, ids: Tensor, attn: Tensor, max_new_tokens: int, eos: int, pad: int, temperature: float
+    module,
+    ids: Tensor,
+    attn: Tensor,
+    max_new_tokens: int,
+    eos: int,
+    pad: int,
+    temperature: float,
+    synced: bool,
 ) -> Tensor:
     """``(N, Tp + L)`` prompt and sampled tokens from ``generate`` (KV cache, pure sampling)."""
     config = pure_sampling_config(max_new_tokens, eos, pad, temperature)
@@ -153,7 +166,9 @@ def _generate_hf(
     saved = module.generation_config
     module.generation_config = GenerationConfig()
     try:
-        return module.generate(input_ids=ids, attention_mask=attn, generation_config=config)
+        return module.generate(
+            input_ids=ids, attention_mask=attn, generation_config=config, synced_gpus=synced
+        )
     finally:
         module.generation_config = saved
 
@@ -185,9 +200,18 @@ def pure_sampling_config(max_new_tokens: int, eos: int, pad: int, temperature: f
 
 
 def _generate_loop(
-    module, ids: Tensor, attn: Tensor, max_new_tokens: int, eos: int, pad: int, temperature: float
+    module,
+    ids: Tensor,
+    attn: Tensor,
+    max_new_tokens: int,
+    eos: int,
+    pad: int,
+    temperature: float,
+    synced: bool,
 ) -> Tensor:
-    """``(N, Tp + L)`` by a plain loop: full forward each step, sample from the last position."""
+    """``(N, Tp + L)`` by a plain loop: full forward each step, sample from the last position.
+
+    ``synced``: stop only when every rank is done (one all-reduce of a flag per step)."""
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
     for _ in range(max_new_tokens):
         logits = model_logits(module, ids, attn)[:, -1].float() / temperature  # (N, V)
@@ -196,9 +220,17 @@ def _generate_loop(
         ids = torch.cat([ids, nxt[:, None]], dim=1)
         attn = torch.cat([attn, (~done).long()[:, None]], dim=1)
         done = done | (nxt == eos)
-        if done.all():
+        if _all_done(done, synced):
             break
     return ids
+
+
+def _all_done(done: Tensor, synced: bool) -> bool:
+    if not synced:
+        return bool(done.all())
+    pending = (~done).any().long().reshape(1)  # 1 while this rank has a row still sampling
+    torch.distributed.all_reduce(pending)
+    return int(pending) == 0
 
 
 def _check_inputs(prompts, group_size, max_new_tokens, eos_token_id, temperature) -> list[tuple[int, ...]]:
