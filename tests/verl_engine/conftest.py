@@ -18,6 +18,11 @@ if HAVE_VERL:
     sys.path.insert(0, str(HERE))  # cpu_platform, verl_support
 
 
+def pytest_configure(config):
+    # verl announces each engine whose package is absent (megatron, torchtitan, ...): not ours to fix
+    config.addinivalue_line("filterwarnings", "ignore:.*engine is not available:UserWarning")
+
+
 def pytest_ignore_collect(collection_path, config):
     if not HAVE_VERL and collection_path.is_relative_to(HERE):
         return True

@@ -11,6 +11,7 @@ mixed precision: the trajectories are compared bit for bit).
 from __future__ import annotations
 
 import os
+import socket
 import uuid
 from functools import partial
 from pathlib import Path
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 from cpu_platform import use_cpu_platform
 
+torch.set_num_threads(1)  # 2 cores shared by the test processes: more threads are much slower here
 use_cpu_platform()  # before verl.workers.engine is imported: transformer_impl reads the device at import
 
 from tensordict import TensorDict  # noqa: E402
@@ -35,14 +37,20 @@ VOCAB, EOS, PAD = 48, 1, 0
 TEMPERATURE = 1.0
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def init_gloo() -> tuple[int, int]:
     """(rank, world): the gloo group of torchrun's environment, or a one-process group."""
     if not torch.distributed.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29533")
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
-        torch.distributed.init_process_group("gloo")
+        if "RANK" in os.environ:  # torchrun
+            torch.distributed.init_process_group("gloo")
+        else:
+            url = f"tcp://127.0.0.1:{free_port()}"
+            torch.distributed.init_process_group("gloo", init_method=url, rank=0, world_size=1)
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
