@@ -60,10 +60,14 @@ VERL_PINS  := constraints-verl.txt
 
 install-verl: $(VERL_STAMP)
 
+# cachetools, uvicorn, fastapi: verl 0.9.1's trainer (verl_ray's imports) needs them without declaring them
+# (a GPU install gets them with vLLM)
+VERL_TEST_DEPS := pytest cachetools uvicorn fastapi
+
 $(VERL_STAMP): pyproject.toml $(VERL_PINS)
 	$(PYTHON) -m venv $(VERL_VENV)
 	$(VERL_PY) -m pip install -q "$(TORCH_SPEC)"
-	$(VERL_PY) -m pip install -q -c $(VERL_PINS) -e ".[verl]" pytest
+	$(VERL_PY) -m pip install -q -c $(VERL_PINS) -e ".[verl]" $(VERL_TEST_DEPS)
 	touch $(VERL_STAMP)
 
 # ENTROPY_PROBE_REQUIRE_VERL: a verl test that cannot import verl fails instead of being left out
@@ -75,7 +79,7 @@ lock-verl:
 	rm -rf .venv-verl-lock
 	$(PYTHON) -m venv .venv-verl-lock
 	.venv-verl-lock/bin/pip install -q "$(TORCH_SPEC)"
-	.venv-verl-lock/bin/pip install -q -e ".[verl]" pytest
+	.venv-verl-lock/bin/pip install -q -e ".[verl]" $(VERL_TEST_DEPS)
 	{ sed -n '1,2p' $(VERL_PINS); .venv-verl-lock/bin/pip freeze --exclude-editable | grep -v '^entropy' \
 	  | sed 's/^torch==\([0-9.]*\)+.*/torch==\1/'; } > $(VERL_PINS).new
 	mv $(VERL_PINS).new $(VERL_PINS)
