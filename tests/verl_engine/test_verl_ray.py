@@ -5,6 +5,7 @@ and ``ProbedTaskRunner`` putting ``ProbedActorRolloutRefWorker`` in verl's role 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,17 @@ def test_task_runner_puts_the_probed_worker_in_the_role_mapping(config):
     from verl.single_controller.base.decorator import MAGIC_ATTR
 
     assert getattr(ProbedActorRolloutRefWorker.init_model, MAGIC_ATTR)["dispatch_mode"].name == "ONE_TO_ALL"
+
+
+def test_the_example_config_composes_with_verl_and_the_probe():
+    """examples/verl_grpo/overrides.txt (what run_grpo.sh passes) is a valid override set of verl 0.9.1's
+    own config, trains the actor with FSDP2 and holds a valid probe block whose prompts load."""
+    root = Path(__file__).resolve().parents[2]
+    lines = (root / "examples" / "verl_grpo" / "overrides.txt").read_text().splitlines()
+    config = verl_config(*[line for line in lines if line and not line.startswith("#")])
+    actor_rollout_ref = config.actor_rollout_ref
+    check_actor_strategy(actor_rollout_ref)
+    assert config.algorithm.adv_estimator == "grpo"
+    settings = probe_settings(actor_rollout_ref)
+    prompts = json.loads((root / settings["prompts_file"]).read_text())
+    assert len(prompts) == 8 and all(p[0]["role"] == "user" for p in prompts)
