@@ -193,6 +193,8 @@ def test_attach_checks_its_arguments_and_detach_restores_the_engine(model_dir):
         attach(engine, source, every=0)
     with pytest.raises(ValueError, match="eval_source"):
         attach(engine, [[3, 4]])
+    with pytest.raises(ValueError, match="every rank needs at least one"):
+        HeldOutPrompts([], eos_token_id=1).check(world=1)
     probe = attach(engine, source, every=3)
     assert engine.train_batch.__func__ is probe._train_batch_with_metrics.__func__
     assert (

@@ -67,14 +67,18 @@ class HeldOutPrompts:
     pad_token_id: int | None = None
     seed: int = 0
 
-    def sample(self, module: torch.nn.Module, step: int, temperature: float) -> RolloutBatch:
-        rank, world = _rank_and_world()
-        mine = list(self.prompt_ids)[rank::world]
-        if not mine:
+    def check(self, world: int) -> None:
+        """A ValueError (on every rank alike) when some rank would get no prompt."""
+        if len(self.prompt_ids) < world:
             raise ValueError(
                 f"HeldOutPrompts.prompt_ids: {len(self.prompt_ids)} prompt(s) for {world} ranks; every rank "
                 "needs at least one (FSDP2 runs E on all ranks in lock-step)"
             )
+
+    def sample(self, module: torch.nn.Module, step: int, temperature: float) -> RolloutBatch:
+        rank, world = _rank_and_world()
+        self.check(world)
+        mine = list(self.prompt_ids)[rank::world]
         try:
             return sample_rollouts(
                 module, mine, self.group_size, self.max_new_tokens, self.eos_token_id, reward_fn=None,
@@ -112,6 +116,8 @@ class EngineProbe:
                 "attach: eval_source must be HeldOutPrompts, a RolloutBatch or a callable "
                 f"step -> RolloutBatch, got {type(eval_source).__name__}"
             )
+        if isinstance(eval_source, HeldOutPrompts):
+            eval_source.check(_rank_and_world()[1])  # at attach, not in a collective where ranks would hang
         self.engine, self.eval_source, self.every, self.guard = engine, eval_source, every, guard
         self.config = config if config is not None else ProbeConfig(direction="optimizer-step")
         self.probe = EntropyProbe(engine.module, engine.optimizer, self.config)
