@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -164,10 +164,8 @@ class EngineProbe:
             return
         result, decision = self._pending
         self._pending = None
-        taken = result  # the step taken was lr * scale * v: its first-order forecast scales with it
-        if decision is not None:
-            taken = replace(result, lr=result.lr * decision.scale, delta_h1=result.delta_h1 * decision.scale)
-        measured = self.probe.measure_change(taken)
+        # the step taken was lr * scale * v: measured.se_diff is against that step's first-order forecast
+        measured = self.probe.measure_change(result, step_scale=1.0 if decision is None else decision.scale)
         metrics = {f"{PREFIX}step": self.steps, **result.to_dict(), **measured.to_dict()}
         if decision is not None:
             metrics.update(decision.to_dict())
