@@ -31,25 +31,37 @@ def test_the_docs_quote_every_record_and_make_figures_writes_each():
     assert records <= quoted, f"records no document quotes: {records - quoted}"
 
 
-def pins() -> dict[str, str]:
-    """constraints.txt as {normalised name: version}."""
+def pins(name: str = "constraints.txt") -> dict[str, str]:
+    """A pin file as {normalised name: version}."""
     found = {}
-    for line in (figures.ROOT / "constraints.txt").read_text().splitlines():
+    for line in (figures.ROOT / name).read_text().splitlines():
         if "==" in line and not line.startswith("#"):
-            name, version = line.split("==")
-            found[re.sub(r"[-_.]+", "-", name.lower())] = version.strip()
+            package, version = line.split("==")
+            found[_normalised(package)] = version.strip()
     return found
 
 
+def _normalised(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name.lower())
+
+
+def _names(block: str) -> set[str]:
+    return {_normalised(n) for n in re.findall(r'"([A-Za-z0-9_.-]+)', block)}
+
+
 def test_every_dependency_in_pyproject_is_pinned():
-    """A dependency added to pyproject.toml without `make lock` would install unpinned."""
+    """A dependency added to pyproject.toml without `make lock` would install unpinned. An extra with a
+    pin file of its own (constraints-<extra>.txt, its own environment) is checked against that file."""
     text = (figures.ROOT / "pyproject.toml").read_text()
     optional = text.split("[project.optional-dependencies]")[1].split("\n[")[0]
-    lists = re.findall(r"^dependencies = \[(.*?)\]", text, flags=re.M | re.S)
-    lists += re.findall(r"\[(.*?)\]", optional)
-    names = {re.sub(r"[-_.]+", "-", n.lower()) for b in lists for n in re.findall(r'"([A-Za-z0-9_.-]+)', b)}
-    assert "torch" in names and "trl" in names  # the parse found the lists
-    assert names <= pins().keys(), f"not pinned in constraints.txt (run make lock): {names - pins().keys()}"
+    extras = dict(re.findall(r"^(\w+) = \[(.*?)\]", optional, flags=re.M))
+    main = _names(re.search(r"^dependencies = \[(.*?)\]", text, flags=re.M | re.S).group(1))
+    assert "torch" in main and "trl" in _names(extras["dev"])  # the parse found the lists
+    for extra, block in {"main": "", **extras}.items():
+        own = figures.ROOT / f"constraints-{extra}.txt"
+        pinned = pins(own.name if own.exists() else "constraints.txt")
+        names = main if extra == "main" else _names(block)
+        assert names <= pinned.keys(), f"{extra}: not pinned (run make lock): {sorted(names - pinned.keys())}"
 
 
 def test_records_ran_on_the_pinned_versions():

@@ -1,4 +1,4 @@
-"""The probe inside verl's FSDP2 training engine (``FSDPEngineWithLMHead``), DESIGN section 22.
+"""The probe inside verl's FSDP2 training engine (``FSDPEngineWithLMHead``), docs/design.md section 18.
 
     from entropy_probe.integrations.verl import HeldOutPrompts, attach
     probe = attach(engine, HeldOutPrompts(prompt_ids, group_size=8, max_new_tokens=256, eos_token_id=eos),
