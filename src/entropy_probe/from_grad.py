@@ -22,7 +22,13 @@ from torch import Tensor, nn
 
 from .direction import UpdateDirection, build_direction
 from .fsdp import is_sharded, local_view
+from .step_view import StepView
 from .vectors import first_nonfinite
+
+NO_GRAD = (
+    "from_grad: no trainable parameter has a .grad; call it after loss.backward() and "
+    "before optimizer.zero_grad()"
+)
 
 
 def unwrap_optimizer(optimizer):
@@ -43,21 +49,30 @@ def direction_from_grad(
 ) -> UpdateDirection:
     """v from ``-p.grad`` by the rule ``kind``; ``v_lr`` the rate v is normalised by (0: v = 0).
 
-    There is no U batch, so no variance over U (``se_total`` is None). Memory: one negated copy of the
-    gradient, turned into v in place (the caller's ``.grad`` is never written). FSDP2
-    (DTensor parameters): v is built on this rank's shards (``fsdp.local_view``) and is a local shard.
+    There is no U batch, so no variance over U (``se_total`` is None). Memory: v is a ``StepView``, which
+    forms each parameter's step where it is used and holds none whole (the caller's ``.grad`` is never
+    written). FSDP2 (DTensor parameters): v is built whole on this rank's shards (``fsdp.local_view``).
     """
     if is_sharded(params):
-        params, optimizer = local_view(params, optimizer)
+        return _sharded_direction(kind, params, optimizer, v_lr)
+    grads = {name: p.grad for name, p in params.items()}
+    if all(g is None for g in grads.values()):
+        raise ValueError(NO_GRAD)
+    bad = first_nonfinite(grads)
+    if bad is not None:
+        raise ValueError(f"from_grad: the .grad of parameter {bad!r} is not finite")
+    return UpdateDirection(v=StepView(kind, params, optimizer, v_lr))
+
+
+def _sharded_direction(kind: str, params: dict[str, nn.Parameter], optimizer, v_lr: float) -> UpdateDirection:
+    """FSDP2: v built whole on this rank's shards (``fsdp.local_view``), one negated copy of the gradient."""
+    params, optimizer = local_view(params, optimizer)
     grad_j: dict[str, Tensor | None] = {
         name: None if p.grad is None else -p.grad.detach()  # ascent direction
         for name, p in params.items()
     }
     if all(g is None for g in grad_j.values()):
-        raise ValueError(
-            "from_grad: no trainable parameter has a .grad; call it after loss.backward() and "
-            "before optimizer.zero_grad()"
-        )
+        raise ValueError(NO_GRAD)
     bad = first_nonfinite(grad_j)
     if bad is not None:
         raise ValueError(f"from_grad: the .grad of parameter {bad!r} is not finite")

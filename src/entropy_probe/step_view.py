@@ -1,0 +1,102 @@
+"""v from the trainer's ``.grad``, formed parameter by parameter where it is used, never whole.
+
+``run(eval_batch=E, from_grad=True)`` needs v only inside the E pass, where each parameter's share of
+X_n is dotted with v the moment the reverse pass forms it (``engines.backward.projected_backward``).
+Building v whole first cost one fp32 copy of the parameters (plus the rule's temporaries) on top of
+the pass: 1.6x the fp32 parameter bytes at the peak on a 29M-parameter GPT-2 (docs/performance.md).
+``StepView`` holds no parameter-sized tensor instead. It reads, when asked, the parameter's ``.grad``,
+the optimizer's state and hyper-parameters (weight decay, betas, per-group rate) and forms that
+parameter's step by the configured rule (``direction.parameter_direction``, the same arithmetic as
+the whole v, elementwise, so chunk by chunk it gives the same numbers):
+
+- ``dot(name, x)``: ``x . v[name]`` in chunks of ``CHUNK`` elements: the step is never held whole,
+  only one chunk's temporaries (a few times 256 KiB);
+- ``view[name]``: the whole fp32 v of one parameter (the jvp engine's tangents, the truth's step):
+  formed anew on every read, so a caller that reads every entry at once holds v whole again.
+
+The price is arithmetic: the step is formed again for every E unit (about ten elementwise passes over
+the parameters per unit, against the one of the dot product), except for parameters smaller than
+``CHUNK``, whose steps are formed once and kept (they are many and cheap to hold, and per-op overhead
+dominates their cost).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+
+import torch
+from torch import Tensor
+
+from .direction import ParamHyper, _require_adam, _step_of, optimizer_hyper, parameter_direction
+from .vectors import Params
+
+CHUNK = 1 << 16  # elements: one chunk's temporaries stay in the cache; below this a step is kept whole
+
+
+class StepView(Mapping):
+    """``{name: fp32 v}`` for the step the optimizer will take from the ``.grad`` now on ``params``.
+
+    kind: the direction rule ("optimizer-step", "adam-preconditioned", "sgd"); ``v_lr``: the rate v is
+    normalised by (> 0). Nothing of the caller's is written (the gradient is copied chunk by chunk
+    before the rule overwrites it). The ``.grad`` and the optimizer state must not change while the
+    view is in use (one probe call).
+    """
+
+    def __init__(self, kind: str, params: Params, optimizer, v_lr: float):
+        if kind == "optimizer-step" or (kind != "sgd" and optimizer is not None):
+            _require_adam(optimizer, kind)  # the checks of direction.build_direction
+        self.kind, self.params, self.lr = kind, params, v_lr
+        self.hyper = optimizer_hyper(params, optimizer, default_lr=v_lr)
+        for h in self.hyper.values():  # the step count as an int: no host sync per chunk on a GPU
+            if h.state is not None:
+                h.state = {**h.state, "step": _step_of(h.state)}
+        self.kept = {
+            name: self._form(name, 0, p.numel()).reshape(p.shape)
+            for name, p in params.items()
+            if p.numel() < CHUNK
+        }
+
+    def __getitem__(self, name: str) -> Tensor:
+        if name in self.kept:
+            return self.kept[name]
+        p = self.params[name]
+        return self._form(name, 0, p.numel()).reshape(p.shape)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.params)
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+    def dot(self, name: str, x: Tensor) -> Tensor:
+        """fp32 device scalar ``x . v[name]`` (``x`` parameter-shaped), one chunk of the step at a time."""
+        x = x.reshape(-1)
+        if name in self.kept:
+            return torch.vdot(x.float(), self.kept[name].reshape(-1))
+        total = torch.zeros((), dtype=torch.float32, device=x.device)
+        for start in range(0, x.numel(), CHUNK):
+            stop = min(start + CHUNK, x.numel())
+            total += torch.vdot(x[start:stop].float(), self._form(name, start, stop))
+        return total
+
+    def _form(self, name: str, start: int, stop: int) -> Tensor:
+        """Flat fp32 v of ``params[name]`` over elements ``[start, stop)``."""
+        p, h = self.params[name], self.hyper[name]
+        flat = p.detach().reshape(-1)[start:stop]
+        if p.grad is None or h.lr == 0.0:
+            return torch.zeros(stop - start, dtype=torch.float32, device=p.device)
+        grad = (
+            -p.grad.detach().reshape(-1)[start:stop].float()
+        )  # ascent direction; a copy: the rule writes it
+        return parameter_direction(self.kind, flat, grad, _sliced(h, start, stop), self.lr)
+
+
+def _sliced(h: ParamHyper, start: int, stop: int) -> ParamHyper:
+    """``h`` with its parameter-shaped state tensors cut to elements ``[start, stop)`` (views, no copy)."""
+    if not h.state:
+        return h
+    state = {
+        k: t.reshape(-1)[start:stop] if isinstance(t, Tensor) and t.dim() > 0 else t
+        for k, t in h.state.items()
+    }
+    return ParamHyper(h.lr, h.betas, h.eps, h.weight_decay, h.decoupled, h.amsgrad, state)
