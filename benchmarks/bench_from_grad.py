@@ -15,7 +15,9 @@ benchmarks/bench_engines.py):
   ``clip_grad_norm_``, ``AdamW.step()``, ``zero_grad()``;
 - **probe, <engine> engine**: ``probe.run(eval_batch=E, from_grad=True)`` (v from the ``.grad`` a
   backward left, the s_n over E, the statistics) plus ``probe.measure_change(result)`` (one forward over
-  E), with ``direction="optimizer-step"`` and a warm AdamW (one real step taken before).
+  E), with ``direction="optimizer-step"`` and a warm AdamW (one real step taken before);
+- **probe, backward engine, step formed whole**: the same with ``ProbeConfig(step_in_hook=False)`` (each
+  parameter's step formed once and kept, instead of formed again in the hook for every E unit).
 
 ``--profile N``: the probe call (backward engine) under cProfile, N calls; the JSON gets the functions
 with the largest own and cumulative times per call. Writes ``<out>/bench_from_grad.json``.
@@ -82,15 +84,17 @@ def contenders(size, units: int, engines) -> dict:
         train_opt.zero_grad(set_to_none=True)
 
     out = {"training step": training_step}
-    for engine in engines:
+    variants = [(f"probe, {engine} engine", {"engine": engine}) for engine in engines]
+    variants.append(("probe, backward engine, step formed whole", {"step_in_hook": False}))
+    for name, fields in variants:
         probed = build_model(size, "cpu")
         opt = warm_optimizer(probed, update)
-        probe = ep.EntropyProbe(probed, opt, ep.ProbeConfig(direction="optimizer-step", engine=engine))
+        probe = ep.EntropyProbe(probed, opt, ep.ProbeConfig(direction="optimizer-step", **fields))
 
         def probe_call(probe=probe):
             probe.measure_change(probe.run(eval_batch=evaluation, from_grad=True))
 
-        out[f"probe, {engine} engine"] = probe_call
+        out[name] = probe_call
     return out
 
 

@@ -89,6 +89,22 @@ def test_no_step_is_held_whole_during_the_e_pass(monkeypatch):
     assert torch.equal(reference.per_unit, tracked.per_unit)  # the tracking changed nothing
 
 
+def test_step_formed_once_when_asked_is_the_whole_v_exactly():
+    """``step_in_hook=False``: every step kept whole (1x memory, no repetition): the bits of a given v."""
+    model, opt = setup(Case("AdamW", 2, 2))
+    lr = opt.param_groups[0]["lr"]
+    whole = materialised_v(model, opt, "optimizer-step", lr)
+    E = random_batch(5, group_size=3, seed=12)
+    cfg = ep.ProbeConfig(direction="optimizer-step", step_in_hook=False)
+    kept = ep.EntropyProbe(model, opt, cfg).run(eval_batch=E, from_grad=True)
+    along = ep.EntropyProbe(model, opt, cfg).run(eval_batch=E, direction=whole)
+    assert torch.equal(kept.per_unit, along.per_unit)
+    view = direction_from_grad("optimizer-step", trainable(model), opt, lr, keep_whole=True).v
+    assert set(view.kept) == set(whole)
+    with pytest.raises(ValueError, match="ProbeConfig.step_in_hook: must be True or False"):
+        ep.ProbeConfig(step_in_hook=1)
+
+
 def test_view_is_read_only_and_checks_the_optimizer():
     model, opt = setup(Case("AdamW", 2, 1))
     view = direction_from_grad("optimizer-step", trainable(model), opt, 1e-2).v

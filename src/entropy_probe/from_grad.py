@@ -45,13 +45,14 @@ def optimizer_lr(optimizer: torch.optim.Optimizer) -> float:
 
 
 def direction_from_grad(
-    kind: str, params: dict[str, nn.Parameter], optimizer, v_lr: float
+    kind: str, params: dict[str, nn.Parameter], optimizer, v_lr: float, keep_whole: bool = False
 ) -> UpdateDirection:
     """v from ``-p.grad`` by the rule ``kind``; ``v_lr`` the rate v is normalised by (0: v = 0).
 
     There is no U batch, so no variance over U (``se_total`` is None). Memory: v is a ``StepView``, which
-    forms each parameter's step where it is used and holds none whole (the caller's ``.grad`` is never
-    written). FSDP2 (DTensor parameters): v is built whole on this rank's shards (``fsdp.local_view``).
+    forms each parameter's step where it is used and holds none whole (``keep_whole``: forms each once
+    and keeps it; ``ProbeConfig.step_in_hook``). The caller's ``.grad`` is never written. FSDP2
+    (DTensor parameters): v is built whole on this rank's shards (``fsdp.local_view``).
     """
     if is_sharded(params):
         return _sharded_direction(kind, params, optimizer, v_lr)
@@ -61,7 +62,7 @@ def direction_from_grad(
     bad = first_nonfinite(grads)
     if bad is not None:
         raise ValueError(f"from_grad: the .grad of parameter {bad!r} is not finite")
-    return UpdateDirection(v=StepView(kind, params, optimizer, v_lr))
+    return UpdateDirection(v=StepView(kind, params, optimizer, v_lr, keep_all=keep_whole))
 
 
 def _sharded_direction(kind: str, params: dict[str, nn.Parameter], optimizer, v_lr: float) -> UpdateDirection:

@@ -268,7 +268,13 @@ class EntropyProbe:
             fsdp.check_call(params, self.config, from_grad, eval_batch)  # FSDP2: what is supported
             given = None if direction is None else given_direction(direction, params)
             if from_grad:
-                given = direction_from_grad(self.config.direction, params, self.optimizer, self._v_lr())
+                given = direction_from_grad(
+                    self.config.direction,
+                    params,
+                    self.optimizer,
+                    self._v_lr(),
+                    keep_whole=not self.config.step_in_hook,
+                )
         except ValueError as e:
             error = e
         mode = "from_grad" if from_grad else "direction" if direction is not None else "update_batch"

@@ -9,15 +9,16 @@ the optimizer's state and hyper-parameters (weight decay, betas, per-group rate)
 parameter's step by the configured rule (``direction.parameter_direction``, the same arithmetic as
 the whole v, elementwise, so chunk by chunk it gives the same numbers):
 
-- ``dot(name, x)``: ``x . v[name]`` in chunks of ``CHUNK`` elements: the step is never held whole,
-  only one chunk's temporaries (a few times 256 KiB);
+- ``dot(name, x)``: ``x . v[name]`` in chunks of ``CHUNK`` elements (``CHUNK_CUDA`` on a GPU): the step
+  is never held whole, only one chunk's temporaries (a few times 256 KiB on a CPU);
 - ``view[name]``: the whole fp32 v of one parameter (the jvp engine's tangents, the truth's step):
   formed anew on every read, so a caller that reads every entry at once holds v whole again.
 
 The price is arithmetic: the step is formed again for every E unit (about ten elementwise passes over
 the parameters per unit, against the one of the dot product), except for parameters smaller than
-``CHUNK``, whose steps are formed once and kept (they are many and cheap to hold, and per-op overhead
-dominates their cost).
+a chunk, whose steps are formed once and kept (they are many and cheap to hold, and per-op overhead
+dominates their cost). ``ProbeConfig.step_in_hook=False`` keeps every step (``keep_all``): the whole v,
+formed once, for runs where memory does not bind and sequences are short.
 """
 
 from __future__ import annotations
@@ -30,7 +31,13 @@ from torch import Tensor
 from .direction import ParamHyper, _require_adam, _step_of, optimizer_hyper, parameter_direction
 from .vectors import Params
 
-CHUNK = 1 << 16  # elements: one chunk's temporaries stay in the cache; below this a step is kept whole
+CHUNK = 1 << 16  # elements, CPU: one chunk's temporaries stay in the cache; below this a step is kept whole
+CHUNK_CUDA = 1 << 24  # elements: on a GPU each op is a kernel launch; 64 MiB temporaries are small there
+
+
+def chunk_size(device: torch.device) -> int:
+    """Elements per chunk of a step formed in the hook (module constants: tests lower them)."""
+    return CHUNK_CUDA if device.type == "cuda" else CHUNK
 
 
 class StepView(Mapping):
@@ -42,7 +49,7 @@ class StepView(Mapping):
     view is in use (one probe call).
     """
 
-    def __init__(self, kind: str, params: Params, optimizer, v_lr: float):
+    def __init__(self, kind: str, params: Params, optimizer, v_lr: float, keep_all: bool = False):
         if kind == "optimizer-step" or (kind != "sgd" and optimizer is not None):
             _require_adam(optimizer, kind)  # the checks of direction.build_direction
         self.kind, self.params, self.lr = kind, params, v_lr
@@ -50,10 +57,11 @@ class StepView(Mapping):
         for h in self.hyper.values():  # the step count as an int: no host sync per chunk on a GPU
             if h.state is not None:
                 h.state = {**h.state, "step": _step_of(h.state)}
-        self.kept = {
+        self.chunk = chunk_size(next(iter(params.values())).device)
+        self.kept = {  # keep_all: every step formed once, whole (ProbeConfig.step_in_hook=False)
             name: self._form(name, 0, p.numel()).reshape(p.shape)
             for name, p in params.items()
-            if p.numel() < CHUNK
+            if keep_all or p.numel() < self.chunk
         }
 
     def __getitem__(self, name: str) -> Tensor:
@@ -74,8 +82,8 @@ class StepView(Mapping):
         if name in self.kept:
             return torch.vdot(x.float(), self.kept[name].reshape(-1))
         total = torch.zeros((), dtype=torch.float32, device=x.device)
-        for start in range(0, x.numel(), CHUNK):
-            stop = min(start + CHUNK, x.numel())
+        for start in range(0, x.numel(), self.chunk):
+            stop = min(start + self.chunk, x.numel())
             total += torch.vdot(x[start:stop].float(), self._form(name, start, stop))
         return total
 
