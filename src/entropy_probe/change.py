@@ -65,7 +65,7 @@ def measure_change(
         after = (
             logprobs_lockstep(module, state.batch, cfg)
             if sharded
-            else logprobs_at(module, dict(params), state.batch, cfg)
+            else logprobs_at(module, None, state.batch, cfg)  # the live parameters: a plain forward
         )
         _check_weights(state.before.seq, after.seq, 1.0)
     change = entropy_change(state.batch, state.before, after, per_unit, lr, comm=comm)

@@ -82,8 +82,11 @@ def full_precision_state(module: nn.Module, params: Params) -> Vector | None:
 
 
 @torch.no_grad()
-def logprobs_at(module: nn.Module, params: Vector, batch: RolloutBatch, cfg: ProbeConfig) -> SequenceLogProbs:
-    """``S_i`` and ``S_w,i`` of every sequence, ``(N,)`` fp32 in row order, under the given parameters."""
+def logprobs_at(
+    module: nn.Module, params: Vector | None, batch: RolloutBatch, cfg: ProbeConfig
+) -> SequenceLogProbs:
+    """``S_i`` and ``S_w,i`` of every sequence, ``(N,)`` fp32 in row order, under the given parameters
+    (None: the module's own)."""
     seq = torch.empty(batch.n_sequences, dtype=torch.float32, device=batch.device)
     weighted = torch.empty_like(seq)
     for mb in batch.microbatches(cfg.microbatch_units):
