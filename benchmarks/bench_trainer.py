@@ -11,6 +11,7 @@ that every arm trains the very same trajectory (the callback leaves it bit-ident
 - **E = train batch**: ``EntropyProbeCallback`` on every step, 4 held-out prompts x 8 responses (32 rows,
   the training batch's size);
 - **E = half**: 2 prompts x 8 (16 rows);
+- **E = train batch, every 4**: the first arm probing every 4th optimizer step;
 - **E = train batch, second order**: the first arm with ``second_order=True``.
 
 The arms run alternately in one process, ``--repeats`` times (round r runs every arm once, in order), each
@@ -48,11 +49,12 @@ from entropy_probe.integrations.trl import EntropyProbeCallback, attach  # noqa:
 from entropy_probe.probe import EntropyProbe  # noqa: E402
 
 GROUP = 8
-ARMS = {  # name: (held-out prompts, callback keyword arguments) or None for no callback
+ARMS = {  # name: (held-out prompts, ProbeConfig fields, callback keyword arguments) or None for no callback
     "off": None,
-    "E = train batch (32 rows)": (4, {}),
-    "E = half (16 rows)": (2, {}),
-    "E = train batch, second order": (4, {"second_order": True}),
+    "E = train batch (32 rows)": (4, {}, {}),
+    "E = half (16 rows)": (2, {}, {}),
+    "E = train batch, every 4": (4, {}, {"every": 4}),
+    "E = train batch, second order": (4, {"second_order": True}, {}),
 }
 
 
@@ -107,15 +109,15 @@ def one_run(arm: str, steps: int, seed: int) -> dict:
         )
         callback = None
         if ARMS[arm] is not None:
-            n_prompts, extra = ARMS[arm]
+            n_prompts, fields, options = ARMS[arm]
             callback = attach(
                 trainer,
                 EntropyProbeCallback(
                     trl_grpo.prompts(n_prompts, seed=2),
-                    every=1,
                     group_size=GROUP,
                     max_new_tokens=8,
-                    config=ProbeConfig(direction="optimizer-step", **extra),
+                    config=ProbeConfig(direction="optimizer-step", **fields),
+                    **{"every": 1, "max_eval_units": n_prompts, **options},
                 ),
             )
         parts = PartTimer()
@@ -160,6 +162,7 @@ def summarise(runs: dict[str, list[dict]]) -> dict:
             }
             row["se_cond_e"] = spread([s for r in rs for s in r["se_cond_e"]])
             row["n_eval_units"] = rs[0]["n_eval_units"][0]
+            row["probed_steps"] = len(rs[0]["se_cond_e"])
         out[arm] = row
     return out
 
