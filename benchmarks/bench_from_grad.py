@@ -129,6 +129,7 @@ def profile(fn, calls: int, top: int = 25) -> dict:
     rows = [
         {
             "function": f"{Path(file).name}:{line}:{name}",
+            "probe_code": "entropy_probe" in file,
             "ncalls_per_call": nc / calls,
             "own_s": tt / calls,
             "cumulative_s": ct / calls,
@@ -137,8 +138,10 @@ def profile(fn, calls: int, top: int = 25) -> dict:
     ]
     return {
         "calls": calls,
+        "clock": "cProfile's default timer (wall clock)",
         "by_own_time": sorted(rows, key=lambda r: -r["own_s"])[:top],
         "by_cumulative_time": sorted(rows, key=lambda r: -r["cumulative_s"])[:top],
+        "probe_functions": sorted([r for r in rows if r["probe_code"]], key=lambda r: -r["cumulative_s"]),
     }
 
 

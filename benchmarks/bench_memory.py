@@ -52,6 +52,10 @@ CASES = {  # name: (call, config fields)
     "run(E, from_grad), optimizer-step": ("from_grad", {"direction": "optimizer-step"}),
     "run(E, from_grad), adam-preconditioned": ("from_grad", {"direction": "adam-preconditioned"}),
     "run(E, from_grad), sgd": ("from_grad", {"direction": "sgd"}),
+    "run(E, from_grad), optimizer-step, step formed whole": (
+        "from_grad",
+        {"direction": "optimizer-step", "step_in_hook": False},
+    ),
     "update_direction(U), sgd": ("update_direction", {"direction": "sgd"}),
     "update_direction(U), adam-preconditioned": ("update_direction", {"direction": "adam-preconditioned"}),
     "update_direction(U), optimizer-step": ("update_direction", {"direction": "optimizer-step"}),
