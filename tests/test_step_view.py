@@ -41,6 +41,20 @@ def test_step_formed_in_the_hook_is_the_whole_v(case: Case, monkeypatch):
     before = snapshot(model, opt)
     view = direction_from_grad(kind, trainable(model), opt, lr).v
     assert isinstance(view, step_view.StepView)
+    # the shorter formula is taken where it applies (SGD; Adam/AdamW with state, no amsgrad, decoupled or
+    # no decay), the rule itself elsewhere
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    expected = {
+        name_of[id(p)]
+        for g in opt.param_groups
+        for p in g["params"]
+        if p.grad is not None
+        and (
+            case.opt == "SGD"
+            or (case.warm_steps > 0 and not case.amsgrad and (case.opt == "AdamW" or g["weight_decay"] == 0))
+        )
+    }
+    assert set(view.fast) == expected
     assert any(p.numel() > 2 * SMALL_CHUNK for p in model.parameters())  # the chunked path is taken
     for name, t in whole.items():  # elementwise the same arithmetic, chunk by chunk: the same bits
         assert torch.equal(view[name], t), name
@@ -60,7 +74,7 @@ def test_no_step_is_held_whole_during_the_e_pass(monkeypatch):
     """Every step the view forms during the pass is at most one chunk, and each is freed before the next
     is formed: the E pass holds no parameter-sized step (only the small parameters' kept steps)."""
     monkeypatch.setattr(step_view, "CHUNK", SMALL_CHUNK)
-    model, opt = setup(Case("AdamW", 2, 1))
+    model, opt = setup(Case("Adam", 2, 1))  # L2 decay in the moments: the rule itself, chunk by chunk
     sizes: list[int] = []
     alive_at_each_form: list[int] = []
     formed: list[weakref.ref] = []
@@ -74,6 +88,7 @@ def test_no_step_is_held_whole_during_the_e_pass(monkeypatch):
         return out
 
     probe = ep.EntropyProbe(model, opt, ep.ProbeConfig(direction="optimizer-step"))
+    assert not direction_from_grad("optimizer-step", trainable(model), opt, 1e-2).v.fast
     E = random_batch(4, group_size=3, seed=5)
     reference = probe.run(eval_batch=E, from_grad=True)
     monkeypatch.setattr(step_view.StepView, "_form", tracking)

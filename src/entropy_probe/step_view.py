@@ -58,6 +58,10 @@ class StepView(Mapping):
             if h.state is not None:
                 h.state = {**h.state, "step": _step_of(h.state)}
         self.chunk = chunk_size(next(iter(params.values())).device)
+        # the common rules with a shorter formula for a dot product (AdamW with state, SGD)
+        self.fast = {
+            name: f for name, p in params.items() if (f := _fast_dot(kind, p, self.hyper[name], v_lr))
+        }
         self.kept = {  # keep_all: every step formed once, whole (ProbeConfig.step_in_hook=False)
             name: self._form(name, 0, p.numel()).reshape(p.shape)
             for name, p in params.items()
@@ -81,10 +85,12 @@ class StepView(Mapping):
         x = x.reshape(-1)
         if name in self.kept:
             return torch.vdot(x.float(), self.kept[name].reshape(-1))
+        fast = self.fast.get(name)
         total = torch.zeros((), dtype=torch.float32, device=x.device)
         for start in range(0, x.numel(), self.chunk):
             stop = min(start + self.chunk, x.numel())
-            total += torch.vdot(x[start:stop].float(), self._form(name, start, stop))
+            xs = x[start:stop].float()
+            total += fast(xs, start, stop) if fast else torch.vdot(xs, self._form(name, start, stop))
         return total
 
     def _form(self, name: str, start: int, stop: int) -> Tensor:
@@ -108,3 +114,44 @@ def _sliced(h: ParamHyper, start: int, stop: int) -> ParamHyper:
         for k, t in h.state.items()
     }
     return ParamHyper(h.lr, h.betas, h.eps, h.weight_decay, h.decoupled, h.amsgrad, state)
+
+
+def _fast_dot(kind: str, p: Tensor, h: ParamHyper, eta: float):
+    """A chunk's ``x . v`` by a shorter formula where the rule allows one (fp32 tensors), else None."""
+    if p.grad is None or h.lr == 0.0 or p.dtype != torch.float32 or p.grad.dtype != torch.float32:
+        return None
+    if kind == "sgd":
+        grad, scale = p.grad.detach().reshape(-1), -h.lr / eta  # v = (lr / eta) (-grad)
+        return lambda x, start, stop: torch.vdot(x, grad[start:stop]) * scale
+    state = h.state or {}
+    plain_adam = kind == "optimizer-step" and not h.amsgrad and (h.decoupled or h.weight_decay == 0.0)
+    moments = [state.get(k) for k in ("exp_avg", "exp_avg_sq")]
+    if not plain_adam or any(m is None or m.dtype != torch.float32 for m in moments):
+        return None
+    return _AdamDot(p, h, eta)
+
+
+class _AdamDot:
+    """``x . v`` over a chunk for an Adam/AdamW "optimizer-step" with state, no amsgrad and decoupled (or
+    no) decay. ``direction._adam_step`` forms ``v = -(lr / bc1) m / (sqrt(v2) / bc2s + eps) / eta -
+    (lr wd / eta) theta`` (m, v2: the moments with this gradient folded in); regrouped as
+    ``c_m x . (m / (sqrt(v2) + eps bc2s)) + c_theta x . theta`` it takes 7 elementwise passes over the
+    chunk instead of 15, and reads the caller's gradient without copying it. The same value up to fp32
+    rounding (tests/test_step_view.py)."""
+
+    def __init__(self, p: Tensor, h: ParamHyper, eta: float):
+        (self.beta1, self.beta2), step = h.betas, h.state["step"] + 1
+        bc1, bc2s = 1 - self.beta1**step, (1 - self.beta2**step) ** 0.5
+        self.c_m, self.eps = -(h.lr / bc1) * bc2s / eta, h.eps * bc2s
+        self.c_theta = -(h.lr * h.weight_decay) / eta if h.decoupled else 0.0
+        self.theta, self.grad = p.detach().reshape(-1), p.grad.detach().reshape(-1)
+        self.exp_avg, self.exp_avg_sq = h.state["exp_avg"].reshape(-1), h.state["exp_avg_sq"].reshape(-1)
+
+    def __call__(self, x: Tensor, start: int, stop: int) -> Tensor:
+        g = self.grad[start:stop]
+        m = torch.lerp(self.exp_avg[start:stop], g, 1 - self.beta1)  # the first moment after this step
+        d = torch.mul(self.exp_avg_sq[start:stop], self.beta2).addcmul_(g, g, value=1 - self.beta2)
+        out = torch.vdot(x, m.div_(d.sqrt_().add_(self.eps))) * self.c_m
+        if self.c_theta:
+            out = out + torch.vdot(x, self.theta[start:stop]) * self.c_theta
+        return out
