@@ -21,7 +21,6 @@ import torch
 from torch import Tensor, nn
 
 from .direction import UpdateDirection, build_direction
-from .fsdp import is_sharded, local_view
 from .step_view import StepView
 from .vectors import first_nonfinite
 
@@ -45,29 +44,25 @@ def optimizer_lr(optimizer: torch.optim.Optimizer) -> float:
 
 
 def direction_from_grad(
-    kind: str, params: dict[str, nn.Parameter], optimizer, v_lr: float, keep_whole: bool = False
+    kind: str, params: dict[str, nn.Parameter], optimizer, v_lr: float, whole: bool = True
 ) -> UpdateDirection:
     """v from ``-p.grad`` by the rule ``kind``; ``v_lr`` the rate v is normalised by (0: v = 0).
 
-    There is no U batch, so no variance over U (``se_total`` is None). Memory: v is a ``StepView``, which
-    forms each parameter's step where it is used and holds none whole (``keep_whole``: forms each once
-    and keeps it; ``ProbeConfig.step_in_hook``). The caller's ``.grad`` is never written. FSDP2
-    (DTensor parameters): v is built whole on this rank's shards (``fsdp.local_view``).
+    There is no U batch, so no variance over U (``se_total`` is None). The caller's ``.grad`` is never
+    written. ``whole=False``: v is a ``StepView``, which forms each parameter's step where it is used
+    (chunk by chunk in the E pass's reverse hook) and holds none whole; the call then peaks where a given
+    v does (``ProbeConfig.step_in_hook``). ``whole=True``: one negated copy of the gradient, turned into
+    v in place. FSDP2: the caller passes this rank's shards (``fsdp.local_view``, ``passes.grad_view``)
+    and v is a local shard, built whole.
     """
-    if is_sharded(params):
-        return _sharded_direction(kind, params, optimizer, v_lr)
-    grads = {name: p.grad for name, p in params.items()}
-    if all(g is None for g in grads.values()):
-        raise ValueError(NO_GRAD)
-    bad = first_nonfinite(grads)
-    if bad is not None:
-        raise ValueError(f"from_grad: the .grad of parameter {bad!r} is not finite")
-    return UpdateDirection(v=StepView(kind, params, optimizer, v_lr, keep_all=keep_whole))
-
-
-def _sharded_direction(kind: str, params: dict[str, nn.Parameter], optimizer, v_lr: float) -> UpdateDirection:
-    """FSDP2: v built whole on this rank's shards (``fsdp.local_view``), one negated copy of the gradient."""
-    params, optimizer = local_view(params, optimizer)
+    if not whole:
+        grads = {name: p.grad for name, p in params.items()}
+        if all(g is None for g in grads.values()):
+            raise ValueError(NO_GRAD)
+        bad = first_nonfinite(grads)
+        if bad is not None:
+            raise ValueError(f"from_grad: the .grad of parameter {bad!r} is not finite")
+        return UpdateDirection(v=StepView(kind, params, optimizer, v_lr))
     grad_j: dict[str, Tensor | None] = {
         name: None if p.grad is None else -p.grad.detach()  # ascent direction
         for name, p in params.items()
@@ -85,9 +80,7 @@ def _sharded_direction(kind: str, params: dict[str, nn.Parameter], optimizer, v_
 def grad_checksums(params: dict[str, nn.Parameter]) -> list:
     """Per parameter ``(name, sum, sum of squares)`` of ``.grad`` in float64 (None: no grad): under DDP
     the ranks' averaged gradients must agree, and this is a cheap way to check it (one host sync).
-    None under FSDP2: each rank holds a different shard of the one reduce-scattered gradient."""
-    if is_sharded(params):
-        return None
+    Not under FSDP2 (``fsdp.ShardedPasses.grad_checksums``): each rank holds a different shard."""
     names = [n for n, p in params.items() if p.grad is not None]
     if not names:
         return []

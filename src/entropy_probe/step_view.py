@@ -17,8 +17,8 @@ the whole v, elementwise, so chunk by chunk it gives the same numbers):
 The price is arithmetic: the step is formed again for every E unit (about ten elementwise passes over
 the parameters per unit, against the one of the dot product), except for parameters smaller than
 a chunk, whose steps are formed once and kept (they are many and cheap to hold, and per-op overhead
-dominates their cost). ``ProbeConfig.step_in_hook=False`` keeps every step (``keep_all``): the whole v,
-formed once, for runs where memory does not bind and sequences are short.
+dominates their cost). ``ProbeConfig.step_in_hook=False`` builds v whole instead
+(``from_grad.direction_from_grad``), for runs where memory does not bind and sequences are short.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ class StepView(Mapping):
     view is in use (one probe call).
     """
 
-    def __init__(self, kind: str, params: Params, optimizer, v_lr: float, keep_all: bool = False):
+    def __init__(self, kind: str, params: Params, optimizer, v_lr: float):
         if kind == "optimizer-step" or (kind != "sgd" and optimizer is not None):
             _require_adam(optimizer, kind)  # the checks of direction.build_direction
         self.kind, self.params, self.lr = kind, params, v_lr
@@ -62,10 +62,10 @@ class StepView(Mapping):
         self.fast = {
             name: f for name, p in params.items() if (f := _fast_dot(kind, p, self.hyper[name], v_lr))
         }
-        self.kept = {  # keep_all: every step formed once, whole (ProbeConfig.step_in_hook=False)
+        self.kept = {
             name: self._form(name, 0, p.numel()).reshape(p.shape)
             for name, p in params.items()
-            if keep_all or p.numel() < self.chunk
+            if p.numel() < self.chunk
         }
 
     def __getitem__(self, name: str) -> Tensor:
