@@ -17,10 +17,12 @@ forecast.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor, nn
 
-from .direction import UpdateDirection, build_direction
+from .direction import UpdateDirection, build_direction, step_mismatch
 from .step_view import StepView
 from .vectors import first_nonfinite
 
@@ -49,20 +51,15 @@ def direction_from_grad(
     """v from ``-p.grad`` by the rule ``kind``; ``v_lr`` the rate v is normalised by (0: v = 0).
 
     There is no U batch, so no variance over U (``se_total`` is None). The caller's ``.grad`` is never
-    written. ``whole=False``: v is a ``StepView``, which forms each parameter's step where it is used
-    (chunk by chunk in the E pass's reverse hook) and holds none whole; the call then peaks where a given
-    v does (``ProbeConfig.step_in_hook``). ``whole=True``: one negated copy of the gradient, turned into
-    v in place. FSDP2: the caller passes this rank's shards (``fsdp.local_view``, ``passes.grad_view``)
-    and v is a local shard, built whole.
+    written. ``whole=False`` (not for "optimizer-copy", which steps a copy of the optimizer): v is a
+    ``StepView``, which forms each parameter's step where it is used (chunk by chunk in the E pass's
+    reverse hook) and holds none whole; the call then peaks where a given v does
+    (``ProbeConfig.step_in_hook``). ``whole=True``: one negated copy of the gradient, turned into v in
+    place. FSDP2: the caller passes this rank's shards (``fsdp.local_view``, ``passes.grad_view``) and v
+    is a local shard, built whole.
     """
-    if not whole:
-        grads = {name: p.grad for name, p in params.items()}
-        if all(g is None for g in grads.values()):
-            raise ValueError(NO_GRAD)
-        bad = first_nonfinite(grads)
-        if bad is not None:
-            raise ValueError(f"from_grad: the .grad of parameter {bad!r} is not finite")
-        return UpdateDirection(v=StepView(kind, params, optimizer, v_lr))
+    if not whole and kind != "optimizer-copy":
+        return _step_view(kind, params, optimizer, v_lr)
     grad_j: dict[str, Tensor | None] = {
         name: None if p.grad is None else -p.grad.detach()  # ascent direction
         for name, p in params.items()
@@ -72,9 +69,44 @@ def direction_from_grad(
     bad = first_nonfinite(grad_j)
     if bad is not None:
         raise ValueError(f"from_grad: the .grad of parameter {bad!r} is not finite")
+    caveat = _rule_caveat(kind, optimizer)
     if v_lr == 0:  # every group at rate 0: the optimizer does not move
         return UpdateDirection(v={n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()})
-    return UpdateDirection(v=build_direction(kind, grad_j, params, optimizer, v_lr).v)
+    return UpdateDirection(v=build_direction(kind, grad_j, params, optimizer, v_lr).v, caveat=caveat)
+
+
+def _step_view(kind: str, params: dict[str, nn.Parameter], optimizer, v_lr: float) -> UpdateDirection:
+    """v as a ``StepView`` over the caller's ``.grad`` (the same checks and caveat as the whole v)."""
+    grads = {name: p.grad for name, p in params.items()}
+    if all(g is None for g in grads.values()):
+        raise ValueError(NO_GRAD)
+    bad = first_nonfinite(grads)
+    if bad is not None:
+        raise ValueError(f"from_grad: the .grad of parameter {bad!r} is not finite")
+    caveat = _rule_caveat(kind, optimizer)
+    return UpdateDirection(v=StepView(kind, params, optimizer, v_lr), caveat=caveat)
+
+
+def _rule_caveat(kind: str, optimizer) -> str | None:
+    """from_grad forecasts the step ``optimizer.step()`` takes: "sgd" on an optimizer that takes another
+    step is refused (it was 45-99.5% off against the real step); "adam-preconditioned" past Adam's first
+    step (or with weight decay) is the note's P * (-grad), not the step: a warning, and the result is
+    flagged ``reliable=False``."""
+    why = step_mismatch(kind, optimizer)
+    if why is None:
+        return None
+    if kind == "sgd":
+        raise ValueError(
+            f"from_grad: direction='sgd' forecasts the step -lr * grad, which the optimizer does not take: "
+            f"{why}. Use direction='optimizer-copy' (any torch.optim optimizer) or 'optimizer-step' "
+            "(Adam/AdamW), or give no optimizer and ProbeConfig.lr for the plain gradient step"
+        )
+    caveat = (
+        f"from_grad: direction={kind!r} is not the step the optimizer takes ({why}); the forecast is of "
+        "the step along P * (-grad). Use direction='optimizer-step' for the real step"
+    )
+    warnings.warn(caveat, RuntimeWarning, stacklevel=4)
+    return caveat
 
 
 def grad_checksums(params: dict[str, nn.Parameter]) -> list:

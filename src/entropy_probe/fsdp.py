@@ -258,6 +258,8 @@ class ShardedPasses(Passes):
             )
         if cfg.second_order or cfg.groups is not None:
             raise ValueError("FSDP2 model: ProbeConfig.second_order and ProbeConfig.groups are not supported")
+        if cfg.direction == "optimizer-copy":  # the copy would step a stand-in optimizer (local_view)
+            raise ValueError("FSDP2 model: direction='optimizer-copy' is not supported; use 'optimizer-step'")
         if eval_batch is None:
             raise ValueError(
                 "FSDP2 model: every rank must pass an eval_batch (the ranks run every E unit together)"
