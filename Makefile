@@ -23,6 +23,7 @@ LINTED     := src tests benchmarks examples
 
 test: $(STAMP) lint
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+	$(MAKE) --no-print-directory test-verl
 
 lint: $(STAMP)
 	$(PY) -m ruff check $(LINTED)
@@ -59,4 +60,45 @@ mutants: $(STAMP)
 	$(PY) benchmarks/mutation_score.py .mutmut-cache
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(VERL_VENV) runs .pytest_cache
+
+# ---- verl: its own environment ------------------------------------------------------------------
+# verl 0.9.1 pins transformers<5.11, the main environment does not: the verl tests (tests/verl_engine, which
+# the main run leaves out) run in .venv-verl, built from the exact versions in constraints-verl.txt.
+VERL_VENV  ?= .venv-verl
+VERL_PY    := $(VERL_VENV)/bin/python
+VERL_STAMP := $(VERL_VENV)/.installed
+VERL_PINS  := constraints-verl.txt
+
+.PHONY: install-verl test-verl lock-verl
+
+install-verl: $(VERL_STAMP)
+
+# cachetools, uvicorn, fastapi: verl 0.9.1's trainer (verl_ray's imports) needs them without declaring them
+# (a GPU install gets them with vLLM)
+VERL_TEST_DEPS := pytest cachetools uvicorn fastapi
+
+# The pins are a complete, consistent set (pip freeze): installed as they are, without the resolver
+# (--no-deps) and without compiling every module of ray and torch to bytecode (--no-compile): minutes less.
+$(VERL_STAMP): pyproject.toml $(VERL_PINS)
+	$(PYTHON) -m venv $(VERL_VENV)
+	$(VERL_PY) -m pip install -q --no-compile "$(TORCH_SPEC)"
+	$(VERL_PY) -m pip install -q --no-compile --no-deps -r $(VERL_PINS)
+	$(VERL_PY) -m pip install -q --no-compile --no-deps -e .
+	$(VERL_PY) -m pip check
+	touch $(VERL_STAMP)
+
+# ENTROPY_PROBE_REQUIRE_VERL: a verl test that cannot import verl fails instead of being left out
+test-verl: $(VERL_STAMP)
+	ENTROPY_PROBE_REQUIRE_VERL=1 $(VERL_PY) -m pytest -q -p no:cacheprovider tests/verl_engine
+
+# re-resolve verl's extra from scratch and write the exact versions to constraints-verl.txt
+lock-verl:
+	rm -rf .venv-verl-lock
+	$(PYTHON) -m venv .venv-verl-lock
+	.venv-verl-lock/bin/pip install -q "$(TORCH_SPEC)"
+	.venv-verl-lock/bin/pip install -q -e ".[verl]" $(VERL_TEST_DEPS)
+	{ sed -n '1,2p' $(VERL_PINS); .venv-verl-lock/bin/pip freeze --exclude-editable | grep -v '^entropy' \
+	  | sed 's/^torch==\([0-9.]*\)+.*/torch==\1/'; } > $(VERL_PINS).new
+	mv $(VERL_PINS).new $(VERL_PINS)
+	rm -rf .venv-verl-lock

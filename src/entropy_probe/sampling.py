@@ -52,12 +52,16 @@ def sample_rollouts(
     temperature: float = 1.0,
     seed: int = 0,
     pad_token_id: int | None = None,
+    synced_gpus: bool = False,
 ) -> RolloutBatch:
     """``group_size`` sampled responses for each prompt, scored by ``reward_fn``, as a ``RolloutBatch``.
 
     reward_fn: None for an evaluation batch (E needs no rewards): the batch then carries none.
 
     pad_token_id: the id written at padding positions (attention 0); default ``eos_token_id``.
+    synced_gpus: the model's forward is a collective (FSDP2): every rank of the default process group
+        calls this together and keeps stepping until all ranks are done (``generate(synced_gpus=True)``;
+        Hugging Face does not detect FSDP2 itself, and ranks that stop early deadlock the others).
     """
     prompts = _check_inputs(prompts, group_size, max_new_tokens, eos_token_id, temperature)
     pad = eos_token_id if pad_token_id is None else int(pad_token_id)
@@ -70,10 +74,11 @@ def sample_rollouts(
     caller = preserved_caller_state(module, keep_checkpointing=False, warn_dropout=False)
     with torch.random.fork_rng(devices=cuda), caller, torch.no_grad():
         torch.manual_seed(seed)
+        how = Sampling(max_new_tokens, eos_token_id, pad, temperature, synced_gpus)
         if _is_hf_generator(module):
-            out = _generate_hf(module, ids, attn, Sampling(max_new_tokens, eos_token_id, pad, temperature))
+            out = _generate_hf(module, ids, attn, how)
         else:
-            out = _generate_loop(module, ids, attn, Sampling(max_new_tokens, eos_token_id, pad, temperature))
+            out = _generate_loop(module, ids, attn, how)
     response = out[:, ids.shape[1] :]  # (N, L)
     resp_mask = response_mask_until_eos(response, eos_token_id)  # (N, L)
     response = torch.where(resp_mask.bool(), response, pad)
@@ -147,6 +152,7 @@ class Sampling(NamedTuple):
     eos: int
     pad: int
     temperature: float
+    synced: bool = False  # every rank steps until all are done (the forward is a collective: FSDP2)
 
 
 def _generate_hf(module, ids: Tensor, attn: Tensor, how: Sampling) -> Tensor:
@@ -160,7 +166,9 @@ def _generate_hf(module, ids: Tensor, attn: Tensor, how: Sampling) -> Tensor:
     saved = module.generation_config
     module.generation_config = GenerationConfig()
     try:
-        return module.generate(input_ids=ids, attention_mask=attn, generation_config=config)
+        return module.generate(
+            input_ids=ids, attention_mask=attn, generation_config=config, synced_gpus=how.synced
+        )
     finally:
         module.generation_config = saved
 
@@ -192,8 +200,10 @@ def pure_sampling_config(max_new_tokens: int, eos: int, pad: int, temperature: f
 
 
 def _generate_loop(module, ids: Tensor, attn: Tensor, how: Sampling) -> Tensor:
-    """``(N, Tp + L)`` by a plain loop: full forward each step, sample from the last position."""
-    max_new_tokens, eos, pad, temperature = how
+    """``(N, Tp + L)`` by a plain loop: full forward each step, sample from the last position.
+
+    ``how.synced``: stop only when every rank is done (one all-reduce of a flag per step)."""
+    max_new_tokens, eos, pad, temperature, synced = how
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
     for _ in range(max_new_tokens):
         logits = model_logits(module, ids, attn)[:, -1].float() / temperature  # (N, V)
@@ -202,9 +212,17 @@ def _generate_loop(module, ids: Tensor, attn: Tensor, how: Sampling) -> Tensor:
         ids = torch.cat([ids, nxt[:, None]], dim=1)
         attn = torch.cat([attn, (~done).long()[:, None]], dim=1)
         done = done | (nxt == eos)
-        if done.all():
+        if _all_done(done, synced):
             break
     return ids
+
+
+def _all_done(done: Tensor, synced: bool) -> bool:
+    if not synced:
+        return bool(done.all())
+    pending = (~done).any().long().reshape(1)  # 1 while this rank has a row still sampling
+    torch.distributed.all_reduce(pending)
+    return int(pending) == 0
 
 
 def _check_inputs(prompts, group_size, max_new_tokens, eos_token_id, temperature) -> list[tuple[int, ...]]:
