@@ -18,6 +18,8 @@ peaks). CUDA: ``torch.cuda.max_memory_allocated`` above ``memory_allocated`` at 
 Cases (peak extra memory / fp32 parameter bytes is the figure of merit):
 - ``train fwd+bwd``: the reference, one training forward and backward of one E unit into ``.grad``;
 - ``run(E, direction=v)``: the probe along a given v (backward engine; and jvp engine);
+- ``run(E, from_grad)``: the trainer integration's call, v from the ``.grad`` a training backward left
+  (held by the caller before the baseline, like the optimizer state), each direction;
 - ``update_direction(U)``: v alone, for "sgd", "adam-preconditioned" and "optimizer-step";
 - ``run(U, E)``: the whole call, each direction, with and without ``se_total``.
 Writes ``runs/bench/bench_memory_<device>.json`` and prints a table.
@@ -47,6 +49,13 @@ CASES = {  # name: (call, config fields)
     "train fwd+bwd (1 E unit)": ("train", {}),
     "run(E, direction=v)": ("direction", {}),
     "run(E, direction=v), jvp": ("direction", {"engine": "jvp", "microbatch_units": 1}),
+    "run(E, from_grad), optimizer-step": ("from_grad", {"direction": "optimizer-step"}),
+    "run(E, from_grad), adam-preconditioned": ("from_grad", {"direction": "adam-preconditioned"}),
+    "run(E, from_grad), sgd": ("from_grad", {"direction": "sgd"}),
+    "run(E, from_grad), optimizer-step, step formed whole": (
+        "from_grad",
+        {"direction": "optimizer-step", "step_in_hook": False},
+    ),
     "update_direction(U), sgd": ("update_direction", {"direction": "sgd"}),
     "update_direction(U), adam-preconditioned": ("update_direction", {"direction": "adam-preconditioned"}),
     "update_direction(U), optimizer-step": ("update_direction", {"direction": "optimizer-step"}),
@@ -114,6 +123,8 @@ def child(case: str, device: str) -> dict:
     cfg = ep.ProbeConfig(**fields)
     probe = ep.EntropyProbe(model, opt, cfg)
     v = probe.update_direction(U) if call == "direction" else None  # the caller's v, held before the call
+    if call == "from_grad":  # the trainer's .grad, held before the call
+        model(input_ids=U.input_ids, attention_mask=U.attention_mask).logits.logsumexp(-1).mean().backward()
     one_unit = E.select_units([0])
 
     def fn():
@@ -122,6 +133,8 @@ def child(case: str, device: str) -> dict:
             out.logsumexp(-1).mean().backward()
         elif call == "direction":
             probe.run(eval_batch=E, direction=v)
+        elif call == "from_grad":
+            probe.run(eval_batch=E, from_grad=True)
         elif call == "update_direction":
             probe.update_direction(U)
         else:
@@ -144,8 +157,11 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="runs/bench")
+    p.add_argument("--name", default=None, help="the JSON file's name (default bench_memory_<device>.json)")
     p.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: run one case here
-    p.add_argument("--only", default=None, help="run only the cases whose name contains this text")
+    p.add_argument(
+        "--only", nargs="+", default=None, help="run only the cases whose name contains one of these texts"
+    )
     p.add_argument(
         "--untied",
         action="store_true",
@@ -163,7 +179,7 @@ def main(argv=None) -> None:
     )
     rows = []
     for case in CASES:
-        if a.only and a.only not in case:
+        if a.only and not any(text in case for text in a.only):
             continue
         out = subprocess.run(
             [sys.executable, __file__, "--case", case, "--device", a.device],
@@ -180,8 +196,12 @@ def main(argv=None) -> None:
             flush=True,
         )
     Path(a.out).mkdir(parents=True, exist_ok=True)
-    path = Path(a.out) / f"bench_memory_{a.device.split(':')[0]}{'_untied' if a.untied else ''}.json"
-    path.write_text(json.dumps(dict(device=a.device, torch=torch.__version__, rows=rows), indent=1))
+    name = a.name or f"bench_memory_{a.device.split(':')[0]}{'_untied' if a.untied else ''}.json"
+    path = Path(a.out) / name
+    command = " ".join(["python", *sys.argv])
+    path.write_text(
+        json.dumps(dict(device=a.device, torch=torch.__version__, command=command, rows=rows), indent=1)
+    )
     print(f"wrote {path}")
 
 

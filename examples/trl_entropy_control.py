@@ -66,7 +66,11 @@ def train_one(control: str, opts, out: Path) -> dict:
         callback = attach(
             trainer,
             EntropyProbeCallback(
-                prompts(8, seed=2), group_size=8, max_new_tokens=8, entropy_budget=opts.budget
+                prompts(8, seed=2),
+                group_size=8,
+                max_new_tokens=8,
+                entropy_budget=opts.budget,
+                max_eval_units=8,  # all 8 prompts every step (the default: the trainer's 4 per step)
             ),
         )
     start = time.perf_counter()

@@ -166,6 +166,7 @@ def main() -> None:
             group_size=8,
             max_new_tokens=8,
             config=ProbeConfig(direction="optimizer-step"),
+            max_eval_units=8,  # all 8 prompts every step (the default: the trainer's 4 per step)
         ),
     )
     start = time.time()

@@ -43,7 +43,9 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
         def on_pre_optimizer_step(self, args, state, control, **kwargs):
             self.units.append(cb._pending[1].eval_state.batch.n_units)
 
-    cb, local = EntropyProbeCallback(PROMPTS, group_size=3, max_new_tokens=3), LocalUnits()
+    # every prompt at every step (the default would be the trainer's 2 prompts per step)
+    cb = EntropyProbeCallback(PROMPTS, group_size=3, max_new_tokens=3, max_eval_units=len(PROMPTS))
+    local = LocalUnits()
     trainer = grpo_trainer(
         os.path.join(out, "run"), callbacks=[cb, local], steps=2, per_device_train_batch_size=4
     )

@@ -58,7 +58,9 @@ class StepTrace(TrainerCallback):
 
 
 def _run(out, budget, steps=2):
-    cb = EntropyProbeCallback(EVAL_PROMPTS, group_size=4, max_new_tokens=4, entropy_budget=budget)
+    cb = EntropyProbeCallback(
+        EVAL_PROMPTS, group_size=4, max_new_tokens=4, entropy_budget=budget, max_eval_units=len(EVAL_PROMPTS)
+    )  # every prompt each step (the default is the trainer's 2 prompts per step): this seed's guard binds
     trace = StepTrace()
     trainer = grpo_trainer(out, callbacks=[cb, trace], steps=steps, loss_type="dapo", weight_decay=0.01)
     trainer.train()
@@ -129,7 +131,9 @@ def test_guard_metrics_reach_log_history_and_the_jsonl(plain_and_guarded):
 
 
 def test_unprobed_steps_are_not_guarded_and_bad_options_are_refused(tmp_path):
-    cb = EntropyProbeCallback(EVAL_PROMPTS, every=2, group_size=2, max_new_tokens=3, entropy_budget=1e-9)
+    cb = EntropyProbeCallback(
+        EVAL_PROMPTS, every=2, group_size=2, max_new_tokens=3, entropy_budget=1e-9, max_eval_units=4
+    )
     trace = StepTrace()
     grpo_trainer(tmp_path, callbacks=[cb, trace], steps=2).train()
     assert [r["step"] for r in cb.records] == [1] and cb.records[0]["guard_reason"] == "scaled"

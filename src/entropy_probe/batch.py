@@ -16,6 +16,7 @@ so that every later error can name the field and the row or unit at fault.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import Iterator, NamedTuple
 
 import torch
@@ -272,7 +273,28 @@ class RolloutBatch:
             raise ValueError(f"microbatch_units must be >= 1, got {units_per_batch}")
         for start in range(0, self.n_units, units_per_batch):
             units = list(range(start, min(start + units_per_batch, self.n_units)))
-            yield Microbatch(units, self.rows_of_units(units).to(self.device), self.select_units(units))
+            rows = self.rows_of_units(units)
+            yield Microbatch(units, rows.to(self.device), self._whole_units(units, rows))
+
+    def _whole_units(self, units: list[int], rows: Tensor) -> "RolloutBatch":
+        """``select_units(units)`` for distinct units, without checking again what this batch passed: whole
+        units of a valid batch drop no row and keep their >= 2 responses, and their structure is this
+        batch's (units in the given order, rows grouped unit by unit). No host sync, no re-validation:
+        the per-unit passes build B_E of these per call."""
+        sub = object.__new__(RolloutBatch)
+        for name in ("input_ids", "attention_mask", "response_mask", "group_ids", "rewards", "advantages"):
+            x = getattr(self, name)
+            setattr(sub, name, None if x is None else x[rows.to(x.device)])
+        dev = self.group_ids.device
+        index = torch.tensor(units, dtype=torch.long, device=dev)  # (k,)
+        sizes = [self._unit_spans[u][1] for u in units]
+        sub.unit_ids, sub.unit_sizes = self.unit_ids[index], self.unit_sizes[index]
+        local = torch.arange(len(units), device=dev)
+        sub.unit_index = torch.repeat_interleave(local, sub.unit_sizes, output_size=len(rows))  # (n,)
+        sub._row_order = torch.arange(len(rows), device=dev)
+        sub._unit_spans = list(zip(accumulate(sizes, initial=0), sizes))  # zip stops at the last unit
+        sub.n_dropped_rows = 0
+        return sub
 
     def to(self, device: torch.device | str) -> "RolloutBatch":
         """The batch on ``device`` (this batch itself when every tensor is there already)."""

@@ -88,6 +88,11 @@ class ProbeConfig:
     groups: Callable[[str], str] | None = None
     """f(parameter name) -> group name for by_group. None: embeddings, block.<i>, head, other
     (``attribution.default_group``). Enters the DDP agreement check by its qualified name."""
+    step_in_hook: bool = True
+    """from_grad: form each parameter's step in the reverse hook, chunk by chunk, for every E unit
+    (``step_view``; peak extra memory about 0.5x the fp32 parameter bytes, but the step's arithmetic is
+    repeated per unit). False: form every step once and keep it (1x the parameter bytes more, no
+    repetition; faster where sequences are short, docs/performance.md)."""
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, msg: str) -> None:
@@ -123,6 +128,7 @@ class ProbeConfig:
             f"must be None or one of {ADVANTAGE_ESTIMATORS}",
         )
         need(self.engine in ENGINES, "engine", f"must be one of {ENGINES}")
+        need(isinstance(self.step_in_hook, bool), "step_in_hook", "must be True or False")
         need(
             self.max_grad_norm is None
             or (

@@ -193,29 +193,36 @@ def build_direction(
     v: dict[str, Tensor] = {}
     for name, p in params.items():
         h, g = hyper[name], grad_j.pop(name)  # consumed: the gradient becomes v or is released
-        if g is None or h.lr == 0.0:
-            v[name] = torch.zeros_like(p, dtype=torch.float32)
-            continue
-        g = g.float()
-        ratio = h.lr / lr
-        if kind == "sgd":
-            v[name] = g.mul_(ratio)
-        elif kind == "adam-preconditioned":
-            # The v_hat of the step Adam is about to take: this gradient folded into the second moment,
-            # bias-corrected. With no state it is g^2 (the design's "first step"); using the stored
-            # moment alone would give coordinates never seen before P = 1/eps.
-            beta2, eps = h.betas[1], h.eps
-            step = _step_of(h.state) + 1
-            exp_avg_sq = (
-                h.state["exp_avg_sq"].float() if h.state and "exp_avg_sq" in h.state else torch.zeros_like(g)
-            )
-            v_hat = exp_avg_sq.mul(beta2).addcmul_(g, g, value=1 - beta2).div_(1 - beta2**step)
-            denom = v_hat.sqrt_().add_(eps)  # (one parameter's temporary, in place)
-            v[name] = g.div_(denom).mul_(ratio)
-        else:
-            v[name] = _adam_step(p, g.mul_(-clip), h, lr)  # the descent gradient is -clip * grad_J
+        v[name] = parameter_direction(kind, p, g, h, lr, clip)
         del g
     return UpdateDirection(v=v)
+
+
+def parameter_direction(
+    kind: str, p: Tensor, g: Tensor | None, h: ParamHyper, lr: float, clip: float = 1.0
+) -> Tensor:
+    """One parameter's v (fp32) from its ascent gradient ``g`` (overwritten: the probe owns it) by the rule
+    ``kind``. Elementwise: ``p``, ``g`` and the state tensors in ``h`` may be matching slices of the whole
+    tensors (``step_view`` forms v chunk by chunk this way)."""
+    if g is None or h.lr == 0.0:
+        return torch.zeros_like(p, dtype=torch.float32)
+    g = g.float()
+    ratio = h.lr / lr
+    if kind == "sgd":
+        return g.mul_(ratio)
+    if kind == "adam-preconditioned":
+        # The v_hat of the step Adam is about to take: this gradient folded into the second moment,
+        # bias-corrected. With no state it is g^2 (the design's "first step"); using the stored
+        # moment alone would give coordinates never seen before P = 1/eps.
+        beta2, eps = h.betas[1], h.eps
+        step = _step_of(h.state) + 1
+        exp_avg_sq = (
+            h.state["exp_avg_sq"].float() if h.state and "exp_avg_sq" in h.state else torch.zeros_like(g)
+        )
+        v_hat = exp_avg_sq.mul(beta2).addcmul_(g, g, value=1 - beta2).div_(1 - beta2**step)
+        denom = v_hat.sqrt_().add_(eps)  # (one parameter's temporary, in place)
+        return g.div_(denom).mul_(ratio)
+    return _adam_step(p, g.mul_(-clip), h, lr)  # the descent gradient is -clip * grad_J
 
 
 def _adam_step(p: Tensor, grad: Tensor, h: ParamHyper, eta: float) -> Tensor:

@@ -24,7 +24,13 @@ import torch
 from torch import Tensor, nn
 
 from .direction import UpdateDirection, build_direction, step_mismatch
+from .step_view import StepView
 from .vectors import first_nonfinite
+
+NO_GRAD = (
+    "from_grad: no trainable parameter has a .grad; call it after loss.backward() and "
+    "before optimizer.zero_grad()"
+)
 
 
 def unwrap_optimizer(optimizer):
@@ -41,23 +47,26 @@ def optimizer_lr(optimizer: torch.optim.Optimizer) -> float:
 
 
 def direction_from_grad(
-    kind: str, params: dict[str, nn.Parameter], optimizer, v_lr: float
+    kind: str, params: dict[str, nn.Parameter], optimizer, v_lr: float, whole: bool = True
 ) -> UpdateDirection:
     """v from ``-p.grad`` by the rule ``kind``; ``v_lr`` the rate v is normalised by (0: v = 0).
 
-    There is no U batch, so no variance over U (``se_total`` is None). Memory: one negated copy of the
-    gradient, turned into v in place (the caller's ``.grad`` is never written). FSDP2: the caller passes
-    this rank's shards (``fsdp.local_view``, ``passes.grad_view``) and v is a local shard.
+    There is no U batch, so no variance over U (``se_total`` is None). The caller's ``.grad`` is never
+    written. ``whole=False`` (not for "optimizer-copy", which steps a copy of the optimizer): v is a
+    ``StepView``, which forms each parameter's step where it is used (chunk by chunk in the E pass's
+    reverse hook) and holds none whole; the call then peaks where a given v does
+    (``ProbeConfig.step_in_hook``). ``whole=True``: one negated copy of the gradient, turned into v in
+    place. FSDP2: the caller passes this rank's shards (``fsdp.local_view``, ``passes.grad_view``) and v
+    is a local shard, built whole.
     """
+    if not whole and kind != "optimizer-copy":
+        return _step_view(kind, params, optimizer, v_lr)
     grad_j: dict[str, Tensor | None] = {
         name: None if p.grad is None else -p.grad.detach()  # ascent direction
         for name, p in params.items()
     }
     if all(g is None for g in grad_j.values()):
-        raise ValueError(
-            "from_grad: no trainable parameter has a .grad; call it after loss.backward() and "
-            "before optimizer.zero_grad()"
-        )
+        raise ValueError(NO_GRAD)
     bad = first_nonfinite(grad_j)
     if bad is not None:
         raise ValueError(f"from_grad: the .grad of parameter {bad!r} is not finite")
@@ -65,6 +74,18 @@ def direction_from_grad(
     if v_lr == 0:  # every group at rate 0: the optimizer does not move
         return UpdateDirection(v={n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()})
     return UpdateDirection(v=build_direction(kind, grad_j, params, optimizer, v_lr).v, caveat=caveat)
+
+
+def _step_view(kind: str, params: dict[str, nn.Parameter], optimizer, v_lr: float) -> UpdateDirection:
+    """v as a ``StepView`` over the caller's ``.grad`` (the same checks and caveat as the whole v)."""
+    grads = {name: p.grad for name, p in params.items()}
+    if all(g is None for g in grads.values()):
+        raise ValueError(NO_GRAD)
+    bad = first_nonfinite(grads)
+    if bad is not None:
+        raise ValueError(f"from_grad: the .grad of parameter {bad!r} is not finite")
+    caveat = _rule_caveat(kind, optimizer)
+    return UpdateDirection(v=StepView(kind, params, optimizer, v_lr), caveat=caveat)
 
 
 def _rule_caveat(kind: str, optimizer) -> str | None:

@@ -244,6 +244,7 @@ class ShardedPasses(Passes):
     """The passes of an FSDP2 model (module docstring): every rank runs every rank's units in lock-step."""
 
     steps_in_place = True
+    reads_v_whole = True
 
     def reshard(self, module: nn.Module) -> None:
         reshard(module)

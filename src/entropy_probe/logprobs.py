@@ -157,9 +157,10 @@ def policy_logprobs(
 
 @torch.no_grad()
 def logprobs_at(
-    module: nn.Module, params: dict[str, Tensor], batch: RolloutBatch, cfg: ProbeConfig
+    module: nn.Module, params: dict[str, Tensor] | None, batch: RolloutBatch, cfg: ProbeConfig
 ) -> SequenceLogProbs:
-    """``S_i`` and ``S_w,i`` of every sequence, ``(N,)`` fp32 in row order, under the given parameters."""
+    """``S_i`` and ``S_w,i`` of every sequence, ``(N,)`` fp32 in row order, under the given parameters
+    (None: the module's own, a plain forward)."""
     out = SequenceLogProbs.empty(batch)
     for mb in batch.microbatches(cfg.microbatch_units):
         out.put(mb.rows, policy_logprobs(module, mb.batch, cfg, params))

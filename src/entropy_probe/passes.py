@@ -25,6 +25,10 @@ class Passes:
     """True where the truth adds the step to the live parameters in place (FSDP2) instead of evaluating
     ``theta + alpha eta v`` functionally; then no fp32 copy of the model is made for it."""
 
+    reads_v_whole = False
+    """True where the E pass reads v whole for every unit (FSDP2's lock-step passes): ``from_grad`` then
+    builds v once instead of a ``step_view.StepView`` that forms each step in the reverse hook."""
+
     def reshard(self, module: nn.Module) -> None:
         """Make ``named_parameters()`` yield the parameters as the caller holds them (nothing to do here)."""
 
@@ -54,8 +58,8 @@ class Passes:
     def logprobs(
         self, module: nn.Module, params: Params, batch: RolloutBatch, cfg: ProbeConfig
     ) -> SequenceLogProbs:
-        """``S_i, S_w,i`` of ``batch``'s rows at the live parameters."""
-        return logprobs_at(module, dict(params), batch, cfg)
+        """``S_i, S_w,i`` of ``batch``'s rows at the live parameters (a plain forward, no functional_call)."""
+        return logprobs_at(module, None, batch, cfg)
 
     def logprobs_stepped(
         self,

@@ -181,7 +181,9 @@ class EntropyProbe:
             return given
         if source == "from_grad=True":
             params, optimizer = call.passes.grad_view(call.params, call.optimizer)  # FSDP2: local shards
-            return direction_from_grad(call.config.direction, params, optimizer, call.v_lr)
+            # the step formed in the E pass's hook (step_view), except where the passes read v whole
+            whole = not call.config.step_in_hook or call.passes.reads_v_whole
+            return direction_from_grad(call.config.direction, params, optimizer, call.v_lr, whole)
         return self._direction_from(call, update_batch, call.config.unconditional_se)
 
     def _direction_from(

@@ -22,6 +22,7 @@ from ..batch import RolloutBatch
 from ..config import ProbeConfig
 from ..logprobs import policy_logprobs
 from ..objectives import entropy_surrogate, update_surrogate
+from ..step_view import StepView
 from ..vectors import Params, Vector, device_of, grad_of
 from .projections import EvalProjections
 
@@ -86,9 +87,7 @@ def projected_backward(loss: Tensor, params: Params, v: Vector, x_sum: Vector | 
     ``grad_of``.
     """
     dots = torch.zeros(len(params), dtype=torch.float32, device=device_of(params))  # (K,)
-    hooks = [
-        p.register_hook(_dot_and_drop(dots, i, v[n], x_sum, n)) for i, (n, p) in enumerate(params.items())
-    ]
+    hooks = [p.register_hook(_dot_and_drop(dots, i, v, x_sum, n)) for i, (n, p) in enumerate(params.items())]
     try:
         torch.autograd.grad(loss, list(params.values()), allow_unused=True)
     finally:
@@ -97,9 +96,14 @@ def projected_backward(loss: Tensor, params: Params, v: Vector, x_sum: Vector | 
     return dots
 
 
-def _dot_and_drop(dots: Tensor, i: int, v: Tensor, x_sum: Vector | None, name: str):
+def _dot_and_drop(dots: Tensor, i: int, v: Vector, x_sum: Vector | None, name: str):
     def hook(g: Tensor) -> Tensor:
-        dots[i] = torch.vdot(g.reshape(-1).float(), v.reshape(-1))
+        # a StepView forms its step here, chunk by chunk (from_grad): v is never whole
+        dots[i] = (
+            v.dot(name, g)
+            if isinstance(v, StepView)
+            else torch.vdot(g.reshape(-1).float(), v[name].reshape(-1))
+        )
         if x_sum is not None:
             x_sum[name].add_(g.float())
         return torch.zeros((), dtype=g.dtype, device=g.device).expand_as(g)  # no storage: g is freed

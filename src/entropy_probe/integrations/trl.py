@@ -67,7 +67,15 @@ class EntropyProbeCallback(TrainerCallback):
 
     eval_prompts: the held-out prompts: strings, or conversations (lists of ``{"role", "content"}``), or
         dataset rows ``{"prompt": ...}`` holding either; tokenised like TRL tokenises its prompts.
-    every: probe optimizer steps 0, every, 2*every, ... (counted from 0 like ``state.global_step``).
+    every: probe optimizer steps 0, every, 2*every, ... (counted from 0 like ``state.global_step``). The
+        overhead falls as 1/every (docs/performance.md: overhead against the SE it buys).
+    max_eval_units: the prompts sampled per probed step (E units, ``group_size`` responses each). None:
+        as many as one optimizer step of the trainer holds (GRPO: ``per_device_train_batch_size *
+        gradient_accumulation_steps / num_generations``, times the ranks), so that the probe costs about
+        one training step; at most ``len(eval_prompts)``. When it is smaller than ``len(eval_prompts)``
+        the probed steps take consecutive slices of the list in turn (wrapping around), so every prompt
+        is used. The E size and the ``se_cond_e`` it reached are in each record (``n_eval_units``,
+        ``se_cond_e``).
     group_size: responses sampled per prompt (G >= 2).
     max_new_tokens: the longest sampled response; None: the run's ``args.max_completion_length``.
     config: the probe's options; default ``ProbeConfig(direction="optimizer-step")``. Its temperature is
@@ -93,6 +101,7 @@ class EntropyProbeCallback(TrainerCallback):
         seed: int = 0,
         entropy_budget: float | None = None,
         level: float = 0.95,
+        max_eval_units: int | None = None,
     ):
         _check_arguments(
             eval_prompts,
@@ -103,7 +112,9 @@ class EntropyProbeCallback(TrainerCallback):
             seed=seed,
             budget=entropy_budget,
             level=level,
+            max_eval_units=max_eval_units,
         )
+        self.max_eval_units = max_eval_units
         self.eval_prompts = [p["prompt"] if isinstance(p, dict) else p for p in eval_prompts]
         self.every, self.group_size, self.max_new_tokens, self.seed = every, group_size, max_new_tokens, seed
         self.config = config if config is not None else ProbeConfig(direction="optimizer-step")
@@ -135,7 +146,7 @@ class EntropyProbeCallback(TrainerCallback):
         rank, world = _rank_and_world()
         # a multimodal processor holds its tokenizer in .tokenizer
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
-        prompts = self._tokenised(processing_class)[rank::world]
+        prompts = self._step_prompts(self._tokenised(processing_class), args, state.global_step)[rank::world]
         cfg = replace(self.config, temperature=float(getattr(args, "temperature", self.config.temperature)))
         eval_batch = None
         if prompts:
@@ -226,6 +237,20 @@ class EntropyProbeCallback(TrainerCallback):
             stack, self._guarded = self._guarded, None
             stack.close()
 
+    def eval_units(self, args) -> int:
+        """The number of prompts sampled per probed step (``max_eval_units``, or the trainer's own)."""
+        n = self.max_eval_units
+        if n is None:
+            n = trainer_prompts_per_step(args)
+        return min(n, len(self.eval_prompts)) if n is not None else len(self.eval_prompts)
+
+    def _step_prompts(self, prompts: list, args, global_step: int) -> list:
+        """This probed step's slice of the prompts: the k-th probed step takes the k-th ``eval_units``
+        consecutive prompts, wrapping around the list."""
+        m = self.eval_units(args)
+        start = (global_step // self.every) * m
+        return [prompts[(start + j) % len(prompts)] for j in range(m)]
+
     def _tokenised(self, processing_class) -> list[list[int]]:
         if self._prompt_ids is None:
             if processing_class is None:
@@ -250,6 +275,16 @@ def tokenise_prompt(processing_class, prompt) -> list[int]:
         f"EntropyProbeCallback.eval_prompts: a prompt must be a string or a list of "
         f"{{'role', 'content'}} messages, got {type(prompt).__name__}"
     )
+
+
+def trainer_prompts_per_step(args) -> int | None:
+    """Prompts in one optimizer step of a TRL ``GRPOTrainer`` over all ranks (completions /
+    ``num_generations``); None for a trainer whose arguments have no ``num_generations``."""
+    generations = getattr(args, "num_generations", None)
+    if not generations:
+        return None
+    completions = args.per_device_train_batch_size * args.gradient_accumulation_steps * _rank_and_world()[1]
+    return max(1, completions // generations)
 
 
 def _taken(result, scale: float) -> dict:
@@ -306,6 +341,9 @@ def _check_arguments(eval_prompts, **kw) -> None:
         raise ValueError(f"{name}level must be in (0, 1) (a number), got {level!r}")
     if budget is not None:
         EntropyGuard(budget, level)  # a ValueError naming max_drop (the budget)
+    units = kw["max_eval_units"]
+    if units is not None and not (_is_int(units) and units >= 1):
+        raise ValueError(f"{name}max_eval_units must be None or an integer >= 1, got {units!r}")
 
 
 def _move_ahead_of_integrations(callback) -> None:

@@ -1,0 +1,210 @@
+"""The probe's cost in a real trainer: the same TRL ``GRPOTrainer`` job with and without the callback.
+
+    PYTHONPATH=src python benchmarks/bench_trainer.py [--steps 8] [--repeats 5] [--out runs/bench]
+
+The job is ``examples/trl_grpo.py``'s (tiny Qwen2 from config, word-level tokenizer built with
+``tokenizers``, prompts from ``Dataset.from_dict``, DAPO loss, 4 prompts x 8 completions = 32 rows per
+optimizer step, CPU, fp32), run for ``--steps`` optimizer steps with the same seed in every arm, so
+that every arm trains the very same trajectory (the callback leaves it bit-identical). Arms:
+
+- **off**: no callback;
+- **E = train batch**: ``EntropyProbeCallback`` on every step, 4 held-out prompts x 8 responses (32 rows,
+  the training batch's size);
+- **E = half**: 2 prompts x 8 (16 rows);
+- **E = train batch, every 4**: the first arm probing every 4th optimizer step;
+- **E = train batch, second order**: the first arm with ``second_order=True``.
+
+The arms run alternately in one process, ``--repeats`` times (round r runs every arm once, in order), each
+timed over ``trainer.train()`` only, by process CPU time (1 torch thread: the compute itself; the machine
+is shared) and by the wall clock. Reported per arm: the median, min and max, and the median of the
+per-round ratios to the "off" run of the same round. The probe's own time is split by timing, inside
+the callback's calls, the sampling of E (``sample_rollouts``), ``EntropyProbe.run`` (the E pass and
+statistics) and ``EntropyProbe.measure_change``; and the ``se_cond_e`` each probed step reached.
+Writes ``<out>/bench_trainer.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "src"))
+sys.path.insert(0, str(HERE.parent / "examples"))
+
+import trl_grpo  # noqa: E402  (the example's tokenizer, model, prompts, reward and GRPOConfig)
+
+import entropy_probe.integrations.trl as trl_integration  # noqa: E402
+from entropy_probe import ProbeConfig  # noqa: E402
+from entropy_probe.integrations.trl import EntropyProbeCallback, attach  # noqa: E402
+from entropy_probe.probe import EntropyProbe  # noqa: E402
+
+GROUP = 8
+ARMS = {  # name: (held-out prompts, ProbeConfig fields, callback keyword arguments) or None for no callback
+    "off": None,
+    "E = train batch (32 rows)": (4, {}, {}),
+    "E = half (16 rows)": (2, {}, {}),
+    "E = train batch, every 4": (4, {}, {"every": 4}),
+    "E = train batch, second order": (4, {"second_order": True}, {}),
+}
+
+
+class PartTimer:
+    """Process time spent in the callback's three parts, summed over a run (wraps the functions the
+    callback calls; restored on exit)."""
+
+    PARTS = {
+        "sampling E": (trl_integration, "sample_rollouts"),
+        "run (E pass + statistics)": (EntropyProbe, "run"),
+        "measure_change": (EntropyProbe, "measure_change"),
+    }
+
+    def __init__(self):
+        self.seconds = {part: 0.0 for part in self.PARTS}
+
+    @contextlib.contextmanager
+    def installed(self):
+        saved = {part: getattr(owner, name) for part, (owner, name) in self.PARTS.items()}
+        try:
+            for part, (owner, name) in self.PARTS.items():
+                setattr(owner, name, self._timed(part, saved[part]))
+            yield self
+        finally:
+            for part, (owner, name) in self.PARTS.items():
+                setattr(owner, name, saved[part])
+
+    def _timed(self, part, fn):
+        def wrapper(*args, **kwargs):
+            t0 = time.process_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[part] += time.process_time() - t0
+
+        return wrapper
+
+
+def one_run(arm: str, steps: int, seed: int) -> dict:
+    """One training run of ``steps`` optimizer steps; timings, the probe's split and its records."""
+    from datasets import Dataset
+    from trl import GRPOTrainer
+
+    tokenizer = trl_grpo.build_tokenizer()
+    with tempfile.TemporaryDirectory() as out:
+        trainer = GRPOTrainer(
+            model=trl_grpo.build_model(tokenizer),
+            reward_funcs=trl_grpo.reward_a,
+            args=trl_grpo.grpo_args(Path(out), steps, seed=seed),
+            train_dataset=Dataset.from_dict({"prompt": trl_grpo.prompts(256, seed=1)}),
+            processing_class=tokenizer,
+        )
+        callback = None
+        if ARMS[arm] is not None:
+            n_prompts, fields, options = ARMS[arm]
+            callback = attach(
+                trainer,
+                EntropyProbeCallback(
+                    trl_grpo.prompts(n_prompts, seed=2),
+                    group_size=GROUP,
+                    max_new_tokens=8,
+                    config=ProbeConfig(direction="optimizer-step", **fields),
+                    **{"every": 1, "max_eval_units": n_prompts, **options},
+                ),
+            )
+        parts = PartTimer()
+        with parts.installed():
+            wall0, cpu0 = time.perf_counter(), time.process_time()
+            trainer.train()
+            wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    records = [] if callback is None else callback.records
+    return {
+        "cpu_s": cpu,
+        "wall_s": wall,
+        "parts_cpu_s": parts.seconds if callback is not None else None,
+        "se_cond_e": [r["se_cond_e"] for r in records],
+        "n_eval_units": [r.get("n_eval_units") for r in records],
+        "delta_h1": [r["delta_h1"] for r in records],
+        "se_delta_h2": [r.get("se_delta_h2") for r in records],
+        "loss": [h["loss"] for h in trainer.state.log_history if "loss" in h],
+    }
+
+
+def spread(xs: list[float]) -> dict:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
+
+
+def summarise(runs: dict[str, list[dict]]) -> dict:
+    off = runs["off"]
+    out = {}
+    for arm, rs in runs.items():
+        row = {
+            "cpu_s": spread([r["cpu_s"] for r in rs]),
+            "wall_s": spread([r["wall_s"] for r in rs]),
+            "cpu_ratio_to_off": spread([r["cpu_s"] / o["cpu_s"] for r, o in zip(rs, off)]),
+            "wall_ratio_to_off": spread([r["wall_s"] / o["wall_s"] for r, o in zip(rs, off)]),
+            "same_trajectory_as_off": all(r["loss"] == o["loss"] for r, o in zip(rs, off)),
+        }
+        if rs[0]["parts_cpu_s"] is not None:
+            probe_total = [sum(r["parts_cpu_s"].values()) for r in rs]
+            row["probe_cpu_s"] = spread(probe_total)
+            row["split"] = {
+                part: spread([r["parts_cpu_s"][part] / t for r, t in zip(rs, probe_total)])
+                for part in PartTimer.PARTS
+            }
+            row["se_cond_e"] = spread([s for r in rs for s in r["se_cond_e"]])
+            row["n_eval_units"] = rs[0]["n_eval_units"][0]
+            row["probed_steps"] = len(rs[0]["se_cond_e"])
+        out[arm] = row
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--out", default="runs/bench")
+    parser.add_argument("--name", default="bench_trainer.json")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    arms = ["off", *[a for a in args.arms if a != "off"]]
+    one_run("off", 1, args.seed)  # warm-up: imports, first-call allocations
+    runs = {arm: [] for arm in arms}
+    for r in range(args.repeats):
+        for arm in arms:
+            runs[arm].append(one_run(arm, args.steps, args.seed))
+            print(f"round {r} {arm}: {runs[arm][-1]['cpu_s']:.2f} s CPU", flush=True)
+    result = summarise(runs)
+    for arm, row in result.items():
+        cpu, wall = row["cpu_ratio_to_off"]["median"], row["wall_ratio_to_off"]["median"]
+        line = f"{arm:34s} CPU x{cpu:.2f} wall x{wall:.2f}"
+        if "split" in row:
+            line += " | " + ", ".join(f"{p} {s['median']:.0%}" for p, s in row["split"].items())
+            line += f" | se_cond_e {row['se_cond_e']['median']:.2e}"
+        print(line)
+    meta = {
+        "torch": torch.__version__,
+        "machine": platform.processor() or platform.machine(),
+        "threads": 1,
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "command": " ".join(["python", *sys.argv]),
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / args.name).write_text(json.dumps({"meta": meta, "arms": result, "runs": runs}, indent=1))
+    print(f"wrote {out / args.name}")
+
+
+if __name__ == "__main__":
+    main()
