@@ -34,7 +34,7 @@ from . import fsdp
 from .attribution import group_statistics, parameter_groups, wants_groups
 from .batch import RolloutBatch, check_batch, on_device
 from .caller_state import preserved_caller_state
-from .change import EvalState, MeasuredChange, measure_change
+from .change import EvalState, MeasuredChange, check_eval_state, measure_change
 from .config import ProbeConfig
 from .direction import UpdateDirection, build_direction, given_direction
 from .distributed import (
@@ -342,7 +342,9 @@ class EntropyProbe:
                     self.comm,
                     per_unit_q=None if second is None else second.q,
                 )
-        state = EvalState(eval_batch, SequenceLogProbs(proj.seq_logprob, proj.weighted))
+        state = EvalState.made(
+            self.module, eval_batch, SequenceLogProbs(proj.seq_logprob, proj.weighted), self.config
+        )
         return ProbeResult(
             delta_h1=stats.delta_h1,
             se_cond_e=stats.se_cond_e,
@@ -375,6 +377,11 @@ class EntropyProbe:
         error = None
         if not isinstance(state, EvalState):
             error = ValueError("measure_change: result must be a ProbeResult returned by this probe's run()")
+        else:
+            try:  # before any collective, so that a refused result on one rank cannot hang the others
+                check_eval_state(self.module, state, self.config)
+            except ValueError as e:
+                error = e
         self.comm.check_same(
             "EntropyProbe.measure_change",
             lambda: call_fingerprint(
