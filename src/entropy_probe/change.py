@@ -28,11 +28,13 @@ from torch import Tensor, nn
 
 from .batch import RolloutBatch
 from .config import ProbeConfig
-from .fsdp import is_sharded, logprobs_lockstep
+from .context import ProbeCall
 from .logprobs import SequenceLogProbs
-from .result import PREFIX
-from .truth import _check_weights, entropy_change, logprobs_at
-from .vectors import Params
+from .result import PREFIX, EvalState
+from .truth import _check_weights, entropy_change
+
+__all__ = ["EvalState", "MeasuredChange", "check_eval_state", "eval_state", "measure_change"]
+
 
 # The config fields that define the entropy functional the log-probs were kept for ("entropy" is the
 # token/sequence choice where the config has it).
@@ -68,24 +70,11 @@ def batch_digest(batch: RolloutBatch | None) -> tuple | None:
     return tuple(tuple(t.shape) for t in tensors) + tuple(torch.stack(sums).tolist())  # one host sync
 
 
-@dataclass
-class EvalState:
-    """What ``measure_change`` needs from the forecast pass: this rank's E (None if it holds no E unit)
-    and its ``S_i``, ``S_w,i`` at the parameters the forecast was made at; and what they were made for
-    (``check_eval_state``): the model's ``model_key``, the functional and E's ``batch_digest``."""
-
-    batch: RolloutBatch | None
-    before: SequenceLogProbs | None
-    model: int | None = None
-    functional: dict | None = None
-    digest: tuple | None = None
-
-    @classmethod
-    def made(
-        cls, module: nn.Module, batch: RolloutBatch | None, before: SequenceLogProbs, cfg: ProbeConfig
-    ) -> "EvalState":
-        """The state of a forecast pass of ``module`` (unwrapped) over ``batch`` under ``cfg``."""
-        return cls(batch, before, model_key(module), functional_of(cfg), batch_digest(batch))
+def eval_state(
+    module: nn.Module, batch: RolloutBatch | None, before: SequenceLogProbs, cfg: ProbeConfig
+) -> EvalState:
+    """The state of a forecast pass of ``module`` (unwrapped) over ``batch`` under ``cfg``."""
+    return EvalState(batch, before, model_key(module), functional_of(cfg), batch_digest(batch))
 
 
 def check_eval_state(module: nn.Module, state: EvalState, cfg: ProbeConfig) -> None:
@@ -128,34 +117,21 @@ class MeasuredChange:
         return {f"{PREFIX}measured/{k}": getattr(self, k) for k in keys}
 
 
-def measure_change(
-    module: nn.Module,
-    params: Params,
-    state: EvalState,
-    per_unit: Tensor,
-    lr: float,
-    cfg: ProbeConfig,
-    comm=None,
-) -> MeasuredChange:
-    """One forward over ``state.batch`` at the live parameters; the change against ``state``'s log-probs.
-
-    The caller checks the state first (``check_eval_state``, before any collective under DDP)."""
+def measure_change(call: ProbeCall, state: EvalState, per_unit: Tensor, lr: float) -> MeasuredChange:
+    """One forward over ``state.batch`` at the live parameters (the call's passes: under FSDP2 every
+    rank runs every rank's E); the change against ``state``'s log-probs, ``se_diff`` against
+    ``lr * per_unit``. The caller checks the state first (``check_eval_state``, before any collective)."""
     after = None
     if state.batch is not None:
-        sharded = is_sharded(params)  # FSDP2: forwards are collectives, every rank runs every rank's E
-        after = (
-            logprobs_lockstep(module, state.batch, cfg)
-            if sharded
-            else logprobs_at(module, dict(params), state.batch, cfg)
-        )
+        after = call.passes.logprobs(call.module, call.params, state.batch, call.config)
         _check_weights(state.before.seq, after.seq, 1.0)
-    change = entropy_change(state.batch, state.before, after, per_unit, lr, comm=comm)
+    change = entropy_change(state.batch, state.before, after, per_unit, lr, comm=call.comm)
     if not change.reliable:
         warnings.warn(
             f"measure_change: degenerate importance weights (ESS {change.ess:.3g}, below 10% of the E "
-            "sequences or below min(8, N/2)): the step moved the policy so far that a few "
-            "E sequences carry all the weight; the measured change is unreliable (reliable = False). "
-            "Measure it on fresh samples.",
+            "sequences or below min(8, N/2)): the step moved the policy so far that a few E sequences "
+            "carry all the weight; the measured change is unreliable (reliable = False). Measure it on "
+            "fresh samples.",
             RuntimeWarning,
             stacklevel=3,
         )

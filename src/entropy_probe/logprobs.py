@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .batch import RolloutBatch, _first_bad_row
+from .config import WEIGHTINGS, ProbeConfig  # noqa: F401  (the config owns the lists)
 
 
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
@@ -83,6 +84,16 @@ class SequenceLogProbs:
     seq: Tensor
     weighted: Tensor
 
+    @classmethod
+    def empty(cls, batch: RolloutBatch) -> "SequenceLogProbs":
+        """``(N,)`` fp32 buffers for ``batch``'s rows, filled microbatch by microbatch with ``put``."""
+        seq = torch.empty(batch.n_sequences, dtype=torch.float32, device=batch.device)
+        return cls(seq, torch.empty_like(seq))
+
+    def put(self, rows, lp: "SequenceLogProbs") -> None:
+        """Write a microbatch's log-probs (detached) at its ``rows`` of the batch."""
+        self.seq[rows], self.weighted[rows] = lp.seq.detach(), lp.weighted.detach()
+
 
 def token_logprobs(logits: Tensor, input_ids: Tensor, temperature: float) -> Tensor:
     """``(N, T)`` fp32 log-probs; entry t is ``log pi(input_ids[t] | <t)``, entry 0 is 0."""
@@ -91,9 +102,6 @@ def token_logprobs(logits: Tensor, input_ids: Tensor, temperature: float) -> Ten
     # gather - logsumexp avoids materialising a second (N, T-1, V) log-softmax tensor.
     lp = shifted.gather(-1, target).squeeze(-1) - torch.logsumexp(shifted, dim=-1)  # (N, T-1)
     return torch.nn.functional.pad(lp, (1, 0))  # (N, T)
-
-
-WEIGHTINGS = ("token-mean", "sum")
 
 
 def response_weights(response_mask: Tensor, weighting: str) -> Tensor:
@@ -134,3 +142,21 @@ def sequence_logprobs(
     lp = torch.where(resp.bool(), token_logprobs(logits, ids, temperature), 0.0)  # (N, T)
     w = response_weights(resp, weighting)
     return SequenceLogProbs(seq=lp.sum(dim=1), weighted=(lp * w).sum(dim=1))
+
+
+def policy_logprobs(
+    module: nn.Module, batch: RolloutBatch, cfg: ProbeConfig, params: dict[str, Tensor] | None = None
+) -> SequenceLogProbs:
+    """``sequence_logprobs`` of the policy the probe differentiates: ``cfg``'s temperature, weighting."""
+    return sequence_logprobs(module, batch, cfg.temperature, cfg.entropy_weighting, params=params)
+
+
+@torch.no_grad()
+def logprobs_at(
+    module: nn.Module, params: dict[str, Tensor], batch: RolloutBatch, cfg: ProbeConfig
+) -> SequenceLogProbs:
+    """``S_i`` and ``S_w,i`` of every sequence, ``(N,)`` fp32 in row order, under the given parameters."""
+    out = SequenceLogProbs.empty(batch)
+    for mb in batch.microbatches(cfg.microbatch_units):
+        out.put(mb.rows, policy_logprobs(module, mb.batch, cfg, params))
+    return out

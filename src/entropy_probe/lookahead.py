@@ -25,23 +25,17 @@ when it is reliable, else the lookahead when computed, flagged ``reliable = Fals
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from statistics import NormalDist
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from .fsdp import is_sharded, logprobs_stepped
+from .context import ProbeCall
 from .logprobs import SequenceLogProbs
 from .result import PREFIX, TruthResult
-from .truth import (
-    _check_weights,
-    entropy_change,
-    full_precision_state,
-    logprobs_at,
-    stepped_parameters,
-)
-from .vectors import Params, Vector, device_of
+from .truth import _check_weights, entropy_change, full_precision_state
+from .vectors import Vector, device_of
 
 RELIABLE_ESS_FRACTION = 0.9
 DIAGNOSTIC_ALPHA = 1.0 / 16.0
@@ -87,31 +81,31 @@ class StepDiagnostic:
 
 
 class SteppedEval:
-    """Entropy changes on E at ``theta + c eta v`` for any scale c, one forward each, the live model
-    untouched (the truth's stepped forward). The log-probs at theta are evaluated once, through the same
-    forward, so that the weights are exactly 1 at c = 0. Holds v (one fp32 copy of the trainable
-    parameters) until dropped; under DDP/FSDP2 every rank calls ``at`` with the same c."""
+    """Entropy changes on E at ``theta + c eta v`` for any scale c, one forward each through the call's
+    passes (functional; in place and undone bit-exactly under FSDP2), the live model untouched. The
+    log-probs at theta are evaluated once, through the same forward, so that the weights are exactly 1
+    at c = 0. Holds v (one fp32 copy of the trainable parameters) until dropped; under DDP/FSDP2 every
+    rank calls ``at`` with the same c."""
 
-    def __init__(self, module: nn.Module, params: Params, v: Vector, lr: float, batch, cfg, comm):
-        self.module, self.params, self.v, self.lr = module, params, v, lr
-        self.batch, self.cfg, self.comm = batch, cfg, comm
-        self.sharded = is_sharded(params)
-        self.base = full_precision_state(module, params) if batch is not None and not self.sharded else None
+    def __init__(self, call: ProbeCall, v: Vector, batch):
+        self.call, self.v, self.batch = call, v, batch
+        in_place = call.passes.steps_in_place
+        self.base = None
+        if batch is not None and not in_place:  # a bf16/fp16 model is stepped and evaluated in fp32
+            self.base = full_precision_state(call.module, call.params)
         self._before: SequenceLogProbs | None = None
 
-    def logprobs(self, step: float) -> SequenceLogProbs | None:
-        """S_i, S_w,i of this rank's E at ``theta + step v`` (None on a rank holding no E units)."""
-        if self.batch is None and not self.sharded:
-            return None
-        with torch.autocast(device_of(self.params).type, enabled=False):  # theta' must not be rounded
-            if self.sharded:
-                return logprobs_stepped(self.module, self.params, self.v, step, self.batch, self.cfg)
-            params = stepped_parameters(self.params, self.v, step, self.base) if step else None
-            return logprobs_at(self.module, params or self.base or dict(self.params), self.batch, self.cfg)
+    def logprobs(self, step: float) -> SequenceLogProbs:
+        """S_i, S_w,i of this rank's E at ``theta + step v`` (the caller skips a rank without E units)."""
+        c = self.call
+        with torch.autocast(device_of(c.params).type, enabled=False):  # theta' must not be rounded
+            return c.passes.logprobs_stepped(
+                c.module, c.params, self.batch, c.config, self.v, step, self.base
+            )
 
     @property
     def before(self) -> SequenceLogProbs | None:
-        if self._before is None:
+        if self._before is None and self.batch is not None:
             self._before = self.logprobs(0.0)
         return self._before
 
@@ -121,22 +115,22 @@ class SteppedEval:
         ``kept``: this rank's S_i at theta from the E pass, used instead of another forward when the
         model is evaluated as the E pass evaluated it (fp32, one process or DDP); their microbatching
         differs from this forward's by float rounding (~1e-7 nats), ~1e-6 of l_i at alpha = 1/16."""
-        local = torch.zeros(0, dtype=torch.float64, device=device_of(self.params))
+        local = torch.zeros(0, dtype=torch.float64, device=device_of(self.call.params))
         if self.batch is not None:
-            after = self.logprobs(alpha * self.lr)
-            reuse = kept is not None and self.base is None and not self.sharded
+            after = self.logprobs(alpha * self.call.lr)
+            reuse = kept is not None and self.base is None and not self.call.passes.steps_in_place
             before = kept if reuse else self.before.seq
             local = (after.seq.double() - before.double()) / alpha  # (N_local,)
-        return self.comm.gather(local)
+        return self.call.comm.gather(local)
 
     def at(self, scale: float, per_unit: Tensor | None = None):
         """``truth.Change`` of the step at ``scale * eta``; ``per_unit`` the s_n (for its se_diff)."""
         after = None
         if self.batch is not None:
-            after = self.logprobs(scale * self.lr)
+            after = self.logprobs(scale * self.call.lr)
             _check_weights(self.before.seq, after.seq, scale)
         pred = None if per_unit is None else per_unit * scale
-        return entropy_change(self.batch, self.before, after, pred, self.lr, comm=self.comm)
+        return entropy_change(self.batch, self.before, after, pred, self.call.lr, comm=self.call.comm)
 
 
 def lookahead_result(stepped: SteppedEval, per_unit: Tensor) -> TruthResult:
@@ -159,7 +153,7 @@ def lookahead_result(stepped: SteppedEval, per_unit: Tensor) -> TruthResult:
 
 @dataclass(frozen=True)
 class Prediction:
-    """The entropy change a consumer should use for the step about to be taken (DESIGN section 21)."""
+    """The entropy change a consumer should use for the step about to be taken (``result.prediction``)."""
 
     value: float
     """nats"""
@@ -168,8 +162,16 @@ class Prediction:
     method: str
     """"first-order", "second-order" (the Taylor forecast) or "lookahead" (the step applied on E)"""
     reliable: bool
-    """False when nothing is trustworthy: the Taylor diagnostic failed and the lookahead was not
-    computed (``lookahead="never"``) or its own weights collapsed"""
+    """False when nothing is trustworthy: the Taylor diagnostic failed and there is no lookahead
+    (``lookahead="never"``) or its own importance weights collapsed"""
+    taylor_reliable: bool
+    """the before-the-step diagnostic: ``ess_fraction >= RELIABLE_ESS_FRACTION`` (``result.reliable``)"""
+    ess_fraction: float
+    """rho, the predicted effective sample size of the step as a fraction of the E sequences"""
+    diagnostic: StepDiagnostic | None = field(default=None, repr=False, compare=False)
+    stepped: SteppedEval | None = field(default=None, repr=False, compare=False)
+    """kept when the method is the lookahead, for the guard's trial scales (holds v; drop the result to
+    free it)"""
 
     def normal_interval(self, level: float = 0.95) -> tuple[float, float]:
         if not 0.0 < level < 1.0:
@@ -181,55 +183,53 @@ class Prediction:
         """Numbers and booleans only: the method as ``prediction/method_id`` (``METHOD_IDS``)."""
         out = {f"{PREFIX}prediction/{k}": getattr(self, k) for k in ("value", "se", "reliable")}
         out[f"{PREFIX}prediction/method_id"] = METHOD_IDS[self.method]
+        out[f"{PREFIX}reliable"] = self.taylor_reliable
+        out[f"{PREFIX}step_ess_fraction"] = self.ess_fraction
         return out
 
 
-def choose_prediction(
-    taylor: tuple[float, float, str], diagnostic: StepDiagnostic, lookahead: TruthResult | None
-) -> Prediction:
-    """``taylor`` = (value, se, "first-order" | "second-order"). The lookahead when it was computed
-    (it has no Taylor remainder) or the Taylor forecast when the diagnostic holds."""
-    value, se, method = taylor
-    if lookahead is not None and (lookahead.reliable or not diagnostic.reliable):
-        return Prediction(lookahead.delta_h, lookahead.se, "lookahead", lookahead.reliable)
-    return Prediction(value, se, method, diagnostic.reliable)
-
-
-
-@dataclass
-class LargeStep:
-    """What ``probe.run`` adds for DESIGN section 21."""
-
-    diagnostic: StepDiagnostic
-    lookahead: TruthResult | None
-    prediction: Prediction
-    stepped: SteppedEval | None  # for the guard's trial scales when the prediction is the lookahead
+def taylor_forecast(first, second) -> tuple[float, float, str]:
+    """(value, se, method) of the Taylor forecast of a call: second order when it was computed."""
+    if second is not None:
+        return second.forecast, second.se_forecast, "second-order"
+    return first.delta_h1, first.se_cond_e, "first-order"
 
 
 def large_step(
-    stepped: SteppedEval,
+    call: ProbeCall,
+    v: Vector,
+    batch,
     kept_seq: Tensor | None,
     per_unit: Tensor,
-    taylor: tuple[float, float, str],
-    mode: str,
+    taylor: tuple[float, float, str] = (0.0, 0.0, "first-order"),
     truth: TruthResult | None = None,
-) -> LargeStep:
-    """The diagnostic, the lookahead as ``mode`` asks ("auto": when the diagnostic fails), the
-    prediction, and the warnings. ``truth``: the call's own truth, reused when it holds alpha = 1."""
-    diagnostic = StepDiagnostic.of(stepped.log_ratios(kept_seq))
-    look = None
+) -> tuple[TruthResult | None, Prediction]:
+    """``(lookahead, prediction)`` of one call: the diagnostic (``kept_seq``: this rank's S_i from the E
+    pass), the lookahead as ``call.config.lookahead`` asks ("auto": when the diagnostic fails), the
+    prediction (``taylor``: the call's ``taylor_forecast``), the warnings. ``truth``: the call's own
+    truth, reused as the lookahead when it was measured at alpha = 1 alone."""
+    stepped = SteppedEval(call, v, batch)
+    if call.lr == 0.0:  # no step: nothing moves, and no forward is needed to know it
+        diagnostic = StepDiagnostic.of(torch.zeros(0, dtype=torch.float64))
+    else:
+        diagnostic = StepDiagnostic.of(stepped.log_ratios(kept_seq))
+    mode, look = call.config.lookahead, None
     if mode == "always" or (mode == "auto" and not diagnostic.reliable):
-        if truth is not None and 1.0 in truth.alphas and truth.alphas[-1] == 1.0 and len(truth.alphas) == 1:
-            look = truth
-        else:
-            look = lookahead_result(stepped, per_unit)
-    prediction = choose_prediction(taylor, diagnostic, look)
-    _warn(diagnostic, look, prediction, mode)
-    keep = prediction.method == "lookahead"  # only then does the guard need trial forwards (v kept)
-    return LargeStep(diagnostic, look, prediction, stepped if keep else None)
+        reuse = truth is not None and list(truth.alphas) == [1.0]
+        look = truth if reuse else lookahead_result(stepped, per_unit)
+    value, se, method = taylor
+    trusted = diagnostic.reliable
+    if look is not None and (look.reliable or not diagnostic.reliable):
+        value, se, method, trusted = look.delta_h, look.se, "lookahead", look.reliable
+    prediction = Prediction(
+        value, se, method, trusted, diagnostic.reliable, diagnostic.ess_fraction, diagnostic,
+        stepped if method == "lookahead" else None,
+    )  # fmt: skip
+    _warn(diagnostic, look, prediction)
+    return look, prediction
 
 
-def _warn(diagnostic: StepDiagnostic, look: TruthResult | None, prediction: Prediction, mode: str) -> None:
+def _warn(diagnostic: StepDiagnostic, look: TruthResult | None, prediction: Prediction) -> None:
     if diagnostic.reliable:
         return
     where = (
@@ -237,10 +237,12 @@ def _warn(diagnostic: StepDiagnostic, look: TruthResult | None, prediction: Pred
         f"sequences, below {RELIABLE_ESS_FRACTION}) that the Taylor forecast cannot be trusted"
     )
     if not prediction.reliable:
-        why = "no lookahead (lookahead='never')" if look is None else (
-            f"the lookahead's own importance weights collapsed too (ESS {look.ess:.3g})"
+        why = (
+            "no lookahead (lookahead='never')"
+            if look is None
+            else f"the lookahead's own importance weights collapsed too (ESS {look.ess:.3g})"
         )
-        msg = f"{where}, and {why}: nothing is trustworthy at this step size (prediction.reliable = False)"
+        msg = f"{where}, and {why}: nothing is trustworthy at this step size (result.reliable = False)"
     else:
-        msg = f"{where}; result.prediction is the lookahead (the step applied on E): {prediction.value:+.4g}"
-    warnings.warn(f"entropy probe: {msg}", RuntimeWarning, stacklevel=3)
+        msg = f"{where} (result.reliable = False); the prediction is the lookahead, {prediction.value:+.4g}"
+    warnings.warn(f"entropy probe: {msg}", RuntimeWarning, stacklevel=4)
