@@ -46,7 +46,7 @@ from .forecast import second_order_statistics
 from .from_grad import direction_from_grad, optimizer_lr, unwrap_optimizer
 from .fsdp import passes_for
 from .logprobs import SequenceLogProbs
-from .lookahead import large_step, taylor_forecast
+from .lookahead import large_step
 from .objectives import UpdateTotals, advantages, policy_gradient_coefficients
 from .result import EvalState, ProbeResult, UpdateVariance
 from .truth import measure_truth
@@ -321,9 +321,8 @@ class EntropyProbe:
                 q = None if second is None else second.per_unit_q
                 truth_result = measure_truth(call, upd.v, eval_batch, stats.s, per_unit_q=q)
             first = stats.first_order(call.lr)  # 6. large steps: diagnostic, lookahead, prediction
-            taylor = taylor_forecast(first, second)
             lookahead, prediction = large_step(
-                call, upd.v, eval_batch, proj.logprobs.seq, stats.s, taylor, truth_result
+                call, upd.v, eval_batch, proj.logprobs.seq, stats.s, (first, second), truth_result
             )
         return ProbeResult(
             first=first,
