@@ -34,7 +34,7 @@ from torch import nn
 from ..batch import RolloutBatch
 from ..config import ProbeConfig
 from ..guard import EntropyGuard
-from ..logprobs import sequence_logprobs
+from ..logprobs import policy_logprobs, sequence_logprobs
 from ..loss import policy_loss
 from ..objectives import unit_entropy
 from ..probe import EntropyProbe
@@ -136,9 +136,7 @@ def fresh_entropy(
         seed,
     )
     with torch.no_grad():
-        weighted = sequence_logprobs(
-            model, batch, probe_cfg.temperature, probe_cfg.entropy_weighting
-        ).weighted
+        weighted = policy_logprobs(model, batch, probe_cfg).weighted
     h = unit_entropy(weighted, batch).double().cpu()
     g = batch.unit_sizes.double().cpu()
     r = (
