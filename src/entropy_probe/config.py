@@ -19,6 +19,7 @@ LossAggregation = Literal[
 ]
 AdvantageEstimator = Literal["grpo", "rloo", "dr-grpo", "given"]
 Engine = Literal["backward", "jvp"]
+Lookahead = Literal["auto", "always", "never"]
 
 WEIGHTINGS: tuple[str, ...] = get_args(Weighting)
 X_ESTIMATORS: tuple[str, ...] = get_args(XEstimator)
@@ -26,6 +27,7 @@ DIRECTIONS: tuple[str, ...] = get_args(Direction)
 LOSS_AGGREGATIONS: tuple[str, ...] = get_args(LossAggregation)
 ADVANTAGE_ESTIMATORS: tuple[str, ...] = get_args(AdvantageEstimator)
 ENGINES: tuple[str, ...] = get_args(Engine)
+LOOKAHEADS: tuple[str, ...] = get_args(Lookahead)
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,10 @@ class ProbeConfig:
     (``step_view``; peak extra memory about 0.5x the fp32 parameter bytes, but the step's arithmetic is
     repeated per unit). False: form every step once and keep it (1x the parameter bytes more, no
     repetition; faster where sequences are short, docs/performance.md)."""
+    lookahead: Lookahead = "auto"
+    """The step applied functionally on E before it is taken (``result.lookahead``, one forward):
+    "auto" when the before-the-step diagnostic says the Taylor forecast cannot be trusted at this step
+    size (``result.reliable`` False), "always", or "never" (docs/large_steps.md)."""
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, msg: str) -> None:
@@ -156,6 +162,7 @@ class ProbeConfig:
         object.__setattr__(self, "truth_alphas", tuple(float(a) for a in alphas))  # frozen: set once
         need(isinstance(self.unconditional_se, bool), "unconditional_se", "must be True or False")
         need(isinstance(self.second_order, bool), "second_order", "must be True or False")
+        need(self.lookahead in LOOKAHEADS, "lookahead", f"must be one of {LOOKAHEADS}")
         need(
             self.by_group is None or isinstance(self.by_group, bool),
             "by_group",
