@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .batch import RolloutBatch, _first_bad_row
 
@@ -91,6 +92,46 @@ def token_logprobs(logits: Tensor, input_ids: Tensor, temperature: float) -> Ten
     # gather - logsumexp avoids materialising a second (N, T-1, V) log-softmax tensor.
     lp = shifted.gather(-1, target).squeeze(-1) - torch.logsumexp(shifted, dim=-1)  # (N, T-1)
     return torch.nn.functional.pad(lp, (1, 0))  # (N, T)
+
+
+ENTROPY_VOCAB_CHUNK = 8192  # vocabulary columns per step of ``token_entropies``: 8192 * 4 B per position
+
+
+def token_entropies(logits: Tensor, temperature: float, vocab_chunk: int = ENTROPY_VOCAB_CHUNK) -> Tensor:
+    """``(N, T)`` fp32 full-vocabulary entropies; entry t is ``H_t = -sum_a p(a|<t) log p(a|<t)`` of the
+    distribution ``softmax(logits[t-1] / temperature)`` that generated token t (aligned with
+    ``token_logprobs``), entry 0 is 0. Differentiable (pathwise) in the logits by reverse and forward mode.
+
+    The vocabulary is walked in chunks of ``vocab_chunk`` columns, each cast to fp32 on its own, so no
+    (N, T, V) fp32 copy is ever made: one pass for the log-normaliser, one for
+    ``H = sum_a p_a (lse - z_a)`` (every term >= 0, no cancellation). Under reverse mode each chunk's
+    term is recomputed in the backward (``torch.utils.checkpoint``), so the saved activations stay
+    at the size of one chunk plus the (bf16/fp32) logits the model already holds.
+    """
+    z = logits[:, :-1]  # (N, T-1, V): position t-1 predicts token t
+    bounds = [(lo, min(lo + vocab_chunk, z.shape[-1])) for lo in range(0, z.shape[-1], vocab_chunk)]
+    recompute = torch.is_grad_enabled() and logits.requires_grad
+
+    def run(fn, *args):  # under reverse mode the chunk's fp32 intermediates are recomputed, not kept
+        return checkpoint(fn, *args, use_reentrant=False) if recompute else fn(*args)
+
+    lse = torch.stack([run(_chunk_lse, z[..., lo:hi], temperature) for lo, hi in bounds], dim=-1)
+    lse = torch.logsumexp(lse, dim=-1)  # (N, T-1, n_chunks) -> (N, T-1)
+    h = torch.zeros_like(lse)
+    for lo, hi in bounds:
+        h = h + run(_entropy_chunk, z[..., lo:hi], lse, temperature)
+    return torch.nn.functional.pad(h, (1, 0))  # (N, T)
+
+
+def _chunk_lse(z: Tensor, temperature: float) -> Tensor:
+    """``logsumexp_{a in chunk} z_a / temperature`` per position, fp32."""
+    return torch.logsumexp(z.float() / temperature, dim=-1)  # (N, T-1)
+
+
+def _entropy_chunk(z: Tensor, lse: Tensor, temperature: float) -> Tensor:
+    """``sum_{a in chunk} p_a (lse - z_a)`` per position, fp32: one chunk's share of H."""
+    gap = lse.unsqueeze(-1) - z.float() / temperature  # (N, T-1, chunk): -log p_a >= 0
+    return (torch.exp(-gap) * gap).sum(dim=-1)  # (N, T-1)
 
 
 WEIGHTINGS = ("token-mean", "sum")
