@@ -12,24 +12,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import Tensor, nn
+from torch import Tensor
 
-from .batch import RolloutBatch
-from .config import ProbeConfig
-from .fsdp import is_sharded, logprobs_lockstep
-from .logprobs import SequenceLogProbs
-from .result import PREFIX
-from .truth import _check_weights, entropy_change, logprobs_at
-from .vectors import Params
+from .context import ProbeCall
+from .result import PREFIX, EvalState
+from .truth import _check_weights, entropy_change
 
-
-@dataclass
-class EvalState:
-    """What ``measure_change`` needs from the forecast pass: this rank's E (None if it holds no E unit)
-    and its ``S_i``, ``S_w,i`` at the parameters the forecast was made at."""
-
-    batch: RolloutBatch | None
-    before: SequenceLogProbs | None
+__all__ = ["EvalState", "MeasuredChange", "measure_change"]
 
 
 @dataclass
@@ -49,24 +38,13 @@ class MeasuredChange:
         return {f"{PREFIX}measured/{k}": getattr(self, k) for k in ("delta_h", "se", "ess", "se_diff")}
 
 
-def measure_change(
-    module: nn.Module,
-    params: Params,
-    state: EvalState,
-    per_unit: Tensor,
-    lr: float,
-    cfg: ProbeConfig,
-    comm=None,
-) -> MeasuredChange:
-    """One forward over ``state.batch`` at the live parameters; the change against ``state``'s log-probs."""
+def measure_change(call: ProbeCall, state: EvalState, per_unit: Tensor, lr: float) -> MeasuredChange:
+    """One forward over ``state.batch`` at the live parameters (the call's passes: under FSDP2 every
+    rank runs every rank's E); the change against ``state``'s log-probs, ``se_diff`` against
+    ``lr * per_unit``."""
     after = None
     if state.batch is not None:
-        sharded = is_sharded(params)  # FSDP2: forwards are collectives, every rank runs every rank's E
-        after = (
-            logprobs_lockstep(module, state.batch, cfg)
-            if sharded
-            else logprobs_at(module, dict(params), state.batch, cfg)
-        )
+        after = call.passes.logprobs(call.module, call.params, state.batch, call.config)
         _check_weights(state.before.seq, after.seq, 1.0)
-    change = entropy_change(state.batch, state.before, after, per_unit, lr, comm=comm)
+    change = entropy_change(state.batch, state.before, after, per_unit, lr, comm=call.comm)
     return MeasuredChange(delta_h=change.delta_h, se=change.se, ess=change.ess, se_diff=change.se_diff)

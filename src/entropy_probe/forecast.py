@@ -7,37 +7,25 @@ Float64 moments are merged over ranks like the first order's, and the q_n gather
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
+from .context import ProbeCall
 from .distributed import merged_moments
+from .eval_statistics import EvalStatistics
+from .result import SecondOrderForecast
 from .statistics import conditional_variance, moments_update
 
 
-@dataclass
-class SecondOrder:
-    """The second-order term and the forecast, over all ranks."""
-
-    q: Tensor  # (B_E,) float64 q_n, rank order
-    delta_h2: float
-    se_delta_h2: float
-    forecast: float
-    se_forecast: float
-
-
-def second_order_statistics(
-    comm, q_local: Tensor, s: Tensor, sizes: list[int], unit_ids: Tensor, delta_h1: float, lr: float
-) -> SecondOrder:
-    """From this rank's ``(B_local,)`` q_n and every rank's s_n (``s``, rank order, ``sizes`` per rank)."""
-    q = comm.gather(q_local, sizes)  # (B_E,) rank order, as the s_n
+def second_order_statistics(call: ProbeCall, q_local: Tensor, stats: EvalStatistics) -> SecondOrderForecast:
+    """``result.second`` from this rank's ``(B_local,)`` q_n and the statistics over E (every rank's s_n and
+    q_n, gathered in rank order by ``eval_statistics``)."""
+    comm, lr, sizes, s, q = call.comm, call.lr, stats.sizes, stats.s, stats.q
     bad = (~torch.isfinite(q)).nonzero()
     if len(bad):
         unit = int(bad[0, 0])
-        raise ValueError(
-            f"eval_batch: q_n (second order) is not finite for unit {int(unit_ids[unit])} (position {unit})"
-        )
+        unit_id = int(stats.unit_ids[unit])
+        raise ValueError(f"eval_batch: q_n (second order) is not finite for unit {unit_id} (position {unit})")
     half = 0.5 * lr * lr
     start = sum(sizes[: comm.rank])
     s_local = s[start : start + sizes[comm.rank]].double().to(q_local.device)  # this rank's s_n
@@ -47,19 +35,10 @@ def second_order_statistics(
     _, se_q = conditional_variance(m_q, 1.0)
     _, se_c = conditional_variance(m_c, 1.0)
     delta_h2 = half * float(m_q.mean)
-    return SecondOrder(
-        q=q, delta_h2=delta_h2, se_delta_h2=half * se_q, forecast=delta_h1 + delta_h2, se_forecast=se_c
-    )
-
-
-def second_order_fields(second: SecondOrder | None) -> dict:
-    """The ``ProbeResult`` fields of the second order (none when it is off)."""
-    if second is None:
-        return {}
-    return dict(
-        delta_h2=second.delta_h2,
-        se_delta_h2=second.se_delta_h2,
-        forecast=second.forecast,
-        se_forecast=second.se_forecast,
-        per_unit_q=second.q.detach().cpu(),
+    return SecondOrderForecast(
+        delta_h2=delta_h2,
+        se_delta_h2=half * se_q,
+        forecast=stats.delta_h1 + delta_h2,
+        se_forecast=se_c,
+        per_unit_q=q.detach().cpu(),
     )

@@ -38,8 +38,9 @@ from torch import Tensor, nn
 from .batch import RolloutBatch
 from .config import ProbeConfig
 from .engines.projections import EvalProjections
-from .logprobs import SequenceLogProbs, sequence_logprobs
-from .objectives import entropy_gradient_coefficients
+from .logprobs import SequenceLogProbs, policy_logprobs
+from .objectives import entropy_surrogate
+from .passes import Passes
 from .vectors import Params, Vector, dot
 
 
@@ -110,23 +111,6 @@ def _fsdp_param_groups(model: nn.Module) -> list:
     return groups
 
 
-def check_call(params: Params, cfg: ProbeConfig, from_grad: bool, eval_batch) -> None:
-    """The FSDP2 restrictions, as ValueErrors raised before any collective (module docstring)."""
-    if not is_sharded(params):
-        return
-    if not from_grad:
-        raise ValueError(
-            "FSDP2 model: only run(eval_batch=E, from_grad=True) is supported (v from the sharded "
-            ".grad after the trainer's backward); an update batch or a given direction is not"
-        )
-    if cfg.second_order or cfg.groups is not None:
-        raise ValueError("FSDP2 model: ProbeConfig.second_order and ProbeConfig.groups are not supported")
-    if eval_batch is None:
-        raise ValueError(
-            "FSDP2 model: every rank must pass an eval_batch (the ranks run every E unit together)"
-        )
-
-
 def local_view(params: Params, optimizer) -> tuple[Params, object]:
     """This rank's shards as stand-in parameters (``.grad``: the local gradient shard) and an optimizer
     of the same class reading the local shards of the state, for ``direction_from_grad``.
@@ -178,9 +162,10 @@ def _unit_backward(
     module: nn.Module, params: Params, batch: RolloutBatch, cfg: ProbeConfig, v: Vector
 ) -> tuple[Tensor, SequenceLogProbs]:
     """(this rank's partial dot ``v_r . X_n,r``, the log-probs) for one unit, ``.grad`` left as None."""
-    lp = sequence_logprobs(module, batch, cfg.temperature, cfg.entropy_weighting)
-    a, e = entropy_gradient_coefficients(lp.weighted, batch, cfg.x_estimator)
-    (a * lp.seq + e * lp.weighted).sum().backward()  # FSDP2: every rank the same loss, .grad = X_n's shard
+    lp = policy_logprobs(module, batch, cfg)
+    entropy_surrogate(
+        lp, batch, cfg.x_estimator
+    ).backward()  # FSDP2: every rank the same loss, .grad = X_n's shard
     grads = {name: None if p.grad is None else p.grad.to_local() for name, p in params.items()}
     partial = dot(grads, v)
     for p in params.values():
@@ -208,7 +193,7 @@ def eval_projections(
                 partial, lp = _unit_backward(module, params, mb.batch, cfg, v)
                 partials.append(partial)
                 if r == rank:
-                    mine.seq_logprob[mb.rows], mine.weighted[mb.rows] = lp.seq, lp.weighted
+                    mine.logprobs.put(mb.rows, lp)
     finally:
         for name, p in params.items():
             p.grad = caller_grads[name]
@@ -223,23 +208,22 @@ def eval_projections(
 def logprobs_lockstep(module: nn.Module, batch: RolloutBatch, cfg: ProbeConfig) -> SequenceLogProbs:
     """``S_i, S_w,i`` of this rank's E rows at the live parameters, every rank's E forwarded in lock-step."""
     group = fsdp2_group(module)
-    seq = torch.empty(batch.n_sequences, dtype=torch.float32, device=batch.device)
-    weighted = torch.empty_like(seq)
+    out = SequenceLogProbs.empty(batch)
     for r, b in enumerate(all_batches(group, batch)):
         for mb in b.microbatches(cfg.microbatch_units):
-            lp = sequence_logprobs(module, mb.batch, cfg.temperature, cfg.entropy_weighting)
+            lp = policy_logprobs(module, mb.batch, cfg)
             if r == dist.get_rank(group):
-                seq[mb.rows], weighted[mb.rows] = lp.seq, lp.weighted
+                out.put(mb.rows, lp)
     reshard(module)  # the root's parameters as the caller had them: sharded
-    return SequenceLogProbs(seq, weighted)
+    return out
 
 
 def logprobs_stepped(
-    module: nn.Module, params: Params, v: Vector, step: float, batch: RolloutBatch, cfg: ProbeConfig
+    module: nn.Module, params: Params, batch: RolloutBatch, cfg: ProbeConfig, v: Vector, step: float
 ) -> SequenceLogProbs:
     """``logprobs_lockstep`` at ``theta + step * v`` (the truth): ``functional_call`` does not reach the
     parameters FSDP2 gathers, so the step is added in place to the local shards (in their dtype, as
-    ``truth.stepped_parameters`` forms it) and undone from a saved copy, bit-exactly, also on an error.
+    ``vectors.stepped_parameters`` forms it) and undone from a saved copy, bit-exactly, also on an error.
     """
     if step == 0.0:
         return logprobs_lockstep(module, batch, cfg)
@@ -254,3 +238,71 @@ def logprobs_stepped(
         with torch.no_grad():
             for name, t in shards.items():
                 t.copy_(saved[name])
+
+
+class ShardedPasses(Passes):
+    """The passes of an FSDP2 model (module docstring): every rank runs every rank's units in lock-step."""
+
+    steps_in_place = True
+
+    def reshard(self, module: nn.Module) -> None:
+        reshard(module)
+
+    def check_call(self, cfg: ProbeConfig, source: str, eval_batch: RolloutBatch | None) -> None:
+        """The FSDP2 restrictions, as ValueErrors raised before any collective (module docstring)."""
+        if source != "from_grad":
+            raise ValueError(
+                "FSDP2 model: only run(eval_batch=E, from_grad=True) is supported (v from the sharded "
+                ".grad after the trainer's backward); an update batch or a given direction is not"
+            )
+        if cfg.second_order or cfg.groups is not None:
+            raise ValueError("FSDP2 model: ProbeConfig.second_order and ProbeConfig.groups are not supported")
+        if cfg.entropy == "token" or cfg.entropy_weighting == "sum":
+            raise ValueError(
+                f"FSDP2 model: ProbeConfig.entropy={cfg.entropy!r} (and entropy_weighting='sum') is not "
+                "supported yet; use entropy='sequence' with entropy_weighting='token-mean'"
+            )
+        if eval_batch is None:
+            raise ValueError(
+                "FSDP2 model: every rank must pass an eval_batch (the ranks run every E unit together)"
+            )
+
+    def grad_view(self, params: Params, optimizer) -> tuple[Params, object]:
+        return local_view(params, optimizer)
+
+    def grad_checksums(self, params: Params) -> list | None:
+        return None  # each rank holds a different shard of the one reduce-scattered gradient
+
+    def eval_projections(
+        self,
+        module: nn.Module,
+        params: Params,
+        batch: RolloutBatch,
+        v: Vector,
+        cfg: ProbeConfig,
+        halves: Tensor | None = None,
+    ) -> EvalProjections:
+        return eval_projections(module, params, batch, v, cfg)  # no halves: no U under FSDP2
+
+    def logprobs(
+        self, module: nn.Module, params: Params, batch: RolloutBatch, cfg: ProbeConfig
+    ) -> SequenceLogProbs:
+        return logprobs_lockstep(module, batch, cfg)
+
+    def logprobs_stepped(
+        self,
+        module: nn.Module,
+        params: Params,
+        batch: RolloutBatch,
+        cfg: ProbeConfig,
+        v: Vector,
+        step: float,
+        base: Vector | None = None,
+    ) -> SequenceLogProbs:
+        return logprobs_stepped(module, params, batch, cfg, v, step)
+
+
+def passes_for(model: nn.Module) -> Passes:
+    """``ShardedPasses`` for an FSDP2 (DTensor-sharded) model, else ``Passes``; chosen once per probe."""
+    reshard(model)  # the root's parameters are gathered plain tensors after a forward without backward
+    return ShardedPasses() if is_sharded(dict(model.named_parameters())) else Passes()

@@ -65,9 +65,9 @@ def coverage_check(
     se: list[float],
     exact: float,
     shard_units: int,
-    unit_skew: float,
-    unit_kurtosis: float,
-    k: float,
+    unit_skew: float = 0.0,
+    unit_kurtosis: float = 0.0,
+    k: float = 3.0,
 ) -> Check:
     """Share of shards whose 95% interval covers the exact value, against the coverage it should have.
 
@@ -77,6 +77,7 @@ def coverage_check(
     interval by O(1/B_E) (0.941 for normal s_n at B_E = 32, about 0.93 for the skewed s_n of the "sum"
     weighting). ``studentized_coverage`` gives it from the measured skewness and kurtosis of the s_n;
     its own error, O(1/B_E^2) (< 0.007 at B_E = 32 even for exponential s_n), is far inside the interval.
+    ``unit_skew``, ``unit_kurtosis``: of the s_n (0: normal s_n); ``k``: the Wilson interval's z.
     """
     covered = sum(abs(d - exact) <= Z95 * s for d, s in zip(delta_h1, se))
     n = len(delta_h1)
