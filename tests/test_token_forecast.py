@@ -1,7 +1,7 @@
 """``ProbeConfig(entropy="token")`` through ``EntropyProbe.run``: against exact enumeration, both engines,
 by_group, se_total, the trainers' entropy formula, the caller's state, and the options that do not apply.
 
-Run: ``PYTHONPATH=src pytest -q tests/test_token_probe.py``.
+Run: ``PYTHONPATH=src pytest -q tests/test_token_forecast.py``.
 """
 
 from __future__ import annotations
