@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .context import ProbeCall
 from .result import PREFIX, EvalState
-from .truth import _check_weights, entropy_change
+from .truth import _check_weights, entropy_change, step_too_large
 
 __all__ = ["EvalState", "MeasuredChange", "measure_change"]
 
@@ -44,7 +44,9 @@ def measure_change(call: ProbeCall, state: EvalState, per_unit: Tensor, lr: floa
     ``lr * per_unit``."""
     after = None
     if state.batch is not None:
-        after = call.passes.logprobs(call.module, call.params, state.batch, call.config)
-        _check_weights(state.before.seq, after.seq, 1.0)
+        where = "measure_change (the real step, on the forecast's E)"
+        with step_too_large(where, f"the optimizer's step; the forecast was made at lr {lr:g}"):
+            after = call.passes.logprobs(call.module, call.params, state.batch, call.config)
+        _check_weights(state.before.seq, after.seq, where)
     change = entropy_change(state.batch, state.before, after, per_unit, lr, comm=call.comm)
     return MeasuredChange(delta_h=change.delta_h, se=change.se, ess=change.ess, se_diff=change.se_diff)
