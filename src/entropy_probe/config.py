@@ -21,6 +21,8 @@ AdvantageEstimator = Literal["grpo", "rloo", "dr-grpo", "given"]
 Engine = Literal["backward", "jvp"]
 Lookahead = Literal["auto", "always", "never"]
 
+Entropy = Literal["token", "sequence"]
+
 WEIGHTINGS: tuple[str, ...] = get_args(Weighting)
 X_ESTIMATORS: tuple[str, ...] = get_args(XEstimator)
 DIRECTIONS: tuple[str, ...] = get_args(Direction)
@@ -28,6 +30,7 @@ LOSS_AGGREGATIONS: tuple[str, ...] = get_args(LossAggregation)
 ADVANTAGE_ESTIMATORS: tuple[str, ...] = get_args(AdvantageEstimator)
 ENGINES: tuple[str, ...] = get_args(Engine)
 LOOKAHEADS: tuple[str, ...] = get_args(Lookahead)
+ENTROPIES: tuple[str, ...] = get_args(Entropy)
 
 
 @dataclass(frozen=True)
@@ -54,10 +57,15 @@ class ProbeConfig:
     """Sampling temperature; the policy is softmax(logits / temperature)."""
     microbatch_units: int = 4
     """Units per forward in passes that batch units (U gradient, truth, jvp engine)."""
+    entropy: Entropy = "sequence"
+    """Which entropy is forecast: "token", the mean over all response tokens of the full-vocabulary
+    entropy H_t, as TRL, verl, OpenRLHF and prime-rl log it (docs/token_entropy.md); or "sequence",
+    ``E[-S_w]`` with ``entropy_weighting`` (DESIGN sections 2-3)."""
     entropy_weighting: Weighting = "token-mean"
-    """How S_w weights a response's tokens: "token-mean" (w = m / L, the default) or "sum" (w = m)."""
+    """entropy="sequence" only: how S_w weights a response's tokens: "token-mean" (w = m / L, the default)
+    or "sum" (w = m, estimated with the exact H_t as the token-level numerator)."""
     x_estimator: XEstimator = "unbiased"
-    """Entropy-gradient estimate X_n: "unbiased" (with the pathwise term) or "seed" (the note's L_X)."""
+    """entropy="sequence" only: X_n "unbiased" (with the pathwise term) or "seed" (the note's L_X)."""
     direction: Direction = "adam-preconditioned"
     """Update direction v: "adam-preconditioned" (the note), "optimizer-step" (Adam/AdamW, closed form),
     "optimizer-copy" (any torch.optim optimizer: its step taken by a copy) or "sgd". With from_grad, "sgd"
@@ -120,8 +128,16 @@ class ProbeConfig:
             "microbatch_units",
             "must be an integer >= 1",
         )
+        need(self.entropy in ENTROPIES, "entropy", f"must be one of {ENTROPIES}")
         need(self.entropy_weighting in WEIGHTINGS, "entropy_weighting", f"must be one of {WEIGHTINGS}")
         need(self.x_estimator in X_ESTIMATORS, "x_estimator", f"must be one of {X_ESTIMATORS}")
+        for name, default in (("entropy_weighting", "token-mean"), ("x_estimator", "unbiased")):
+            need(
+                self.entropy == "sequence" or getattr(self, name) == default,
+                name,
+                f"applies only with ProbeConfig.entropy='sequence' (ProbeConfig.entropy={self.entropy!r} "
+                "counts every response token once, with its exact entropy H_t)",
+            )
         need(self.direction in DIRECTIONS, "direction", f"must be one of {DIRECTIONS}")
         need(
             self.loss_aggregation in LOSS_AGGREGATIONS,
@@ -163,6 +179,11 @@ class ProbeConfig:
         need(isinstance(self.unconditional_se, bool), "unconditional_se", "must be True or False")
         need(isinstance(self.second_order, bool), "second_order", "must be True or False")
         need(self.lookahead in LOOKAHEADS, "lookahead", f"must be one of {LOOKAHEADS}")
+        need(
+            not (self.second_order and self.entropy == "token"),
+            "second_order",
+            "is not available with ProbeConfig.entropy='token' yet (use entropy='sequence')",
+        )
         need(
             self.by_group is None or isinstance(self.by_group, bool),
             "by_group",

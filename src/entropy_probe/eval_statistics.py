@@ -85,8 +85,9 @@ def eval_statistics(
     local_s = proj.s if proj.s_groups is None else proj.s_groups.sum(dim=1)
     device = local_s.device
     if batch is not None:
+        own = proj.entropy_sum  # the token-level pieces bring their own (the trainers' formula)
         entropy, ids, dropped = (
-            unit_entropy(proj.weighted, batch).double().sum(),
+            unit_entropy(proj.weighted, batch).double().sum() if own is None else own.double(),
             batch.unit_ids,
             batch.n_dropped_rows,
         )

@@ -258,6 +258,11 @@ class ShardedPasses(Passes):
             )
         if cfg.second_order or cfg.groups is not None:
             raise ValueError("FSDP2 model: ProbeConfig.second_order and ProbeConfig.groups are not supported")
+        if cfg.entropy == "token" or cfg.entropy_weighting == "sum":
+            raise ValueError(
+                f"FSDP2 model: ProbeConfig.entropy={cfg.entropy!r} (and entropy_weighting='sum') is not "
+                "supported yet; use entropy='sequence' with entropy_weighting='token-mean'"
+            )
         if cfg.direction == "optimizer-copy":  # the copy would step a stand-in optimizer (local_view)
             raise ValueError("FSDP2 model: direction='optimizer-copy' is not supported; use 'optimizer-step'")
         if eval_batch is None:

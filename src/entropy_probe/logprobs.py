@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .batch import RolloutBatch, _first_bad_row
 from .config import WEIGHTINGS, ProbeConfig  # noqa: F401  (the config owns the lists)
@@ -104,6 +105,46 @@ def token_logprobs(logits: Tensor, input_ids: Tensor, temperature: float) -> Ten
     return torch.nn.functional.pad(lp, (1, 0))  # (N, T)
 
 
+ENTROPY_VOCAB_CHUNK = 8192  # vocabulary columns per step of ``token_entropies``: 8192 * 4 B per position
+
+
+def token_entropies(logits: Tensor, temperature: float, vocab_chunk: int = ENTROPY_VOCAB_CHUNK) -> Tensor:
+    """``(N, T)`` fp32 full-vocabulary entropies; entry t is ``H_t = -sum_a p(a|<t) log p(a|<t)`` of the
+    distribution ``softmax(logits[t-1] / temperature)`` that generated token t (aligned with
+    ``token_logprobs``), entry 0 is 0. Differentiable (pathwise) in the logits by reverse and forward mode.
+
+    The vocabulary is walked in chunks of ``vocab_chunk`` columns, each cast to fp32 on its own, so no
+    (N, T, V) fp32 copy is ever made: one pass for the log-normaliser, one for
+    ``H = sum_a p_a (lse - z_a)`` (every term >= 0, no cancellation). Under reverse mode each chunk's
+    term is recomputed in the backward (``torch.utils.checkpoint``), so the saved activations stay
+    at the size of one chunk plus the (bf16/fp32) logits the model already holds.
+    """
+    z = logits[:, :-1]  # (N, T-1, V): position t-1 predicts token t
+    bounds = [(lo, min(lo + vocab_chunk, z.shape[-1])) for lo in range(0, z.shape[-1], vocab_chunk)]
+    recompute = torch.is_grad_enabled() and logits.requires_grad
+
+    def run(fn, *args):  # under reverse mode the chunk's fp32 intermediates are recomputed, not kept
+        return checkpoint(fn, *args, use_reentrant=False) if recompute else fn(*args)
+
+    lse = torch.stack([run(_chunk_lse, z[..., lo:hi], temperature) for lo, hi in bounds], dim=-1)
+    lse = torch.logsumexp(lse, dim=-1)  # (N, T-1, n_chunks) -> (N, T-1)
+    h = torch.zeros_like(lse)
+    for lo, hi in bounds:
+        h = h + run(_entropy_chunk, z[..., lo:hi], lse, temperature)
+    return torch.nn.functional.pad(h, (1, 0))  # (N, T)
+
+
+def _chunk_lse(z: Tensor, temperature: float) -> Tensor:
+    """``logsumexp_{a in chunk} z_a / temperature`` per position, fp32."""
+    return torch.logsumexp(z.float() / temperature, dim=-1)  # (N, T-1)
+
+
+def _entropy_chunk(z: Tensor, lse: Tensor, temperature: float) -> Tensor:
+    """``sum_{a in chunk} p_a (lse - z_a)`` per position, fp32: one chunk's share of H."""
+    gap = lse.unsqueeze(-1) - z.float() / temperature  # (N, T-1, chunk): -log p_a >= 0
+    return (torch.exp(-gap) * gap).sum(dim=-1)  # (N, T-1)
+
+
 def response_weights(response_mask: Tensor, weighting: str) -> Tensor:
     """``(N, T)`` fp32 weights w_ik of S_w (docs/design.md section 2)."""
     m = response_mask.float()
@@ -118,20 +159,18 @@ class NonFiniteLogits(ValueError):
     """The model's logits hold NaN or inf at a real token (the message names the unit and response)."""
 
 
-def sequence_logprobs(
-    model: nn.Module,
-    batch: RolloutBatch,
-    temperature: float,
-    weighting: str,
-    params: dict[str, Tensor] | None = None,
-) -> SequenceLogProbs:
-    """Teacher-forced S_i and S_w,i of every sequence, differentiable in the model (or in ``params``)."""
+def _response_logits(
+    model: nn.Module, batch: RolloutBatch, params: dict[str, Tensor] | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(logits (N, K, V), ids (N, K), response mask (N, K))``: the last K positions, from the column before
+    the batch's earliest response token on (none before is needed); non-finite logits at a real token are
+    an error naming the unit."""
     ids, attn, resp = batch.input_ids, batch.attention_mask, batch.response_mask
     first = int(resp.to(torch.uint8).argmax(dim=1).min())  # earliest response column of the batch (>= 1)
     logits = model_logits(model, ids, attn, params, keep_last=ids.shape[1] - first + 1)  # (N, K, V)
-    offset = ids.shape[1] - logits.shape[1]  # logits cover positions offset..T-1; none before is needed
+    offset = ids.shape[1] - logits.shape[1]  # logits cover positions offset..T-1
     ids, attn, resp = ids[:, offset:], attn[:, offset:], resp[:, offset:]  # (N, K)
-    finite = torch.isfinite(logits.detach()).all(dim=-1) | ~attn.bool()  # (N, T); padding may hold anything
+    finite = torch.isfinite(logits.detach()).all(dim=-1) | ~attn.bool()  # (N, K); padding may hold anything
     if not finite.all():
         row = _first_bad_row(~finite)
         # ``batch`` may be a microbatch of whole units: name the unit and the response's place in it,
@@ -142,10 +181,47 @@ def sequence_logprobs(
             f"model logits are not finite for response {within} of unit {group} (group id; "
             "responses counted from 0 in batch order): NaN or inf at a real token"
         )
+    return logits, ids, resp
+
+
+def sequence_logprobs(
+    model: nn.Module,
+    batch: RolloutBatch,
+    temperature: float,
+    weighting: str,
+    params: dict[str, Tensor] | None = None,
+) -> SequenceLogProbs:
+    """Teacher-forced S_i and S_w,i of every sequence, differentiable in the model (or in ``params``)."""
+    logits, ids, resp = _response_logits(model, batch, params)
     # where, not multiply: padding logits may be inf and 0 * inf is NaN.
-    lp = torch.where(resp.bool(), token_logprobs(logits, ids, temperature), 0.0)  # (N, T)
+    lp = torch.where(resp.bool(), token_logprobs(logits, ids, temperature), 0.0)  # (N, K)
     w = response_weights(resp, weighting)
     return SequenceLogProbs(seq=lp.sum(dim=1), weighted=(lp * w).sum(dim=1))
+
+
+@dataclass
+class TokenTerms:
+    """Per response token, ``(N, K)`` fp32 over the last K columns of the batch (those holding a response
+    token or the column before one), 0 outside the response.
+
+    entropy: H_t, the full-vocabulary entropy of the distribution that generated token t;
+    logprob: l_t = log pi(token t | <t); mask: the response mask m_t (float).
+    """
+
+    entropy: Tensor
+    logprob: Tensor
+    mask: Tensor
+
+
+def token_terms(
+    model: nn.Module, batch: RolloutBatch, temperature: float, params: dict[str, Tensor] | None = None
+) -> TokenTerms:
+    """H_t and l_t of every response token, differentiable in the model (or in ``params``)."""
+    logits, ids, resp = _response_logits(model, batch, params)
+    real = resp.bool()
+    lp = torch.where(real, token_logprobs(logits, ids, temperature), 0.0)  # (N, K)
+    h = torch.where(real, token_entropies(logits, temperature), 0.0)  # (N, K)
+    return TokenTerms(entropy=h, logprob=lp, mask=resp.float())
 
 
 def policy_logprobs(

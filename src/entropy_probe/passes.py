@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from .batch import RolloutBatch
 from .config import ProbeConfig
-from .engines import EvalProjections, eval_projections
+from .engines import EvalProjections, TokenProjections, eval_projections, token_projections
 from .from_grad import grad_checksums
 from .logprobs import SequenceLogProbs, logprobs_at
 from .vectors import Params, Vector, stepped_parameters
@@ -54,6 +54,18 @@ class Passes:
     ) -> EvalProjections:
         """s_n of this rank's E units by the configured engine (``engines.eval_projections``)."""
         return eval_projections(module, params, batch, v, cfg, halves)
+
+    def token_projections(
+        self,
+        module: nn.Module,
+        params: Params,
+        batch: RolloutBatch,
+        v: Vector,
+        cfg: ProbeConfig,
+        halves: Tensor | None = None,
+    ) -> TokenProjections:
+        """The token-level pieces of this rank's E units (``engines.token_projections``)."""
+        return token_projections(module, params, batch, v, cfg, halves)
 
     def logprobs(
         self, module: nn.Module, params: Params, batch: RolloutBatch, cfg: ProbeConfig

@@ -40,7 +40,7 @@ from .config import ProbeConfig
 from .context import ProbeCall
 from .direction import UpdateDirection, build_direction, given_direction
 from .distributed import all_reduce_vector, call_fingerprint, communicator_for, global_totals, unwrap
-from .engines import EvalProjections, eval_second_order, update_gradient
+from .engines import EvalProjections, eval_second_order, update_gradient, uses_token_pieces
 from .eval_statistics import EvalStatistics, eval_statistics
 from .forecast import second_order_statistics
 from .from_grad import direction_from_grad, optimizer_lr, unwrap_optimizer
@@ -50,6 +50,7 @@ from .logprobs import SequenceLogProbs
 from .lookahead import large_step
 from .objectives import UpdateTotals, advantages, policy_gradient_coefficients
 from .result import EvalState, ProbeResult, UpdateVariance
+from .token_statistics import token_eval_projections
 from .truth import measure_truth
 from .update_jackknife import eval_halves, update_variance
 from .vectors import Params, device_of, first_nonfinite
@@ -260,11 +261,14 @@ class EntropyProbe:
         """The projections of this rank's E units; empty on a rank without E units.
 
         ``want_halves``: also sum X_n over the two halves of E (even and odd global unit positions)."""
-        halves = None
-        if want_halves:  # this rank's offset in the global E order: one all_gather of one integer
+        halves, counts = None, None
+        if want_halves or uses_token_pieces(call.config):  # this rank's place in the global E order
             n_local = torch.tensor([0 if batch is None else batch.n_units], device=device_of(call.params))
-            counts = call.comm.stack(n_local).reshape(-1)
+            counts = call.comm.stack(n_local).reshape(-1)  # one all_gather of one integer
+        if want_halves:
             halves = eval_halves(0 if batch is None else batch.n_units, int(counts[: call.comm.rank].sum()))
+        if uses_token_pieces(call.config):  # through the exact H_t: every rank's pieces -> this rank's s_n
+            return token_eval_projections(call, batch, upd.v, halves, [int(c) for c in counts.tolist()])
         if batch is not None:
             return call.passes.eval_projections(call.module, call.params, batch, upd.v, call.config, halves)
         empty = torch.zeros(0, device=device_of(call.params))
@@ -312,6 +316,11 @@ class EntropyProbe:
         real ``optimizer.step()``, ``measure_change(result)`` measures it on the same E.
         Parameters, ``.grad``, optimizer state, RNG and train/eval mode are unchanged afterwards.
         """
+        if truth and self.config.entropy == "token":
+            raise NotImplementedError(
+                "run(truth=True) with ProbeConfig.entropy='token' is not available yet; "
+                "use entropy='sequence'"
+            )
         call, source, given = self._checked_call(update_batch, eval_batch, direction, truth, from_grad)
         device = device_of(call.params)
         update_batch, eval_batch = on_device(update_batch, device), on_device(eval_batch, device)
@@ -351,6 +360,10 @@ class EntropyProbe:
         rates, ``EntropyGuard``); ``se_diff`` is then against that step's first-order forecast.
         Under DDP every rank calls it with its own result. The caller's state is unchanged.
         """
+        if self.config.entropy == "token":
+            raise NotImplementedError(
+                "measure_change with ProbeConfig.entropy='token' is not available yet; use entropy='sequence'"
+            )
         state = getattr(result, "eval_state", None)
         error = None
         if not isinstance(state, EvalState):

@@ -119,8 +119,8 @@ def plot(out: Path, rows: list[dict], summary: dict) -> Path:
     import numpy as np
 
     keys = ("step", "forecast", "forecast_se", "truth", "truth_se", "measured", "forecast2", "forecast2_se")
-    keys += ("entropy", "entropy_se", "reward", "reward_se")
-    col = {k: np.array([r[k] for r in rows], dtype=float) for k in keys}  # one (steps,) array per column
+    keys += ("entropy", "entropy_se", "reward", "reward_se", "trainer_entropy", "probe_entropy")
+    col = {k: np.array([r[k] for r in rows], dtype=float) for k in keys if k in rows[0]}  # (steps,) each
     fig, ax = plt.subplots(2, 2, figsize=(12, 8.5), constrained_layout=True)
     _steps_panel(ax[0, 0], col, summary)
     _scatter_panel(ax[0, 1], col, summary)
@@ -245,6 +245,10 @@ def _entropy_panel(a, col: dict, rows: list[dict]) -> None:
         lw=0.8,
         label="measured entropy, fresh samples",
     )
+    if "trainer_entropy" in col:  # before each step: the trainer's logged formula on U, the probe's on E
+        before = col["step"] - 1
+        a.plot(before, col["trainer_entropy"], color=GREEN, lw=1, ls="--", label="trainer's logged (U)")
+        a.plot(before, col["probe_entropy"], color=BLUE, lw=1, ls=":", label="probe's result.entropy (E)")
     a.set(xlabel="GRPO step", ylabel="policy entropy (nats per token)", title="Entropy: measured vs forecast")
     a.legend(fontsize=8)
 

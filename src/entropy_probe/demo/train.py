@@ -34,12 +34,13 @@ from torch import nn
 from ..batch import RolloutBatch
 from ..config import ProbeConfig
 from ..guard import EntropyGuard
-from ..logprobs import policy_logprobs, sequence_logprobs
+from ..logprobs import policy_logprobs, sequence_logprobs, token_terms
 from ..loss import policy_loss
 from ..objectives import unit_entropy
 from ..probe import EntropyProbe
 from ..sampling import sample_rollouts
 from ..statistics import Z95
+from ..token_entropy import unit_totals
 from .config import DemoConfig
 from .layers import INFLUENCE_KEY, influence_plot, layer_plot
 from .report import plot, print_report, summarize, table_rows, write_files
@@ -148,6 +149,15 @@ def fresh_entropy(
     return h, r
 
 
+@torch.no_grad()
+def trainer_entropy(model: nn.Module, batch: RolloutBatch, temperature: float) -> float:
+    """The ``entropy`` TRL (verl, OpenRLHF) logs for a training batch: ``sum(m H_t) / sum(m)`` over its
+    response tokens, H_t the full-vocabulary entropy at the sampling temperature."""
+    terms = token_terms(model, batch, temperature)
+    totals = unit_totals(terms.entropy, terms.mask, batch)
+    return float(totals.entropy_sum / totals.token_count)
+
+
 def _mean_se(x: torch.Tensor) -> tuple[float, float]:
     return float(x.mean()), float(x.std() / math.sqrt(x.numel()))
 
@@ -171,6 +181,7 @@ def rl_step(
     f_prompts = task.prompts(cfg.measure_prompts, prompt_gen)
     h_before, r_before = fresh_entropy(model, task, f_prompts, cfg, _seed(cfg, step, 2), pc)
 
+    logged = trainer_entropy(model, u_batch, pc.temperature)  # what a trainer logs for this step's batch
     result = probe.run(u_batch, e_batch, truth=True)
     v = probe.update_direction(u_batch)  # to check that the real step is the forecast's step
     theta = {name: p.detach().clone() for name, p in probe.parameters().items()}
@@ -180,6 +191,7 @@ def rl_step(
     h_after, _ = fresh_entropy(model, task, f_prompts, cfg, _seed(cfg, step, 2), pc)  # same seed and prompts
 
     row = _row(step, result, scale, u_batch, (r_before, h_before, h_after), step_error)
+    row.update(trainer_entropy=logged, probe_entropy=result.entropy)  # the dashboard's number, the probe's
     # each U prompt's influence on delta_h1 (result.update_influence), for influence.png; not a CSV column
     row[INFLUENCE_KEY] = [
         (" ".join(str(d) for d in u_prompts[int(g)][:-1]), float(x))

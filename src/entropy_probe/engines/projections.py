@@ -23,12 +23,16 @@ class EvalProjections:
         E named by ``halves`` when asked for, else None (the variance over U, docs/design.md section 7).
     s_groups: ``(B_E, n_groups)`` float64 s_n^(g) = X_n^(g) . v^(g) by parameter group when asked for
         (``attribution``), else None; ``s_groups.sum(1)`` is s_n in float64.
+    entropy_sum: see the field.
     """
 
     s: Tensor
     logprobs: SequenceLogProbs
     x_half: tuple[Vector, Vector] | None = None
     s_groups: Tensor | None = None
+    entropy_sum: Tensor | None = None
+    """float64 scalar: this rank's unit entropies summed, when the pass computed them itself (the token-level
+    pieces: ``token_statistics``); None: ``objectives.unit_entropy`` of ``logprobs.weighted``."""
 
     @classmethod
     def empty(cls, batch: RolloutBatch, v: Vector, halves: Tensor | None) -> "EvalProjections":

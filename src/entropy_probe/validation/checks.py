@@ -12,7 +12,7 @@ from ..logprobs import WEIGHTINGS
 from ..probe import EntropyProbe
 from ..statistics import Z95
 from ..toy import sample_enumerated
-from .problem import CONTROL, Check, Problem, Settings, _probe, _seed, exact_entropy_at
+from .problem import CONTROL, TOKEN, Check, Problem, Settings, _probe, _seed, exact_entropy_at
 from .stats import chi2_ratio_interval, fit_slope, studentized_coverage, wilson_interval
 
 
@@ -157,14 +157,17 @@ def slope_check(name: str, factors: list[int], var_by_factor: list[list[float]],
 # ---- the experiments --------------------------------------------------------------------------------
 def run_shards(problem: Problem, s: Settings, seed: int, advance) -> dict:
     """K shards of B_E units, each probed with both entropy weightings along the same fixed v (with the
-    second order: delta_h2 and the forecast too).
+    second order: delta_h2 and the forecast too), and for the token-level entropy (``TOKEN``).
 
     Also with the founding note's estimator (``x_estimator="seed"``, no pathwise term), biased for
     "token-mean" with variable lengths (docs/design.md section 4): the control that the unbiasedness check
     can fail.
     """
-    probes = {w: _probe(problem, entropy_weighting=w, second_order=True) for w in WEIGHTINGS}
-    probes[CONTROL] = _probe(problem, entropy_weighting="token-mean", x_estimator="seed")
+    probes = {
+        w: _probe(problem, entropy="sequence", entropy_weighting=w, second_order=True) for w in WEIGHTINGS
+    }
+    probes[CONTROL] = _probe(problem, entropy="sequence", entropy_weighting="token-mean", x_estimator="seed")
+    probes[TOKEN] = _probe(problem, entropy="token")  # the trainers' token-level entropy, through run()
     out = {w: dict(delta_h1=[], var=[], se=[], s=[], delta_h2=[], forecast=[]) for w in probes}
     for k in range(s.n_shards):
         batch = sample_enumerated(problem.policy, s.shard_units, s.group_size, seed=_seed(seed, 2, k))

@@ -16,6 +16,7 @@ from ..toy import TabularPolicy, exact_directional_derivative, exact_entropy, sa
 from ..vectors import stepped_parameters
 
 CONTROL = "seed estimator"  # the note's biased X_n, run on the same shards as a negative control
+TOKEN = "token"  # ProbeConfig(entropy="token") on the same shards
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,7 @@ from rich.progress import (
 from rich.table import Table
 
 from ..logprobs import WEIGHTINGS
+from ..toy import exact_token_derivative
 from .calibration import (
     SE_TOTAL_CASES,
     coverage_floor_check,
@@ -68,9 +69,10 @@ from .checks import (
     variance_check,
     zero_advantage_check,
 )
-from .problem import CONTROL, FULL, QUICK, Check, Settings, build_problem
+from .problem import CONTROL, FULL, QUICK, TOKEN, Check, Settings, build_problem
 from .second_order import by_group_check, exact_second_terms, forecast_at_full_step, order_check
 from .stats import FAMILY_LEVEL, excess_kurtosis, skewness, tolerance_k
+from .token_level import TOKEN_TESTS, token_checks
 
 # (weighting, temperature, B_E, target coverage of the 95% interval): the skewed case, and an easy one
 INTERVAL_CASES = (("sum", 0.7, 16, 0.92), ("sum", 0.7, 32, 0.93), ("token-mean", 1.0, 32, 0.93))
@@ -126,6 +128,8 @@ def statistical_tests(s: Settings) -> int:
         + 1
         + len(SE_TOTAL_CASES)
         + len(INTERVAL_CASES)
+        + 1
+        + TOKEN_TESTS
     )
 
 
@@ -204,6 +208,13 @@ def _checks(problem, m: Measured, exact: dict, s: Settings, k: float, seed: int)
         for w in WEIGHTINGS
     ]
     checks += [order_check(problem), by_group_check(seed)]
+    exact_token = problem.lr * exact_token_derivative(problem.policy, problem.v)
+    checks.append(
+        unbiased_check(
+            "token: unbiased vs exact (run(), shards)", m.shards[TOKEN]["delta_h1"], exact_token, k
+        )
+    )
+    checks += token_checks(problem.policy, problem.v, seed, k)  # vectorised exact draws at B_E = 8, 16, 32
     return checks, exact_h2
 
 
