@@ -17,6 +17,7 @@ LossAggregation = Literal[
 ]
 AdvantageEstimator = Literal["grpo", "rloo", "dr-grpo", "given"]
 Engine = Literal["backward", "jvp"]
+Lookahead = Literal["auto", "always", "never"]
 
 WEIGHTINGS: tuple[str, ...] = get_args(Weighting)
 X_ESTIMATORS: tuple[str, ...] = get_args(XEstimator)
@@ -24,6 +25,7 @@ DIRECTIONS: tuple[str, ...] = get_args(Direction)
 LOSS_AGGREGATIONS: tuple[str, ...] = get_args(LossAggregation)
 ADVANTAGE_ESTIMATORS: tuple[str, ...] = get_args(AdvantageEstimator)
 ENGINES: tuple[str, ...] = get_args(Engine)
+LOOKAHEADS: tuple[str, ...] = get_args(Lookahead)
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,10 @@ class ProbeConfig:
     groups: Callable[[str], str] | None = None
     """f(parameter name) -> group name for by_group. None: embeddings, block.<i>, head, other
     (``attribution.default_group``). Enters the DDP agreement check by its qualified name."""
+    lookahead: Lookahead = "auto"
+    """The step applied functionally on E before it is taken (``result.lookahead``, one forward):
+    "auto" when the before-the-step diagnostic says the Taylor forecast cannot be trusted at this step
+    size (``result.reliable`` False), "always", or "never" (docs/large_steps.md)."""
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, msg: str) -> None:
@@ -142,6 +148,7 @@ class ProbeConfig:
             "must be a non-empty sequence of finite numbers",
         )
         need(isinstance(self.second_order, bool), "second_order", "must be True or False")
+        need(self.lookahead in LOOKAHEADS, "lookahead", f"must be one of {LOOKAHEADS}")
         need(
             self.by_group is None or isinstance(self.by_group, bool),
             "by_group",

@@ -57,7 +57,12 @@ NO_STEP = "no-step"  # lr 0, or a forecast of exactly 0 with SE 0: nothing to gu
 RAISES = "raises-entropy"  # the lower bound of the full step is >= 0: scale 1
 WITHIN = "within-budget"  # the lower bound of the full step is in [-max_drop, 0): scale 1
 SCALED = "scaled"  # the full step's bound is below -max_drop: scale < 1, its bound equals -max_drop
-REASONS = (NO_STEP, RAISES, WITHIN, SCALED)
+UNTRUSTED = "untrusted-step"  # nothing predicts this step (DESIGN 21): cut to where the Taylor forecast holds
+REASONS = (NO_STEP, RAISES, WITHIN, SCALED, UNTRUSTED)
+
+# The lookahead's trial scales: 1, 1/2, ..., 2^-TRIAL_HALVINGS, then REFINE bisections (one forward each).
+TRIAL_HALVINGS = 10
+REFINE = 4
 
 
 # A step whose bound sits on the budget to float rounding (e.g. one already scaled by the guard and
@@ -72,7 +77,7 @@ class GuardDecision:
     scale: float
     """The learning-rate multiplier ``c`` in (0, 1] for this step."""
     reason: str
-    """One of ``REASONS``: "no-step", "raises-entropy", "within-budget", "scaled"."""
+    """One of ``REASONS``: "no-step", "raises-entropy", "within-budget", "scaled", "untrusted-step"."""
     forecast: float
     """The forecast entropy change at ``c * eta`` (nats): ``c delta_h1 (+ c^2 delta_h2)``."""
     bound: float
@@ -80,7 +85,8 @@ class GuardDecision:
     se: float
     """The SE of ``forecast`` at ``c * eta`` (module docstring says which fields it comes from)."""
     order: int
-    """1 (first-order forecast) or 2 (the result carried ``delta_h2``)."""
+    """1 (first-order forecast), 2 (the result carried ``delta_h2``) or 0 (the lookahead: the step
+    applied on E at trial scales)."""
 
     def to_dict(self) -> dict:
         """Flat numeric metrics for loggers (the reason is a string and stays out)."""
@@ -124,7 +130,18 @@ class EntropyGuard:
         self.z = NormalDist().inv_cdf(self.level)
 
     def decide(self, result) -> GuardDecision:
-        """The largest scale ``c`` in (0, 1] whose forecast lower bound is >= ``-max_drop``."""
+        """The largest scale ``c`` in (0, 1] whose forecast lower bound is >= ``-max_drop``.
+
+        From ``result.prediction`` (DESIGN 21) when the result has one: the Taylor forecast when it is
+        reliable; the lookahead at trial scales when that is the method; and when nothing is trustworthy,
+        the fallback: the step is cut to the largest scale at which the Taylor diagnostic holds
+        (``StepDiagnostic.max_reliable_scale``, no forward) and the Taylor guard applied inside it
+        (reason "untrusted-step"), never the unknown step unscaled."""
+        pred = getattr(result, "prediction", None)
+        if pred is not None and pred.method == "lookahead" and pred.reliable and pred.stepped is not None:
+            return self._by_lookahead(result, pred)
+        if pred is not None and not pred.reliable and pred.diagnostic is not None:
+            return self._untrusted(result, pred.diagnostic.max_reliable_scale())
         fc = forecast_of(result)
         if float(_parts(result)[0].lr) == 0.0 or (fc.d1 == fc.d2 == 0.0 and fc.a == fc.b == fc.k == 0.0):
             return self._decision(fc, 1.0, NO_STEP)
@@ -171,6 +188,51 @@ class EntropyGuard:
         finally:
             handle.remove()
             restore()
+
+    # ---- large steps (DESIGN 21) --------------------------------------------------------------
+    def _by_lookahead(self, result, pred) -> GuardDecision:
+        """The largest trial scale whose lookahead (one forward each) is reliable with its lower bound
+        within budget: halvings of the step, then bisections between the last failing and passing."""
+        per_unit = _parts(result)[0].per_unit
+
+        def ok(c: float):
+            if c == 1.0:
+                change = (pred.value, pred.se, pred.reliable)
+            else:
+                ch = pred.stepped.at(c, per_unit)
+                change = (ch.delta_h, ch.se, ch.reliable)
+            return change, change[2] and change[0] - self.z * change[1] >= -self.max_drop * (1 + BUDGET_RTOL)
+
+        (value, se, _), good = ok(1.0)
+        if good:
+            return GuardDecision(
+                1.0, RAISES if value - self.z * se >= 0 else WITHIN, value, value - self.z * se, se, 0
+            )
+        lo, hi, best = 0.0, 1.0, None
+        for k in range(1, TRIAL_HALVINGS + 1):
+            change, good = ok(2.0**-k)
+            if good:
+                lo, best = 2.0**-k, change
+                break
+            hi = 2.0**-k
+        for _ in range(REFINE if best is not None else 0):
+            mid = (lo + hi) / 2
+            change, good = ok(mid)
+            lo, hi, best = (mid, hi, change) if good else (lo, mid, best)
+        if best is None:  # not even 2^-10 of the step keeps the budget: take the smallest trial
+            lo, best = hi, ok(hi)[0]
+        value, se, _ = best
+        return GuardDecision(lo, SCALED, value, value - self.z * se, se, 0)
+
+    def _untrusted(self, result, c_max: float) -> GuardDecision:
+        """Nothing predicts the full step: the Taylor guard on the steps up to ``c_max * eta``, where the
+        diagnostic holds. F(c_max c') has coefficients c_max d1, c_max^2 d2 (SE: c_max^2 a, ^3 b, ^4 k)."""
+        fc = forecast_of(result)
+        m = c_max
+        inside = Forecast(m * fc.d1, m * m * fc.d2, m * m * fc.a, m**3 * fc.b, m**4 * fc.k, fc.order)
+        _, bound = self._bound(inside, 1.0)
+        c = 1.0 if bound >= -self.max_drop * (1 + BUDGET_RTOL) else self._solve(inside)
+        return self._decision(fc, m * c, UNTRUSTED)
 
     # ---- helpers ------------------------------------------------------------------------------
     def _bound(self, fc: Forecast, c: float) -> tuple[float, float]:

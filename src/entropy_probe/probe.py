@@ -10,6 +10,7 @@ Reads top to bottom as the data flow of one call:
       -> result.first, result.second, result.by_group (forecast, attribution)
     Xbar_A, Xbar_B, U -> variance over U              (update_jackknife: result.update)
     v, E -> truth                                     (truth: the step applied functionally)
+    v, E -> diagnostic, lookahead -> prediction       (lookahead: large steps, DESIGN section 21)
     -> ProbeResult
 
 A minimal call, on the exactly enumerable policy of ``entropy_probe.toy``:
@@ -34,7 +35,7 @@ from torch import Tensor, nn
 from .attribution import group_statistics, parameter_groups
 from .batch import RolloutBatch, check_batch, on_device
 from .caller_state import preserved_caller_state
-from .change import MeasuredChange, measure_change
+from .change import MeasuredChange, check_eval_state, eval_state, measure_change
 from .config import ProbeConfig
 from .context import ProbeCall
 from .direction import UpdateDirection, build_direction, given_direction
@@ -45,6 +46,7 @@ from .forecast import second_order_statistics
 from .from_grad import direction_from_grad, optimizer_lr, unwrap_optimizer
 from .fsdp import passes_for
 from .logprobs import SequenceLogProbs
+from .lookahead import large_step
 from .objectives import UpdateTotals, advantages, policy_gradient_coefficients
 from .result import EvalState, ProbeResult, UpdateVariance
 from .truth import measure_truth
@@ -318,13 +320,19 @@ class EntropyProbe:
             if truth:  # 5. the step applied functionally
                 q = None if second is None else second.per_unit_q
                 truth_result = measure_truth(call, upd.v, eval_batch, stats.s, per_unit_q=q)
+            first = stats.first_order(call.lr)  # 6. large steps: diagnostic, lookahead, prediction
+            lookahead, prediction = large_step(
+                call, upd.v, eval_batch, proj.logprobs.seq, stats.s, (first, second), truth_result
+            )
         return ProbeResult(
-            first=stats.first_order(call.lr),
+            first=first,
             update=update,
             second=second,
             by_group=by_group,
             truth=truth_result,
-            eval_state=EvalState(eval_batch, proj.logprobs),
+            lookahead=lookahead,
+            prediction=prediction,
+            eval_state=eval_state(self.module, eval_batch, proj.logprobs, self.config),
         )
 
     def measure_change(self, result: ProbeResult, step_scale: float = 1.0) -> MeasuredChange:
@@ -339,6 +347,11 @@ class EntropyProbe:
         error = None
         if not isinstance(state, EvalState):
             error = ValueError("measure_change: result must be a ProbeResult returned by this probe's run()")
+        else:
+            try:  # before any collective, so that a refused result on one rank cannot hang the others
+                check_eval_state(self.module, state, self.config)
+            except ValueError as e:
+                error = e
         lr = None if error is not None else result.first.lr * step_scale
         self.comm.check_same(
             "EntropyProbe.measure_change",

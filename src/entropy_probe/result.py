@@ -89,10 +89,15 @@ class TruthResult:
 @dataclass
 class EvalState:
     """What ``measure_change`` needs from the forecast pass: this rank's E (None if it holds no E unit)
-    and its ``S_i``, ``S_w,i`` at the parameters the forecast was made at (never in ``to_dict``)."""
+    and its ``S_i``, ``S_w,i`` at the parameters the forecast was made at (never in ``to_dict``); and
+    what they were made for (``change.check_eval_state``): the model's ``change.model_key``, the
+    entropy functional and E's ``change.batch_digest``."""
 
     batch: RolloutBatch | None
     before: SequenceLogProbs | None
+    model: int | None = None
+    functional: dict | None = None
+    digest: tuple | None = None
 
 
 @dataclass
@@ -189,8 +194,8 @@ class ProbeResult:
     second: SecondOrderForecast | None = None
     by_group: dict[str, tuple[float, float]] | None = None  # {group: (delta_h1_g, se_g)}, summing to delta_h1
     truth: TruthResult | None = None
-    lookahead: Any | None = None  # the large-steps forecast along the step (filled by a later issue)
-    prediction: Any | None = None  # the predicted next-step change (filled by a later issue)
+    lookahead: TruthResult | None = None  # the step applied on E before it is taken (DESIGN 21)
+    prediction: Any | None = None  # lookahead.Prediction: the number to use (value, se, method, reliable)
     eval_state: EvalState | None = field(default=None, repr=False, compare=False)  # for measure_change
     interval_method: str = INTERVAL_METHOD
 
@@ -232,6 +237,22 @@ class ProbeResult:
             )
         return self.second.forecast_interval(level)
 
+    @property
+    def reliable(self) -> bool:
+        """False when the before-the-step diagnostic says the Taylor forecast cannot be trusted at this step
+        size (``lookahead.StepDiagnostic``); a result built without the diagnostic counts as reliable."""
+        return True if self.prediction is None else bool(self.prediction.taylor_reliable)
+
+    def prediction_interval(self, level: float = 0.95) -> tuple[float, float]:
+        """The interval of ``prediction`` at ``level``: the skew-aware ``interval`` for the first order,
+        ``forecast_interval`` for the second, the normal interval of the lookahead."""
+        method = "first-order" if self.prediction is None else self.prediction.method
+        if method == "first-order":
+            return self.interval(level)
+        if method == "second-order":
+            return self.forecast_interval(level)
+        return self.prediction.normal_interval(level)
+
     def to_dict(self) -> dict:
         keys = (
             "delta_h1",
@@ -254,6 +275,11 @@ class ProbeResult:
             out[f"{PREFIX}group/{name}"], out[f"{PREFIX}group/{name}/se"] = value, se
         if self.truth is not None:
             out.update(self.truth.to_dict())
+        if self.lookahead is not None:
+            keys = ("delta_h", "se", "ess", "se_diff", "reliable")
+            out.update({f"{PREFIX}lookahead/{k}": getattr(self.lookahead, k) for k in keys})
+        if self.prediction is not None:
+            out.update(self.prediction.to_dict())
         return {k: v for k, v in out.items() if v is not None}  # numbers and booleans only
 
 

@@ -218,3 +218,39 @@ def sample_enumerated(
         torch.arange(n_units).repeat_interleave(group_size),
         rewards=rewards,
     )
+
+
+class EnumerableGPT2(nn.Module):
+    """A real ``GPT2LMHeadModel`` (2 layers, width 16) with the tabular policy's vocabulary {EOS, a, b},
+    prompts and ``max_len``, so that the functions above enumerate it exactly (15 responses a prompt).
+
+    Dropout is off (the enumerated entropy is then a function of the weights). ``init``: the weights'
+    initializer range; 0.3 gives a peaked policy, GPT-2's own 0.02 a nearly uniform one."""
+
+    def __init__(self, seed: int = 0, init: float = 0.3):
+        super().__init__()
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        self.vocab_size, self.max_len, self.prompts = 3, 3, DEFAULT_PROMPTS
+        config = GPT2Config(
+            vocab_size=3,
+            n_positions=8,
+            n_embd=16,
+            n_layer=2,
+            n_head=2,
+            initializer_range=init,  # 0.3: a peaked policy (0.02, GPT-2's own, is nearly uniform)
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=None,
+            eos_token_id=None,
+        )
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            self.gpt = GPT2LMHeadModel(config)
+
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None
+    ) -> Tensor:
+        out = self.gpt(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        return out.logits

@@ -157,7 +157,9 @@ class EntropyProbeCallback(TrainerCallback):
             guard_record = {"guard_reason": decision.reason, "guard_order": decision.order}
         metrics = {f"{PREFIX}step": step, **result.to_dict(), **measured.to_dict(), **guard_metrics}
         metrics = {k: v for k, v in metrics.items() if v is not None}  # se_total: None without a U batch
-        self.records.append({**{k[len(PREFIX) :]: v for k, v in metrics.items()}, **guard_record})
+        # the metrics carry reliable and prediction/* (numbers only); the record also names the method
+        method = {} if result.prediction is None else {"prediction_method": result.prediction.method}
+        self.records.append({**{k[len(PREFIX) :]: v for k, v in metrics.items()}, **guard_record, **method})
         self._unlogged = metrics
         if state.is_world_process_zero:
             os.makedirs(args.output_dir, exist_ok=True)

@@ -1,0 +1,176 @@
+"""Large steps (DESIGN section 21): the forecast is right, or says before the step that it cannot be.
+
+Setting (the issue's): a fresh AdamW's first step from the trainer's ``.grad`` on the exactly enumerable
+GPT-2 of ``entropy_probe.toy`` (GPT-2's own init, 0.02), B_E = 32 units of G = 4, independent E draws;
+the exact change of the step by enumeration. Full figures (30 draws per lr, two inits):
+``examples/large_steps.py``, docs/large_steps.md. Here the cheap version:
+
+- Done when: in >= 90% of draws the result is flagged before the step (``reliable`` False), or its
+  prediction interval covers the exact change with an SE at most twice the functional step's own (the
+  lookahead's). The tolerance is the binomial's: with n draws the count may fall 2 SD of a
+  Binomial(n, 0.9) below 0.9 n. The criterion has teeth: at lr 1e-1 the Taylor forecast unflagged would
+  fail it in most draws.
+- At the smallest lr (1e-3) the flag stays off (>= 90% of draws, same tolerance), on both inits.
+- ``lookahead``: what "auto" / "always" / "never" compute, the lookahead equal to ``run(truth=True)``'s
+  truth at alpha 1 on the same E, warnings and ``to_dict`` flags, the caller's state untouched.
+- The guard at large steps: the exact change of the guarded step stays within its budget (the same
+  binomial tolerance around the guard's level), and with nothing trustworthy it never passes the step
+  unscaled.
+
+Run: ``PYTHONPATH=src pytest -q tests/test_large_steps.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+
+import pytest
+import torch
+from large_step_support import first_adamw_step
+from test_from_grad import assert_unchanged, snapshot
+
+import entropy_probe as ep
+from entropy_probe.lookahead import RELIABLE_ESS_FRACTION, ess_fraction
+from entropy_probe.toy import EnumerableGPT2, sample_enumerated
+
+B_E, G = 32, 4
+CFG = ep.ProbeConfig(direction="optimizer-step", engine="jvp")
+
+
+def binomial_floor(n: int, p: float) -> float:
+    """The count below which a Binomial(n, p) falls with probability ~2.3%: n p - 2 sqrt(n p (1 - p))."""
+    return n * p - 2.0 * math.sqrt(n * p * (1.0 - p))
+
+
+def runs(lr: float, draws: int, cfg: ep.ProbeConfig = CFG, init: float = 0.02):
+    """(exact change, [result per independent E draw]) of the first AdamW step at ``lr``."""
+    model, opt, exact = first_adamw_step(lr, init=init)
+    probe = ep.EntropyProbe(model, opt, cfg)
+    out = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the flag's warning: tested below
+        for d in range(draws):
+            out.append(probe.run(eval_batch=sample_enumerated(model, B_E, G, seed=500 + d), from_grad=True))
+    return exact, out
+
+
+def done_when(result, exact: float) -> bool:
+    """Flagged before the step, or the prediction interval covers the exact change with an SE no more
+    than twice the functional step's own (the lookahead, computed for the check when "auto" skipped it)."""
+    if not result.reliable:
+        return True
+    lo, hi = result.prediction_interval(0.95)
+    return lo <= exact <= hi and result.prediction.se <= 2 * result.lookahead.se
+
+
+def test_done_when_flagged_or_covered_over_lr_1e3_to_1e1():
+    cfg = dataclasses.replace(CFG, lookahead="always")  # the lookahead's SE is the yardstick of the width
+    oks, taylor_alone = [], []
+    for lr in (1e-3, 1e-2, 1e-1):
+        exact, results = runs(lr, 8, cfg)
+        for r in results:
+            oks.append(done_when(r, exact))
+            lo, hi = r.interval(0.95)
+            taylor_alone.append(lo <= exact <= hi and r.se_cond_e <= 2 * r.lookahead.se)
+        if lr == 1e-1:  # the flag is what saves the criterion: unflagged, the Taylor forecast fails it
+            assert sum(taylor_alone[-8:]) <= 2, taylor_alone[-8:]
+    n = len(oks)
+    assert sum(oks) >= binomial_floor(n, 0.9), f"{sum(oks)} of {n} draws flagged or covered"
+
+
+@pytest.mark.parametrize("init", [0.02, 0.3])
+def test_flag_stays_off_at_the_smallest_lr(init):
+    exact, results = runs(1e-3, 10, init=init)
+    off = [r.reliable for r in results]
+    assert sum(off) >= binomial_floor(len(off), 0.9), [r.prediction.ess_fraction for r in results]
+    assert all(r.lookahead is None for r in results if r.reliable)  # "auto": no lookahead when reliable
+    for r in results:  # the Taylor forecast is the prediction then
+        assert r.prediction.method == "first-order" and r.prediction.value == r.delta_h1
+
+
+def test_auto_always_never_and_the_lookahead_is_the_truth_at_alpha_1():
+    model, opt, exact = first_adamw_step(1e-1)
+    evaluation = sample_enumerated(model, B_E, G, seed=7)
+    probe = ep.EntropyProbe(model, opt, CFG)
+    before = snapshot(model, opt)
+    with pytest.warns(RuntimeWarning, match="the Taylor forecast cannot be trusted"):
+        auto = probe.run(eval_batch=evaluation, from_grad=True)
+    assert_unchanged(before, model, opt)
+    with pytest.warns(RuntimeWarning):
+        truth = probe.run(eval_batch=evaluation, from_grad=True, truth=True).truth
+    assert auto.reliable is False and auto.prediction.ess_fraction < RELIABLE_ESS_FRACTION
+    assert auto.lookahead.delta_h == pytest.approx(truth.delta_h, rel=1e-9, abs=1e-12)
+    assert auto.lookahead.se == pytest.approx(truth.se, rel=1e-9)
+    assert auto.prediction.method == "lookahead" and auto.prediction.reliable
+    lo, hi = auto.prediction_interval(0.95)
+    assert lo <= exact <= hi and auto.delta_h1 < -0.5 < exact  # the first order is far off here
+    flat = auto.to_dict()
+    assert flat["entropy_probe/reliable"] is False and flat["entropy_probe/prediction/method_id"] == 3
+    assert all(isinstance(v, (int, float, bool)) for v in flat.values())
+    never = ep.EntropyProbe(model, opt, dataclasses.replace(CFG, lookahead="never"))
+    with pytest.warns(RuntimeWarning, match="nothing is trustworthy"):
+        blind = never.run(eval_batch=evaluation, from_grad=True)
+    assert blind.lookahead is None and blind.prediction.method == "first-order"
+    assert blind.prediction.reliable is False
+    assert blind.to_dict()["entropy_probe/prediction/reliable"] is False
+    small_model, small_opt, _ = first_adamw_step(1e-3)
+    always = ep.EntropyProbe(small_model, small_opt, dataclasses.replace(CFG, lookahead="always"))
+    r = always.run(eval_batch=sample_enumerated(small_model, B_E, G, seed=7), from_grad=True)
+    assert r.reliable and r.lookahead is not None and r.prediction.method == "lookahead"
+
+
+def test_second_order_is_flagged_where_its_term_outgrows_the_first():
+    """On GPT-2 at its own init the second-order term outgrows the first from lr ~2e-3; the diagnostic
+    then holds back the second-order forecast, whose interval would miss the exact change."""
+    cfg = dataclasses.replace(CFG, second_order=True, lookahead="never")
+    exact, results = runs(5e-3, 6, cfg)
+    misses = 0
+    for r in results:
+        lo, hi = r.forecast_interval(0.95)
+        misses += not lo <= exact <= hi
+        assert r.reliable is False or lo <= exact <= hi, (r.prediction, exact)  # every miss is flagged
+    assert misses >= 1  # and there are misses to flag (2 of these 6 draws)
+
+
+def test_guard_keeps_large_steps_within_budget():
+    """lr 3e-2 and 1e-1: the unguarded step drops entropy by 0.10 and 0.23 nats; the guard (budget
+    0.01 nats, level 0.95) finds its scale from the lookahead at trial scales."""
+    guard, within = ep.EntropyGuard(max_drop=0.01), []
+    for k, lr in enumerate((3e-2, 1e-1)):
+        model, opt, exact = first_adamw_step(lr)
+        assert exact < -0.05
+        probe = ep.EntropyProbe(model, opt, CFG)
+        for d in range(6):  # independent E draws, also between the two lrs
+            evaluation = sample_enumerated(model, B_E, G, seed=900 + 50 * k + d)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                result = probe.run(eval_batch=evaluation, from_grad=True)
+            decision = guard.decide(result)
+            assert result.prediction.method == "lookahead" and decision.order == 0 and decision.scale < 1
+            _, _, guarded = first_adamw_step(lr * decision.scale)
+            within.append(guarded >= -guard.max_drop)
+    assert sum(within) >= binomial_floor(len(within), 0.95), within
+
+
+def test_guard_with_nothing_trustworthy_cuts_the_step_to_where_the_diagnostic_holds():
+    model, opt, _ = first_adamw_step(1e-1)
+    probe = ep.EntropyProbe(model, opt, dataclasses.replace(CFG, lookahead="never"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        result = probe.run(eval_batch=sample_enumerated(model, B_E, G, seed=3), from_grad=True)
+    decision = ep.EntropyGuard(max_drop=1.0).decide(result)  # a budget the Taylor forecast would pass
+    assert decision.reason == "untrusted-step" and decision.scale < 1
+    c_max = result.prediction.diagnostic.max_reliable_scale()
+    assert decision.scale <= c_max
+    assert ess_fraction(result.prediction.diagnostic.log_ratios, c_max) >= RELIABLE_ESS_FRACTION - 1e-9
+
+
+def test_enumerable_gpt2_is_a_distribution_per_prompt():
+    from entropy_probe.toy import enumerate_responses
+
+    model = EnumerableGPT2()
+    with torch.no_grad():
+        p = torch.exp(enumerate_responses(model).seq_logprobs(model)).reshape(len(model.prompts), -1)
+    torch.testing.assert_close(p.sum(dim=1), torch.ones(len(model.prompts)))
