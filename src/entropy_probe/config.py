@@ -85,6 +85,10 @@ class ProbeConfig:
     groups: Callable[[str], str] | None = None
     """f(parameter name) -> group name for by_group. None: embeddings, block.<i>, head, other
     (``attribution.default_group``). Enters the DDP agreement check by its qualified name."""
+    keep_halves: bool = False
+    """Keep the mean X of the two halves of E in ``result.halves`` (``EvalHalves``: two fp32
+    parameter-sized vectors) for ``EntropyController(mode="steer")``; the E pass forms their sums anyway
+    when ``unconditional_se`` has a U batch, else it adds them (the backward engine: no extra pass)."""
     lookahead: Lookahead = "auto"
     """The step applied functionally on E before it is taken (``result.lookahead``, one forward):
     "auto" when the before-the-step diagnostic says the Taylor forecast cannot be trusted at this step
@@ -148,6 +152,7 @@ class ProbeConfig:
             "must be a non-empty sequence of finite numbers",
         )
         need(isinstance(self.second_order, bool), "second_order", "must be True or False")
+        need(isinstance(self.keep_halves, bool), "keep_halves", "must be True or False")
         need(self.lookahead in LOOKAHEADS, "lookahead", f"must be one of {LOOKAHEADS}")
         need(
             self.by_group is None or isinstance(self.by_group, bool),

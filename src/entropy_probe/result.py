@@ -198,6 +198,8 @@ class ProbeResult:
     prediction: Any | None = None  # lookahead.Prediction: the number to use (value, se, method, reliable)
     eval_state: EvalState | None = field(default=None, repr=False, compare=False)  # for measure_change
     interval_method: str = INTERVAL_METHOD
+    halves: Any | None = field(default=None, repr=False, compare=False)
+    """``update_jackknife.EvalHalves`` with ``ProbeConfig(keep_halves=True)``: Xbar_A, Xbar_B (steering)"""
 
     def __init__(
         self,
@@ -210,6 +212,7 @@ class ProbeResult:
         prediction: Any | None = None,
         eval_state: EvalState | None = None,
         interval_method: str = INTERVAL_METHOD,
+        halves: Any | None = None,
         **flat,
     ):
         unknown = sorted(set(flat) - set(FIRST_NAMES + UPDATE_NAMES + SECOND_NAMES))
@@ -222,7 +225,7 @@ class ProbeResult:
         self.second = _part(SecondOrderForecast, second, flat, SECOND_NAMES)
         self.by_group, self.truth = by_group, truth
         self.lookahead, self.prediction = lookahead, prediction
-        self.eval_state, self.interval_method = eval_state, interval_method
+        self.eval_state, self.interval_method, self.halves = eval_state, interval_method, halves
 
     def interval(self, level: float = 0.95, *, z: float | None = None) -> tuple[float, float]:
         """``first.interval``: the skew-aware interval of delta_h1 over E (U fixed)."""
