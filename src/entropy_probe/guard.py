@@ -12,7 +12,7 @@ by ``c`` for that one step.
 >>> from entropy_probe.toy import TabularPolicy, sample_enumerated
 >>> policy = TabularPolicy(seed=0)
 >>> U, E = sample_enumerated(policy, n_units=8, seed=1), sample_enumerated(policy, n_units=8, seed=2)
->>> optimizer = torch.optim.AdamW(policy.parameters(), lr=0.5)
+>>> optimizer = torch.optim.AdamW(policy.parameters(), lr=0.2)
 >>> result = ep.EntropyProbe(policy, optimizer, ep.ProbeConfig(direction="optimizer-step")).run(U, E)
 >>> decision = ep.EntropyGuard(max_drop=1e-3).decide(result)
 >>> decision.reason, round(decision.bound, 12)          # the bound sits on the budget when it binds
@@ -21,7 +21,7 @@ by ``c`` for that one step.
 >>> with ep.EntropyGuard(max_drop=1e-3).applied(optimizer, decision):
 ...     optimizer.step()                                 # lr x decision.scale for this step only
 >>> optimizer.param_groups[0]["lr"]
-0.5
+0.2
 
 Which parts of the result are read (the contract with ``ProbeResult``):
 
@@ -32,7 +32,14 @@ Which parts of the result are read (the contract with ``ProbeResult``):
   DESIGN section 12, unit n contributing ``eta^2/2 * q_n / B_E`` to ``delta_h2``) as
   ``sqrt(var_n(c eta s_n + c^2 eta^2/2 q_n) / B_E)``; else ``c * se_cond_e + c^2 * se_delta_h2``
   (an upper bound: the SE of a sum is at most the sum of the SEs); else ``c * se_cond_e`` (the
-  noise of the second-order term ignored).
+  noise of the second-order term ignored);
+- ``result.prediction`` (large steps, DESIGN 21) when present: the above when the Taylor forecast is
+  reliable; when the prediction is the lookahead, the lookahead at trial scales 1, 1/2, ..., 2^-10 and
+  then 4 bisections (one forward each, functional), taking the largest whose lookahead is reliable and
+  whose lower bound keeps the budget; when nothing is trustworthy (reason "untrusted-step"), the
+  documented fallback: the step is cut to ``prediction.diagnostic.max_reliable_scale()``, the largest
+  scale at which the Taylor diagnostic holds, and the Taylor guard applied within it; the unknown step
+  is never passed unscaled.
 """
 
 from __future__ import annotations
