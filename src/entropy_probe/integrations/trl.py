@@ -46,6 +46,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import DefaultFlowCallback
 
 from ..config import ProbeConfig
+from ..control import EntropyController
 from ..guard import EntropyGuard
 from ..probe import EntropyProbe
 from ..result import PREFIX
@@ -67,7 +68,11 @@ class EntropyProbeCallback(TrainerCallback):
     seed: sampling seed of step s on rank r is ``seed + s * world_size + r``.
     entropy_budget: None (observe only), or the guard's ``max_drop`` in nats: each probed step is shrunk
         so that its forecast entropy drop, at its ``level`` lower confidence bound, stays within it.
-    level: the guard's one-sided confidence level, in (0, 1).
+    level: the guard's one-sided confidence level, in (0, 1); the controller's interval level.
+    entropy_target: None, or the controller's target (nats, or a schedule ``f(global_step) -> nats``):
+        ``EntropyController(entropy_target, control_band, control_mode, level)`` decides each probed
+        step (docs/control.md); not with ``entropy_budget``. "steer" keeps the halves of E in the probe.
+    control_mode, control_band: the controller's mode ("scale" or "steer") and band (nats).
 
     ``records``: one dict per probed step (what each JSON line holds), in order.
     """
@@ -82,6 +87,9 @@ class EntropyProbeCallback(TrainerCallback):
         seed: int = 0,
         entropy_budget: float | None = None,
         level: float = 0.95,
+        entropy_target=None,
+        control_mode: str = "scale",
+        control_band: float = 0.1,
     ):
         if isinstance(eval_prompts, str) or len(eval_prompts) == 0:
             raise ValueError("EntropyProbeCallback.eval_prompts: give a non-empty list of prompts")
@@ -98,6 +106,15 @@ class EntropyProbeCallback(TrainerCallback):
         self.config = config if config is not None else ProbeConfig(direction="optimizer-step")
         # EntropyGuard checks the budget and the level (ValueError naming them)
         self.guard = EntropyGuard(entropy_budget, level) if entropy_budget is not None else None
+        self.controller = None
+        if entropy_target is not None:  # EntropyController checks target, band, mode (ValueError naming them)
+            if self.guard is not None:
+                raise ValueError(
+                    "EntropyProbeCallback: give entropy_budget (guard) or entropy_target, not both"
+                )
+            self.controller = EntropyController(entropy_target, control_band, control_mode, level)
+            if control_mode == "steer":
+                self.config = replace(self.config, keep_halves=True)
         self._guarded: contextlib.ExitStack | None = None  # holds guard.applied across optimizer.step()
         self.records: list[dict] = []
         self._prompt_ids: list[list[int]] | None = None  # tokenised once
@@ -137,7 +154,9 @@ class EntropyProbeCallback(TrainerCallback):
             model, optimizer, cfg, process_group=torch.distributed.group.WORLD if world > 1 else None
         )
         result = probe.run(eval_batch=eval_batch, from_grad=True)
-        decision = self._guard_step(optimizer, result) if self.guard is not None else None
+        decision = None
+        if self.guard is not None or self.controller is not None:
+            decision = self._guard_step(optimizer, result, (model, state.global_step))
         self._pending = (probe, result, decision, state.global_step + 1)  # step number once it is taken
 
     def on_optimizer_step(self, args, state, control, **kwargs):
@@ -150,11 +169,7 @@ class EntropyProbeCallback(TrainerCallback):
         # the step taken was lr * scale * v: measured.se_diff is against that step's first-order forecast
         measured = probe.measure_change(result, step_scale=1.0 if decision is None else decision.scale)
         if decision is not None:
-            guard_metrics = {
-                **decision.to_dict(),
-                f"{PREFIX}guard_measured_minus_forecast": measured.delta_h - decision.forecast,
-            }
-            guard_record = {"guard_reason": decision.reason, "guard_order": decision.order}
+            guard_metrics, guard_record = self._decision_metrics(decision, measured)
         metrics = {f"{PREFIX}step": step, **result.to_dict(), **measured.to_dict(), **guard_metrics}
         metrics = {k: v for k, v in metrics.items() if v is not None}  # se_total: None without a U batch
         # the metrics carry reliable and prediction/* (numbers only); the record also names the method
@@ -176,13 +191,31 @@ class EntropyProbeCallback(TrainerCallback):
         self._unlogged = {}
 
     # ---- helpers -----------------------------------------------------------------------------------
-    def _guard_step(self, optimizer, result):
-        """Decide the scale; hold ``guard.applied`` open until ``on_optimizer_step`` (the step in between)."""
+    def _decision_metrics(self, decision, measured) -> tuple[dict, dict]:
+        """(numbers for the logs, names for the record) of a guard's or the controller's decision."""
+        if self.controller is not None:
+            after = {f"{PREFIX}control/measured": decision.entropy + measured.delta_h}  # H after, on E
+            return {**decision.to_dict(), **after}, {
+                "control_reason": decision.reason,
+                "control_mode": decision.mode,
+            }
+        gap = {f"{PREFIX}guard_measured_minus_forecast": measured.delta_h - decision.forecast}
+        return {**decision.to_dict(), **gap}, {"guard_reason": decision.reason, "guard_order": decision.order}
+
+    def _guard_step(self, optimizer, result, model_step):
+        """Decide (guard or controller); hold ``applied`` open until ``on_optimizer_step`` (the step in
+        between). ``model_step``: the model and the global step (the controller's schedule, steering)."""
         if optimizer is None:
-            raise ValueError("EntropyProbeCallback.entropy_budget: the trainer passed no optimizer to guard")
-        decision = self.guard.decide(result)
+            raise ValueError("EntropyProbeCallback: the trainer passed no optimizer to guard or control")
+        if self.controller is not None:
+            model, step = model_step
+            decision = self.controller.decide(result, step=step, model=model, optimizer=optimizer)
+            applied = self.controller.applied(optimizer, decision)
+        else:
+            decision = self.guard.decide(result)
+            applied = self.guard.applied(optimizer, decision)
         stack = contextlib.ExitStack()
-        stack.enter_context(self.guard.applied(optimizer, decision))
+        stack.enter_context(applied)
         self._guarded = stack
         return decision
 
