@@ -109,6 +109,7 @@ def summary(run: dict, target: float) -> dict:
     reached = next((i for i, x in enumerate(h) if x <= target), None)
     s = {
         "entropy_start": h[0],
+        "entropy_min": min(h),
         "entropy_min_after_10": min(h[10:]) if len(h) > 10 else min(h),
         "entropy_final": h[-1],
         "tracking_error": None

@@ -202,7 +202,7 @@ class EntropyProbeCallback(TrainerCallback):
         gap = {f"{PREFIX}guard_measured_minus_forecast": measured.delta_h - decision.forecast}
         return {**decision.to_dict(), **gap}, {"guard_reason": decision.reason, "guard_order": decision.order}
 
-    def _guard_step(self, optimizer, result, model_step):
+    def _guard_step(self, optimizer, result, model_step=(None, None)):
         """Decide (guard or controller); hold ``applied`` open until ``on_optimizer_step`` (the step in
         between). ``model_step``: the model and the global step (the controller's schedule, steering)."""
         if optimizer is None:
