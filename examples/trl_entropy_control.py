@@ -74,6 +74,7 @@ def train_one(control: str, opts, out: Path) -> dict:
                 "entropy_target": opts.entropy_target,
                 "control_mode": control.split("-")[1],
                 "control_band": opts.band,
+                "control_entropy": opts.control_entropy,
             }
         callback = attach(
             trainer, EntropyProbeCallback(prompts(8, seed=2), group_size=8, max_new_tokens=8, **own)
@@ -216,6 +217,9 @@ def main(argv: list[str] | None = None) -> dict:
         "--entropy-target", type=float, default=1.5, help="target entropy (adaptive, controller)"
     )
     parser.add_argument("--band", type=float, default=0.1, help="controller: nats either side of the target")
+    parser.add_argument(
+        "--control-entropy", default="probe", help="controller: start from the 'probe' or 'trainer' entropy"
+    )
     parser.add_argument("--methods", default=",".join(CONTROLS), help="comma-separated subset of the methods")
     parser.add_argument("--coef-delta", type=float, default=0.02, help="TRL adaptive: coefficient step")
     opts = parser.parse_args(argv)

@@ -76,3 +76,12 @@ def test_bad_control_options_are_refused():
         EntropyProbeCallback(EVAL_PROMPTS, entropy_target=1.0, control_mode="pid")
     with pytest.raises(ValueError, match="EntropyController: band"):
         EntropyProbeCallback(EVAL_PROMPTS, entropy_target=1.0, control_band=-1.0)
+
+
+def test_control_entropy_trainer_starts_from_the_trainers_logged_entropy(tmp_path):
+    trainer, cb, _ = _run(tmp_path, entropy_target=1.0, control_entropy="trainer")
+    logged = [h["entropy"] for h in trainer.state.log_history if "entropy" in h]
+    assert cb.records[0]["control/entropy"] == cb.records[0]["entropy"]  # no log yet: the probe's
+    assert cb.records[1]["control/entropy"] == pytest.approx(logged[0], abs=0)  # step 1's log, before step 2
+    with pytest.raises(ValueError, match="control_entropy"):
+        EntropyProbeCallback(EVAL_PROMPTS, entropy_target=1.0, control_entropy="batch")

@@ -73,6 +73,9 @@ class EntropyProbeCallback(TrainerCallback):
         ``EntropyController(entropy_target, control_band, control_mode, level)`` decides each probed
         step (docs/control.md); not with ``entropy_budget``. "steer" keeps the halves of E in the probe.
     control_mode, control_band: the controller's mode ("scale" or "steer") and band (nats).
+    control_entropy: the entropy now that the controller starts from: "probe" (``result.entropy``, the
+        token-mean entropy of the held-out samples) or "trainer" (the trainer's latest logged ``entropy``,
+        e.g. TRL's per-token entropy of the last batch: the yardstick the target is usually set in).
 
     ``records``: one dict per probed step (what each JSON line holds), in order.
     """
@@ -90,6 +93,7 @@ class EntropyProbeCallback(TrainerCallback):
         entropy_target=None,
         control_mode: str = "scale",
         control_band: float = 0.1,
+        control_entropy: str = "probe",
     ):
         if isinstance(eval_prompts, str) or len(eval_prompts) == 0:
             raise ValueError("EntropyProbeCallback.eval_prompts: give a non-empty list of prompts")
@@ -115,6 +119,11 @@ class EntropyProbeCallback(TrainerCallback):
             self.controller = EntropyController(entropy_target, control_band, control_mode, level)
             if control_mode == "steer":
                 self.config = replace(self.config, keep_halves=True)
+        if control_entropy not in ("probe", "trainer"):
+            raise ValueError(
+                f"EntropyProbeCallback.control_entropy: 'probe' or 'trainer', got {control_entropy!r}"
+            )
+        self.control_entropy = control_entropy
         self._guarded: contextlib.ExitStack | None = None  # holds guard.applied across optimizer.step()
         self.records: list[dict] = []
         self._prompt_ids: list[list[int]] | None = None  # tokenised once
@@ -156,7 +165,8 @@ class EntropyProbeCallback(TrainerCallback):
         result = probe.run(eval_batch=eval_batch, from_grad=True)
         decision = None
         if self.guard is not None or self.controller is not None:
-            decision = self._guard_step(optimizer, result, (model, state.global_step))
+            now = (model, state.global_step, self._entropy_now(state))
+            decision = self._guard_step(optimizer, result, now)
         self._pending = (probe, result, decision, state.global_step + 1)  # step number once it is taken
 
     def on_optimizer_step(self, args, state, control, **kwargs):
@@ -202,14 +212,21 @@ class EntropyProbeCallback(TrainerCallback):
         gap = {f"{PREFIX}guard_measured_minus_forecast": measured.delta_h - decision.forecast}
         return {**decision.to_dict(), **gap}, {"guard_reason": decision.reason, "guard_order": decision.order}
 
-    def _guard_step(self, optimizer, result, model_step=(None, None)):
+    def _entropy_now(self, state) -> float | None:
+        """The trainer's latest logged entropy with ``control_entropy="trainer"`` (None: the probe's)."""
+        if self.control_entropy != "trainer":
+            return None
+        logged = [h["entropy"] for h in state.log_history if "entropy" in h]
+        return float(logged[-1]) if logged else None
+
+    def _guard_step(self, optimizer, result, model_step=(None, None, None)):
         """Decide (guard or controller); hold ``applied`` open until ``on_optimizer_step`` (the step in
-        between). ``model_step``: the model and the global step (the controller's schedule, steering)."""
+        between). ``model_step``: the model, the global step and the entropy now (for the controller)."""
         if optimizer is None:
             raise ValueError("EntropyProbeCallback: the trainer passed no optimizer to guard or control")
         if self.controller is not None:
-            model, step = model_step
-            decision = self.controller.decide(result, step=step, model=model, optimizer=optimizer)
+            model, step, entropy = model_step
+            decision = self.controller.decide(result, step, entropy, model=model, optimizer=optimizer)
             applied = self.controller.applied(optimizer, decision)
         else:
             decision = self.guard.decide(result)
