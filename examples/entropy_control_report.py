@@ -5,7 +5,9 @@
 Prints, per method and seed, the figures the issue asks for (from TRL's logged entropy and reward):
 tracking error ``|H - target|`` averaged from the first step at or below the target on, the minimum
 entropy after step 10, the mean reward of the last 10 steps and the wall time; then their mean over seeds.
-The picture: entropy and reward per step of every method, one column per seed.
+The picture: entropy and reward per step of every method, one column per seed. ``--merge A B OUT``
+adds the controller runs of record B (``--control-entropy trainer``) to record A as
+``controller-*-trainer`` and writes OUT.
 """
 
 from __future__ import annotations
@@ -14,8 +16,16 @@ import argparse
 import json
 from pathlib import Path
 
-METHODS = ("none", "adaptive", "guard", "controller-scale", "controller-steer")
-COLORS = ("#7f7f7f", "#d62728", "#1f77b4", "#2ca02c", "#9467bd")
+METHODS = (
+    "none",
+    "adaptive",
+    "guard",
+    "controller-scale",
+    "controller-steer",
+    "controller-scale-trainer",  # --control-entropy trainer, merged into the seed's record
+    "controller-steer-trainer",
+)
+COLORS = ("#7f7f7f", "#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#17becf", "#e377c2")
 
 
 def figures(run: dict, target: float) -> dict:
@@ -87,7 +97,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("records", nargs="+")
     parser.add_argument("--png", default=None)
+    parser.add_argument("--merge", nargs=3, metavar=("A", "B", "OUT"), default=None)
     opts = parser.parse_args(argv)
+    if opts.merge:
+        a, b, out = (Path(p) for p in opts.merge)
+        doc, extra = json.loads(a.read_text()), json.loads(b.read_text())
+        for name, run in extra["runs"].items():
+            doc["runs"][f"{name}-trainer"] = run
+        doc["options_trainer_entropy"] = extra["options"]
+        out.write_text(json.dumps(doc, indent=1))
     docs = sorted((json.loads(Path(p).read_text()) for p in opts.records), key=lambda d: d["options"]["seed"])
     print(table(docs))
     if opts.png:

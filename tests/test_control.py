@@ -143,6 +143,28 @@ def test_scale_exact_entropy_after_the_step_lies_in_the_band_at_the_level():
 
 
 # ---- steer -------------------------------------------------------------------------------------
+def test_kept_halves_are_the_half_means_of_the_x_n_that_make_delta_h1():
+    """``eta (|A| Xbar_A + |B| Xbar_B) / B_E . v = delta_h1`` and each half's projection is the mean of its
+    units' s_n (even positions: A, odd: B), for B_E odd too."""
+    policy = TabularPolicy(seed=0, scale=0.5)
+    U, E = sample_enumerated(policy, n_units=8, seed=1), sample_enumerated(policy, n_units=7, seed=2)
+    probe = ep.EntropyProbe(policy, config=ep.ProbeConfig(lr=0.1, direction="sgd", keep_halves=True))
+    v = probe.update_direction(U)
+    r = probe.run(eval_batch=E, direction=v)
+    (n_a, n_b), s = r.halves.sizes, r.per_unit.double()
+    dots = [float((x["table"].double() * v["table"].double()).sum()) for x in (r.halves.x_a, r.halves.x_b)]
+    assert (n_a, n_b) == (4, 3)
+    assert dots[0] == pytest.approx(float(s[0::2].mean()), rel=1e-5)
+    assert dots[1] == pytest.approx(float(s[1::2].mean()), rel=1e-5)
+    assert 0.1 * (n_a * dots[0] + n_b * dots[1]) / 7 == pytest.approx(r.delta_h1, rel=1e-5)
+    assert (
+        ep.EntropyProbe(policy, config=ep.ProbeConfig(lr=0.1, direction="sgd"))
+        .run(eval_batch=E, direction=v)
+        .halves
+        is None
+    )  # off by default: nothing kept
+
+
 def half_b_prediction_of_a_step(r, before: torch.Tensor, after: torch.Tensor) -> float:
     """``Xbar_B . (theta_after - theta)``: the first-order change on half B of a step actually taken."""
     return float((r.halves.x_b["table"].double() * (after - before).double()).sum())
