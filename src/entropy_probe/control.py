@@ -9,8 +9,9 @@ the entropy now (``result.entropy``, or one the caller passes) and decides, per 
   moves entropy. The interval at scale c: ``c x result.interval(level)`` (first order, exact: the
   change is linear in c), ``forecast(c) -+ z se(c)`` (second order, ``guard.forecast_of``), or the
   lookahead evaluated at trial scales (one forward each). When the entropy is outside the band already
-  a step towards it is kept (cut only where its interval would overshoot the far edge) and a step away
-  from it is cut to ``min_scale``.
+  a step is kept (cut only where its interval would overshoot the far edge) unless its whole interval
+  moves away from the band: then it is cut to ``min_scale`` (a step whose direction is noise is not
+  stopped).
 - ``mode="steer"``: before ``optimizer.step()``, ``.grad -= lambda Xbar_A``: an entropy bonus along the
   entropy gradient estimated on half A of E, with lambda solved so that the first-order prediction made
   on the other half, ``eta Xbar_B . v(g - lambda Xbar_A)`` through the optimizer's exact direction map
@@ -49,8 +50,8 @@ AIMS = ("band", "target")
 NO_STEP = "no-step"  # lr 0 or a prediction of exactly 0 with SE 0
 WITHIN = "within-band"  # the unmodified step's interval lands inside the band: scale 1 / lambda 0
 SCALED = "scaled"  # scale < 1: the interval's edge sits on the band's edge
-TOWARD = "toward-band"  # the entropy is outside the band and the step moves towards it
-AWAY = "away-from-band"  # the entropy is outside the band and the step moves away: min_scale
+TOWARD = "toward-band"  # the entropy is outside the band and the step is not surely moving away from it
+AWAY = "away-from-band"  # outside the band, and the step's whole interval moves away: min_scale
 UNTRUSTED = "untrusted-step"  # nothing predicts the full step: cut to where the Taylor forecast holds
 REASONS = (
     NO_STEP,
@@ -214,12 +215,12 @@ class EntropyController:
         if float(result.first.lr) == 0.0 or (value == lo == hi == 0.0):
             return self._scaled(result, target, h0, at, 1.0, NO_STEP)
         inside = lo_edge <= 0.0 <= hi_edge
-        if inside or value == 0.0:
+        if inside:
             ok = lambda c: min(at(c)[1] - lo_edge, hi_edge - at(c)[2])  # noqa: E731
-        elif (value > 0) == (lo_edge > 0):  # outside, moving towards the band: only the far edge binds
-            ok = (lambda c: hi_edge - at(c)[2]) if lo_edge > 0 else (lambda c: at(c)[1] - lo_edge)  # noqa: E731
-        else:
+        elif (lo > 0) if hi_edge < 0 else (hi < 0):  # outside, and surely moving further away: stop it
             return self._scaled(result, target, h0, at, self.min_scale, AWAY)
+        else:  # outside, not surely moving away (a noisy step is not stopped): only the far edge binds
+            ok = (lambda c: hi_edge - at(c)[2]) if lo_edge > 0 else (lambda c: at(c)[1] - lo_edge)  # noqa: E731
         reason = (UNTRUSTED if c_max < 1 else WITHIN) if inside else TOWARD
         if ok(c_max) >= 0:
             return self._scaled(result, target, h0, at, c_max, reason)
