@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 import entropy_probe as ep
+from entropy_probe.lookahead import taylor_forecast
 from entropy_probe.toy import EnumerableGPT2, exact_entropy, sample_enumerated
 
 LRS = (1e-3, 2e-3, 3e-3, 5e-3, 1e-2, 3e-2, 1e-1)
@@ -54,14 +55,16 @@ def one_lr(lr: float, init: float, draws: int, second_order: bool, guard: ep.Ent
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             r = probe.run(eval_batch=evaluation, from_grad=True)
-        taylor = r.forecast if second_order else r.delta_h1
-        taylor_se = r.se_forecast if second_order else r.se_cond_e
-        lo, hi = r.forecast_interval(0.95) if second_order else r.interval(0.95)
+        # the Taylor forecast "auto" predicts with when the step is not flagged (with the second order: the
+        # first order where the second-order term outgrew the first)
+        taylor, taylor_se, method = taylor_forecast(r.first, r.second)
+        lo, hi = r.forecast_interval(0.95) if method == "second-order" else r.interval(0.95)
         row = dict(
             reliable=r.reliable,
             ess_fraction=r.prediction.ess_fraction,
             taylor=taylor,
             taylor_se=taylor_se,
+            taylor_method=method,
             taylor_covers=lo <= exact <= hi,
             lookahead=r.lookahead.delta_h,
             lookahead_se=r.lookahead.se,

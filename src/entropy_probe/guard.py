@@ -310,9 +310,12 @@ def forecast_of(result) -> Forecast:
 
 def _parts(result) -> tuple:
     """(first, second) of a ``ProbeResult``; any other object with the flat names (a stand-in, a result
-    built elsewhere) serves as both, its second part present when it carries ``delta_h2``."""
+    built elsewhere) serves as both, its second part present when it carries ``delta_h2``. A result whose
+    prediction is the first order although it has a second-order term (its term outgrew the first,
+    ``lookahead.taylor_forecast``) is guarded on the first order."""
     if isinstance(result, ProbeResult):
-        return result.first, result.second
+        first_only = result.prediction is not None and result.prediction.method == "first-order"
+        return result.first, None if first_only else result.second
     return result, (result if getattr(result, "delta_h2", None) is not None else None)
 
 
