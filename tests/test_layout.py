@@ -16,6 +16,8 @@ APPLICATIONS = (
     "entropy_probe.validation",
     "entropy_probe.integrations",
     "entropy_probe.guard",
+    "entropy_probe.control",
+    "entropy_probe.steer",
     "entropy_probe.cli",
     "entropy_probe.__main__",
 )

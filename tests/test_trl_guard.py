@@ -188,7 +188,7 @@ def test_the_head_to_head_example_runs(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "record.json").read_text())["data"] == doc  # --record keeps the same JSON
     runs, summary = doc["runs"], doc["summary"]
     assert (tmp_path / "entropy_control.png").stat().st_size > 0
-    assert all(len(runs[c]["entropy"]) == 3 for c in ("none", "adaptive", "guard"))
+    assert all(len(runs[c]["entropy"]) == 3 for c in runs) and len(runs) == 5
     # the same seed and the same first batch: the controls only act from the first step's update on
     assert runs["none"]["entropy"][0] == runs["adaptive"]["entropy"][0] == runs["guard"]["entropy"][0]
     assert runs["guard"]["entropy"][1:] != runs["none"]["entropy"][1:]  # the guard changed the trajectory
@@ -197,3 +197,7 @@ def test_the_head_to_head_example_runs(tmp_path, monkeypatch):
     assert runs["guard"]["guard_reason"] == ["scaled"] * 3  # a budget of 1e-4 nats binds
     assert summary["guard"]["mean_scale"] == pytest.approx(sum(runs["guard"]["guard_scale"]) / 3, rel=1e-12)
     assert summary["none"]["entropy_min"] == min(runs["none"]["entropy"])
+    # the controller's runs record their decisions; target 9 far above: every scale step moves towards it
+    # at full scale or is stopped at min_scale
+    assert set(runs["controller-scale"]["control_reason"]) <= {"toward-band", "away-from-band"}
+    assert len(runs["controller-steer"]["control_coefficient"]) == 3

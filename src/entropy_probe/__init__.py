@@ -10,6 +10,7 @@ Public API (docs/design.md section 14)::
 
 from .batch import RolloutBatch
 from .config import ProbeConfig
+from .control import ControlDecision, EntropyController
 from .guard import EntropyGuard, GuardDecision
 from .loss import policy_loss
 from .probe import EntropyProbe
@@ -24,5 +25,7 @@ __all__ = [
     "policy_loss",
     "EntropyGuard",
     "GuardDecision",
+    "EntropyController",
+    "ControlDecision",
 ]
 __version__ = "0.1.0"

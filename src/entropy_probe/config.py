@@ -60,7 +60,7 @@ class ProbeConfig:
     entropy: Entropy = "sequence"
     """Which entropy is forecast: "token", the mean over all response tokens of the full-vocabulary
     entropy H_t, as TRL, verl, OpenRLHF and prime-rl log it (docs/token_entropy.md); or "sequence",
-    ``E[-S_w]`` with ``entropy_weighting`` (DESIGN sections 2-3)."""
+    ``E[-S_w]`` with ``entropy_weighting`` (docs/design.md section 2)."""
     entropy_weighting: Weighting = "token-mean"
     """entropy="sequence" only: how S_w weights a response's tokens: "token-mean" (w = m / L, the default)
     or "sum" (w = m, estimated with the exact H_t as the token-level numerator)."""
@@ -103,6 +103,10 @@ class ProbeConfig:
     (``step_view``; peak extra memory about 0.5x the fp32 parameter bytes, but the step's arithmetic is
     repeated per unit). False: form every step once and keep it (1x the parameter bytes more, no
     repetition; faster where sequences are short, docs/performance.md)."""
+    keep_halves: bool = False
+    """Keep the mean X of the two halves of E in ``result.halves`` (``EvalHalves``: two fp32
+    parameter-sized vectors) for ``EntropyController(mode="steer")``; the E pass forms their sums anyway
+    when ``unconditional_se`` has a U batch, else it adds them (the backward engine: no extra pass)."""
     lookahead: Lookahead = "auto"
     """The step applied functionally on E before it is taken (``result.lookahead``, one forward):
     "auto" when the before-the-step diagnostic says the Taylor forecast cannot be trusted at this step
@@ -178,6 +182,7 @@ class ProbeConfig:
         object.__setattr__(self, "truth_alphas", tuple(float(a) for a in alphas))  # frozen: set once
         need(isinstance(self.unconditional_se, bool), "unconditional_se", "must be True or False")
         need(isinstance(self.second_order, bool), "second_order", "must be True or False")
+        need(isinstance(self.keep_halves, bool), "keep_halves", "must be True or False")
         need(self.lookahead in LOOKAHEADS, "lookahead", f"must be one of {LOOKAHEADS}")
         need(
             not (self.second_order and self.entropy == "token"),

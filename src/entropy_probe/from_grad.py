@@ -18,6 +18,7 @@ forecast.
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -44,6 +45,24 @@ def optimizer_lr(optimizer: torch.optim.Optimizer) -> float:
     """The rate v is normalised by: the first group's lr, or the largest group lr when that is 0."""
     rates = [float(g["lr"]) for g in optimizer.param_groups]
     return rates[0] if rates[0] != 0 else max(rates)
+
+
+LR_RTOL = 1e-9  # a decision's lr against the optimizer's: the same float, up to a round trip through a logger
+
+
+def check_step_lr(lr: float | None, optimizer: torch.optim.Optimizer, who: str) -> None:
+    """A decision made from a forecast at ``lr`` (``result.lr``) is for the step this optimizer is about to
+    take: the same learning rate (``optimizer_lr``), else a ValueError naming both. None: not checked.
+    Shared by ``EntropyGuard.applied`` and ``EntropyController`` (one rule for both)."""
+    if lr is None:
+        return
+    own = optimizer_lr(optimizer)
+    if not math.isclose(float(lr), own, rel_tol=LR_RTOL, abs_tol=0.0):
+        raise ValueError(
+            f"{who}: the decision was made for a forecast at lr {lr!r} (result.lr) but the optimizer's lr "
+            f"is {own!r}: the forecast is of another step (ProbeConfig.lr set by hand, or the scheduler "
+            "moved the lr in between); probe the step the optimizer takes"
+        )
 
 
 def direction_from_grad(

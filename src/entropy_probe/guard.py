@@ -33,7 +33,8 @@ Which parts of the result are read (the contract with ``ProbeResult``):
   ``sqrt(var_n(c eta s_n + c^2 eta^2/2 q_n) / B_E)``; else ``c * se_cond_e + c^2 * se_delta_h2``
   (an upper bound: the SE of a sum is at most the sum of the SEs); else ``c * se_cond_e`` (the
   noise of the second-order term ignored);
-- ``result.prediction`` (large steps, DESIGN 21) when present: the above when the Taylor forecast is
+- ``result.prediction`` (large steps, docs/design.md section 17) when present: the above when the
+  Taylor forecast is
   reliable; when the prediction is the lookahead, the lookahead at trial scales 1, 1/2, ..., 2^-10 and
   then 4 bisections (one forward each, functional), taking the largest whose lookahead is reliable and
   whose lower bound keeps the budget; when nothing is trustworthy (reason "untrusted-step"), the
@@ -54,7 +55,7 @@ from statistics import NormalDist
 import numpy as np
 import torch
 
-from .from_grad import optimizer_lr, unwrap_optimizer
+from .from_grad import check_step_lr, unwrap_optimizer
 from .inputs import is_number
 from .result import PREFIX, ProbeResult
 
@@ -65,7 +66,8 @@ NO_STEP = "no-step"  # lr 0, or a forecast of exactly 0 with SE 0: nothing to gu
 RAISES = "raises-entropy"  # the lower bound of the full step is >= 0: scale 1
 WITHIN = "within-budget"  # the lower bound of the full step is in [-max_drop, 0): scale 1
 SCALED = "scaled"  # the full step's bound is below -max_drop: scale < 1, its bound equals -max_drop
-UNTRUSTED = "untrusted-step"  # nothing predicts this step (DESIGN 21): cut to where the Taylor forecast holds
+# nothing predicts this step (docs/design.md section 17): cut to where the Taylor forecast holds
+UNTRUSTED = "untrusted-step"
 REASONS = (NO_STEP, RAISES, WITHIN, SCALED, UNTRUSTED)
 
 # The lookahead's trial scales: 1, 1/2, ..., 2^-TRIAL_HALVINGS, then REFINE bisections (one forward each).
@@ -76,7 +78,6 @@ REFINE = 4
 # A step whose bound sits on the budget to float rounding (e.g. one already scaled by the guard and
 # forecast again) is within budget, not "scaled" by 1 - 1e-16.
 BUDGET_RTOL = 1e-12
-LR_RTOL = 1e-9  # result.lr against the optimizer's: the same float, up to a round trip through a logger
 
 
 @dataclass(frozen=True)
@@ -148,7 +149,8 @@ class EntropyGuard:
     def decide(self, result) -> GuardDecision:
         """The largest scale ``c`` in (0, 1] whose forecast lower bound is >= ``-max_drop``.
 
-        From ``result.prediction`` (DESIGN 21) when the result has one: the Taylor forecast when it is
+        From ``result.prediction`` (docs/design.md section 17) when the result has one: the Taylor
+        forecast when it is
         reliable; the lookahead at trial scales when that is the method; and when nothing is trustworthy,
         the fallback: the step is cut to the largest scale at which the Taylor diagnostic holds
         (``StepDiagnostic.max_reliable_scale``, no forward) and the Taylor guard applied inside it
@@ -185,7 +187,7 @@ class EntropyGuard:
                 "EntropyGuard.applied: optimizer must be a torch.optim.Optimizer (or wrap one in "
                 f".optimizer), got {type(inner).__name__}"
             )
-        _check_lr(decision, inner)
+        check_step_lr(getattr(decision, "lr", None), inner, "EntropyGuard.applied")
         saved = [group["lr"] for group in inner.param_groups]
         restored = False
 
@@ -206,7 +208,7 @@ class EntropyGuard:
             handle.remove()
             restore()
 
-    # ---- large steps (DESIGN 21) --------------------------------------------------------------
+    # ---- large steps (docs/design.md section 17) ------------------------------------------------
     def _by_lookahead(self, result, pred) -> GuardDecision:
         """The largest trial scale whose lookahead (one forward each) is reliable with its lower bound
         within budget: halvings of the step, then bisections between the last failing and passing."""
@@ -290,20 +292,6 @@ class EntropyGuard:
                 lo, hi = left, right
                 break
         return float(bisect(g, lo, hi))
-
-
-def _check_lr(decision: GuardDecision, optimizer: torch.optim.Optimizer) -> None:
-    """The decision was made for the step this optimizer is about to take: the same learning rate."""
-    lr = getattr(decision, "lr", None)
-    if lr is None:
-        return
-    own = optimizer_lr(optimizer)
-    if not math.isclose(lr, own, rel_tol=LR_RTOL, abs_tol=0.0):
-        raise ValueError(
-            f"EntropyGuard.applied: the decision was made for a forecast at lr {lr!r} (result.lr) but the "
-            f"optimizer's lr is {own!r}: the forecast is of another step (ProbeConfig.lr set by hand, or "
-            "the scheduler moved the lr in between); probe the step the optimizer takes"
-        )
 
 
 def bisect(g, lo: float, hi: float, tol: float = 1e-13) -> float:

@@ -1,4 +1,5 @@
-"""Large steps (DESIGN section 21): a forecast that is right, or says before the step that it cannot be.
+"""Large steps (docs/design.md section 17): a forecast that is right, or says before the step that it
+cannot be.
 
 The Taylor forecast (``delta_h1``, ``forecast``) expands the entropy after ``theta + eta v`` around
 theta. How far the step moves the policy on E is what decides whether that expansion holds: every E

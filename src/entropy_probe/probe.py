@@ -10,7 +10,7 @@ Reads top to bottom as the data flow of one call:
       -> result.first, result.second, result.by_group (forecast, attribution)
     Xbar_A, Xbar_B, U -> variance over U              (update_jackknife: result.update)
     v, E -> truth                                     (truth: the step applied functionally)
-    v, E -> diagnostic, lookahead -> prediction       (lookahead: large steps, DESIGN section 21)
+    v, E -> diagnostic, lookahead -> prediction       (lookahead: large steps, docs/design.md section 17)
     -> ProbeResult
 
 A minimal call, on the exactly enumerable policy of ``entropy_probe.toy``:
@@ -52,7 +52,7 @@ from .objectives import UpdateTotals, advantages, policy_gradient_coefficients
 from .result import EvalState, ProbeResult, UpdateVariance
 from .token_statistics import token_eval_projections
 from .truth import measure_truth
-from .update_jackknife import eval_halves, update_variance
+from .update_jackknife import EvalHalves, eval_halves, half_means, update_variance
 from .vectors import Params, device_of, first_nonfinite
 
 SOURCES = ("update_batch", "direction", "from_grad=True")  # where v may come from: exactly one per call
@@ -291,14 +291,14 @@ class EntropyProbe:
 
     # ---- 4. Xbar_A, Xbar_B, U -> the variance over U ----------------------------------------------
     def _update_part(
-        self, call: ProbeCall, upd: UpdateDirection, proj: EvalProjections, stats: EvalStatistics
+        self, call: ProbeCall, upd: UpdateDirection, halves: EvalHalves | None, stats: EvalStatistics
     ) -> UpdateVariance | None:
         """``result.update``: None unless v came from U; the variance over U when asked for."""
         if upd.n_units == 0:
             return None
         if upd.grad_j is None:  # ProbeConfig(unconditional_se=False)
             return UpdateVariance(n_update_units=upd.n_units)
-        return update_variance(call, upd, proj.x_half, stats)
+        return update_variance(call, upd, halves, stats)
 
     # ---- the whole call ------------------------------------------------------------------------
     def run(
@@ -326,12 +326,14 @@ class EntropyProbe:
         update_batch, eval_batch = on_device(update_batch, device), on_device(eval_batch, device)
         with preserved_caller_state(self.module):
             upd = self._direction(call, source, update_batch, given)  # 1. v, from its one source
-            proj = self._project_eval(call, eval_batch, upd, upd.grad_j is not None)  # 2. s_n
+            want_halves = upd.grad_j is not None or call.config.keep_halves  # X over E's halves
+            proj = self._project_eval(call, eval_batch, upd, want_halves)  # 2. s_n
             q_local = self._second_order_pass(call, eval_batch, upd)  # q_n
             stats = eval_statistics(call, proj, eval_batch, q_local)  # 3. over E, one gather
             second = None if q_local is None else second_order_statistics(call, q_local, stats)
             by_group = group_statistics(call.params, self.config.groups, stats.s_groups, call.lr)
-            update = self._update_part(call, upd, proj, stats)  # 4. the variance over U
+            halves = None if proj.x_half is None else half_means(call, proj.x_half, upd.v, stats.n_eval)
+            update = self._update_part(call, upd, halves, stats)  # 4. the variance over U
             truth_result = None
             if truth:  # 5. the step applied functionally
                 q = None if second is None else second.per_unit_q
@@ -350,6 +352,7 @@ class EntropyProbe:
             prediction=prediction,
             eval_state=eval_state(self.module, eval_batch, proj.logprobs, self.config),
             caveats=tuple(c for c in (upd.caveat, stats.caveat) if c is not None),
+            halves=halves if self.config.keep_halves else None,
         )
 
     def measure_change(self, result: ProbeResult, step_scale: float = 1.0) -> MeasuredChange:

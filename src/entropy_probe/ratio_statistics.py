@@ -13,9 +13,9 @@ values returned are
     s_n = dH_J + IF_n,   IF_n = [dN_n - H dD_n - (dDbar / Dbar)(N_n - H D_n) - dH D_n] / Dbar
 
 where IF_n is the delta-method influence of unit n (its mean over n is 0 exactly), so ``mean_n s_n`` is the
-corrected estimate and ``var(s_n) / B`` the delta-method variance: the statistics of DESIGN section 5 apply
-to the s_n unchanged. Everything is linear in (dN, dD) given (N, D), so parameter groups (a trailing axis
-on dN, dD) add up to the whole.
+corrected estimate and ``var(s_n) / B`` the delta-method variance: the statistics of docs/design.md
+section 5 apply to the s_n unchanged. Everything is linear in (dN, dD) given (N, D), so parameter groups
+(a trailing axis on dN, dD) add up to the whole.
 
 >>> import torch
 >>> n, d = torch.tensor([3.0, 5.0, 4.0]), torch.tensor([2.0, 3.0, 2.5])

@@ -196,7 +196,9 @@ class ProbeResult:
     second: SecondOrderForecast | None = None
     by_group: dict[str, tuple[float, float]] | None = None  # {group: (delta_h1_g, se_g)}, summing to delta_h1
     truth: TruthResult | None = None
-    lookahead: TruthResult | None = None  # the step applied on E before it is taken (DESIGN 21)
+    lookahead: TruthResult | None = (
+        None  # the step applied on E before it is taken (docs/design.md section 17)
+    )
     prediction: Any | None = None  # lookahead.Prediction: the number to use (value, se, method, reliable)
     eval_state: EvalState | None = field(default=None, repr=False, compare=False)  # for measure_change
     interval_method: str = INTERVAL_METHOD
@@ -204,6 +206,8 @@ class ProbeResult:
     """Why a number may be wrong although it was computed: the direction rule is not the optimizer's step
     (from_grad), or the E units are identical (SE 0 from B_E > 1 units). Any caveat makes ``reliable``
     False, as does the large-step diagnostic."""
+    halves: Any | None = field(default=None, repr=False, compare=False)
+    """``update_jackknife.EvalHalves`` with ``ProbeConfig(keep_halves=True)``: Xbar_A, Xbar_B (steering)"""
 
     def __init__(
         self,
@@ -217,6 +221,7 @@ class ProbeResult:
         eval_state: EvalState | None = None,
         interval_method: str = INTERVAL_METHOD,
         caveats: tuple[str, ...] = (),
+        halves: Any | None = None,
         **flat,
     ):
         unknown = sorted(set(flat) - set(FIRST_NAMES + UPDATE_NAMES + SECOND_NAMES))
@@ -231,6 +236,7 @@ class ProbeResult:
         self.lookahead, self.prediction = lookahead, prediction
         self.eval_state, self.interval_method = eval_state, interval_method
         self.caveats = tuple(caveats)
+        self.eval_state, self.interval_method, self.halves = eval_state, interval_method, halves
 
     def interval(self, level: float = 0.95, *, z: float | None = None) -> tuple[float, float]:
         """``first.interval``: the skew-aware interval of delta_h1 over E (U fixed)."""

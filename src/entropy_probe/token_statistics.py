@@ -1,4 +1,5 @@
-"""From every rank's token-level pieces to this rank's s_n, so that the statistics of DESIGN section 5 apply.
+"""From every rank's token-level pieces to this rank's s_n, so that the statistics of docs/design.md
+section 5 apply.
 
 The token-level entropy is a ratio of means over all E units, so a unit's s_n (``ratio_statistics``)
 depends on every unit: the pieces ``(N_n, D_n, dN_n, dD_n)`` (and their parameter groups) of all ranks

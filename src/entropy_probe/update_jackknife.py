@@ -44,7 +44,7 @@ from .distributed import all_reduce_vector
 from .engines import unit_gradients
 from .eval_statistics import EvalStatistics
 from .result import UpdateVariance
-from .vectors import Params, Vector
+from .vectors import Vector
 
 
 class UpdateJackknife(NamedTuple):
@@ -65,28 +65,36 @@ def half_sizes(n_eval: int) -> tuple[int, int]:
     return (n_eval + 1) // 2, n_eval // 2
 
 
-def half_means(
-    comm, x_half: tuple[Vector, Vector], params: Params, v: Vector, n_eval: int
-) -> tuple[Vector, Vector, tuple[int, int]]:
+class EvalHalves(NamedTuple):
+    """The mean X over the two halves of E (fp32, parameter-shaped; the same on every rank) and their
+    sizes. Independent given theta: a direction estimated on A and a forecast made on B (steering)."""
+
+    x_a: Vector
+    x_b: Vector
+    sizes: tuple[int, int]
+
+
+def half_means(call: ProbeCall, x_half: tuple[Vector, Vector], v: Vector, n_eval: int) -> EvalHalves:
     """``(Xbar_A, Xbar_B, (|A|, |B|))`` from this rank's half sums of X (one all-reduce each)."""
     n_half = half_sizes(n_eval)
     means = []
-    for x, n in zip((all_reduce_vector(comm, x, params) for x in x_half), n_half):  # sums over all ranks
+    sums = (all_reduce_vector(call.comm, x, call.params) for x in x_half)  # over all ranks
+    for x, n in zip(sums, n_half):
         # in place: the probe owns the sums (a second copy of both halves would cost 2x the parameters)
         means.append(
             {name: torch.zeros_like(v[name]) if t is None else t.div_(max(n, 1)) for name, t in x.items()}
         )
     if n_half[1] == 0:  # B_E = 1: no second half; Xbar_E for both (V_U then keeps the E noise)
         means[1] = means[0]
-    return means[0], means[1], n_half
+    return EvalHalves(means[0], means[1], n_half)
 
 
 def update_variance(
-    call: ProbeCall, upd: UpdateDirection, x_half: tuple[Vector, Vector], stats: EvalStatistics
+    call: ProbeCall, upd: UpdateDirection, halves: EvalHalves, stats: EvalStatistics
 ) -> UpdateVariance:
     """``result.update``: V_U, se_total and the update influences with the U unit ids in gathered order,
-    from this rank's half sums of X (``x_half``) and the U that built ``upd``."""
-    x_a, x_b, n_half = half_means(call.comm, x_half, call.params, upd.v, stats.n_eval)
+    from the half means of X (``half_means``) and the U that built ``upd``."""
+    x_a, x_b, n_half = halves
     pieces = None
     if upd.batch is not None and upd.n_units >= 2:
         pieces = deleted_unit_projections(call, upd, (x_a, x_b))

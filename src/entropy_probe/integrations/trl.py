@@ -53,11 +53,12 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import DefaultFlowCallback
 
 from ..config import ProbeConfig
+from ..control import EntropyController
 from ..guard import EntropyGuard
-from ..inputs import is_number
 from ..probe import EntropyProbe
 from ..result import PREFIX
 from ..sampling import sample_rollouts
+from .trl_arguments import check_arguments, is_int
 
 JSONL_NAME = "entropy_probe.jsonl"
 
@@ -83,7 +84,14 @@ class EntropyProbeCallback(TrainerCallback):
     seed: sampling seed of step s on rank r is ``seed + s * world_size + r``.
     entropy_budget: None (observe only), or the guard's ``max_drop`` in nats: each probed step is shrunk
         so that its forecast entropy drop, at its ``level`` lower confidence bound, stays within it.
-    level: the guard's one-sided confidence level, in (0, 1).
+    level: the guard's one-sided confidence level, in (0, 1); the controller's interval level.
+    entropy_target: None, or the controller's target (nats, or a schedule ``f(global_step) -> nats``):
+        ``EntropyController(entropy_target, control_band, control_mode, level)`` decides each probed
+        step (docs/control.md); not with ``entropy_budget``. "steer" keeps the halves of E in the probe.
+    control_mode, control_band: the controller's mode ("scale" or "steer") and band (nats).
+    control_entropy: the entropy now that the controller starts from: "probe" (``result.entropy``, the
+        token-mean entropy of the held-out samples) or "trainer" (the trainer's latest logged ``entropy``,
+        e.g. TRL's per-token entropy of the last batch: the yardstick the target is usually set in).
 
     ``records``: one dict per probed step (what each JSON line holds), in order; a run that starts at
     step 0 starts them, and ``entropy_probe.jsonl``, afresh.
@@ -102,8 +110,12 @@ class EntropyProbeCallback(TrainerCallback):
         entropy_budget: float | None = None,
         level: float = 0.95,
         max_eval_units: int | None = None,
+        entropy_target=None,
+        control_mode: str = "scale",
+        control_band: float = 0.1,
+        control_entropy: str = "probe",
     ):
-        _check_arguments(
+        check_arguments(
             eval_prompts,
             every=every,
             group_size=group_size,
@@ -119,6 +131,20 @@ class EntropyProbeCallback(TrainerCallback):
         self.every, self.group_size, self.max_new_tokens, self.seed = every, group_size, max_new_tokens, seed
         self.config = config if config is not None else ProbeConfig(direction="optimizer-step")
         self.guard = EntropyGuard(entropy_budget, level) if entropy_budget is not None else None
+        self.controller = None
+        if entropy_target is not None:  # EntropyController checks target, band, mode (ValueError naming them)
+            if self.guard is not None:
+                raise ValueError(
+                    "EntropyProbeCallback: give entropy_budget (guard) or entropy_target, not both"
+                )
+            self.controller = EntropyController(entropy_target, control_band, control_mode, level)
+            if control_mode == "steer":
+                self.config = replace(self.config, keep_halves=True)
+        if control_entropy not in ("probe", "trainer"):
+            raise ValueError(
+                f"EntropyProbeCallback.control_entropy: 'probe' or 'trainer', got {control_entropy!r}"
+            )
+        self.control_entropy = control_entropy
         self._guarded: contextlib.ExitStack | None = None  # holds guard.applied across optimizer.step()
         self.records: list[dict] = []
         self._prompt_ids: list[list[int]] | None = None  # tokenised once
@@ -168,7 +194,10 @@ class EntropyProbeCallback(TrainerCallback):
             model, optimizer, cfg, process_group=torch.distributed.group.WORLD if world > 1 else None
         )
         result = probe.run(eval_batch=eval_batch, from_grad=True)
-        decision = self._guard_step(optimizer, result) if self.guard is not None else None
+        decision = None
+        if self.guard is not None or self.controller is not None:
+            now = (model, state.global_step, self._entropy_now(state))
+            decision = self._guard_step(optimizer, result, now)
         self._pending = (probe, result, decision, state.global_step + 1)  # step number once it is taken
 
     def on_optimizer_step(self, args, state, control, **kwargs):
@@ -181,11 +210,7 @@ class EntropyProbeCallback(TrainerCallback):
         # the step taken was lr * scale * v: measured.se_diff is against that step's first-order forecast
         measured = probe.measure_change(result, step_scale=1.0 if decision is None else decision.scale)
         if decision is not None:
-            guard_metrics = {
-                **decision.to_dict(),
-                f"{PREFIX}guard_measured_minus_forecast": measured.delta_h - decision.forecast,
-            }
-            guard_record = {"guard_reason": decision.reason, "guard_order": decision.order}
+            guard_metrics, guard_record = self._decision_metrics(decision, measured)
         metrics = {
             f"{PREFIX}step": step,
             **result.to_dict(),
@@ -217,20 +242,45 @@ class EntropyProbeCallback(TrainerCallback):
         if self.max_new_tokens is not None:
             return self.max_new_tokens
         length = getattr(args, "max_completion_length", None)
-        if not (_is_int(length) and length >= 1):
+        if not (is_int(length) and length >= 1):
             raise ValueError(
                 "EntropyProbeCallback.max_new_tokens is None and the trainer's args have no "
                 f"max_completion_length (got {length!r}): pass max_new_tokens"
             )
         return length
 
-    def _guard_step(self, optimizer, result):
-        """Decide the scale; hold ``guard.applied`` open until ``on_optimizer_step`` (the step in between)."""
+    def _decision_metrics(self, decision, measured) -> tuple[dict, dict]:
+        """(numbers for the logs, names for the record) of a guard's or the controller's decision."""
+        if self.controller is not None:
+            after = {f"{PREFIX}control/measured": decision.entropy + measured.delta_h}  # H after, on E
+            return {**decision.to_dict(), **after}, {
+                "control_reason": decision.reason,
+                "control_mode": decision.mode,
+            }
+        gap = {f"{PREFIX}guard_measured_minus_forecast": measured.delta_h - decision.forecast}
+        return {**decision.to_dict(), **gap}, {"guard_reason": decision.reason, "guard_order": decision.order}
+
+    def _entropy_now(self, state) -> float | None:
+        """The trainer's latest logged entropy with ``control_entropy="trainer"`` (None: the probe's)."""
+        if self.control_entropy != "trainer":
+            return None
+        logged = [h["entropy"] for h in state.log_history if "entropy" in h]
+        return float(logged[-1]) if logged else None
+
+    def _guard_step(self, optimizer, result, model_step=(None, None, None)):
+        """Decide (guard or controller); hold ``applied`` open until ``on_optimizer_step`` (the step in
+        between). ``model_step``: the model, the global step and the entropy now (for the controller)."""
         if optimizer is None:
-            raise ValueError("EntropyProbeCallback.entropy_budget: the trainer passed no optimizer to guard")
-        decision = self.guard.decide(result)
+            raise ValueError("EntropyProbeCallback: the trainer passed no optimizer to guard or control")
+        if self.controller is not None:
+            model, step, entropy = model_step
+            decision = self.controller.decide(result, step, entropy, model=model, optimizer=optimizer)
+            applied = self.controller.applied(optimizer, decision)
+        else:
+            decision = self.guard.decide(result)
+            applied = self.guard.applied(optimizer, decision)
         stack = contextlib.ExitStack()
-        stack.enter_context(self.guard.applied(optimizer, decision))
+        stack.enter_context(applied)
         self._guarded = stack
         return decision
 
@@ -298,54 +348,6 @@ def _taken(result, scale: float) -> dict:
         f"{PREFIX}taken/delta_h1": result.delta_h1 * scale,
         f"{PREFIX}taken/se_cond_e": result.se_cond_e * scale,
     }
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _check_arguments(eval_prompts, **kw) -> None:
-    """Every argument of ``EntropyProbeCallback``, when it is built (a ValueError naming it)."""
-    name = "EntropyProbeCallback."
-    every, group_size, max_new_tokens = kw["every"], kw["group_size"], kw["max_new_tokens"]
-    config, seed, budget, level = kw["config"], kw["seed"], kw["budget"], kw["level"]
-    if (
-        eval_prompts is None
-        or isinstance(eval_prompts, (str, dict))
-        or not isinstance(eval_prompts, Sequence)
-    ):
-        raise ValueError(
-            f"{name}eval_prompts: give a non-empty list of prompts, got {type(eval_prompts).__name__}"
-        )
-    if len(eval_prompts) == 0:
-        raise ValueError(f"{name}eval_prompts: give a non-empty list of prompts")
-    for i, p in enumerate(eval_prompts):
-        p = p.get("prompt") if isinstance(p, dict) else p
-        if not (
-            isinstance(p, str)
-            or (isinstance(p, list) and all(isinstance(m, dict) and "role" in m for m in p))
-        ):
-            raise ValueError(
-                f"{name}eval_prompts[{i}]: a prompt must be a string, a list of {{'role', 'content'}} "
-                f"messages, or a row {{'prompt': ...}} holding one; got {type(p).__name__}"
-            )
-    if not (_is_int(every) and every >= 1):
-        raise ValueError(f"{name}every must be an integer >= 1, got {every!r}")
-    if not (_is_int(group_size) and group_size >= 2):
-        raise ValueError(f"{name}group_size must be an integer >= 2, got {group_size!r}")
-    if max_new_tokens is not None and not (_is_int(max_new_tokens) and max_new_tokens >= 1):
-        raise ValueError(f"{name}max_new_tokens must be None or an integer >= 1, got {max_new_tokens!r}")
-    if config is not None and not isinstance(config, ProbeConfig):
-        raise ValueError(f"{name}config must be an entropy_probe.ProbeConfig or None, got {config!r}")
-    if not _is_int(seed):
-        raise ValueError(f"{name}seed must be an integer, got {seed!r}")
-    if not (is_number(level) and 0 < level < 1):  # checked with or without a budget
-        raise ValueError(f"{name}level must be in (0, 1) (a number), got {level!r}")
-    if budget is not None:
-        EntropyGuard(budget, level)  # a ValueError naming max_drop (the budget)
-    units = kw["max_eval_units"]
-    if units is not None and not (_is_int(units) and units >= 1):
-        raise ValueError(f"{name}max_eval_units must be None or an integer >= 1, got {units!r}")
 
 
 def _move_ahead_of_integrations(callback) -> None:
