@@ -1,0 +1,85 @@
+"""The truth and the measured change of the token-level entropy (DESIGN sections 6, 11 and 20).
+
+E was sampled at theta; ``token_functional`` estimates the token-level entropy at theta' from the
+per-token log-probs and entropies at theta and theta' (prefix importance weights, leave-one-out
+control variates, the jackknifed ratio). Per unit the change is ``p_n(theta') - p_n(theta)``, the
+difference of the ratio's pseudo-values, and the headline ``mean_n`` of it: at alpha = 0 exactly 0,
+and its derivatives in alpha at 0 are the forecast's ``s_n`` and ``q_n`` (``unit_value_derivatives``), so
+truth - forecast on the same E is the Taylor remainder. SEs are ``std / sqrt(B)`` of the per-unit
+values (the jackknife SE of the corrected ratio), also for truth - prediction.
+
+These functions take the per-token quantities (``ResponseTokens``), so they serve one process, DDP and
+FSDP2 alike: under several ranks the per-unit rows are gathered (rank order) before the ratio, which
+needs every unit, so every rank computes the same bits. The ESS is that of the whole-response weights,
+with the sequence functional's threshold (``truth.ess_threshold``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .batch import RolloutBatch
+from .response_tokens import ResponseTokens
+from .statistics import jackknife_se
+from .token_functional import baselines, ratio_unit_values, sequence_weights, unit_estimates
+from .truth import Change, ess_threshold
+
+
+def _finite_or_inf(x: float) -> float:
+    return x if math.isfinite(x) else math.inf
+
+
+def unit_rows(batch: RolloutBatch, before: ResponseTokens, after: ResponseTokens) -> Tensor:
+    """``(B, 7)`` float64 per unit: ``(N_n, D_n)`` at theta', at theta, the sums of the whole-response
+    weights and of their squares (ESS), and G_n. What a rank contributes to the gathered truth."""
+    base = baselines(before, batch)
+    zero = torch.zeros_like(before.logp)
+    moved = unit_estimates(batch, before, after.logp.double() - before.logp.double(), after.entropy, base)
+    still = unit_estimates(batch, before, zero, before.entropy, base)
+    w = sequence_weights(before, after.logp)  # (N,)
+    g = batch.unit_sizes.to(w.device).double()
+    idx = batch.unit_index.to(w.device)
+    w_sum = torch.zeros_like(g).index_add(0, idx, w)
+    w2_sum = torch.zeros_like(g).index_add(0, idx, w * w)
+    return torch.cat([moved, still, torch.stack([w_sum, w2_sum, g], dim=1)], dim=1)
+
+
+def token_change(
+    batch: RolloutBatch | None,
+    before: ResponseTokens | None,
+    after: ResponseTokens | None,
+    predicted_per_unit: Tensor | None = None,
+    lr: float = 0.0,
+    comm=None,
+) -> Change:
+    """The token-level entropy change on E between the terms ``before`` (theta) and ``after`` (theta').
+
+    ``predicted_per_unit``: every unit's predicted derivative (``(B_E,)``, rank order) in nats per unit
+    of ``lr``; with it ``se_diff`` is the SE of truth - prediction. ``batch`` None: a rank holding no E
+    unit (``comm`` gathers the others').
+    """
+    if batch is not None:
+        rows = unit_rows(batch, before, after)
+    else:
+        rows = torch.zeros((0, 7), dtype=torch.float64)
+    if comm is not None:
+        rows = comm.gather(rows)  # (B_E, 7) over all ranks, rank order
+    if rows.shape[0] == 0:
+        raise ValueError("eval_batch: no rank holds any eval unit")
+    w_sum, w2_sum, sizes = rows[:, 4], rows[:, 5], rows[:, 6]
+    if not float(w_sum.sum()) > 0:
+        raise ValueError(
+            "truth: every importance weight underflows to 0; the step is far too large to measure"
+        )
+    change = ratio_unit_values(rows[:, 0:2]) - ratio_unit_values(rows[:, 2:4])  # (B_E,)
+    ess = float(w_sum.sum() ** 2 / w2_sum.sum())
+    se = _finite_or_inf(jackknife_se(change, 1.0))
+    se_diff = 0.0
+    if predicted_per_unit is not None:
+        diff = change - lr * predicted_per_unit.double().to(change.device)
+        se_diff = _finite_or_inf(jackknife_se(diff, 1.0))
+    reliable = ess >= ess_threshold(int(sizes.sum()))
+    return Change(float(change.mean()), se, ess, se_diff, reliable)
