@@ -16,9 +16,11 @@ from torch import Tensor, nn
 
 from .batch import RolloutBatch
 from .config import ProbeConfig
-from .fsdp import is_sharded, logprobs_lockstep
+from .fsdp import is_sharded, logprobs_lockstep, response_tokens_lockstep
 from .logprobs import SequenceLogProbs
+from .response_tokens import ResponseTokens, response_tokens_at
 from .result import PREFIX
+from .token_truth import token_change
 from .truth import _check_weights, entropy_change, logprobs_at
 from .vectors import Params
 
@@ -26,10 +28,11 @@ from .vectors import Params
 @dataclass
 class EvalState:
     """What ``measure_change`` needs from the forecast pass: this rank's E (None if it holds no E unit)
-    and its ``S_i``, ``S_w,i`` at the parameters the forecast was made at."""
+    and, at the parameters the forecast was made at, its ``S_i``, ``S_w,i`` (the sequence functionals) or
+    its per-token log-probs and entropies (``ResponseTokens``: the token-level entropy)."""
 
     batch: RolloutBatch | None
-    before: SequenceLogProbs | None
+    before: SequenceLogProbs | ResponseTokens | None
 
 
 @dataclass
@@ -58,7 +61,14 @@ def measure_change(
     cfg: ProbeConfig,
     comm=None,
 ) -> MeasuredChange:
-    """One forward over ``state.batch`` at the live parameters; the change against ``state``'s log-probs."""
+    """One forward over ``state.batch`` at the live parameters; the change against ``state``'s log-probs.
+
+    The functional is the one the forecast measured: the token-level entropy when ``state`` holds
+    ``ResponseTokens`` (``token_truth.token_change``), else the sequence functional."""
+    if isinstance(state.before, ResponseTokens) or (
+        state.batch is None and getattr(cfg, "entropy", "sequence") == "token"
+    ):
+        return _measure_token_change(module, params, state, per_unit, lr, cfg, comm)
     after = None
     if state.batch is not None:
         sharded = is_sharded(params)  # FSDP2: forwards are collectives, every rank runs every rank's E
@@ -69,4 +79,19 @@ def measure_change(
         )
         _check_weights(state.before.seq, after.seq, 1.0)
     change = entropy_change(state.batch, state.before, after, per_unit, lr, comm=comm)
+    return MeasuredChange(delta_h=change.delta_h, se=change.se, ess=change.ess, se_diff=change.se_diff)
+
+
+def _measure_token_change(
+    module: nn.Module, params: Params, state: EvalState, per_unit: Tensor, lr: float, cfg: ProbeConfig, comm
+) -> MeasuredChange:
+    after = None
+    if state.batch is not None:
+        after = (
+            response_tokens_lockstep(module, state.batch, cfg)
+            if is_sharded(params)
+            else response_tokens_at(module, dict(params), state.batch, cfg.temperature, cfg.microbatch_units)
+        )
+        _check_weights(state.before.seq, after.seq, 1.0)
+    change = token_change(state.batch, state.before, after, per_unit, lr, comm=comm)
     return MeasuredChange(delta_h=change.delta_h, se=change.se, ess=change.ess, se_diff=change.se_diff)

@@ -31,15 +31,19 @@ FSDP2 must average its gradients (no ``set_gradient_divide_factor``) and reduce 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .batch import RolloutBatch
+from .batch import Microbatch, RolloutBatch
 from .config import ProbeConfig
 from .engines.projections import EvalProjections
 from .logprobs import SequenceLogProbs, sequence_logprobs
 from .objectives import entropy_gradient_coefficients
+from .response_tokens import ResponseTokens, response_tokens
 from .vectors import Params, Vector, dot
 
 
@@ -219,38 +223,73 @@ def eval_projections(
     return mine
 
 
+def lockstep_microbatches(
+    module: nn.Module, batch: RolloutBatch, cfg: ProbeConfig
+) -> Iterator[tuple[bool, Microbatch]]:
+    """Every rank's E microbatches in rank order, each flagged whether it is this rank's own: the caller
+    forwards them all (collectives) and keeps its own rows. The root's parameters are resharded at the end."""
+    group = fsdp2_group(module)
+    rank = dist.get_rank(group)
+    try:
+        for r, b in enumerate(all_batches(group, batch)):
+            for mb in b.microbatches(cfg.microbatch_units):
+                yield r == rank, mb
+    finally:
+        reshard(module)  # the root's parameters as the caller had them: sharded
+
+
 @torch.no_grad()
 def logprobs_lockstep(module: nn.Module, batch: RolloutBatch, cfg: ProbeConfig) -> SequenceLogProbs:
     """``S_i, S_w,i`` of this rank's E rows at the live parameters, every rank's E forwarded in lock-step."""
-    group = fsdp2_group(module)
     seq = torch.empty(batch.n_sequences, dtype=torch.float32, device=batch.device)
     weighted = torch.empty_like(seq)
-    for r, b in enumerate(all_batches(group, batch)):
-        for mb in b.microbatches(cfg.microbatch_units):
-            lp = sequence_logprobs(module, mb.batch, cfg.temperature, cfg.entropy_weighting)
-            if r == dist.get_rank(group):
-                seq[mb.rows], weighted[mb.rows] = lp.seq, lp.weighted
-    reshard(module)  # the root's parameters as the caller had them: sharded
+    for mine, mb in lockstep_microbatches(module, batch, cfg):
+        lp = sequence_logprobs(module, mb.batch, cfg.temperature, cfg.entropy_weighting)
+        if mine:
+            seq[mb.rows], weighted[mb.rows] = lp.seq, lp.weighted
     return SequenceLogProbs(seq, weighted)
 
 
-def logprobs_stepped(
-    module: nn.Module, params: Params, v: Vector, step: float, batch: RolloutBatch, cfg: ProbeConfig
-) -> SequenceLogProbs:
-    """``logprobs_lockstep`` at ``theta + step * v`` (the truth): ``functional_call`` does not reach the
-    parameters FSDP2 gathers, so the step is added in place to the local shards (in their dtype, as
-    ``truth.stepped_parameters`` forms it) and undone from a saved copy, bit-exactly, also on an error.
-    """
+@contextmanager
+def stepped_shards(params: Params, v: Vector, step: float):
+    """The local shards moved to ``theta + step * v`` in place (in their dtype, as
+    ``truth.stepped_parameters`` forms it) for the ``with`` block, then restored from a saved copy,
+    bit-exactly, also on an error. ``functional_call`` does not reach the parameters FSDP2 gathers."""
     if step == 0.0:
-        return logprobs_lockstep(module, batch, cfg)
+        yield
+        return
     shards = {name: p.to_local() for name, p in params.items()}
     saved = {name: t.detach().clone() for name, t in shards.items()}
     try:
         with torch.no_grad():
             for name, t in shards.items():
                 t.copy_((t.float() + step * v[name]).to(t.dtype))
-        return logprobs_lockstep(module, batch, cfg)
+        yield
     finally:
         with torch.no_grad():
             for name, t in shards.items():
                 t.copy_(saved[name])
+
+
+def logprobs_stepped(
+    module: nn.Module, params: Params, v: Vector, step: float, batch: RolloutBatch, cfg: ProbeConfig
+) -> SequenceLogProbs:
+    """``logprobs_lockstep`` at ``theta + step * v`` (the truth; ``stepped_shards``)."""
+    with stepped_shards(params, v, step):
+        return logprobs_lockstep(module, batch, cfg)
+
+
+@torch.no_grad()
+def response_tokens_lockstep(module: nn.Module, batch: RolloutBatch, cfg: ProbeConfig) -> ResponseTokens:
+    """``response_tokens`` of this rank's E rows at the live parameters, every rank's E in lock-step."""
+    width = int(batch.response_lengths.max())
+    logp = torch.zeros(batch.n_sequences, width, dtype=torch.float32, device=batch.device)
+    entropy = torch.zeros_like(logp)
+    mask = torch.zeros(batch.n_sequences, width, dtype=torch.bool, device=batch.device)
+    for mine, mb in lockstep_microbatches(module, batch, cfg):
+        t = response_tokens(
+            module, mb.batch, cfg.temperature, width if mine else 1
+        )  # others': collectives only
+        if mine:
+            logp[mb.rows], entropy[mb.rows], mask[mb.rows] = t.logp.float(), t.entropy.float(), t.mask
+    return ResponseTokens(logp, entropy, mask)

@@ -19,13 +19,24 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .batch import RolloutBatch
-from .response_tokens import ResponseTokens
+from .config import ProbeConfig
+from .fsdp import is_sharded, response_tokens_lockstep, stepped_shards
+from .response_tokens import ResponseTokens, response_tokens_at
+from .result import TruthResult
 from .statistics import jackknife_se
 from .token_functional import baselines, ratio_unit_values, sequence_weights, unit_estimates
-from .truth import Change, ess_threshold
+from .truth import (
+    Change,
+    _check_weights,
+    ess_threshold,
+    full_precision_state,
+    stepped_parameters,
+    truth_result,
+)
+from .vectors import Params, Vector, device_of
 
 
 def _finite_or_inf(x: float) -> float:
@@ -83,3 +94,54 @@ def token_change(
         se_diff = _finite_or_inf(jackknife_se(diff, 1.0))
     reliable = ess >= ess_threshold(int(sizes.sum()))
     return Change(float(change.mean()), se, ess, se_diff, reliable)
+
+
+def _tokens_at(module, params, v, step: float, batch: RolloutBatch, cfg, base) -> ResponseTokens:
+    """The E tokens at ``theta + step * v``: functionally (fp32 ``base`` for a bf16 model), or on FSDP2
+    shards moved in place and restored (``fsdp.stepped_shards``)."""
+    if is_sharded(params):
+        with stepped_shards(params, v, step):
+            return response_tokens_lockstep(module, batch, cfg)
+    moved = stepped_parameters(params, v, step, base) if step != 0.0 else (base or dict(params))
+    return response_tokens_at(module, moved, batch, cfg.temperature, cfg.microbatch_units)
+
+
+def measure_token_truth(
+    module: nn.Module,
+    params: Params,
+    v: Vector,
+    lr: float,
+    batch: RolloutBatch | None,
+    per_unit: Tensor,
+    cfg: ProbeConfig,
+    comm=None,
+    per_unit_q: Tensor | None = None,
+) -> TruthResult:
+    """``truth.measure_truth`` for the token-level entropy: the same sweep over ``cfg.truth_alphas``, the
+    same headline (alpha = 1 when swept, else the last), the same fields; the change is ``token_change``.
+
+    ``per_unit``: every rank's s_n (rank order); ``per_unit_q`` the q_n (second order), for
+    ``se_diff_forecast``. The tokens at theta are re-evaluated through the same forward as those at
+    theta', so that at alpha = 0 every weight is exactly 1.
+    """
+    alphas = cfg.truth_alphas
+    base = full_precision_state(module, params) if batch is not None and not is_sharded(params) else None
+    no_autocast = torch.autocast(device_of(params).type, enabled=False)  # theta' is not rounded to bf16
+    before, afters = None, []
+    with no_autocast:
+        if batch is not None:  # (under FSDP2 every rank holds E: fsdp.check_call)
+            before = _tokens_at(module, params, v, 0.0, batch, cfg, base)
+        for alpha in alphas:
+            after = None
+            if batch is not None:
+                after = _tokens_at(module, params, v, alpha * lr, batch, cfg, base)
+                _check_weights(before.seq, after.seq, alpha)
+            afters.append(after)
+    head_at = list(alphas).index(1.0) if 1.0 in alphas else len(alphas) - 1
+    changes = [token_change(batch, before, after, per_unit * a, lr, comm) for a, after in zip(alphas, afters)]
+    se_diff_forecast = None
+    if per_unit_q is not None:  # the same tokens, another per-unit prediction
+        c = alphas[head_at]
+        combined = c * per_unit.double() + 0.5 * c * c * lr * per_unit_q.double().to(per_unit.device)
+        se_diff_forecast = token_change(batch, before, afters[head_at], combined, lr, comm).se_diff
+    return truth_result(alphas, changes, head_at, se_diff_forecast)
