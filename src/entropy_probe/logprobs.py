@@ -147,20 +147,18 @@ def response_weights(response_mask: Tensor, weighting: str) -> Tensor:
     raise ValueError(f"entropy_weighting must be one of {WEIGHTINGS}, got {weighting!r}")
 
 
-def sequence_logprobs(
-    model: nn.Module,
-    batch: RolloutBatch,
-    temperature: float,
-    weighting: str,
-    params: dict[str, Tensor] | None = None,
-) -> SequenceLogProbs:
-    """Teacher-forced S_i and S_w,i of every sequence, differentiable in the model (or in ``params``)."""
+def _response_logits(
+    model: nn.Module, batch: RolloutBatch, params: dict[str, Tensor] | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(logits (N, K, V), ids (N, K), response mask (N, K))``: the last K positions, from the column before
+    the batch's earliest response token on (none before is needed); non-finite logits at a real token are
+    an error naming the unit."""
     ids, attn, resp = batch.input_ids, batch.attention_mask, batch.response_mask
     first = int(resp.to(torch.uint8).argmax(dim=1).min())  # earliest response column of the batch (>= 1)
     logits = model_logits(model, ids, attn, params, keep_last=ids.shape[1] - first + 1)  # (N, K, V)
-    offset = ids.shape[1] - logits.shape[1]  # logits cover positions offset..T-1; none before is needed
+    offset = ids.shape[1] - logits.shape[1]  # logits cover positions offset..T-1
     ids, attn, resp = ids[:, offset:], attn[:, offset:], resp[:, offset:]  # (N, K)
-    finite = torch.isfinite(logits.detach()).all(dim=-1) | ~attn.bool()  # (N, T); padding may hold anything
+    finite = torch.isfinite(logits.detach()).all(dim=-1) | ~attn.bool()  # (N, K); padding may hold anything
     if not finite.all():
         row = _first_bad_row(~finite)
         # ``batch`` may be a microbatch of whole units: name the unit and the response's place in it,
@@ -171,7 +169,44 @@ def sequence_logprobs(
             f"model logits are not finite for response {within} of unit {group} (group id; "
             "responses counted from 0 in batch order): NaN or inf at a real token"
         )
+    return logits, ids, resp
+
+
+def sequence_logprobs(
+    model: nn.Module,
+    batch: RolloutBatch,
+    temperature: float,
+    weighting: str,
+    params: dict[str, Tensor] | None = None,
+) -> SequenceLogProbs:
+    """Teacher-forced S_i and S_w,i of every sequence, differentiable in the model (or in ``params``)."""
+    logits, ids, resp = _response_logits(model, batch, params)
     # where, not multiply: padding logits may be inf and 0 * inf is NaN.
-    lp = torch.where(resp.bool(), token_logprobs(logits, ids, temperature), 0.0)  # (N, T)
+    lp = torch.where(resp.bool(), token_logprobs(logits, ids, temperature), 0.0)  # (N, K)
     w = response_weights(resp, weighting)
     return SequenceLogProbs(seq=lp.sum(dim=1), weighted=(lp * w).sum(dim=1))
+
+
+@dataclass
+class TokenTerms:
+    """Per response token, ``(N, K)`` fp32 over the last K columns of the batch (those holding a response
+    token or the column before one), 0 outside the response.
+
+    entropy: H_t, the full-vocabulary entropy of the distribution that generated token t;
+    logprob: l_t = log pi(token t | <t); mask: the response mask m_t (float).
+    """
+
+    entropy: Tensor
+    logprob: Tensor
+    mask: Tensor
+
+
+def token_terms(
+    model: nn.Module, batch: RolloutBatch, temperature: float, params: dict[str, Tensor] | None = None
+) -> TokenTerms:
+    """H_t and l_t of every response token, differentiable in the model (or in ``params``)."""
+    logits, ids, resp = _response_logits(model, batch, params)
+    real = resp.bool()
+    lp = torch.where(real, token_logprobs(logits, ids, temperature), 0.0)  # (N, K)
+    h = torch.where(real, token_entropies(logits, temperature), 0.0)  # (N, K)
+    return TokenTerms(entropy=h, logprob=lp, mask=resp.float())

@@ -154,6 +154,33 @@ def exact_entropy_f64(
     return (torch.exp(seq) * -weighted).reshape(len(policy.prompts), -1).sum(dim=1).mean()
 
 
+def exact_token_entropy(
+    policy: TabularPolicy, table: Tensor | None = None, temperature: float = 1.0
+) -> Tensor:
+    """The trainers' token-level entropy ``E_x E_y[sum_t m_t H_t] / E_x E_y[sum_t m_t]`` by enumeration,
+    float64, with H_t the full-vocabulary entropy of softmax(logits / temperature) written out here.
+
+    ``table``: the policy's parameter to use instead of its own, differentiable.
+    """
+    resp = enumerate_responses(policy)
+    table = (policy.table if table is None else table).double()
+    logits = torch.func.functional_call(policy, {"table": table}, (resp.input_ids, resp.attention_mask))
+    logp_all = torch.log_softmax(logits[:, :-1] / temperature, dim=-1)  # (R, T-1, V)
+    logp = logp_all.gather(-1, resp.input_ids[:, 1:, None]).squeeze(-1)  # (R, T-1)
+    h = -(logp_all.exp() * logp_all).sum(-1)  # (R, T-1) H_t of the distribution that drew token t
+    m = resp.response_mask[:, 1:].double()
+    prob = torch.exp((logp * m).sum(dim=1))  # (R,) pi(y|x)
+    per_prompt = lambda x: (prob * x).reshape(len(policy.prompts), -1).sum(dim=1).mean()  # noqa: E731
+    return per_prompt((h * m).sum(dim=1)) / per_prompt(m.sum(dim=1))
+
+
+def exact_token_derivative(policy: TabularPolicy, v: dict[str, Tensor], temperature: float = 1.0) -> float:
+    """``grad H_tok . v`` in float64, by autograd through ``exact_token_entropy``."""
+    table = policy.table.detach().double().requires_grad_(True)
+    (grad,) = torch.autograd.grad(exact_token_entropy(policy, table, temperature), table)
+    return float((grad * v["table"].double()).sum())
+
+
 def exact_directional_derivatives(
     policy: TabularPolicy, v: dict[str, Tensor], weighting: str = "token-mean"
 ) -> tuple[float, float]:
