@@ -162,3 +162,47 @@ def test_truth_minus_forecast_is_the_taylor_remainder_on_the_same_e():
     ):
         for small, large in zip(seq, seq[1:]):
             assert lo <= math.log2(large / small) <= hi, (name, seq)
+
+
+def test_second_order_pass_gives_the_forecast_s_n_unit_by_unit():
+    """Two routes to the same per-unit s_n on one E: the forecast's (``engines.token``: coefficients of
+    dH_t and dl_t, then ``ratio_statistics.ratio_unit_values``) and the alpha-derivative of the truth's
+    estimator (``unit_taylor`` + ``unit_value_derivatives``, nested jvp). They share no formula, so their
+    agreement says the truth's derivative at 0 is the forecast, unit by unit. Units of G = 2 and 5."""
+    from entropy_probe.engines.jvp import forward_mode_ready
+    from entropy_probe.engines.token import directional_token_terms, token_unit_pieces
+    from entropy_probe.ratio_statistics import ratio_unit_values as forecast_unit_values
+
+    policy, v = _policy(), _direction(_policy())
+    params = dict(policy.named_parameters())
+    E = _concat(
+        sample_enumerated(policy, 5, group_size=2, seed=7, temperature=TEMPERATURE),
+        sample_enumerated(policy, 4, group_size=5, seed=8, temperature=TEMPERATURE),
+    )
+    with forward_mode_ready(policy):
+        pieces = token_unit_pieces(
+            directional_token_terms(policy, params, E, v, TEMPERATURE), E, "rao-blackwell"
+        )
+    s_forecast = forecast_unit_values(
+        pieces.d_numerator, pieces.d_denominator, pieces.numerator, pieces.denominator
+    )
+    taylor = eval_token_taylor(policy, params, E, v, TEMPERATURE, 3)
+    torch.testing.assert_close(taylor[:, 0, 0], pieces.numerator, rtol=1e-6, atol=0)
+    torch.testing.assert_close(taylor[:, 0, 1], pieces.denominator, rtol=1e-6, atol=0)
+    _, s, _ = unit_value_derivatives(taylor)
+    torch.testing.assert_close(s, s_forecast, rtol=1e-5, atol=1e-6 * float(s_forecast.abs().max()))
+    assert float(s_forecast.std()) > 0.01  # the units differ: a per-unit mismatch would show
+
+
+def _concat(*batches):
+    """One batch from several (same width: the enumerated batches all are), group ids kept apart."""
+    from entropy_probe import RolloutBatch
+
+    offset, gids = 0, []
+    for b in batches:
+        gids.append(b.group_ids + offset)
+        offset += int(b.group_ids.max()) + 1
+    cat = lambda name: torch.cat([getattr(b, name) for b in batches])  # noqa: E731
+    return RolloutBatch(
+        cat("input_ids"), cat("attention_mask"), cat("response_mask"), torch.cat(gids), rewards=cat("rewards")
+    )

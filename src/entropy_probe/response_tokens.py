@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .batch import RolloutBatch, _first_bad_row
-from .logprobs import model_logits, token_entropies, token_logprobs
+from .batch import RolloutBatch
+from .logprobs import token_terms
 
 
 @dataclass
@@ -69,28 +69,14 @@ def response_tokens(
     width: int,
     params: dict[str, Tensor] | None = None,
 ) -> ResponseTokens:
-    """``l_k`` and ``H_k`` of every response token of ``batch``, ``(N, width)`` each, fp32.
+    """``l_k`` and ``H_k`` of every response token of ``batch`` (``logprobs.token_terms``), ``(N, width)``.
 
     Differentiable in the model (or in ``params``, through ``functional_call``) by reverse and forward
     mode; ``width`` >= the longest response (the whole E batch's, so that microbatches line up).
     """
-    ids, attn, resp = batch.input_ids, batch.attention_mask, batch.response_mask
-    first = int(resp.to(torch.uint8).argmax(dim=1).min())  # earliest response column (>= 1)
-    logits = model_logits(module, ids, attn, params, keep_last=ids.shape[1] - first + 1)  # (N, K, V)
-    offset = ids.shape[1] - logits.shape[1]
-    ids, resp = ids[:, offset:], resp[:, offset:]  # (N, K)
-    # column t's token is predicted by logits[t - 1]: a response token's predicting row must be finite
-    predicting = torch.nn.functional.pad(resp[:, 1:].bool(), (0, 1))  # (N, K)
-    bad = predicting & ~torch.isfinite(logits.detach()).all(dim=-1)
-    if bad.any():
-        raise ValueError(
-            f"model logits are not finite at a response position of eval row {_first_bad_row(bad)} "
-            "(row of this microbatch): NaN or inf"
-        )
-    cols, mask = response_order(resp, width)
-    logp = aligned(token_logprobs(logits, ids, temperature), cols, mask)  # (N, width)
-    entropy = aligned(token_entropies(logits, temperature), cols, mask)  # (N, width)
-    return ResponseTokens(logp, entropy, mask)
+    t = token_terms(module, batch, temperature, params=params)  # (N, K) columns
+    cols, mask = response_order(t.mask, width)
+    return ResponseTokens(aligned(t.logprob, cols, mask), aligned(t.entropy, cols, mask), mask)
 
 
 @torch.no_grad()
