@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 
 from .distributed import merged_moments
-from .statistics import conditional_variance, moments_update
+from .statistics import conditional_variance, jackknife_se, moments_update
+from .token_functional import unit_value_derivatives
 
 
 @dataclass
@@ -62,4 +63,34 @@ def second_order_fields(second: SecondOrder | None) -> dict:
         forecast=second.forecast,
         se_forecast=second.se_forecast,
         per_unit_q=second.q.detach().cpu(),
+    )
+
+
+def token_second_order_statistics(
+    comm, taylor_local: Tensor, s: Tensor, unit_ids: Tensor, delta_h1: float, lr: float
+) -> SecondOrder:
+    """The second order of the token-level entropy, from this rank's ``(B_local, 3, 2)`` ``unit_taylor``
+    rows (``engines.token_second_order``) and every rank's s_n (``s``, rank order).
+
+    The ratio needs every unit, so the rows are gathered first (rank order) and every rank forms the same
+    q_n (``token_functional.unit_value_derivatives``); the SEs are ``std / sqrt(B)`` of the per-unit
+    values, as for the first order's s_n.
+    """
+    taylor = comm.gather(taylor_local)  # (B_E, 3, 2) rank order, as the s_n
+    _, _, q = unit_value_derivatives(taylor)
+    bad = (~torch.isfinite(q)).nonzero()
+    if len(bad):
+        unit = int(bad[0, 0])
+        raise ValueError(
+            f"eval_batch: q_n (second order) is not finite for unit {int(unit_ids[unit])} (position {unit})"
+        )
+    half = 0.5 * lr * lr
+    combined = lr * s.double().to(q.device) + half * q  # (B_E,) per-unit forecast
+    delta_h2 = half * float(q.mean())
+    return SecondOrder(
+        q=q,
+        delta_h2=delta_h2,
+        se_delta_h2=jackknife_se(q, half),
+        forecast=delta_h1 + delta_h2,
+        se_forecast=jackknife_se(combined, 1.0),
     )

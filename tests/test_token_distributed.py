@@ -1,0 +1,124 @@
+"""The token-level truth, measured change and second order on 2 real gloo ranks (DESIGN sections 9, 17, 20).
+
+Run: ``PYTHONPATH=src pytest -q tests/test_token_distributed.py``.
+
+One spawn runs every case. Each rank holds its share of the E units (uneven, or none); the per-unit rows
+are gathered in rank order and the ratio formed from all of them, so 2 ranks must equal one process
+with every unit to 1e-6 relative (fp32 summation order only). Under FSDP2 (``fully_shard`` GPT-2) the
+step is taken in place on the local shards and every rank's E is forwarded in lock-step; the caller's
+parameter shards are bit-identical afterwards.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+
+import torch
+import torch.distributed as dist
+from core_support import random_batch, tiny_gpt2
+from test_distributed import _launch
+
+import entropy_probe as ep
+from entropy_probe.change import EvalState, measure_change
+from entropy_probe.distributed import ProcessGroupComm, SingleProcess
+from entropy_probe.engines.token_second_order import eval_token_taylor
+from entropy_probe.forecast import token_second_order_statistics
+from entropy_probe.fsdp import response_tokens_lockstep
+from entropy_probe.response_tokens import response_tokens_at
+from entropy_probe.token_truth import measure_token_truth
+
+REL = 1e-6
+LR = 0.05
+CFG = ep.ProbeConfig(lr=LR, microbatch_units=1, truth_alphas=(0.0, 0.5, 1.0), temperature=0.9)
+TRUTH_FIELDS = ("delta_h", "se", "ess", "se_diff", "slope", "se_diff_forecast")
+
+
+def _close(a: float, b: float, what: str) -> None:
+    assert math.isfinite(a) and abs(a - b) <= REL * abs(b) + 1e-12, (
+        f"{what}: 2 ranks {a!r} vs 1 process {b!r}"
+    )
+
+
+def _setup():
+    model = tiny_gpt2(seed=0, vocab=11)
+    gen = torch.Generator().manual_seed(4)
+    v = {n: torch.randn(p.shape, generator=gen) for n, p in model.named_parameters()}
+    E = random_batch(6, vocab=11, seed=21)
+    s = torch.linspace(-1.0, 1.0, E.n_units, dtype=torch.float64)  # some per-unit prediction, for se_diff
+    q = torch.linspace(2.0, -1.0, E.n_units, dtype=torch.float64)
+    return model, v, E, s, q
+
+
+def _share(E: ep.RolloutBatch, units: list[int]) -> ep.RolloutBatch | None:
+    return E.select_units(units) if units else None
+
+
+def _ddp_cases(rank: int, model, v, E, s, q) -> None:
+    params = dict(model.named_parameters())
+    comm = ProcessGroupComm()
+    want = measure_token_truth(model, params, v, LR, E, s, CFG, None, q)
+    ids = torch.arange(E.n_units)
+    taylor_all = eval_token_taylor(model, params, E, v, CFG.temperature, 1)
+    want2 = token_second_order_statistics(SingleProcess(), taylor_all, s, ids, 0.1, LR)
+    for shares in ([[0, 1, 2, 3], [4, 5]], [[0, 1, 2, 3, 4, 5], []]):  # uneven; a rank holding no unit
+        mine = _share(E, shares[rank])
+        got = measure_token_truth(model, params, v, LR, mine, s, CFG, comm, q)
+        assert want.delta_h != 0 and got.delta_h_at[0] == 0.0
+        for k in TRUTH_FIELDS:
+            _close(getattr(got, k), getattr(want, k), f"truth.{k} {shares}")
+        # the second order: this rank's unit_taylor rows, gathered
+        taylor = torch.zeros(0, 3, 2, dtype=torch.float64)
+        if mine is not None:
+            taylor = eval_token_taylor(model, params, mine, v, CFG.temperature, 1)
+        got2 = token_second_order_statistics(comm, taylor, s, ids, 0.1, LR)
+        torch.testing.assert_close(got2.q, want2.q, rtol=REL, atol=REL * float(want2.q.abs().max()))
+        for k in ("delta_h2", "se_delta_h2", "forecast", "se_forecast"):
+            _close(getattr(got2, k), getattr(want2, k), f"second.{k} {shares}")
+
+
+def _fsdp_cases(rank: int, world: int, model, v, E, s, q) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    sharded = copy.deepcopy(model)
+    for block in sharded.transformer.h:
+        fully_shard(block, mesh=mesh)
+    fully_shard(sharded, mesh=mesh)
+    params = dict(sharded.named_parameters())
+    v_local = {n: distribute_tensor(v[n], mesh, [Shard(0)]).to_local() for n in params}
+    before = [p.to_local().clone() for p in params.values()]
+    mine = E.select_units([[0, 1, 2, 3], [4, 5]][rank])
+    cfg = dataclasses.replace(CFG, second_order=False)
+    got = measure_token_truth(sharded, params, v_local, LR, mine, s, cfg, ProcessGroupComm(), q)
+    want = measure_token_truth(model, dict(model.named_parameters()), v, LR, E, s, cfg, None, q)
+    assert all(torch.equal(a, p.to_local()) for a, p in zip(before, params.values()))
+    for k in TRUTH_FIELDS:
+        _close(getattr(got, k), getattr(want, k), f"fsdp truth.{k}")
+    # measure_change after a real in-place move of both models (the same step)
+    state = EvalState(mine, response_tokens_lockstep(sharded, mine, cfg))  # as the forecast pass keeps it
+    state_ref = EvalState(E, response_tokens_at(model, None, E, cfg.temperature, 1))
+    dist.barrier()
+    with torch.no_grad():
+        for n, p in params.items():
+            p.to_local().add_(LR * v_local[n])
+        for n, p in model.named_parameters():
+            p.add_(LR * v[n])
+    got_c = measure_change(sharded, dict(sharded.named_parameters()), state, s, LR, cfg, ProcessGroupComm())
+    want_c = measure_change(model, dict(model.named_parameters()), state_ref, s, LR, cfg, None)
+    assert want_c.delta_h != 0
+    for k in ("delta_h", "se", "ess", "se_diff"):
+        _close(getattr(got_c, k), getattr(want_c, k), f"fsdp measure_change.{k}")
+
+
+def _cases(rank: int, world: int) -> None:
+    model, v, E, s, q = _setup()
+    _ddp_cases(rank, model, v, E, s, q)
+    _fsdp_cases(rank, world, model, v, E, s, q)
+
+
+def test_token_truth_change_and_second_order_on_two_ranks_equal_one_process():
+    _launch(_cases)
