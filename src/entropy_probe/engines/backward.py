@@ -74,7 +74,9 @@ def eval_projections(
     return out
 
 
-def projected_backward(loss: Tensor, params: Params, v: Vector, x_sum: Vector | None = None) -> Tensor:
+def projected_backward(
+    loss: Tensor, params: Params, v: Vector, x_sum: Vector | None = None, retain_graph: bool = False
+) -> Tensor:
     """``(K,)`` fp32 ``<d loss / d p, v[p]>`` per parameter, ``params`` order (0 where the loss does not
     reach p), and ``x_sum += d loss / d params`` when given: one reverse pass in which each parameter's
     gradient is used the moment it is formed and then dropped, so the gradient is never held whole
@@ -83,14 +85,14 @@ def projected_backward(loss: Tensor, params: Params, v: Vector, x_sum: Vector | 
     A tensor hook on each parameter (removed on exit) takes the gradient and hands autograd back a
     zero-stride zero of the same shape; ``torch.autograd.grad`` fires no DDP hook and leaves ``.grad``
     alone, as everywhere in the probe. Hooks the caller registered run first, as they would for
-    ``grad_of``.
+    ``grad_of``. ``retain_graph``: keep the graph for a second reverse pass over the same forward.
     """
     dots = torch.zeros(len(params), dtype=torch.float32, device=device_of(params))  # (K,)
     hooks = [
         p.register_hook(_dot_and_drop(dots, i, v[n], x_sum, n)) for i, (n, p) in enumerate(params.items())
     ]
     try:
-        torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+        torch.autograd.grad(loss, list(params.values()), allow_unused=True, retain_graph=retain_graph)
     finally:
         for hook in hooks:
             hook.remove()

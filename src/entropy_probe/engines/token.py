@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -18,11 +19,15 @@ from torch import Tensor, nn
 from ..batch import RolloutBatch
 from ..logprobs import TokenTerms, token_terms
 from ..token_entropy import (
+    denominator_surrogate,
+    numerator_surrogate,
     token_coefficients,
     unit_derivatives,
     unit_totals,
 )
 from ..vectors import Params, Vector
+from .backward import projected_backward
+from .jvp import forward_mode_ready
 
 
 class DirectionalTokenTerms(NamedTuple):
@@ -70,3 +75,114 @@ def token_unit_pieces(d: DirectionalTokenTerms, batch: RolloutBatch, estimator: 
     return TokenUnitPieces(
         totals.numerator, totals.denominator, dn, dd, totals.entropy_sum, totals.token_count
     )
+
+
+@dataclass
+class TokenProjections:
+    """One pass over this rank's E units for the token-level entropy (``token_entropy``).
+
+    pieces: ``(B, 4)`` float64 ``(N_n, D_n, dN_n, dD_n)``, eval-unit order; dN, dD along v.
+    groups: ``(B, 2, n_groups)`` float64 ``(dN_n, dD_n)`` by parameter group when asked for, else None
+        (``groups.sum(-1)`` is ``pieces[:, 2:]``).
+    sums: ``(2,)`` float64 pooled ``(sum_i A_i, sum_i L_i)`` over the rows: the trainers' formula.
+    seq_logprob: ``(N,)`` fp32 S_i at theta (detached, row order), as the sequence engines keep it.
+    x_num, x_den: per half of E (``halves``), the sums of the gradients of the units' numerator and
+        denominator surrogates (parameter-shaped fp32), else None.
+    """
+
+    pieces: Tensor
+    groups: Tensor | None
+    sums: Tensor
+    seq_logprob: Tensor
+    x_num: tuple[Vector, Vector] | None = None
+    x_den: tuple[Vector, Vector] | None = None
+
+    @classmethod
+    def empty(cls, batch: RolloutBatch, v: Vector, halves: Tensor | None, n_groups: int | None):
+        dev = batch.device
+        groups = (
+            None
+            if n_groups is None
+            else torch.zeros(batch.n_units, 2, n_groups, dtype=torch.float64, device=dev)
+        )
+        halves_of = lambda: tuple({n: torch.zeros_like(t) for n, t in v.items()} for _ in range(2))  # noqa: E731
+        return cls(
+            torch.zeros(batch.n_units, 4, dtype=torch.float64, device=dev),
+            groups,
+            torch.zeros(2, dtype=torch.float64, device=dev),
+            torch.zeros(batch.n_sequences, dtype=torch.float32, device=dev),
+            None if halves is None else halves_of(),
+            None if halves is None else halves_of(),
+        )
+
+    def put_totals(self, units: list[int], rows: Tensor, terms: TokenTerms, batch: RolloutBatch) -> None:
+        """N_n, D_n, the pooled sums and S_i of one microbatch (``batch``: its units, in order)."""
+        totals = unit_totals(terms.entropy, terms.mask, batch)
+        idx = torch.as_tensor(units, device=self.pieces.device)
+        self.pieces[idx, 0], self.pieces[idx, 1] = totals.numerator, totals.denominator
+        self.sums += torch.stack([totals.entropy_sum, totals.token_count]).to(self.sums.device)
+        self.seq_logprob[rows] = terms.logprob.detach().float().sum(1)
+
+
+def backward_token_projections(
+    module: nn.Module,
+    params: Params,
+    batch: RolloutBatch,
+    v: Vector,
+    temperature: float,
+    halves: Tensor | None = None,
+    group_index: Tensor | None = None,
+) -> TokenProjections:
+    """One forward and two reverse passes per E unit (numerator, then denominator surrogate), each
+    projected on v parameter by parameter as it forms (``backward.projected_backward``)."""
+    n_groups = None if group_index is None else int(group_index.max()) + 1
+    out = TokenProjections.empty(batch, v, halves, n_groups)
+    for mb in batch.microbatches(1):
+        t = token_terms(module, mb.batch, temperature)
+        coeff = token_coefficients(t.entropy, t.logprob, t.mask, mb.batch)
+        h = None if halves is None else int(halves[mb.units[0]])
+        x_num = None if h is None else out.x_num[h]
+        x_den = None if h is None else out.x_den[h]
+        num = projected_backward(numerator_surrogate(coeff, t.entropy, t.logprob), params, v, x_num, True)
+        den = projected_backward(denominator_surrogate(coeff, t.logprob), params, v, x_den)  # (K,) each
+        u = mb.units[0]
+        out.pieces[u, 2], out.pieces[u, 3] = num.double().sum(), den.double().sum()
+        if group_index is not None:  # float64 per-group sums of the per-parameter dots
+            for j, dots in enumerate((num, den)):
+                out.groups[u, j] = torch.zeros(n_groups, dtype=torch.float64, device=dots.device).index_add_(
+                    0, group_index, dots.double()
+                )
+            out.pieces[u, 2:] = out.groups[u].sum(-1)
+        out.put_totals(mb.units, mb.rows, t, mb.batch)
+    return out
+
+
+def jvp_token_projections(
+    module: nn.Module,
+    params: Params,
+    batch: RolloutBatch,
+    v: Vector,
+    temperature: float,
+    microbatch_units: int,
+    halves: Tensor | None = None,
+) -> TokenProjections:
+    """dN_n, dD_n of a microbatch of units per forward-mode pass; with ``halves`` also the half sums of the
+    surrogates' gradients, by reverse passes over each half's microbatches (no per-unit backward)."""
+    out = TokenProjections.empty(batch, v, halves, None)
+    with forward_mode_ready(module):
+        for mb in batch.microbatches(microbatch_units):
+            d = directional_token_terms(module, params, mb.batch, v, temperature)
+            pieces = token_unit_pieces(d, mb.batch, "rao-blackwell")
+            idx = torch.as_tensor(mb.units, device=out.pieces.device)
+            out.pieces[idx, 2], out.pieces[idx, 3] = pieces.d_numerator, pieces.d_denominator
+            out.put_totals(mb.units, mb.rows, d.terms, mb.batch)
+    if halves is not None:
+        for h in (0, 1):
+            units = (halves == h).nonzero().reshape(-1).tolist()
+            for mb in batch.select_units(units).microbatches(microbatch_units) if units else ():
+                t = token_terms(module, mb.batch, temperature)
+                coeff = token_coefficients(t.entropy, t.logprob, t.mask, mb.batch)
+                surrogate = numerator_surrogate(coeff, t.entropy, t.logprob)
+                projected_backward(surrogate, params, v, out.x_num[h], True)
+                projected_backward(denominator_surrogate(coeff, t.logprob), params, v, out.x_den[h])
+    return out
