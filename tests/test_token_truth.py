@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from entropy_probe.engines.token_second_order import eval_token_taylor
 from entropy_probe.response_tokens import response_tokens_at
-from entropy_probe.token_functional import ratio_unit_values, unit_value_derivatives
+from entropy_probe.token_functional import functional_unit_values, unit_value_derivatives
 from entropy_probe.token_truth import token_change, unit_rows
 from entropy_probe.toy import TabularPolicy, enumerate_responses, sample_enumerated
 from entropy_probe.validation.stats import chi2_ratio_interval
@@ -35,8 +36,9 @@ def _direction(policy: TabularPolicy, seed: int = 3) -> dict[str, torch.Tensor]:
     return {"table": torch.randn(policy.table.shape, generator=torch.Generator().manual_seed(seed))}
 
 
-def hand_token_entropy(policy: TabularPolicy, table: torch.Tensor) -> torch.Tensor:
-    """Exact H_tok at ``table`` by enumeration, float64, differentiable (the definition, written out)."""
+def hand_token_entropy(policy: TabularPolicy, table: torch.Tensor, ratio: bool = True) -> torch.Tensor:
+    """Exact H_tok at ``table`` by enumeration, float64, differentiable (the definition, written out).
+    ``ratio`` False: the numerator ``E_x E_y[sum_t m_t H_t]`` alone (entropy="sequence", "sum")."""
     resp = enumerate_responses(policy)
     logits = torch.func.functional_call(policy, {"table": table}, (resp.input_ids, resp.attention_mask))
     logp = torch.log_softmax(logits[:, :-1].double() / TEMPERATURE, dim=-1)  # (R, T-1, V)
@@ -46,16 +48,18 @@ def hand_token_entropy(policy: TabularPolicy, table: torch.Tensor) -> torch.Tens
     prob = torch.exp((token * m).sum(dim=1)).reshape(len(policy.prompts), -1)  # (P, R_x) pi(y | x)
     numerator = (prob * (m * h).sum(dim=1).reshape(prob.shape)).sum(dim=1).mean()
     denominator = (prob * m.sum(dim=1).reshape(prob.shape)).sum(dim=1).mean()
-    return numerator / denominator
+    return numerator / denominator if ratio else numerator
 
 
-def exact_along(policy: TabularPolicy, v: dict, step: float = 0.0) -> tuple[float, float, float]:
+def exact_along(
+    policy: TabularPolicy, v: dict, step: float = 0.0, ratio: bool = True
+) -> tuple[float, float, float]:
     """(H_tok, d/dt, d2/dt2) at ``theta + step v`` along v, float64, by nested jvp of the enumeration."""
     table, direction = policy.table.detach().double(), v["table"].double()
     one = torch.ones((), dtype=torch.float64)
 
     def h(t):
-        return hand_token_entropy(policy, table + t * direction)
+        return hand_token_entropy(policy, table + t * direction, ratio)
 
     def first(t):
         return torch.func.jvp(h, (t,), (one,))
@@ -89,32 +93,34 @@ def test_truth_at_alpha_zero_is_exactly_zero_and_at_a_step_moves():
     assert c.delta_h != 0.0 and c.se > 0.0 and c.ess < E.n_sequences
 
 
-def test_truth_is_unbiased_and_calibrated_over_independent_draws_of_e():
+@pytest.mark.parametrize("ratio", [True, False], ids=["token", "sequence-sum"])
+def test_truth_is_unbiased_and_calibrated_over_independent_draws_of_e(ratio):
     """The definition: 400 independent E of 8 units (G = 4) at one fixed step; the truths average to the
-    exact change of H_tok and their spread is what their SEs say. One forward over all draws at once."""
+    exact change of H_tok (or of its numerator, entropy="sequence" with "sum" weighting) and their spread
+    is what their SEs say. One forward over all draws at once."""
     policy, v = _policy(), _direction(_policy())
     step, draws, b = 0.4, 400, 8
     big = sample_enumerated(policy, draws * b, seed=11, temperature=TEMPERATURE)
     before = response_tokens_at(policy, None, big, TEMPERATURE, 10_000)
     after = response_tokens_at(policy, {"table": policy.table + step * v["table"]}, big, TEMPERATURE, 10_000)
-    exact = exact_along(policy, v, step)[0] - exact_along(policy, v)[0]
+    exact = exact_along(policy, v, step, ratio)[0] - exact_along(policy, v, 0.0, ratio)[0]
     rows = unit_rows(big, before, after).reshape(draws, b, 7)  # per-unit rows; the draws are blocks of b
 
     def change(r):  # one draw's per-unit changes, as token_change forms them
-        return ratio_unit_values(r[:, 0:2]) - ratio_unit_values(r[:, 2:4])
+        return functional_unit_values(r[:, 0:2], ratio) - functional_unit_values(r[:, 2:4], ratio)
 
     per_unit = torch.func.vmap(change)(rows)  # (draws, b)
     values, ses = per_unit.mean(dim=1).tolist(), (per_unit.std(dim=1) / math.sqrt(b)).tolist()
     units = list(range(b))  # the first draw through the public function gives the same numbers
-    first = token_change(
-        big.select_units(units), before.rows(big.rows_of_units(units)), after.rows(big.rows_of_units(units))
-    )
+    rows0 = big.rows_of_units(units)
+    first = token_change(big.select_units(units), before.rows(rows0), after.rows(rows0), ratio=ratio)
     assert abs(first.delta_h - values[0]) <= 1e-12 and abs(first.se - ses[0]) <= 1e-12
     assert abs(exact) > 10 * float(torch.tensor(ses).mean()) / math.sqrt(draws)  # a change many SEs from 0
     _draws(values, ses, exact, "truth")
 
 
-def test_first_and_second_order_are_unbiased_against_exact_enumeration():
+@pytest.mark.parametrize("ratio", [True, False], ids=["token", "sequence-sum"])
+def test_first_and_second_order_are_unbiased_against_exact_enumeration(ratio):
     """mean s_n and mean q_n over 400 independent E (B_E = 8) against the exact first and second
     derivatives of H_tok along v (nested jvp of the enumeration). The ratio's jackknife leaves an
     O(1/B^2) bias, far below the tolerance here."""
@@ -124,16 +130,18 @@ def test_first_and_second_order_are_unbiased_against_exact_enumeration():
     params = dict(policy.named_parameters())
     taylor = eval_token_taylor(policy, params, big, v, TEMPERATURE, 10_000)  # (draws * b, 3, 2)
     # every draw's s_n and q_n at once: the draws are independent blocks of b units
-    _, s, q = torch.func.vmap(unit_value_derivatives)(taylor.reshape(draws, b, 3, 2))  # (draws, b) each
+    per_draw = torch.func.vmap(lambda t: unit_value_derivatives(t, ratio))
+    _, s, q = per_draw(taylor.reshape(draws, b, 3, 2))  # (draws, b) each
     s_mean, q_mean = s.mean(dim=1).tolist(), q.mean(dim=1).tolist()
     s_se, q_se = (s.std(dim=1) / math.sqrt(b)).tolist(), (q.std(dim=1) / math.sqrt(b)).tolist()
-    _, d1, d2 = exact_along(policy, v)
+    _, d1, d2 = exact_along(policy, v, 0.0, ratio)
     assert abs(d1) > 0.05 and abs(d2) > 0.05  # both derivatives are far from 0 on this policy
     _draws(s_mean, s_se, d1, "s_n")
     _draws(q_mean, q_se, d2, "q_n")
 
 
-def test_truth_minus_forecast_is_the_taylor_remainder_on_the_same_e():
+@pytest.mark.parametrize("ratio", [True, False], ids=["token", "sequence-sum"])
+def test_truth_minus_forecast_is_the_taylor_remainder_on_the_same_e(ratio):
     """On one E the truth, as a function of alpha, has the s_n and q_n of the second-order pass as its
     derivatives at 0: truth - alpha mean(s) shrinks like alpha^2 and truth - alpha mean(s) -
     alpha^2/2 mean(q) like alpha^3; unit by unit, the SE of truth - alpha s_n shrinks like alpha^2.
@@ -141,15 +149,14 @@ def test_truth_minus_forecast_is_the_taylor_remainder_on_the_same_e():
     first remainder would shrink like alpha (log2 ratio 1) and this test fails."""
     policy, v = _policy(), _direction(_policy())
     E = sample_enumerated(policy, 32, seed=6, temperature=TEMPERATURE)
-    _, s, q = unit_value_derivatives(
-        eval_token_taylor(policy, dict(policy.named_parameters()), E, v, TEMPERATURE, 4)
-    )
+    taylor = eval_token_taylor(policy, dict(policy.named_parameters()), E, v, TEMPERATURE, 4)
+    _, s, q = unit_value_derivatives(taylor, ratio)
     before = response_tokens_at(policy, None, E, TEMPERATURE, 4)
     first, second, se_diff = [], [], []
     alphas = (1 / 16, 1 / 8, 1 / 4)
     for a in alphas:
         after = response_tokens_at(policy, {"table": policy.table + a * v["table"]}, E, TEMPERATURE, 4)
-        c = token_change(E, before, after, predicted_per_unit=s, lr=a)
+        c = token_change(E, before, after, predicted_per_unit=s, lr=a, ratio=ratio)
         first.append(c.delta_h - a * float(s.mean()))
         second.append(first[-1] - 0.5 * a * a * float(q.mean()))
         se_diff.append(c.se_diff)

@@ -65,9 +65,7 @@ def measure_change(
 
     The functional is the one the forecast measured: the token-level entropy when ``state`` holds
     ``ResponseTokens`` (``token_truth.token_change``), else the sequence functional."""
-    if isinstance(state.before, ResponseTokens) or (
-        state.batch is None and getattr(cfg, "entropy", "sequence") == "token"
-    ):
+    if isinstance(state.before, ResponseTokens) or (state.batch is None and _uses_tokens(cfg)):
         return _measure_token_change(module, params, state, per_unit, lr, cfg, comm)
     after = None
     if state.batch is not None:
@@ -82,6 +80,11 @@ def measure_change(
     return MeasuredChange(delta_h=change.delta_h, se=change.se, ess=change.ess, se_diff=change.se_diff)
 
 
+def _uses_tokens(cfg: ProbeConfig) -> bool:
+    """Whether the forecast measured through the per-token terms (engines.uses_token_pieces)."""
+    return cfg.entropy == "token" or cfg.entropy_weighting == "sum"
+
+
 def _measure_token_change(
     module: nn.Module, params: Params, state: EvalState, per_unit: Tensor, lr: float, cfg: ProbeConfig, comm
 ) -> MeasuredChange:
@@ -93,5 +96,7 @@ def _measure_token_change(
             else response_tokens_at(module, dict(params), state.batch, cfg.temperature, cfg.microbatch_units)
         )
         _check_weights(state.before.seq, after.seq, 1.0)
-    change = token_change(state.batch, state.before, after, per_unit, lr, comm=comm)
+    change = token_change(
+        state.batch, state.before, after, per_unit, lr, comm=comm, ratio=cfg.entropy == "token"
+    )
     return MeasuredChange(delta_h=change.delta_h, se=change.se, ess=change.ess, se_diff=change.se_diff)

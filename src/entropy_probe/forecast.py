@@ -67,17 +67,18 @@ def second_order_fields(second: SecondOrder | None) -> dict:
 
 
 def token_second_order_statistics(
-    comm, taylor_local: Tensor, s: Tensor, unit_ids: Tensor, delta_h1: float, lr: float
+    comm, taylor_local: Tensor, s: Tensor, unit_ids: Tensor, delta_h1: float, lr: float, ratio: bool = True
 ) -> SecondOrder:
     """The second order of the token-level entropy, from this rank's ``(B_local, 3, 2)`` ``unit_taylor``
     rows (``engines.token_second_order``) and every rank's s_n (``s``, rank order).
 
     The ratio needs every unit, so the rows are gathered first (rank order) and every rank forms the same
     q_n (``token_functional.unit_value_derivatives``); the SEs are ``std / sqrt(B)`` of the per-unit
-    values, as for the first order's s_n.
+    values, as for the first order's s_n. ``ratio`` False: the numerator alone (``entropy="sequence"``
+    with "sum" weighting).
     """
     taylor = comm.gather(taylor_local)  # (B_E, 3, 2) rank order, as the s_n
-    _, _, q = unit_value_derivatives(taylor)
+    _, _, q = unit_value_derivatives(taylor, ratio)
     bad = (~torch.isfinite(q)).nonzero()
     if len(bad):
         unit = int(bad[0, 0])

@@ -105,6 +105,13 @@ def ratio_unit_values(units: Tensor) -> Tensor:
     return corrected + (units[:, 0] - ratio * units[:, 1]) / (total[1] / b)
 
 
+def functional_unit_values(units: Tensor, ratio: bool) -> Tensor:
+    """``(B,)`` per-unit values of the functional: the token-level ratio (``ratio_unit_values``), or, for
+    ``entropy="sequence"`` with "sum" weighting (``E_x E_y[sum_t m_t H_t] = E_x E_y[-S]``), the
+    numerator ``N_n`` alone."""
+    return ratio_unit_values(units) if ratio else units[:, 0]
+
+
 def sequence_weights(before: ResponseTokens, after_logp: Tensor) -> Tensor:
     """``(N,)`` float64 whole-response importance weights ``exp(S_i(theta') - S_i(theta))``, for the ESS."""
     r = torch.where(before.mask, after_logp.double() - before.logp.double(), 0.0)
@@ -150,13 +157,14 @@ def unit_taylor(
         return torch.stack(_second_jvp(along, torch.float64, h0.device), dim=1)
 
 
-def unit_value_derivatives(taylor: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(u_n, s_n, q_n)``, each ``(B,)``: the ratio's per-unit values (``ratio_unit_values``) and their first
-    and second derivatives in t, from every unit's ``unit_taylor`` (``(B, 3, 2)``, all ranks, rank order)."""
+def unit_value_derivatives(taylor: Tensor, ratio: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """``(u_n, s_n, q_n)``, each ``(B,)``: the functional's per-unit values (``functional_unit_values``) and
+    their first and second derivatives in t, from every unit's ``unit_taylor`` (``(B, 3, 2)``, all ranks,
+    rank order)."""
     z, dz, d2z = taylor.double().unbind(dim=1)
 
     def along(a):
-        return ratio_unit_values(z + a * dz + 0.5 * a * a * d2z)
+        return functional_unit_values(z + a * dz + 0.5 * a * a * d2z, ratio)
 
     with torch.no_grad():
         return _second_jvp(along, torch.float64, z.device)

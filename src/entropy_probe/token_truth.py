@@ -27,7 +27,7 @@ from .fsdp import is_sharded, response_tokens_lockstep, stepped_shards
 from .response_tokens import ResponseTokens, response_tokens_at
 from .result import TruthResult
 from .statistics import jackknife_se
-from .token_functional import baselines, ratio_unit_values, sequence_weights, unit_estimates
+from .token_functional import baselines, functional_unit_values, sequence_weights, unit_estimates
 from .truth import (
     Change,
     _check_weights,
@@ -65,12 +65,14 @@ def token_change(
     predicted_per_unit: Tensor | None = None,
     lr: float = 0.0,
     comm=None,
+    ratio: bool = True,
 ) -> Change:
     """The token-level entropy change on E between the terms ``before`` (theta) and ``after`` (theta').
 
     ``predicted_per_unit``: every unit's predicted derivative (``(B_E,)``, rank order) in nats per unit
     of ``lr``; with it ``se_diff`` is the SE of truth - prediction. ``batch`` None: a rank holding no E
-    unit (``comm`` gathers the others').
+    unit (``comm`` gathers the others'). ``ratio`` False: the numerator alone (``entropy="sequence"`` with
+    "sum" weighting, ``token_functional.functional_unit_values``).
     """
     if batch is not None:
         rows = unit_rows(batch, before, after)
@@ -85,7 +87,9 @@ def token_change(
         raise ValueError(
             "truth: every importance weight underflows to 0; the step is far too large to measure"
         )
-    change = ratio_unit_values(rows[:, 0:2]) - ratio_unit_values(rows[:, 2:4])  # (B_E,)
+    change = functional_unit_values(rows[:, 0:2], ratio) - functional_unit_values(
+        rows[:, 2:4], ratio
+    )  # (B_E,)
     ess = float(w_sum.sum() ** 2 / w2_sum.sum())
     se = _finite_or_inf(jackknife_se(change, 1.0))
     se_diff = 0.0
@@ -122,8 +126,10 @@ def measure_token_truth(
 
     ``per_unit``: every rank's s_n (rank order); ``per_unit_q`` the q_n (second order), for
     ``se_diff_forecast``. The tokens at theta are re-evaluated through the same forward as those at
-    theta', so that at alpha = 0 every weight is exactly 1.
+    theta', so that at alpha = 0 every weight is exactly 1. ``cfg.entropy`` "sequence" (with "sum"
+    weighting, the only sequence functional measured here): the numerator alone.
     """
+    ratio = cfg.entropy == "token"
     alphas = cfg.truth_alphas
     base = full_precision_state(module, params) if batch is not None and not is_sharded(params) else None
     no_autocast = torch.autocast(device_of(params).type, enabled=False)  # theta' is not rounded to bf16
@@ -138,10 +144,12 @@ def measure_token_truth(
                 _check_weights(before.seq, after.seq, alpha)
             afters.append(after)
     head_at = list(alphas).index(1.0) if 1.0 in alphas else len(alphas) - 1
-    changes = [token_change(batch, before, after, per_unit * a, lr, comm) for a, after in zip(alphas, afters)]
+    changes = [
+        token_change(batch, before, after, per_unit * a, lr, comm, ratio) for a, after in zip(alphas, afters)
+    ]
     se_diff_forecast = None
     if per_unit_q is not None:  # the same tokens, another per-unit prediction
         c = alphas[head_at]
         combined = c * per_unit.double() + 0.5 * c * c * lr * per_unit_q.double().to(per_unit.device)
-        se_diff_forecast = token_change(batch, before, afters[head_at], combined, lr, comm).se_diff
+        se_diff_forecast = token_change(batch, before, afters[head_at], combined, lr, comm, ratio).se_diff
     return truth_result(alphas, changes, head_at, se_diff_forecast)
