@@ -41,9 +41,9 @@ from torch import Tensor, nn
 from .batch import Microbatch, RolloutBatch
 from .config import ProbeConfig
 from .engines.projections import EvalProjections
-from .logprobs import SequenceLogProbs, sequence_logprobs
+from .logprobs import SequenceLogProbs, sequence_logprobs, token_terms
 from .objectives import entropy_gradient_coefficients
-from .response_tokens import ResponseTokens, response_tokens
+from .response_tokens import ResponseTokens
 from .vectors import Params, Vector, dot
 
 
@@ -282,14 +282,9 @@ def logprobs_stepped(
 @torch.no_grad()
 def response_tokens_lockstep(module: nn.Module, batch: RolloutBatch, cfg: ProbeConfig) -> ResponseTokens:
     """``response_tokens`` of this rank's E rows at the live parameters, every rank's E in lock-step."""
-    width = int(batch.response_lengths.max())
-    logp = torch.zeros(batch.n_sequences, width, dtype=torch.float32, device=batch.device)
-    entropy = torch.zeros_like(logp)
-    mask = torch.zeros(batch.n_sequences, width, dtype=torch.bool, device=batch.device)
+    out = ResponseTokens.zeros(batch)
     for mine, mb in lockstep_microbatches(module, batch, cfg):
-        t = response_tokens(
-            module, mb.batch, cfg.temperature, width if mine else 1
-        )  # others': collectives only
+        t = token_terms(module, mb.batch, cfg.temperature)  # every rank's: the forwards are collectives
         if mine:
-            logp[mb.rows], entropy[mb.rows], mask[mb.rows] = t.logp.float(), t.entropy.float(), t.mask
-    return ResponseTokens(logp, entropy, mask)
+            out.put(mb.rows, t.logprob, t.entropy, t.mask)
+    return out

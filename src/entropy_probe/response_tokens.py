@@ -37,6 +37,21 @@ class ResponseTokens:
     def rows(self, rows: Tensor) -> "ResponseTokens":
         return ResponseTokens(self.logp[rows], self.entropy[rows], self.mask[rows])
 
+    @classmethod
+    def zeros(cls, batch: RolloutBatch) -> "ResponseTokens":
+        """Buffers for every row of ``batch``, as wide as its longest response, to ``put`` into."""
+        width = int(batch.response_lengths.max())
+        logp = torch.zeros(batch.n_sequences, width, dtype=torch.float32, device=batch.device)
+        mask = torch.zeros(batch.n_sequences, width, dtype=torch.bool, device=batch.device)
+        return cls(logp, torch.zeros_like(logp), mask)
+
+    def put(self, rows: Tensor, logprob: Tensor, entropy: Tensor, mask: Tensor) -> None:
+        """Store a microbatch's ``(n, K)`` column-layout terms (``logprobs.TokenTerms``) at ``rows``."""
+        cols, aligned_mask = response_order(mask, self.logp.shape[1])
+        self.logp[rows] = aligned(logprob.detach().float(), cols, aligned_mask)
+        self.entropy[rows] = aligned(entropy.detach().float(), cols, aligned_mask)
+        self.mask[rows] = aligned_mask
+
 
 def response_order(response_mask: Tensor, width: int) -> tuple[Tensor, Tensor]:
     """(``(N, width)`` column of each row's k-th response token, ``(N, width)`` bool mask of real entries).
@@ -84,11 +99,8 @@ def response_tokens_at(
     module: nn.Module, params: dict[str, Tensor] | None, batch: RolloutBatch, temperature: float, units: int
 ) -> ResponseTokens:
     """``response_tokens`` of every row of ``batch`` (row order), ``units`` units per forward, no autograd."""
-    width = int(batch.response_lengths.max())
-    logp = torch.zeros(batch.n_sequences, width, dtype=torch.float32, device=batch.device)
-    entropy = torch.zeros_like(logp)
-    mask = torch.zeros(batch.n_sequences, width, dtype=torch.bool, device=batch.device)
+    out = ResponseTokens.zeros(batch)
     for mb in batch.microbatches(units):
-        t = response_tokens(module, mb.batch, temperature, width, params=params)
-        logp[mb.rows], entropy[mb.rows], mask[mb.rows] = t.logp.float(), t.entropy.float(), t.mask
-    return ResponseTokens(logp, entropy, mask)
+        t = token_terms(module, mb.batch, temperature, params=params)
+        out.put(mb.rows, t.logprob, t.entropy, t.mask)
+    return out
