@@ -11,6 +11,7 @@ from .logprobs import WEIGHTINGS
 from .objectives import ADVANTAGE_ESTIMATORS, LOSS_AGGREGATIONS, X_ESTIMATORS
 
 ENGINES = ("backward", "jvp")
+ENTROPIES = ("token", "sequence")
 
 
 @dataclass(frozen=True)
@@ -37,10 +38,15 @@ class ProbeConfig:
     """Sampling temperature; the policy is softmax(logits / temperature)."""
     microbatch_units: int = 4
     """Units per forward in passes that batch units (U gradient, truth, jvp engine)."""
+    entropy: str = "sequence"
+    """Which entropy is forecast: "token" (the default), the mean over all response tokens of the
+    full-vocabulary entropy H_t, as TRL, verl, OpenRLHF and prime-rl log it (docs/token_entropy.md);
+    or "sequence", ``E[-S_w]`` with ``entropy_weighting`` (DESIGN sections 2-3)."""
     entropy_weighting: str = "token-mean"
-    """How S_w weights a response's tokens: "token-mean" (w = m / L, the default) or "sum" (w = m)."""
+    """entropy="sequence" only: how S_w weights a response's tokens: "token-mean" (w = m / L, the default)
+    or "sum" (w = m, estimated with the exact H_t as the token-level numerator)."""
     x_estimator: str = "unbiased"
-    """Entropy-gradient estimate X_n: "unbiased" (with the pathwise term) or "seed" (the note's L_X)."""
+    """entropy="sequence" only: X_n "unbiased" (with the pathwise term) or "seed" (the note's L_X)."""
     direction: str = "adam-preconditioned"
     """Update direction v: "adam-preconditioned" (the note), "optimizer-step" or "sgd"."""
     loss_aggregation: str = "seq-mean-token-mean"
@@ -91,8 +97,16 @@ class ProbeConfig:
             "microbatch_units",
             "must be an integer >= 1",
         )
+        need(self.entropy in ENTROPIES, "entropy", f"must be one of {ENTROPIES}")
         need(self.entropy_weighting in WEIGHTINGS, "entropy_weighting", f"must be one of {WEIGHTINGS}")
         need(self.x_estimator in X_ESTIMATORS, "x_estimator", f"must be one of {X_ESTIMATORS}")
+        for name, default in (("entropy_weighting", "token-mean"), ("x_estimator", "unbiased")):
+            need(
+                self.entropy == "sequence" or getattr(self, name) == default,
+                name,
+                f"applies only with ProbeConfig.entropy='sequence' (ProbeConfig.entropy={self.entropy!r} "
+                "counts every response token once, with its exact entropy H_t)",
+            )
         need(self.direction in DIRECTIONS, "direction", f"must be one of {DIRECTIONS}")
         need(
             self.loss_aggregation in LOSS_AGGREGATIONS,
@@ -129,6 +143,11 @@ class ProbeConfig:
             "must be a non-empty sequence of finite numbers",
         )
         need(isinstance(self.second_order, bool), "second_order", "must be True or False")
+        need(
+            not (self.second_order and self.entropy == "token"),
+            "second_order",
+            "is not available with ProbeConfig.entropy='token' yet (use entropy='sequence')",
+        )
         need(
             self.by_group is None or isinstance(self.by_group, bool),
             "by_group",

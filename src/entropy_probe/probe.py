@@ -44,13 +44,22 @@ from .distributed import (
     global_totals,
     unwrap,
 )
-from .engines import EvalProjections, eval_projections, eval_second_order, update_gradient
+from .engines import (
+    EvalProjections,
+    TokenProjections,
+    eval_projections,
+    eval_second_order,
+    token_projections,
+    update_gradient,
+    uses_token_pieces,
+)
 from .eval_statistics import EvalStatistics, eval_statistics
 from .forecast import SecondOrder, second_order_fields, second_order_statistics
 from .from_grad import direction_from_grad, grad_checksums, optimizer_lr, unwrap_optimizer
 from .logprobs import SequenceLogProbs
 from .objectives import UpdateTotals, advantages, policy_gradient_coefficients, unit_entropy
 from .result import ProbeResult
+from .token_statistics import token_values
 from .truth import measure_truth
 from .update_jackknife import (
     UpdateJackknife,
@@ -189,11 +198,14 @@ class EntropyProbe:
 
         ``want_halves``: also sum X_n over the two halves of E (even and odd global unit positions)."""
         want_groups = wants_groups(self.config)
-        halves = None
-        if want_halves:  # this rank's offset in the global E order: one all_gather of one integer
+        halves, counts = None, None
+        if want_halves or uses_token_pieces(self.config):  # this rank's place in the global E order
             n_local = torch.tensor([0 if batch is None else batch.n_units], device=device_of(params))
             counts = self.comm.stack(n_local).reshape(-1)
+        if want_halves:
             halves = eval_halves(0 if batch is None else batch.n_units, int(counts[: self.comm.rank].sum()))
+        if uses_token_pieces(self.config):
+            return self._project_eval_token(batch, params, upd, halves, want_groups, counts)
         if batch is not None:
             proj = eval_projections(self.module, params, batch, upd.v, self.config, halves, want_groups)
             return proj, unit_entropy(proj.weighted, batch).double().sum(), batch.unit_ids
@@ -206,6 +218,24 @@ class EntropyProbe:
             n_groups = len(parameter_groups(params, self.config.groups)[0])
             proj.s_groups = torch.zeros((0, n_groups), dtype=torch.float64, device=empty.device)
         return proj, torch.zeros((), dtype=torch.float64, device=empty.device), empty.long()
+
+    def _project_eval_token(self, batch, params, upd, halves, want_groups, counts):
+        """``_project_eval`` through the exact H_t (``engines.token``, ``token_statistics``): the pieces of
+        every rank's units gathered, this rank's s_n from them."""
+        cfg = self.config
+        if batch is not None:
+            tp = token_projections(self.module, params, batch, upd.v, cfg, halves, want_groups)
+            ids = batch.unit_ids
+        else:  # a rank without E units still joins the gathers
+            device = device_of(params)
+            n_groups = len(parameter_groups(params, cfg.groups)[0]) if want_groups else None
+            tp = TokenProjections.empty(0, 0, upd.v, halves is not None, n_groups, device)
+            ids = torch.zeros(0, dtype=torch.long, device=device)
+        values = token_values(self.comm, tp, [int(c) for c in counts.tolist()], ratio=cfg.entropy == "token")
+        # S_w of the sequence functionals for a later measure_change: "sum" is S itself
+        weighted = tp.seq_logprob if cfg.entropy == "sequence" else torch.full_like(tp.seq_logprob, math.nan)
+        proj = EvalProjections(values.s, tp.seq_logprob, weighted, values.x_half, values.s_groups)
+        return proj, values.entropy_sum, ids
 
     # ---- 3. s_n -> statistics over E with U fixed (eval_statistics), by group (attribution) -------------
     # ---- 3c. v, E -> q_n -> delta_h2 and the forecast ----------------------------------------------
@@ -302,6 +332,11 @@ class EntropyProbe:
         real ``optimizer.step()``, ``measure_change(result)`` measures it on the same E.
         Parameters, ``.grad``, optimizer state, RNG and train/eval mode are unchanged afterwards.
         """
+        if truth and self.config.entropy == "token":
+            raise NotImplementedError(
+                "run(truth=True) with ProbeConfig.entropy='token' is not available yet; "
+                "use entropy='sequence'"
+            )
         params, lr, given = self._checked_call(update_batch, eval_batch, direction, truth, from_grad)
         update_batch, eval_batch = (
             on_device(update_batch, device_of(params)),
@@ -371,6 +406,10 @@ class EntropyProbe:
 
         Under DDP every rank calls it with its own result. The caller's state is unchanged.
         """
+        if self.config.entropy == "token":
+            raise NotImplementedError(
+                "measure_change with ProbeConfig.entropy='token' is not available yet; use entropy='sequence'"
+            )
         state = getattr(result, "eval_state", None)
         error = None
         if not isinstance(state, EvalState):

@@ -10,14 +10,54 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from .. import fsdp
+from ..attribution import parameter_groups
 from ..batch import RolloutBatch
 from ..config import ProbeConfig
 from ..vectors import Params, Vector
 from . import backward, jvp, second_order
 from .backward import unit_gradients, update_gradient
 from .projections import EvalProjections
+from .token import TokenProjections, backward_token_projections, jvp_token_projections
 
-__all__ = ["EvalProjections", "eval_projections", "eval_second_order", "unit_gradients", "update_gradient"]
+__all__ = [
+    "EvalProjections",
+    "TokenProjections",
+    "eval_projections",
+    "eval_second_order",
+    "token_projections",
+    "uses_token_pieces",
+    "unit_gradients",
+    "update_gradient",
+]
+
+
+def uses_token_pieces(cfg: ProbeConfig) -> bool:
+    """Whether E is read through the exact H_t (``token_entropy``): the token-level entropy, and the
+    sequence-level "sum" functional, whose numerator it is (``E[sum_t m_t H_t] = E[-S]``). The note's
+    ``x_estimator="seed"`` keeps its own sampled-token form."""
+    return cfg.entropy == "token" or (cfg.entropy_weighting == "sum" and cfg.x_estimator == "unbiased")
+
+
+def token_projections(
+    module: nn.Module,
+    params: Params,
+    batch: RolloutBatch,
+    v: Vector,
+    cfg: ProbeConfig,
+    halves: Tensor | None = None,
+    want_groups: bool = False,
+) -> TokenProjections:
+    """The token-level pieces of every unit of ``batch`` by the configured engine (by_group: the backward
+    engine's per-unit loop, as for ``eval_projections``)."""
+    if fsdp.is_sharded(params):
+        raise NotImplementedError(
+            f"FSDP2 model: ProbeConfig.entropy={cfg.entropy!r} with entropy_weighting="
+            f"{cfg.entropy_weighting!r} is not supported yet; use entropy='sequence' (token-mean weighting)"
+        )
+    if want_groups or cfg.engine != "jvp":
+        index = parameter_groups(params, cfg.groups)[1].to(batch.device) if want_groups else None
+        return backward_token_projections(module, params, batch, v, cfg.temperature, halves, index)
+    return jvp_token_projections(module, params, batch, v, cfg.temperature, cfg.microbatch_units, halves)
 
 
 def eval_projections(

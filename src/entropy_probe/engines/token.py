@@ -98,21 +98,20 @@ class TokenProjections:
     x_den: tuple[Vector, Vector] | None = None
 
     @classmethod
-    def empty(cls, batch: RolloutBatch, v: Vector, halves: Tensor | None, n_groups: int | None):
-        dev = batch.device
-        groups = (
-            None
-            if n_groups is None
-            else torch.zeros(batch.n_units, 2, n_groups, dtype=torch.float64, device=dev)
-        )
+    def empty(
+        cls, n_units: int, n_rows: int, v: Vector, with_halves: bool, n_groups: int | None, device
+    ) -> "TokenProjections":
+        """Zero buffers to fill unit by unit (``n_units = 0``: a rank holding no E unit)."""
+        f64 = dict(dtype=torch.float64, device=device)
+        groups = None if n_groups is None else torch.zeros(n_units, 2, n_groups, **f64)
         halves_of = lambda: tuple({n: torch.zeros_like(t) for n, t in v.items()} for _ in range(2))  # noqa: E731
         return cls(
-            torch.zeros(batch.n_units, 4, dtype=torch.float64, device=dev),
+            torch.zeros(n_units, 4, **f64),
             groups,
-            torch.zeros(2, dtype=torch.float64, device=dev),
-            torch.zeros(batch.n_sequences, dtype=torch.float32, device=dev),
-            None if halves is None else halves_of(),
-            None if halves is None else halves_of(),
+            torch.zeros(2, **f64),
+            torch.zeros(n_rows, dtype=torch.float32, device=device),
+            halves_of() if with_halves else None,
+            halves_of() if with_halves else None,
         )
 
     def put_totals(self, units: list[int], rows: Tensor, terms: TokenTerms, batch: RolloutBatch) -> None:
@@ -136,7 +135,7 @@ def backward_token_projections(
     """One forward and two reverse passes per E unit (numerator, then denominator surrogate), each
     projected on v parameter by parameter as it forms (``backward.projected_backward``)."""
     n_groups = None if group_index is None else int(group_index.max()) + 1
-    out = TokenProjections.empty(batch, v, halves, n_groups)
+    out = TokenProjections.empty(*_sizes(batch), v, halves is not None, n_groups, batch.device)
     for mb in batch.microbatches(1):
         t = token_terms(module, mb.batch, temperature)
         coeff = token_coefficients(t.entropy, t.logprob, t.mask, mb.batch)
@@ -168,7 +167,7 @@ def jvp_token_projections(
 ) -> TokenProjections:
     """dN_n, dD_n of a microbatch of units per forward-mode pass; with ``halves`` also the half sums of the
     surrogates' gradients, by reverse passes over each half's microbatches (no per-unit backward)."""
-    out = TokenProjections.empty(batch, v, halves, None)
+    out = TokenProjections.empty(*_sizes(batch), v, halves is not None, None, batch.device)
     with forward_mode_ready(module):
         for mb in batch.microbatches(microbatch_units):
             d = directional_token_terms(module, params, mb.batch, v, temperature)
@@ -186,3 +185,7 @@ def jvp_token_projections(
                 projected_backward(surrogate, params, v, out.x_num[h], True)
                 projected_backward(denominator_surrogate(coeff, t.logprob), params, v, out.x_den[h])
     return out
+
+
+def _sizes(batch: RolloutBatch) -> tuple[int, int]:
+    return batch.n_units, batch.n_sequences

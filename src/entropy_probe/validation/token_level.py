@@ -89,6 +89,7 @@ class DrawEstimates:
     se: Tensor  # sqrt(var(s_n) / B)
     s: Tensor  # (K, B)
     entropy: Tensor  # Nbar / Dbar of each draw
+    numerator: Tensor  # mean_n dN_n: the sequence-level "sum" functional's estimate (no ratio)
 
 
 def draw_estimates(
@@ -116,6 +117,7 @@ def draw_estimates(
         se=(s.var(dim=1) / n_units).sqrt(),
         s=s,
         entropy=n.sum(1) / den.sum(1),
+        numerator=dn.mean(1),
     )
 
 
