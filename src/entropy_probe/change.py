@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from .batch import RolloutBatch
 from .config import ProbeConfig
+from .engines import uses_token_pieces
 from .fsdp import is_sharded, logprobs_lockstep, response_tokens_lockstep
 from .logprobs import SequenceLogProbs
 from .response_tokens import ResponseTokens, response_tokens_at
@@ -65,7 +66,7 @@ def measure_change(
 
     The functional is the one the forecast measured: the token-level entropy when ``state`` holds
     ``ResponseTokens`` (``token_truth.token_change``), else the sequence functional."""
-    if isinstance(state.before, ResponseTokens) or (state.batch is None and _uses_tokens(cfg)):
+    if isinstance(state.before, ResponseTokens) or (state.batch is None and uses_token_pieces(cfg)):
         return _measure_token_change(module, params, state, per_unit, lr, cfg, comm)
     after = None
     if state.batch is not None:
@@ -78,11 +79,6 @@ def measure_change(
         _check_weights(state.before.seq, after.seq, 1.0)
     change = entropy_change(state.batch, state.before, after, per_unit, lr, comm=comm)
     return MeasuredChange(delta_h=change.delta_h, se=change.se, ess=change.ess, se_diff=change.se_diff)
-
-
-def _uses_tokens(cfg: ProbeConfig) -> bool:
-    """Whether the forecast measured through the per-token terms (engines.uses_token_pieces)."""
-    return cfg.entropy == "token" or cfg.entropy_weighting == "sum"
 
 
 def _measure_token_change(

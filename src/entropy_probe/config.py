@@ -144,11 +144,6 @@ class ProbeConfig:
         )
         need(isinstance(self.second_order, bool), "second_order", "must be True or False")
         need(
-            not (self.second_order and self.entropy == "token"),
-            "second_order",
-            "is not available with ProbeConfig.entropy='token' yet (use entropy='sequence')",
-        )
-        need(
             self.by_group is None or isinstance(self.by_group, bool),
             "by_group",
             "must be None, True or False",

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from .distributed import merged_moments
+from .engines.token_second_order import eval_token_taylor
 from .statistics import conditional_variance, jackknife_se, moments_update
 from .token_functional import unit_value_derivatives
 
@@ -95,3 +96,13 @@ def token_second_order_statistics(
         forecast=delta_h1 + delta_h2,
         se_forecast=jackknife_se(combined, 1.0),
     )
+
+
+def token_second_order(module, params, batch, v, cfg, comm, stats, lr: float) -> SecondOrder:
+    """The token functional's second order in a probe call: ``engines.token_second_order`` on this rank's
+    E units (``batch`` None: none), then ``token_second_order_statistics`` over every rank's."""
+    taylor = torch.zeros(0, 3, 2, dtype=torch.float64, device=stats.s.device)
+    if batch is not None:
+        taylor = eval_token_taylor(module, params, batch, v, cfg.temperature, cfg.microbatch_units)
+    ratio = cfg.entropy == "token"
+    return token_second_order_statistics(comm, taylor, stats.s, stats.unit_ids, stats.delta_h1, lr, ratio)

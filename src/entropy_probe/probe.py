@@ -54,12 +54,13 @@ from .engines import (
     uses_token_pieces,
 )
 from .eval_statistics import EvalStatistics, eval_statistics
-from .forecast import SecondOrder, second_order_fields, second_order_statistics
+from .forecast import SecondOrder, second_order_fields, second_order_statistics, token_second_order
 from .from_grad import direction_from_grad, grad_checksums, optimizer_lr, unwrap_optimizer
 from .logprobs import SequenceLogProbs
 from .objectives import UpdateTotals, advantages, policy_gradient_coefficients, unit_entropy
 from .result import ProbeResult
 from .token_statistics import token_values
+from .token_truth import measure_token_truth
 from .truth import measure_truth
 from .update_jackknife import (
     UpdateJackknife,
@@ -234,7 +235,7 @@ class EntropyProbe:
         values = token_values(self.comm, tp, [int(c) for c in counts.tolist()], ratio=cfg.entropy == "token")
         # S_w of the sequence functionals for a later measure_change: "sum" is S itself
         weighted = tp.seq_logprob if cfg.entropy == "sequence" else torch.full_like(tp.seq_logprob, math.nan)
-        proj = EvalProjections(values.s, tp.seq_logprob, weighted, values.x_half, values.s_groups)
+        proj = EvalProjections(values.s, tp.seq_logprob, weighted, values.x_half, values.s_groups, tp.tokens)
         return proj, values.entropy_sum, ids
 
     # ---- 3. s_n -> statistics over E with U fixed (eval_statistics), by group (attribution) -------------
@@ -248,6 +249,8 @@ class EntropyProbe:
         lr: float,
     ) -> SecondOrder:
         """q_n by nested forward mode on this rank's E units, then the statistics over all ranks."""
+        if uses_token_pieces(self.config):  # the exact H_t: the token functional's own pass
+            return token_second_order(self.module, params, batch, upd.v, self.config, self.comm, stats, lr)
         q_local = torch.zeros(0, dtype=torch.float64, device=device_of(params))
         if batch is not None:
             q_local = eval_second_order(self.module, params, batch, upd.v, self.config)
@@ -332,11 +335,6 @@ class EntropyProbe:
         real ``optimizer.step()``, ``measure_change(result)`` measures it on the same E.
         Parameters, ``.grad``, optimizer state, RNG and train/eval mode are unchanged afterwards.
         """
-        if truth and self.config.entropy == "token":
-            raise NotImplementedError(
-                "run(truth=True) with ProbeConfig.entropy='token' is not available yet; "
-                "use entropy='sequence'"
-            )
         params, lr, given = self._checked_call(update_batch, eval_batch, direction, truth, from_grad)
         update_batch, eval_batch = (
             on_device(update_batch, device_of(params)),
@@ -366,7 +364,8 @@ class EntropyProbe:
                 se_total = math.sqrt(stats.var_cond_e + max(jack.var_update, 0.0))
             truth_result = None
             if truth:  # 5. the step applied functionally
-                truth_result = measure_truth(
+                measure = measure_token_truth if uses_token_pieces(self.config) else measure_truth
+                truth_result = measure(
                     self.module,
                     params,
                     upd.v,
@@ -377,7 +376,8 @@ class EntropyProbe:
                     self.comm,
                     per_unit_q=None if second is None else second.q,
                 )
-        state = EvalState(eval_batch, SequenceLogProbs(proj.seq_logprob, proj.weighted))
+        kept = proj.tokens if proj.tokens is not None else SequenceLogProbs(proj.seq_logprob, proj.weighted)
+        state = EvalState(eval_batch, kept)
         return ProbeResult(
             delta_h1=stats.delta_h1,
             se_cond_e=stats.se_cond_e,
@@ -406,10 +406,6 @@ class EntropyProbe:
 
         Under DDP every rank calls it with its own result. The caller's state is unchanged.
         """
-        if self.config.entropy == "token":
-            raise NotImplementedError(
-                "measure_change with ProbeConfig.entropy='token' is not available yet; use entropy='sequence'"
-            )
         state = getattr(result, "eval_state", None)
         error = None
         if not isinstance(state, EvalState):

@@ -29,6 +29,8 @@ class EvalProjections:
     weighted: Tensor
     x_half: tuple[Vector, Vector] | None = None
     s_groups: Tensor | None = None
+    tokens: object | None = None
+    """``response_tokens.ResponseTokens`` at theta when E was read through the exact H_t, else None"""
 
     @classmethod
     def empty(cls, batch: RolloutBatch, v: Vector, halves: Tensor | None) -> "EvalProjections":
