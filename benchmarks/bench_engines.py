@@ -180,6 +180,7 @@ def probe_e_pass(engine: str, microbatch_units: int):
             microbatch_units=microbatch_units,
             entropy_weighting=WEIGHTING,
             x_estimator=ESTIMATOR,
+            by_group=False,  # the engine alone, not the backward engine's attribution by group
         )
         proj = eval_projections(model, params, batch, v, cfg)
         conditional_variance(moments_update(proj.s), LR)

@@ -110,10 +110,10 @@ def assert_unchanged(before: dict, model: nn.Module, opt: torch.optim.Optimizer)
 def _rng_and_mode_then(then: Callable):
     """Inside the probe: draw random numbers, put the model in train mode, then ``then()``."""
 
-    def inner(module, *args, **kwargs):
+    def inner(call, *args, **kwargs):  # measure_truth's first argument: the call (context.ProbeCall)
         torch.rand(100)
-        module.train()
-        return then(module, *args, **kwargs)
+        call.module.train()
+        return then(call, *args, **kwargs)
 
     return inner
 

@@ -187,7 +187,7 @@ def test_demo_first_step_on_the_device():
     probe = ep.EntropyProbe(
         model, optimizer, ep.ProbeConfig(direction="optimizer-step", max_grad_norm=cfg.max_grad_norm)
     )
-    row = rl_step(0, model, optimizer, probe, task, cfg, gen)
+    row = rl_step(0, probe, task, cfg, gen)  # the model and optimizer are the probe's
     assert all(math.isfinite(row[k]) for k in ("forecast", "forecast_se", "truth", "measured"))
     assert row["step_relative_error"] < 1e-3  # theta + eta v is the step AdamW took, on the device too
 

@@ -159,7 +159,7 @@ def test_from_grad_v_is_the_real_step_and_measure_change_is_its_truth(case: Case
 
 
 def test_a_failure_inside_the_probe_leaves_the_callers_state_intact(monkeypatch):
-    import entropy_probe.probe as probe_module
+    import entropy_probe.passes as passes_module  # the E pass of one process / DDP
 
     def draw_flip_and_fail(module, *args, **kwargs):
         torch.rand(10)
@@ -168,7 +168,7 @@ def test_a_failure_inside_the_probe_leaves_the_callers_state_intact(monkeypatch)
 
     model, opt = setup(Case("AdamW", 2, 2))
     model.eval()
-    monkeypatch.setattr(probe_module, "eval_projections", draw_flip_and_fail)
+    monkeypatch.setattr(passes_module, "eval_projections", draw_flip_and_fail)
     before = snapshot(model, opt)
     with pytest.raises(RuntimeError, match="injected failure"):
         ep.EntropyProbe(model, opt, ep.ProbeConfig(direction="optimizer-step")).run(

@@ -46,9 +46,22 @@ def imports_of(path: Path) -> set[str]:
     return found
 
 
+def with_parents(names: set[str]) -> set[str]:
+    """Importing ``pkg.sub.mod`` runs ``pkg.sub``'s ``__init__`` first: it imports ``pkg.sub`` too. The root
+    package is left out: its ``__init__`` runs before any module of it, whoever imports what."""
+    out = set(names)
+    for name in names:
+        parts = name.split(".")
+        out |= {".".join(parts[:k]) for k in range(2, len(parts))}
+    return out
+
+
 def graph() -> dict[str, set[str]]:
     modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
-    return {name: {m for m in imports_of(p) if m in modules and m != name} for name, p in modules.items()}
+    return {
+        name: {m for m in with_parents(imports_of(p)) if m in modules and m != name}
+        for name, p in modules.items()
+    }
 
 
 def is_application(name: str) -> bool:
@@ -98,3 +111,96 @@ def test_the_walk_sees_real_edges():
     assert "entropy_probe.engines.backward" in g["entropy_probe.probe"] | g["entropy_probe.engines"]
     assert "entropy_probe.probe" in g["entropy_probe.demo.train"]
     assert "entropy_probe.vectors" in g["entropy_probe.engines.jvp"]
+    # a submodule counts as importing its package (its __init__ runs first)
+    assert "entropy_probe.engines" in g["entropy_probe.fsdp"]
+
+
+def test_a_circle_through_a_package_init_is_found():
+    """The circle of issue 18 (``fsdp`` -> ``engines.projections``, whose package ``__init__`` imported
+    ``fsdp``) is seen once ``pkg.sub.mod`` counts as importing ``pkg.sub``."""
+    g = graph()
+    g["entropy_probe.engines"] = g["entropy_probe.engines"] | {"entropy_probe.fsdp"}  # the old line 12
+    state: dict[str, int] = {}
+    found = []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        for nxt in g[node]:
+            if state.get(nxt) == 1 and not nxt.startswith(node + ".") and not node.startswith(nxt + "."):
+                found.append((node, nxt))
+            elif nxt not in state:
+                visit(nxt)
+        state[node] = 2
+
+    for name in sorted(g):
+        if name not in state:
+            visit(name)
+    assert found
+
+
+MAX_REQUIRED_PARAMETERS = 6
+MAX_FUNCTION_LINES = 60
+SHORT_FUNCTIONS = {  # module path (under the package) -> functions that must fit on one screen
+    "probe.py": ("EntropyProbe.run",),
+    "validation/run.py": ("run_validation",),
+    "demo/report.py": ("plot",),
+    "validation/plots.py": ("calibration_plot",),
+    "demo/train.py": ("rl_step",),
+}
+
+
+def functions(path: Path):
+    """``(qualified name, node)`` of every function and method of the module at ``path``."""
+    tree = ast.parse(path.read_text())
+
+    def walk(node, prefix):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                yield prefix + child.name, child
+                yield from walk(child, prefix + child.name + ".")
+            elif isinstance(child, ast.ClassDef):
+                yield from walk(child, prefix + child.name + ".")
+
+    yield from walk(tree, "")
+
+
+def required_parameters(fn: ast.FunctionDef) -> list[str]:
+    """Parameters without a default, ``self`` and ``cls`` not counted."""
+    a = fn.args
+    positional = a.posonlyargs + a.args
+    required = [p.arg for p in positional[: len(positional) - len(a.defaults)]]
+    required += [p.arg for p, d in zip(a.kwonlyargs, a.kw_defaults) if d is None]
+    return [p for p in required if p not in ("self", "cls")]
+
+
+def test_no_function_takes_more_than_six_required_parameters():
+    wide = {
+        f"{module_name(p)}.{name}": len(req)
+        for p in PACKAGE.rglob("*.py")
+        for name, fn in functions(p)
+        if len(req := required_parameters(fn)) > MAX_REQUIRED_PARAMETERS
+    }
+    assert not wide, f"functions with more than {MAX_REQUIRED_PARAMETERS} required parameters: {wide}"
+
+
+def test_the_call_and_the_application_entry_points_fit_on_one_screen():
+    long = {}
+    for rel, names in SHORT_FUNCTIONS.items():
+        found = dict(functions(PACKAGE / rel))
+        for name in names:
+            fn = found[name]
+            n = fn.end_lineno - fn.lineno + 1
+            if n > MAX_FUNCTION_LINES:
+                long[f"{rel}:{name}"] = n
+    assert not long, f"over {MAX_FUNCTION_LINES} lines: {long}"
+
+
+def test_the_size_checks_see_real_functions():
+    """The checks above would pass on nothing: a known function is found, with its known parameters."""
+    found = dict(functions(PACKAGE / "probe.py"))
+    assert required_parameters(found["EntropyProbe._direction"]) == [
+        "call",
+        "source",
+        "update_batch",
+        "given",
+    ]

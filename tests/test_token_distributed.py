@@ -2,7 +2,9 @@
 
 Run: ``PYTHONPATH=src pytest -q tests/test_token_distributed.py``.
 
-One spawn runs every case. Each rank holds its share of the E units (uneven, or none); the per-unit rows
+One spawn runs every case, on the functions of the truth, the second order and ``measure_change`` with a
+``ProbeCall`` built by hand (the probe's FSDP2 forecast of the token functional is the engines' business).
+Each rank holds its share of the E units (uneven, or none); the per-unit rows
 are gathered in rank order and the ratio formed from all of them, so 2 ranks must equal one process
 with every unit to 1e-6 relative (fp32 summation order only). Under FSDP2 (``fully_shard`` GPT-2) the
 step is taken in place on the local shards and every rank's E is forwarded in lock-step; the caller's
@@ -21,12 +23,13 @@ from core_support import random_batch, tiny_gpt2
 from test_distributed import _launch
 
 import entropy_probe as ep
-from entropy_probe.change import EvalState, measure_change
+from entropy_probe.change import measure_change
+from entropy_probe.context import ProbeCall
 from entropy_probe.distributed import ProcessGroupComm, SingleProcess
-from entropy_probe.engines.token_second_order import eval_token_taylor
-from entropy_probe.forecast import token_second_order_statistics
-from entropy_probe.fsdp import response_tokens_lockstep
-from entropy_probe.response_tokens import response_tokens_at
+from entropy_probe.forecast import token_second_order_pass
+from entropy_probe.fsdp import ShardedPasses
+from entropy_probe.passes import Passes
+from entropy_probe.result import EvalState
 from entropy_probe.token_truth import measure_token_truth
 
 REL = 1e-6
@@ -55,27 +58,25 @@ def _share(E: ep.RolloutBatch, units: list[int]) -> ep.RolloutBatch | None:
     return E.select_units(units) if units else None
 
 
-def _ddp_cases(rank: int, model, v, E, s, q) -> None:
+def _call(model, cfg, comm, passes=None) -> ProbeCall:
     params = dict(model.named_parameters())
-    comm = ProcessGroupComm()
-    want = measure_token_truth(model, params, v, LR, E, s, CFG, None, q)
-    ids = torch.arange(E.n_units)
-    taylor_all = eval_token_taylor(model, params, E, v, CFG.temperature, 1)
-    want2 = token_second_order_statistics(SingleProcess(), taylor_all, s, ids, 0.1, LR)
+    return ProbeCall(model, params, cfg, comm, passes or Passes(), None, LR, LR)
+
+
+def _ddp_cases(rank: int, model, v, E, s, q) -> None:
+    one, two = _call(model, CFG, SingleProcess()), _call(model, CFG, ProcessGroupComm())
+    want = measure_token_truth(one, v, E, s, q)
+    want_q = token_second_order_pass(one, E, v)  # (B_E,) every unit's q_n
     for shares in ([[0, 1, 2, 3], [4, 5]], [[0, 1, 2, 3, 4, 5], []]):  # uneven; a rank holding no unit
         mine = _share(E, shares[rank])
-        got = measure_token_truth(model, params, v, LR, mine, s, CFG, comm, q)
+        got = measure_token_truth(two, v, mine, s, q)
         assert want.delta_h != 0 and got.delta_h_at[0] == 0.0
         for k in TRUTH_FIELDS:
             _close(getattr(got, k), getattr(want, k), f"truth.{k} {shares}")
-        # the second order: this rank's unit_taylor rows, gathered
-        taylor = torch.zeros(0, 3, 2, dtype=torch.float64)
-        if mine is not None:
-            taylor = eval_token_taylor(model, params, mine, v, CFG.temperature, 1)
-        got2 = token_second_order_statistics(comm, taylor, s, ids, 0.1, LR)
-        torch.testing.assert_close(got2.q, want2.q, rtol=REL, atol=REL * float(want2.q.abs().max()))
-        for k in ("delta_h2", "se_delta_h2", "forecast", "se_forecast"):
-            _close(getattr(got2, k), getattr(want2, k), f"second.{k} {shares}")
+        # the second order: this rank's q_n, formed from every rank's gathered Taylor rows
+        got_q = two.comm.gather(token_second_order_pass(two, mine, v))  # (B_E,) rank order
+        torch.testing.assert_close(got_q, want_q, rtol=REL, atol=REL * float(want_q.abs().max()))
+        assert float(want_q.std()) > 0
 
 
 def _fsdp_cases(rank: int, world: int, model, v, E, s, q) -> None:
@@ -93,22 +94,24 @@ def _fsdp_cases(rank: int, world: int, model, v, E, s, q) -> None:
     before = [p.to_local().clone() for p in params.values()]
     mine = E.select_units([[0, 1, 2, 3], [4, 5]][rank])
     cfg = dataclasses.replace(CFG, second_order=False)
-    got = measure_token_truth(sharded, params, v_local, LR, mine, s, cfg, ProcessGroupComm(), q)
-    want = measure_token_truth(model, dict(model.named_parameters()), v, LR, E, s, cfg, None, q)
+    two = _call(sharded, cfg, ProcessGroupComm(), ShardedPasses())
+    one = _call(model, cfg, SingleProcess())
+    got = measure_token_truth(two, v_local, mine, s, q)
+    want = measure_token_truth(one, v, E, s, q)
     assert all(torch.equal(a, p.to_local()) for a, p in zip(before, params.values()))
     for k in TRUTH_FIELDS:
         _close(getattr(got, k), getattr(want, k), f"fsdp truth.{k}")
     # measure_change after a real in-place move of both models (the same step)
-    state = EvalState(mine, response_tokens_lockstep(sharded, mine, cfg))  # as the forecast pass keeps it
-    state_ref = EvalState(E, response_tokens_at(model, None, E, cfg.temperature, 1))
+    state = EvalState(mine, two.passes.tokens(sharded, params, mine, cfg))  # as the forecast pass keeps it
+    state_ref = EvalState(E, one.passes.tokens(model, one.params, E, cfg))
     dist.barrier()
     with torch.no_grad():
         for n, p in params.items():
             p.to_local().add_(LR * v_local[n])
         for n, p in model.named_parameters():
             p.add_(LR * v[n])
-    got_c = measure_change(sharded, dict(sharded.named_parameters()), state, s, LR, cfg, ProcessGroupComm())
-    want_c = measure_change(model, dict(model.named_parameters()), state_ref, s, LR, cfg, None)
+    got_c = measure_change(two, state, s, LR)
+    want_c = measure_change(one, state_ref, s, LR)
     assert want_c.delta_h != 0
     for k in ("delta_h", "se", "ess", "se_diff"):
         _close(getattr(got_c, k), getattr(want_c, k), f"fsdp measure_change.{k}")

@@ -40,12 +40,6 @@ def default_group(name: str) -> str:
     return "other"
 
 
-def wants_groups(cfg) -> bool:
-    """Whether a call computes ``by_group``: ``cfg.by_group``, or by default only where it is free
-    (the backward engine; with ``engine="jvp"`` it needs the backward engine's per-unit loop instead)."""
-    return cfg.by_group if cfg.by_group is not None else cfg.engine == "backward"
-
-
 def parameter_groups(params: Params, groups: Callable[[str], str] | None) -> tuple[list[str], Tensor]:
     """(group names by first appearance, ``(K,)`` group index of each parameter in ``params`` order)."""
     f = groups or default_group
@@ -75,12 +69,12 @@ def group_values(per_unit: Tensor, lr: float) -> tuple[list[float], list[float]]
 
 
 def group_statistics(
-    comm, s_groups: Tensor | None, params: Params, groups, sizes: list[int], lr: float
+    params: Params, groups, s_groups: Tensor | None, lr: float
 ) -> dict[str, tuple[float, float]] | None:
-    """``{group: (eta mean_n s_n^(g), its SE over E)}`` from every rank's ``(B_local, n_groups)`` values."""
+    """``{group: (eta mean_n s_n^(g), its SE over E)}`` from every rank's ``(B_E, n_groups)`` float64 s_n^(g),
+    gathered in rank order (``eval_statistics``); None when the call computed no groups."""
     if s_groups is None:
         return None
     names = parameter_groups(params, groups)[0]
-    per_unit = comm.gather(s_groups, sizes)  # (B_E, n_groups) float64, rank order
-    means, ses = group_values(per_unit, lr)
+    means, ses = group_values(s_groups, lr)
     return dict(zip(names, zip(means, ses)))

@@ -12,28 +12,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import Tensor, nn
+from torch import Tensor
 
-from .batch import RolloutBatch
-from .config import ProbeConfig
+from .context import ProbeCall
 from .engines import uses_token_pieces
-from .fsdp import is_sharded, logprobs_lockstep, response_tokens_lockstep
-from .logprobs import SequenceLogProbs
-from .response_tokens import ResponseTokens, response_tokens_at
-from .result import PREFIX
+from .response_tokens import ResponseTokens
+from .result import PREFIX, EvalState
 from .token_truth import token_change
-from .truth import _check_weights, entropy_change, logprobs_at
-from .vectors import Params
+from .truth import _check_weights, entropy_change
 
-
-@dataclass
-class EvalState:
-    """What ``measure_change`` needs from the forecast pass: this rank's E (None if it holds no E unit)
-    and, at the parameters the forecast was made at, its ``S_i``, ``S_w,i`` (the sequence functionals) or
-    its per-token log-probs and entropies (``ResponseTokens``: the token-level entropy)."""
-
-    batch: RolloutBatch | None
-    before: SequenceLogProbs | ResponseTokens | None
+__all__ = ["EvalState", "MeasuredChange", "measure_change"]
 
 
 @dataclass
@@ -53,46 +41,26 @@ class MeasuredChange:
         return {f"{PREFIX}measured/{k}": getattr(self, k) for k in ("delta_h", "se", "ess", "se_diff")}
 
 
-def measure_change(
-    module: nn.Module,
-    params: Params,
-    state: EvalState,
-    per_unit: Tensor,
-    lr: float,
-    cfg: ProbeConfig,
-    comm=None,
-) -> MeasuredChange:
-    """One forward over ``state.batch`` at the live parameters; the change against ``state``'s log-probs.
-
-    The functional is the one the forecast measured: the token-level entropy when ``state`` holds
-    ``ResponseTokens`` (``token_truth.token_change``), else the sequence functional."""
-    if isinstance(state.before, ResponseTokens) or (state.batch is None and uses_token_pieces(cfg)):
-        return _measure_token_change(module, params, state, per_unit, lr, cfg, comm)
+def measure_change(call: ProbeCall, state: EvalState, per_unit: Tensor, lr: float) -> MeasuredChange:
+    """One forward over ``state.batch`` at the live parameters (the call's passes: under FSDP2 every
+    rank runs every rank's E); the change against ``state``'s log-probs, ``se_diff`` against
+    ``lr * per_unit``. The functional is the one the forecast measured: the token-level entropy (or the
+    sequence "sum" numerator) when ``state`` holds per-token terms (``token_truth.token_change``)."""
+    if isinstance(state.before, ResponseTokens) or (state.batch is None and uses_token_pieces(call.config)):
+        return _measure_token_change(call, state, per_unit, lr)
     after = None
     if state.batch is not None:
-        sharded = is_sharded(params)  # FSDP2: forwards are collectives, every rank runs every rank's E
-        after = (
-            logprobs_lockstep(module, state.batch, cfg)
-            if sharded
-            else logprobs_at(module, dict(params), state.batch, cfg)
-        )
+        after = call.passes.logprobs(call.module, call.params, state.batch, call.config)
         _check_weights(state.before.seq, after.seq, 1.0)
-    change = entropy_change(state.batch, state.before, after, per_unit, lr, comm=comm)
+    change = entropy_change(state.batch, state.before, after, per_unit, lr, comm=call.comm)
     return MeasuredChange(delta_h=change.delta_h, se=change.se, ess=change.ess, se_diff=change.se_diff)
 
 
-def _measure_token_change(
-    module: nn.Module, params: Params, state: EvalState, per_unit: Tensor, lr: float, cfg: ProbeConfig, comm
-) -> MeasuredChange:
+def _measure_token_change(call: ProbeCall, state: EvalState, per_unit: Tensor, lr: float) -> MeasuredChange:
     after = None
     if state.batch is not None:
-        after = (
-            response_tokens_lockstep(module, state.batch, cfg)
-            if is_sharded(params)
-            else response_tokens_at(module, dict(params), state.batch, cfg.temperature, cfg.microbatch_units)
-        )
+        after = call.passes.tokens(call.module, call.params, state.batch, call.config)
         _check_weights(state.before.seq, after.seq, 1.0)
-    change = token_change(
-        state.batch, state.before, after, per_unit, lr, comm=comm, ratio=cfg.entropy == "token"
-    )
+    ratio = call.config.entropy == "token"
+    change = token_change(state.batch, state.before, after, per_unit, lr, call.comm, ratio)
     return MeasuredChange(delta_h=change.delta_h, se=change.se, ess=change.ess, se_diff=change.se_diff)

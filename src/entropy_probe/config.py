@@ -3,15 +3,30 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import Callable, Literal, get_args
 
-from .direction import DIRECTIONS
-from .logprobs import WEIGHTINGS
-from .objectives import ADVANTAGE_ESTIMATORS, LOSS_AGGREGATIONS, X_ESTIMATORS
+# The values each option takes: the Literal types are the lists (the modules that implement them import
+# these, so the config never imports them back).
+Weighting = Literal["token-mean", "sum"]
+XEstimator = Literal["unbiased", "seed"]
+Direction = Literal["adam-preconditioned", "optimizer-step", "sgd"]
+LossAggregation = Literal[
+    "seq-mean-token-mean", "seq-mean-token-sum", "token-mean", "seq-mean-token-sum-norm"
+]
+AdvantageEstimator = Literal["grpo", "rloo", "dr-grpo", "given"]
+Engine = Literal["backward", "jvp"]
 
-ENGINES = ("backward", "jvp")
-ENTROPIES = ("token", "sequence")
+Entropy = Literal["token", "sequence"]
+
+WEIGHTINGS: tuple[str, ...] = get_args(Weighting)
+X_ESTIMATORS: tuple[str, ...] = get_args(XEstimator)
+DIRECTIONS: tuple[str, ...] = get_args(Direction)
+LOSS_AGGREGATIONS: tuple[str, ...] = get_args(LossAggregation)
+ADVANTAGE_ESTIMATORS: tuple[str, ...] = get_args(AdvantageEstimator)
+ENGINES: tuple[str, ...] = get_args(Engine)
+ENTROPIES: tuple[str, ...] = get_args(Entropy)
 
 
 @dataclass(frozen=True)
@@ -38,24 +53,24 @@ class ProbeConfig:
     """Sampling temperature; the policy is softmax(logits / temperature)."""
     microbatch_units: int = 4
     """Units per forward in passes that batch units (U gradient, truth, jvp engine)."""
-    entropy: str = "sequence"
-    """Which entropy is forecast: "token" (the default), the mean over all response tokens of the
-    full-vocabulary entropy H_t, as TRL, verl, OpenRLHF and prime-rl log it (docs/token_entropy.md);
-    or "sequence", ``E[-S_w]`` with ``entropy_weighting`` (DESIGN sections 2-3)."""
-    entropy_weighting: str = "token-mean"
+    entropy: Entropy = "sequence"
+    """Which entropy is forecast: "token", the mean over all response tokens of the full-vocabulary
+    entropy H_t, as TRL, verl, OpenRLHF and prime-rl log it (docs/token_entropy.md); or "sequence",
+    ``E[-S_w]`` with ``entropy_weighting`` (DESIGN sections 2-3)."""
+    entropy_weighting: Weighting = "token-mean"
     """entropy="sequence" only: how S_w weights a response's tokens: "token-mean" (w = m / L, the default)
     or "sum" (w = m, estimated with the exact H_t as the token-level numerator)."""
-    x_estimator: str = "unbiased"
+    x_estimator: XEstimator = "unbiased"
     """entropy="sequence" only: X_n "unbiased" (with the pathwise term) or "seed" (the note's L_X)."""
-    direction: str = "adam-preconditioned"
+    direction: Direction = "adam-preconditioned"
     """Update direction v: "adam-preconditioned" (the note), "optimizer-step" or "sgd"."""
-    loss_aggregation: str = "seq-mean-token-mean"
+    loss_aggregation: LossAggregation = "seq-mean-token-mean"
     """Policy loss aggregation of the run: "seq-mean-token-mean" (GRPO), "seq-mean-token-sum",
     "token-mean" (DAPO), "seq-mean-token-sum-norm" (Dr. GRPO)."""
-    advantage_estimator: str | None = None
+    advantage_estimator: AdvantageEstimator | None = None
     """"grpo", "rloo", "dr-grpo" (from rewards) or "given" (batch.advantages). None: "given" when the
     batch carries advantages, else "grpo"."""
-    engine: str = "backward"
+    engine: Engine = "backward"
     """How the s_n are computed: "backward" (one backward per E unit) or "jvp" (forward mode)."""
     max_grad_norm: float | None = None
     """The run's clip_grad_norm_ threshold, applied by direction="optimizer-step". None: no clipping."""
@@ -151,6 +166,25 @@ class ProbeConfig:
         need(
             self.groups is None or callable(self.groups), "groups", "must be None or a callable name -> group"
         )
+        if self.engine == "jvp" and self.by_group:
+            warnings.warn(
+                'ProbeConfig: by_group=True runs the E pass on the backward engine, not engine="jvp" '
+                "(attribution by group needs one backward per unit); set by_group=None or False to keep jvp",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    @property
+    def computes_groups(self) -> bool:
+        """Whether a call computes ``by_group``: ``by_group``, or by default only where it is free (the
+        backward engine; with ``engine="jvp"`` it needs the backward engine's per-unit loop instead)."""
+        return self.by_group if self.by_group is not None else self.engine == "backward"
+
+    @property
+    def eval_engine(self) -> Engine:
+        """The engine the E pass runs: ``engine``, except "backward" when by_group is computed (the jvp
+        engine would need one forward-mode pass per group, docs/performance.md)."""
+        return "backward" if self.computes_groups else self.engine
 
     def to_dict(self) -> dict:
         """Every field, JSON-ready: ``groups`` by its qualified name (a function's repr holds its address,

@@ -22,19 +22,25 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .batch import RolloutBatch
+from .config import DIRECTIONS  # noqa: F401  (the config owns the lists)
 from .vectors import Params, first_nonfinite
 
-DIRECTIONS = ("adam-preconditioned", "optimizer-step", "sgd")
 CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_: coef = max_norm / (total_norm + 1e-6)
 
 
 @dataclass
 class UpdateDirection:
-    """v, and ``grad_j``: the grad J_U v was built from, kept by the probe when the jackknife over U
-    (se_total) needs it (None when v was given or came from ``.grad``)."""
+    """v, and what the jackknife over U (se_total) needs of the U that built it: ``grad_j`` (the grad
+    J_U v was built from, kept when asked for), this rank's U ``batch`` and its loss coefficients
+    ``coeff`` (``(N_U,)`` c_i), and ``n_units`` = B_U over all ranks. All empty when v was given or came
+    from ``.grad``."""
 
     v: dict[str, Tensor]
     grad_j: dict[str, Tensor | None] | None = None
+    batch: RolloutBatch | None = None
+    coeff: Tensor | None = None
+    n_units: int = 0
 
 
 @dataclass

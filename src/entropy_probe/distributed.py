@@ -27,7 +27,7 @@ Run the distributed example with ``torchrun --nproc_per_node=2 examples/ddp_prob
 from __future__ import annotations
 
 import hashlib
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -37,6 +37,21 @@ from .statistics import Moments, moments_merge
 from .vectors import Params
 
 Vector = dict[str, "Tensor | None"]  # a vector whose entries may be None (a parameter no gradient reached)
+
+
+class Communicator(Protocol):
+    """What the probe asks of a communicator (module docstring): ``SingleProcess`` or ``ProcessGroupComm``."""
+
+    rank: int
+    world_size: int
+
+    def check_same(self, what: str, fields: Callable[[], dict], error: Exception | None = None) -> None: ...
+
+    def stack(self, t: Tensor) -> Tensor: ...
+
+    def gather(self, t: Tensor, sizes: Sequence[int] | None = None) -> Tensor: ...
+
+    def sum_(self, tensors: list[Tensor]) -> None: ...
 
 
 class SingleProcess:
@@ -181,11 +196,12 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def communicator_for(model: nn.Module):
-    """``ProcessGroupComm`` of the DDP model's process group, or of an FSDP2 model's device mesh
-    (``fsdp``); ``SingleProcess`` for a plain module.
+def communicator_for(model: nn.Module, process_group=None) -> Communicator:
+    """``ProcessGroupComm`` of ``process_group`` when given, else of the DDP model's process group or of
+    an FSDP2 model's device mesh (``fsdp``); ``SingleProcess`` for a plain module.
 
-    A plain module under torchrun is probed per rank, independently (nothing is communicated).
+    A plain module under torchrun is probed per rank, independently (nothing is communicated), unless
+    a ``process_group`` is given (a trainer that hands over the unwrapped model: ``integrations.trl``).
     """
     if _is_fsdp1(model):
         raise ValueError(
@@ -193,8 +209,10 @@ def communicator_for(model: nn.Module):
             "(torch.distributed.fsdp.fully_shard) with run(eval_batch=E, from_grad=True), or "
             "DistributedDataParallel (docs/distributed.md, FSDP)"
         )
+    if process_group is not None:
+        return ProcessGroupComm(process_group)
     if _is_sharded(model):
-        from .fsdp import fsdp2_group  # fsdp imports this module
+        from .fsdp import fsdp2_group  # lazy: torch.distributed.fsdp is imported only for a sharded model
 
         return ProcessGroupComm(fsdp2_group(model))
     if isinstance(model, nn.parallel.DistributedDataParallel):
@@ -203,7 +221,7 @@ def communicator_for(model: nn.Module):
 
 
 # ---- the probe's reductions -------------------------------------------------------------------
-def global_totals(comm, local: UpdateTotals) -> UpdateTotals:
+def global_totals(comm: Communicator, local: UpdateTotals) -> UpdateTotals:
     """The loss normalisers over every rank's U units (sums; the max length is a max).
     One all_gather of four integers."""
     mine = torch.tensor(
@@ -214,7 +232,7 @@ def global_totals(comm, local: UpdateTotals) -> UpdateTotals:
     return UpdateTotals(n_units, n_sequences, n_tokens, int(table[:, 3].max()))
 
 
-def all_reduce_vector(comm, vec: Vector, params: Params) -> Vector:
+def all_reduce_vector(comm: Communicator, vec: Vector, params: Params) -> Vector:
     """The sum over ranks of a parameter-keyed fp32 vector (None: nothing reached it on this rank).
 
     One flat fp32 buffer, ``numel + number of tensors`` long, one all-reduce; the trailing entries
@@ -248,7 +266,7 @@ def all_reduce_vector(comm, vec: Vector, params: Params) -> Vector:
     return out
 
 
-def merged_moments(comm, local: Moments, extra: Tensor) -> tuple[Moments, Tensor, list[int]]:
+def merged_moments(comm: Communicator, local: Moments, extra: Tensor) -> tuple[Moments, Tensor, list[int]]:
     """Chan-merged float64 moments over ranks (rank order), ``extra`` summed, and each rank's count.
 
     One all_gather of ``(3 + len(extra))`` float64 numbers per rank.

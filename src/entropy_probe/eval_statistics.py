@@ -1,8 +1,9 @@
-"""Step 3 of a call: every rank's s_n -> the statistics over E with U fixed (DESIGN section 5).
+"""Step 3 of a call: every rank's per-unit values -> the statistics over E with U fixed (DESIGN section 5).
 
-float64 moments ``(count, mean, M2)`` are merged over ranks (Chan), then the s_n themselves are
-gathered in rank order for the jackknife and attribution; the entropy on E and the count of dropped
-rows ride along in the same all_gather.
+float64 moments ``(count, mean, M2)`` are merged over ranks (Chan), with the entropy on E and the count
+of dropped rows riding along in the same all_gather; then the per-unit values themselves (s_n, the
+unit ids, q_n of the second order and s_n^(g) by parameter group, whichever the call has) are gathered
+in rank order in ONE collective, for the jackknife, the second order and the attribution.
 """
 
 from __future__ import annotations
@@ -12,8 +13,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .batch import RolloutBatch
+from .context import ProbeCall
 from .distributed import merged_moments
 from .engines import EvalProjections
+from .objectives import unit_entropy
+from .result import FirstOrder
 from .statistics import conditional_variance, jackknife_se, moments_update
 
 
@@ -21,7 +26,9 @@ from .statistics import conditional_variance, jackknife_se, moments_update
 class EvalStatistics:
     """Step 3 of a call: the E statistics, over all ranks.
 
-    s, unit_ids: ``(B_E,)`` the s_n and their group ids in rank order; the rest as in ``ProbeResult``.
+    s, unit_ids: ``(B_E,)`` the s_n and their group ids in rank order; q: ``(B_E,)`` float64 q_n (second
+    order) or None; s_groups: ``(B_E, n_groups)`` float64 s_n^(g) or None; sizes: E units per rank; the
+    rest as in ``ProbeResult``.
     """
 
     s: Tensor
@@ -33,23 +40,65 @@ class EvalStatistics:
     se_jackknife: float
     entropy: float
     n_dropped_rows: int
-    sizes: list[int] | None = None  # E units per rank
+    sizes: list[int] | None = None
+    q: Tensor | None = None
+    s_groups: Tensor | None = None
+
+    def first_order(self, lr: float) -> FirstOrder:
+        """``result.first``."""
+        return FirstOrder(
+            delta_h1=self.delta_h1,
+            se_cond_e=self.se_cond_e,
+            var_cond_e=self.var_cond_e,
+            se_jackknife=self.se_jackknife,
+            entropy=self.entropy,
+            n_eval_units=self.n_eval,
+            lr=lr,
+            per_unit=self.s.detach().double().cpu(),
+            eval_unit_ids=self.unit_ids.cpu(),
+            n_dropped_rows=self.n_dropped_rows,
+        )
+
+
+def unit_table(local_s: Tensor, ids: Tensor, q: Tensor | None, s_groups: Tensor | None) -> Tensor:
+    """``(B_local, 2 [+ 1] [+ n_groups])`` float64 columns s_n, id, [q_n], [s_n^(g)]: one gather for all
+    (float64 holds the fp32 s_n and the integer ids exactly)."""
+    cols = [local_s.double().reshape(-1, 1), ids.to(local_s.device).double().reshape(-1, 1)]
+    if q is not None:
+        cols.append(q.double().to(local_s.device).reshape(-1, 1))
+    if s_groups is not None:
+        cols.append(s_groups.double().to(local_s.device))
+    return torch.cat(cols, dim=1)
 
 
 def eval_statistics(
-    comm, proj: EvalProjections, local_entropy: Tensor, local_ids: Tensor, local_dropped: int, lr: float
+    call: ProbeCall, proj: EvalProjections, batch: RolloutBatch | None, q_local: Tensor | None = None
 ) -> EvalStatistics:
-    """float64 moments merged over ranks, then the s_n themselves for the jackknife and attribution."""
+    """float64 moments merged over ranks, then the per-unit values in one gather (module docstring).
+
+    ``batch``: this rank's E (None for none); ``q_local``: its q_n when the second order is on."""
+    comm, lr = call.comm, call.lr
     # with groups, s_n is their float64 sum, so that the groups add up to delta_h1 to float64 rounding
     local_s = proj.s if proj.s_groups is None else proj.s_groups.sum(dim=1)
-    dropped = torch.tensor(float(local_dropped), dtype=torch.float64, device=local_entropy.device)
-    extra = torch.stack([local_entropy, dropped])
+    device = local_s.device
+    if batch is not None:
+        own = proj.entropy_sum  # the token-level pieces bring their own (the trainers' formula)
+        entropy, ids, dropped = (
+            unit_entropy(proj.weighted, batch).double().sum() if own is None else own.double(),
+            batch.unit_ids,
+            batch.n_dropped_rows,
+        )
+    else:
+        entropy, ids, dropped = torch.zeros((), dtype=torch.float64, device=device), local_s.long(), 0
+    extra = torch.stack([entropy, torch.tensor(float(dropped), dtype=torch.float64, device=device)])
     moments, sums, sizes = merged_moments(comm, moments_update(local_s), extra)
     n_eval = int(moments.count)
     if n_eval == 0:
         raise ValueError("eval_batch: no rank holds any evaluation unit")
-    s = comm.gather(local_s, sizes)  # (B_E,) over all ranks, rank order
-    unit_ids = comm.gather(local_ids, sizes)  # (B_E,)
+    table = comm.gather(unit_table(local_s, ids, q_local, proj.s_groups), sizes)  # (B_E, k) rank order
+    s, unit_ids = table[:, 0].to(local_s.dtype), table[:, 1].long()  # (B_E,), (B_E,)
+    q = None if q_local is None else table[:, 2]
+    s_groups = None if proj.s_groups is None else table[:, 2 + (q_local is not None) :]  # (B_E, n_groups)
     bad = (~torch.isfinite(s)).nonzero()
     if len(bad):
         unit = int(bad[0, 0])
@@ -66,4 +115,6 @@ def eval_statistics(
         entropy=float(sums[0]) / n_eval,
         n_dropped_rows=int(sums[1]),
         sizes=sizes,
+        q=q,
+        s_groups=s_groups,
     )

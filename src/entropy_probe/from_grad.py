@@ -21,7 +21,6 @@ import torch
 from torch import Tensor, nn
 
 from .direction import UpdateDirection, build_direction
-from .fsdp import is_sharded, local_view
 from .vectors import first_nonfinite
 
 
@@ -44,11 +43,9 @@ def direction_from_grad(
     """v from ``-p.grad`` by the rule ``kind``; ``v_lr`` the rate v is normalised by (0: v = 0).
 
     There is no U batch, so no variance over U (``se_total`` is None). Memory: one negated copy of the
-    gradient, turned into v in place (the caller's ``.grad`` is never written). FSDP2
-    (DTensor parameters): v is built on this rank's shards (``fsdp.local_view``) and is a local shard.
+    gradient, turned into v in place (the caller's ``.grad`` is never written). FSDP2: the caller passes
+    this rank's shards (``fsdp.local_view``, ``passes.grad_view``) and v is a local shard.
     """
-    if is_sharded(params):
-        params, optimizer = local_view(params, optimizer)
     grad_j: dict[str, Tensor | None] = {
         name: None if p.grad is None else -p.grad.detach()  # ascent direction
         for name, p in params.items()
@@ -69,9 +66,7 @@ def direction_from_grad(
 def grad_checksums(params: dict[str, nn.Parameter]) -> list:
     """Per parameter ``(name, sum, sum of squares)`` of ``.grad`` in float64 (None: no grad): under DDP
     the ranks' averaged gradients must agree, and this is a cheap way to check it (one host sync).
-    None under FSDP2: each rank holds a different shard of the one reduce-scattered gradient."""
-    if is_sharded(params):
-        return None
+    Not under FSDP2 (``fsdp.ShardedPasses.grad_checksums``): each rank holds a different shard."""
     names = [n for n, p in params.items() if p.grad is not None]
     if not names:
         return []

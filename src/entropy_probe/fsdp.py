@@ -32,17 +32,17 @@ FSDP2 must average its gradients (no ``set_gradient_divide_factor``) and reduce 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .batch import Microbatch, RolloutBatch
+from .batch import RolloutBatch
 from .config import ProbeConfig
 from .engines.projections import EvalProjections
-from .logprobs import SequenceLogProbs, sequence_logprobs, token_terms
-from .objectives import entropy_gradient_coefficients
+from .logprobs import SequenceLogProbs, policy_logprobs, token_terms
+from .objectives import entropy_surrogate
+from .passes import Passes
 from .response_tokens import ResponseTokens
 from .vectors import Params, Vector, dot
 
@@ -114,23 +114,6 @@ def _fsdp_param_groups(model: nn.Module) -> list:
     return groups
 
 
-def check_call(params: Params, cfg: ProbeConfig, from_grad: bool, eval_batch) -> None:
-    """The FSDP2 restrictions, as ValueErrors raised before any collective (module docstring)."""
-    if not is_sharded(params):
-        return
-    if not from_grad:
-        raise ValueError(
-            "FSDP2 model: only run(eval_batch=E, from_grad=True) is supported (v from the sharded "
-            ".grad after the trainer's backward); an update batch or a given direction is not"
-        )
-    if cfg.second_order or cfg.groups is not None:
-        raise ValueError("FSDP2 model: ProbeConfig.second_order and ProbeConfig.groups are not supported")
-    if eval_batch is None:
-        raise ValueError(
-            "FSDP2 model: every rank must pass an eval_batch (the ranks run every E unit together)"
-        )
-
-
 def local_view(params: Params, optimizer) -> tuple[Params, object]:
     """This rank's shards as stand-in parameters (``.grad``: the local gradient shard) and an optimizer
     of the same class reading the local shards of the state, for ``direction_from_grad``.
@@ -182,9 +165,10 @@ def _unit_backward(
     module: nn.Module, params: Params, batch: RolloutBatch, cfg: ProbeConfig, v: Vector
 ) -> tuple[Tensor, SequenceLogProbs]:
     """(this rank's partial dot ``v_r . X_n,r``, the log-probs) for one unit, ``.grad`` left as None."""
-    lp = sequence_logprobs(module, batch, cfg.temperature, cfg.entropy_weighting)
-    a, e = entropy_gradient_coefficients(lp.weighted, batch, cfg.x_estimator)
-    (a * lp.seq + e * lp.weighted).sum().backward()  # FSDP2: every rank the same loss, .grad = X_n's shard
+    lp = policy_logprobs(module, batch, cfg)
+    entropy_surrogate(
+        lp, batch, cfg.x_estimator
+    ).backward()  # FSDP2: every rank the same loss, .grad = X_n's shard
     grads = {name: None if p.grad is None else p.grad.to_local() for name, p in params.items()}
     partial = dot(grads, v)
     for p in params.values():
@@ -212,7 +196,7 @@ def eval_projections(
                 partial, lp = _unit_backward(module, params, mb.batch, cfg, v)
                 partials.append(partial)
                 if r == rank:
-                    mine.seq_logprob[mb.rows], mine.weighted[mb.rows] = lp.seq, lp.weighted
+                    mine.logprobs.put(mb.rows, lp)
     finally:
         for name, p in params.items():
             p.grad = caller_grads[name]
@@ -223,38 +207,25 @@ def eval_projections(
     return mine
 
 
-def lockstep_microbatches(
-    module: nn.Module, batch: RolloutBatch, cfg: ProbeConfig
-) -> Iterator[tuple[bool, Microbatch]]:
-    """Every rank's E microbatches in rank order, each flagged whether it is this rank's own: the caller
-    forwards them all (collectives) and keeps its own rows. The root's parameters are resharded at the end."""
-    group = fsdp2_group(module)
-    rank = dist.get_rank(group)
-    try:
-        for r, b in enumerate(all_batches(group, batch)):
-            for mb in b.microbatches(cfg.microbatch_units):
-                yield r == rank, mb
-    finally:
-        reshard(module)  # the root's parameters as the caller had them: sharded
-
-
 @torch.no_grad()
 def logprobs_lockstep(module: nn.Module, batch: RolloutBatch, cfg: ProbeConfig) -> SequenceLogProbs:
     """``S_i, S_w,i`` of this rank's E rows at the live parameters, every rank's E forwarded in lock-step."""
-    seq = torch.empty(batch.n_sequences, dtype=torch.float32, device=batch.device)
-    weighted = torch.empty_like(seq)
-    for mine, mb in lockstep_microbatches(module, batch, cfg):
-        lp = sequence_logprobs(module, mb.batch, cfg.temperature, cfg.entropy_weighting)
-        if mine:
-            seq[mb.rows], weighted[mb.rows] = lp.seq, lp.weighted
-    return SequenceLogProbs(seq, weighted)
+    group = fsdp2_group(module)
+    out = SequenceLogProbs.empty(batch)
+    for r, b in enumerate(all_batches(group, batch)):
+        for mb in b.microbatches(cfg.microbatch_units):
+            lp = policy_logprobs(module, mb.batch, cfg)
+            if r == dist.get_rank(group):
+                out.put(mb.rows, lp)
+    reshard(module)  # the root's parameters as the caller had them: sharded
+    return out
 
 
 @contextmanager
 def stepped_shards(params: Params, v: Vector, step: float):
-    """The local shards moved to ``theta + step * v`` in place (in their dtype, as
-    ``truth.stepped_parameters`` forms it) for the ``with`` block, then restored from a saved copy,
-    bit-exactly, also on an error. ``functional_call`` does not reach the parameters FSDP2 gathers."""
+    """The local shards moved to ``theta + step * v`` in place for the ``with`` block (in their dtype, as
+    ``vectors.stepped_parameters`` forms it), then restored from a saved copy, bit-exactly, also on an
+    error: ``functional_call`` does not reach the parameters FSDP2 gathers."""
     if step == 0.0:
         yield
         return
@@ -272,7 +243,7 @@ def stepped_shards(params: Params, v: Vector, step: float):
 
 
 def logprobs_stepped(
-    module: nn.Module, params: Params, v: Vector, step: float, batch: RolloutBatch, cfg: ProbeConfig
+    module: nn.Module, params: Params, batch: RolloutBatch, cfg: ProbeConfig, v: Vector, step: float
 ) -> SequenceLogProbs:
     """``logprobs_lockstep`` at ``theta + step * v`` (the truth; ``stepped_shards``)."""
     with stepped_shards(params, v, step):
@@ -280,11 +251,100 @@ def logprobs_stepped(
 
 
 @torch.no_grad()
-def response_tokens_lockstep(module: nn.Module, batch: RolloutBatch, cfg: ProbeConfig) -> ResponseTokens:
-    """``response_tokens`` of this rank's E rows at the live parameters, every rank's E in lock-step."""
+def tokens_lockstep(module: nn.Module, batch: RolloutBatch, cfg: ProbeConfig) -> ResponseTokens:
+    """Per-token ``l_t, H_t`` of this rank's E rows at the live parameters, every rank's E in lock-step."""
+    group = fsdp2_group(module)
     out = ResponseTokens.zeros(batch)
-    for mine, mb in lockstep_microbatches(module, batch, cfg):
-        t = token_terms(module, mb.batch, cfg.temperature)  # every rank's: the forwards are collectives
-        if mine:
-            out.put(mb.rows, t.logprob, t.entropy, t.mask)
+    for r, b in enumerate(all_batches(group, batch)):
+        for mb in b.microbatches(cfg.microbatch_units):
+            t = token_terms(module, mb.batch, cfg.temperature)  # every rank's: the forwards are collectives
+            if r == dist.get_rank(group):
+                out.put(mb.rows, t.logprob, t.entropy, t.mask)
+    reshard(module)  # the root's parameters as the caller had them: sharded
     return out
+
+
+class ShardedPasses(Passes):
+    """The passes of an FSDP2 model (module docstring): every rank runs every rank's units in lock-step."""
+
+    steps_in_place = True
+
+    def reshard(self, module: nn.Module) -> None:
+        reshard(module)
+
+    def check_call(self, cfg: ProbeConfig, source: str, eval_batch: RolloutBatch | None) -> None:
+        """The FSDP2 restrictions, as ValueErrors raised before any collective (module docstring)."""
+        if source != "from_grad":
+            raise ValueError(
+                "FSDP2 model: only run(eval_batch=E, from_grad=True) is supported (v from the sharded "
+                ".grad after the trainer's backward); an update batch or a given direction is not"
+            )
+        if cfg.second_order or cfg.groups is not None:
+            raise ValueError("FSDP2 model: ProbeConfig.second_order and ProbeConfig.groups are not supported")
+        if cfg.entropy == "token" or cfg.entropy_weighting == "sum":
+            raise ValueError(
+                f"FSDP2 model: ProbeConfig.entropy={cfg.entropy!r} (and entropy_weighting='sum') is not "
+                "supported yet; use entropy='sequence' with entropy_weighting='token-mean'"
+            )
+        if eval_batch is None:
+            raise ValueError(
+                "FSDP2 model: every rank must pass an eval_batch (the ranks run every E unit together)"
+            )
+
+    def grad_view(self, params: Params, optimizer) -> tuple[Params, object]:
+        return local_view(params, optimizer)
+
+    def grad_checksums(self, params: Params) -> list | None:
+        return None  # each rank holds a different shard of the one reduce-scattered gradient
+
+    def eval_projections(
+        self,
+        module: nn.Module,
+        params: Params,
+        batch: RolloutBatch,
+        v: Vector,
+        cfg: ProbeConfig,
+        halves: Tensor | None = None,
+    ) -> EvalProjections:
+        return eval_projections(module, params, batch, v, cfg)  # no halves: no U under FSDP2
+
+    def logprobs(
+        self, module: nn.Module, params: Params, batch: RolloutBatch, cfg: ProbeConfig
+    ) -> SequenceLogProbs:
+        return logprobs_lockstep(module, batch, cfg)
+
+    def logprobs_stepped(
+        self,
+        module: nn.Module,
+        params: Params,
+        batch: RolloutBatch,
+        cfg: ProbeConfig,
+        v: Vector,
+        step: float,
+        base: Vector | None = None,
+    ) -> SequenceLogProbs:
+        return logprobs_stepped(module, params, batch, cfg, v, step)
+
+    def tokens(
+        self, module: nn.Module, params: Params, batch: RolloutBatch, cfg: ProbeConfig
+    ) -> ResponseTokens:
+        return tokens_lockstep(module, batch, cfg)
+
+    def tokens_stepped(
+        self,
+        module: nn.Module,
+        params: Params,
+        batch: RolloutBatch,
+        cfg: ProbeConfig,
+        v: Vector,
+        step: float,
+        base: Vector | None = None,
+    ) -> ResponseTokens:
+        with stepped_shards(params, v, step):
+            return tokens_lockstep(module, batch, cfg)
+
+
+def passes_for(model: nn.Module) -> Passes:
+    """``ShardedPasses`` for an FSDP2 (DTensor-sharded) model, else ``Passes``; chosen once per probe."""
+    reshard(model)  # the root's parameters are gathered plain tensors after a forward without backward
+    return ShardedPasses() if is_sharded(dict(model.named_parameters())) else Passes()

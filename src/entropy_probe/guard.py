@@ -23,11 +23,11 @@ by ``c`` for that one step.
 >>> optimizer.param_groups[0]["lr"]
 0.5
 
-Which fields of the result are read (the contract with ``ProbeResult``):
+Which parts of the result are read (the contract with ``ProbeResult``):
 
-- always ``delta_h1``, ``se_cond_e`` (the SE over E with U fixed: the step is the one about to be
-  taken, so the variance over U does not apply to it) and ``lr``;
-- second order when ``getattr(result, "delta_h2", None)`` is not None. Its SE at scale ``c`` is, in
+- always ``result.first``: ``delta_h1``, ``se_cond_e`` (the SE over E with U fixed: the step is the one
+  about to be taken, so the variance over U does not apply to it) and ``lr``;
+- second order when ``result.second`` is not None. Its SE at scale ``c`` is, in
   order of preference: from the per-unit values (``per_unit`` = s_n and ``per_unit_q`` = the q_n of
   DESIGN section 12, unit n contributing ``eta^2/2 * q_n / B_E`` to ``delta_h2``) as
   ``sqrt(var_n(c eta s_n + c^2 eta^2/2 q_n) / B_E)``; else ``c * se_cond_e + c^2 * se_delta_h2``
@@ -48,9 +48,9 @@ import numpy as np
 import torch
 
 from .from_grad import unwrap_optimizer
-from .result import PREFIX
+from .result import PREFIX, ProbeResult
 
-PER_UNIT_Q = "per_unit_q"  # the attribute holding the q_n (DESIGN section 12); read with getattr
+PER_UNIT_Q = "per_unit_q"  # the name of the q_n (result.second.per_unit_q), in error messages
 
 # GuardDecision.reason: why the scale is what it is.
 NO_STEP = "no-step"  # lr 0, or a forecast of exactly 0 with SE 0: nothing to guard, scale 1
@@ -126,7 +126,7 @@ class EntropyGuard:
     def decide(self, result) -> GuardDecision:
         """The largest scale ``c`` in (0, 1] whose forecast lower bound is >= ``-max_drop``."""
         fc = forecast_of(result)
-        if float(result.lr) == 0.0 or (fc.d1 == fc.d2 == 0.0 and fc.a == fc.b == fc.k == 0.0):
+        if float(_parts(result)[0].lr) == 0.0 or (fc.d1 == fc.d2 == 0.0 and fc.a == fc.b == fc.k == 0.0):
             return self._decision(fc, 1.0, NO_STEP)
         _, bound = self._bound(fc, 1.0)
         if bound >= 0:
@@ -223,25 +223,33 @@ def bisect(g, lo: float, hi: float, tol: float = 1e-13) -> float:
 
 
 def forecast_of(result) -> Forecast:
-    """Read ``delta_h1``, ``se_cond_e``, ``lr`` and, when present, the second-order fields; check them."""
-    d1, se1, lr = (_finite(result, name) for name in ("delta_h1", "se_cond_e", "lr"))
+    """Read ``result.first`` (``delta_h1``, ``se_cond_e``, ``lr``) and, when present, ``result.second``."""
+    first, second = _parts(result)
+    d1, se1, lr = (_finite(first, name) for name in ("delta_h1", "se_cond_e", "lr"))
     if se1 < 0 or lr < 0:
         raise ValueError(f"EntropyGuard: result.se_cond_e ({se1}) and result.lr ({lr}) must be >= 0")
-    if getattr(result, "delta_h2", None) is None:
+    if second is None:
         return Forecast(d1, 0.0, se1 * se1, 0.0, 0.0, 1)
-    d2 = _finite(result, "delta_h2")
-    q = getattr(result, PER_UNIT_Q, None)
+    d2 = _finite(second, "delta_h2")
+    q = getattr(second, PER_UNIT_Q, None)  # a stand-in may carry delta_h2 alone
     if q is not None:
-        a, b, k = _per_unit_moments(result, q, d1, d2, lr)
+        a, b, k = _per_unit_moments(first.per_unit, q, d1, d2, lr)
         return Forecast(d1, d2, a, b, k, 2)
-    se2 = getattr(result, "se_delta_h2", None)
-    se2 = 0.0 if se2 is None else _finite(result, "se_delta_h2")
+    se2 = 0.0 if getattr(second, "se_delta_h2", None) is None else _finite(second, "se_delta_h2")
     return Forecast(d1, d2, se1 * se1, 2 * se1 * se2, se2 * se2, 2)  # SE(c) = c se1 + c^2 se2
 
 
-def _per_unit_moments(result, q, d1: float, d2: float, lr: float) -> tuple[float, float, float]:
+def _parts(result) -> tuple:
+    """(first, second) of a ``ProbeResult``; any other object with the flat names (a stand-in, a result
+    built elsewhere) serves as both, its second part present when it carries ``delta_h2``."""
+    if isinstance(result, ProbeResult):
+        return result.first, result.second
+    return result, (result if getattr(result, "delta_h2", None) is not None else None)
+
+
+def _per_unit_moments(s, q, d1: float, d2: float, lr: float) -> tuple[float, float, float]:
     """``SE(c)^2 = c^2 (a + b c + k c^2)`` from ``var_n(c eta s_n + c^2 eta^2/2 q_n) / B_E``."""
-    s = torch.as_tensor(result.per_unit, dtype=torch.float64).reshape(-1)  # (B_E,)
+    s = torch.as_tensor(s, dtype=torch.float64).reshape(-1)  # (B_E,)
     q = torch.as_tensor(q, dtype=torch.float64).reshape(-1)  # (B_E,)
     if s.shape != q.shape:
         raise ValueError(f"EntropyGuard: result.{PER_UNIT_Q} has {q.numel()} units, per_unit {s.numel()}")
@@ -267,8 +275,9 @@ def _per_unit_moments(result, q, d1: float, d2: float, lr: float) -> tuple[float
     return cov(xc, xc), 2 * cov(xc, yc), cov(yc, yc)
 
 
-def _finite(result, name: str) -> float:
-    value = getattr(result, name, None)
+def _finite(part, name: str) -> float:
+    """The field ``name`` of a result part as a finite float, else a ValueError naming it."""
+    value = getattr(part, name)
     if value is None or not math.isfinite(float(value)):
         raise ValueError(f"EntropyGuard: result.{name} must be a finite number, got {value!r}")
     return float(value)

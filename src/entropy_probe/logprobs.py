@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .batch import RolloutBatch, _first_bad_row
+from .config import WEIGHTINGS, ProbeConfig  # noqa: F401  (the config owns the lists)
 
 
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
@@ -84,6 +85,16 @@ class SequenceLogProbs:
     seq: Tensor
     weighted: Tensor
 
+    @classmethod
+    def empty(cls, batch: RolloutBatch) -> "SequenceLogProbs":
+        """``(N,)`` fp32 buffers for ``batch``'s rows, filled microbatch by microbatch with ``put``."""
+        seq = torch.empty(batch.n_sequences, dtype=torch.float32, device=batch.device)
+        return cls(seq, torch.empty_like(seq))
+
+    def put(self, rows, lp: "SequenceLogProbs") -> None:
+        """Write a microbatch's log-probs (detached) at its ``rows`` of the batch."""
+        self.seq[rows], self.weighted[rows] = lp.seq.detach(), lp.weighted.detach()
+
 
 def token_logprobs(logits: Tensor, input_ids: Tensor, temperature: float) -> Tensor:
     """``(N, T)`` fp32 log-probs; entry t is ``log pi(input_ids[t] | <t)``, entry 0 is 0."""
@@ -132,9 +143,6 @@ def _entropy_chunk(z: Tensor, lse: Tensor, temperature: float) -> Tensor:
     """``sum_{a in chunk} p_a (lse - z_a)`` per position, fp32: one chunk's share of H."""
     gap = lse.unsqueeze(-1) - z.float() / temperature  # (N, T-1, chunk): -log p_a >= 0
     return (torch.exp(-gap) * gap).sum(dim=-1)  # (N, T-1)
-
-
-WEIGHTINGS = ("token-mean", "sum")
 
 
 def response_weights(response_mask: Tensor, weighting: str) -> Tensor:
@@ -210,3 +218,21 @@ def token_terms(
     lp = torch.where(real, token_logprobs(logits, ids, temperature), 0.0)  # (N, K)
     h = torch.where(real, token_entropies(logits, temperature), 0.0)  # (N, K)
     return TokenTerms(entropy=h, logprob=lp, mask=resp.float())
+
+
+def policy_logprobs(
+    module: nn.Module, batch: RolloutBatch, cfg: ProbeConfig, params: dict[str, Tensor] | None = None
+) -> SequenceLogProbs:
+    """``sequence_logprobs`` of the policy the probe differentiates: ``cfg``'s temperature, weighting."""
+    return sequence_logprobs(module, batch, cfg.temperature, cfg.entropy_weighting, params=params)
+
+
+@torch.no_grad()
+def logprobs_at(
+    module: nn.Module, params: dict[str, Tensor], batch: RolloutBatch, cfg: ProbeConfig
+) -> SequenceLogProbs:
+    """``S_i`` and ``S_w,i`` of every sequence, ``(N,)`` fp32 in row order, under the given parameters."""
+    out = SequenceLogProbs.empty(batch)
+    for mb in batch.microbatches(cfg.microbatch_units):
+        out.put(mb.rows, policy_logprobs(module, mb.batch, cfg, params))
+    return out

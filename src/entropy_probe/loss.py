@@ -20,8 +20,8 @@ from torch import Tensor, nn
 
 from .batch import RolloutBatch
 from .config import ProbeConfig
-from .logprobs import sequence_logprobs
-from .objectives import UpdateTotals, advantages, policy_gradient_coefficients
+from .logprobs import policy_logprobs
+from .objectives import UpdateTotals, advantages, policy_gradient_coefficients, update_surrogate
 
 
 def policy_loss(model: nn.Module, batch: RolloutBatch, config: ProbeConfig) -> Tensor:
@@ -33,5 +33,5 @@ def policy_loss(model: nn.Module, batch: RolloutBatch, config: ProbeConfig) -> T
     coeff = policy_gradient_coefficients(
         batch, adv, config.loss_aggregation, UpdateTotals.of(batch), config.norm_length
     )
-    seq = sequence_logprobs(model, batch, config.temperature, config.entropy_weighting).seq
-    return -(coeff * seq).sum() / batch.n_units
+    seq = policy_logprobs(model, batch, config).seq
+    return -update_surrogate(seq, coeff) / batch.n_units

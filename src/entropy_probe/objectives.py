@@ -22,10 +22,8 @@ import torch
 from torch import Tensor
 
 from .batch import RolloutBatch
+from .config import ADVANTAGE_ESTIMATORS, LOSS_AGGREGATIONS, X_ESTIMATORS  # noqa: F401  (the config owns the lists)
 
-ADVANTAGE_ESTIMATORS = ("grpo", "rloo", "dr-grpo", "given")
-LOSS_AGGREGATIONS = ("seq-mean-token-mean", "seq-mean-token-sum", "token-mean", "seq-mean-token-sum-norm")
-X_ESTIMATORS = ("unbiased", "seed")
 # TRL 1.16 GRPOTrainer (scale_rewards="group"): A = (r - mean) / (std + 1e-4), std Bessel-corrected
 # (trl.trainer.utils.nanstd). verl uses 1e-6; the probe follows TRL.
 GRPO_STD_EPS = 1e-4
@@ -142,3 +140,21 @@ def unit_entropy(weighted: Tensor, batch: RolloutBatch) -> Tensor:
     """``(B,)`` per-unit entropy estimates ``-(1/G) sum_i S_w,i`` (nats)."""
     sw = weighted.detach()
     return -group_sum(sw, batch) / batch.unit_sizes.to(sw.device).to(sw.dtype)
+
+
+def entropy_surrogate(lp, batch: RolloutBatch, x_estimator: str, tangent: bool = False) -> Tensor:
+    """The E surrogate, the one place it is written: the scalar whose gradient is ``sum_n X_n`` over
+    ``batch``'s units, ``sum_i a_i S_i + e_i S_w,i`` with (a, e) constant given the batch
+    (``entropy_gradient_coefficients``). ``tangent=True`` (``lp`` a ``DirectionalLogProbs``): instead the
+    ``(B,)`` per-unit derivatives along v, ``s_n = sum_{i in n} a_i dS_i + e_i dS_w,i`` (the jvp engine).
+    """
+    a, e = entropy_gradient_coefficients(lp.weighted, batch, x_estimator)
+    if tangent:
+        return group_sum(a * lp.d_seq + e * lp.d_weighted, batch)  # (B,)
+    return (a * lp.seq + e * lp.weighted).sum()
+
+
+def update_surrogate(seq: Tensor, coeff: Tensor) -> Tensor:
+    """The U surrogate, the one place it is written: ``J = sum_i c_i S_i`` (``coeff``: ``(N,)`` c_i of the
+    same rows as ``seq``), whose gradient is the policy gradient of the run's loss on those rows."""
+    return (coeff * seq).sum()

@@ -10,7 +10,6 @@ se_jackknife        delete-one jackknife SE over E units from the gathered s_n; 
                     se_cond_e algebraically, so it is a numerical check of the float64 moment merge
 se_total            unconditional SE ``sqrt(var_cond_e + var_update)`` (None without U)
 var_update          V_U, the variance over U: jackknife through the exact direction map (None without U)
-interval_method     how ``interval()`` is built: "hull(student-t, bootstrap-t)" (DESIGN section 14)
 interval_lo95/hi95  ``interval(0.95)``
 truth/reliable      False when the importance weights are degenerate (ESS below truth.ess_threshold)
 entropy             entropy of the policy on E before the step, ``mean_n -(1/G) sum S_w`` (nats)
@@ -30,16 +29,29 @@ truth/se_diff       jackknife SE of ``delta_h - delta_h1`` on the same E
 truth/slope         least-squares slope of delta_h(alpha) through the origin
 truth/se_diff_forecast  jackknife SE of ``delta_h - forecast`` on the same E (second order on)
 ==================  ==========================================================================
+
+Only numbers and booleans: a value that is None (se_total without U) is left out, and the string
+``interval_method`` stays on the result (a logger that averages every metric, as verl's does, would
+break on a string).
+
+The result is composed of the parts a call builds: ``first`` (``FirstOrder``), ``update``
+(``UpdateVariance``, None without U), ``second`` (``SecondOrderForecast``, None without second order),
+``by_group``, ``truth``, and the ``lookahead`` and ``prediction`` slots. Every flat name above is a
+read-only property reading its part (``result.delta_h1 is result.first.delta_h1``).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from statistics import NormalDist
+from typing import Any
 
 from torch import Tensor
 
+from .batch import RolloutBatch
+from .logprobs import SequenceLogProbs
+from .response_tokens import ResponseTokens
 from .statistics import skew_aware_interval
 
 INTERVAL_METHOD = "hull(student-t, bootstrap-t)"
@@ -76,46 +88,29 @@ class TruthResult:
 
 
 @dataclass
-class ProbeResult:
-    """The forecast of one optimizer step's entropy change, with its uncertainty."""
+class EvalState:
+    """What ``measure_change`` needs from the forecast pass: this rank's E (None if it holds no E unit)
+    and, at the parameters the forecast was made at, its ``S_i``, ``S_w,i`` or, when E was read through
+    the exact H_t, its per-token terms (``response_tokens.ResponseTokens``); never in ``to_dict``."""
+
+    batch: RolloutBatch | None
+    before: SequenceLogProbs | ResponseTokens | None
+
+
+@dataclass
+class FirstOrder:
+    """The first-order forecast over E with U fixed (``result.first``)."""
 
     delta_h1: float
     se_cond_e: float
     var_cond_e: float
     se_jackknife: float
-    se_total: float | None
     entropy: float
     n_eval_units: int
-    n_update_units: int
     lr: float
     per_unit: Tensor  # (B_E,) float64 s_n, in eval-unit order: unit n contributes lr * s_n / B_E
     eval_unit_ids: Tensor  # (B_E,) group id of each eval unit
-    truth: TruthResult | None = None
     n_dropped_rows: int = 0  # E rows with no response token, dropped from their units (summed over ranks)
-    eval_state: object | None = field(default=None, repr=False, compare=False)  # change.EvalState, for
-    # probe.measure_change: E and its log-probs at the forecast's parameters (never in to_dict)
-    delta_h2: float | None = None  # (eta^2/2) mean_n q_n; None without second_order
-    se_delta_h2: float | None = None  # (eta^2/2) sqrt(var(q) / B_E)
-    forecast: float | None = None  # delta_h1 + delta_h2
-    se_forecast: float | None = None  # sqrt(var(eta s_n + eta^2/2 q_n) / B_E)
-    per_unit_q: Tensor | None = None  # (B_E,) float64 q_n, eval-unit order: unit n adds eta^2/2 q_n / B_E
-    by_group: dict[str, tuple[float, float]] | None = None  # {group: (delta_h1_g, se_g)}, summing to delta_h1
-    var_update: float | None = None  # V_U: se_total ** 2 = var_cond_e + var_update
-    update_influence: Tensor | None = None  # (B_U,) float64 per U unit (update_jackknife); None without U
-    update_unit_ids: Tensor | None = None  # (B_U,) group id of each U unit, the order of update_influence
-    interval_method: str = INTERVAL_METHOD
-
-    def forecast_interval(self, level: float = 0.95) -> tuple[float, float]:
-        """Normal interval of ``forecast`` over E, ``forecast -+ z * se_forecast``; needs second_order."""
-        if self.forecast is None:
-            raise ValueError(
-                "forecast_interval: no second-order term in this result; run with "
-                "ProbeConfig(second_order=True)"
-            )
-        if not 0.0 < level < 1.0:
-            raise ValueError(f"forecast_interval: level must be in (0, 1), got {level!r}")
-        z = NormalDist().inv_cdf(0.5 + level / 2)
-        return self.forecast - z * self.se_forecast, self.forecast + z * self.se_forecast
 
     def interval(self, level: float = 0.95, *, z: float | None = None) -> tuple[float, float]:
         """The forecast's interval over E (U fixed) at coverage ``level``: the hull of the Student-t and
@@ -134,6 +129,111 @@ class ProbeResult:
             )
         return skew_aware_interval(self.per_unit, self.lr, level)
 
+
+@dataclass
+class UpdateVariance:
+    """What U adds (``result.update``; None when the direction was given or came from ``.grad``).
+
+    The variance fields are None with ``ProbeConfig(unconditional_se=False)``."""
+
+    n_update_units: int = 0  # B_U
+    se_total: float | None = None  # sqrt(var_cond_e + max(var_update, 0))
+    var_update: float | None = None  # V_U: se_total ** 2 = var_cond_e + var_update
+    update_influence: Tensor | None = None  # (B_U,) float64 per U unit (update_jackknife)
+    update_unit_ids: Tensor | None = None  # (B_U,) group id of each U unit, the order of update_influence
+
+
+@dataclass
+class SecondOrderForecast:
+    """The second-order term and the forecast (``result.second``; None without ``second_order``)."""
+
+    delta_h2: float  # (eta^2/2) mean_n q_n
+    se_delta_h2: float  # (eta^2/2) sqrt(var(q) / B_E)
+    forecast: float  # delta_h1 + delta_h2
+    se_forecast: float  # sqrt(var(eta s_n + eta^2/2 q_n) / B_E)
+    per_unit_q: Tensor | None = None  # (B_E,) float64 q_n, eval-unit order: unit n adds eta^2/2 q_n / B_E
+
+    def forecast_interval(self, level: float = 0.95) -> tuple[float, float]:
+        """Normal interval of ``forecast`` over E, ``forecast -+ z * se_forecast``."""
+        if not 0.0 < level < 1.0:
+            raise ValueError(f"forecast_interval: level must be in (0, 1), got {level!r}")
+        z = NormalDist().inv_cdf(0.5 + level / 2)
+        return self.forecast - z * self.se_forecast, self.forecast + z * self.se_forecast
+
+
+FIRST_NAMES = tuple(f.name for f in fields(FirstOrder))
+UPDATE_NAMES = tuple(f.name for f in fields(UpdateVariance))
+SECOND_NAMES = tuple(f.name for f in fields(SecondOrderForecast))
+
+
+def _part(cls, part, flat: dict, names: tuple[str, ...]):
+    """``part`` with the flat values among ``names`` written over it; a missing part is built from them
+    when one of them carries a value (``None`` and ``n_update_units=0`` carry none)."""
+    given = {k: flat[k] for k in names if k in flat}
+    if part is not None:
+        return replace(part, **given)
+    if not any(v is not None and not (k == "n_update_units" and v == 0) for k, v in given.items()):
+        return None
+    return cls(**{k: None for k in names if k not in given and cls is SecondOrderForecast}, **given)
+
+
+@dataclass(init=False)
+class ProbeResult:
+    """The forecast of one optimizer step's entropy change, with its uncertainty: the parts a call builds.
+
+    Built from its parts, ``ProbeResult(first=FirstOrder(...), update=..., second=...)``, or from the
+    flat names of ``to_dict`` (``ProbeResult(delta_h1=..., se_cond_e=..., ...)``); a flat name given
+    with the parts is written over its part, so ``dataclasses.replace(result, lr=...)`` works too.
+    """
+
+    first: FirstOrder
+    update: UpdateVariance | None = None
+    second: SecondOrderForecast | None = None
+    by_group: dict[str, tuple[float, float]] | None = None  # {group: (delta_h1_g, se_g)}, summing to delta_h1
+    truth: TruthResult | None = None
+    lookahead: Any | None = None  # the large-steps forecast along the step (filled by a later issue)
+    prediction: Any | None = None  # the predicted next-step change (filled by a later issue)
+    eval_state: EvalState | None = field(default=None, repr=False, compare=False)  # for measure_change
+    interval_method: str = INTERVAL_METHOD
+
+    def __init__(
+        self,
+        first: FirstOrder | None = None,
+        update: UpdateVariance | None = None,
+        second: SecondOrderForecast | None = None,
+        by_group: dict[str, tuple[float, float]] | None = None,
+        truth: TruthResult | None = None,
+        lookahead: Any | None = None,
+        prediction: Any | None = None,
+        eval_state: EvalState | None = None,
+        interval_method: str = INTERVAL_METHOD,
+        **flat,
+    ):
+        unknown = sorted(set(flat) - set(FIRST_NAMES + UPDATE_NAMES + SECOND_NAMES))
+        if unknown:
+            raise TypeError(f"ProbeResult: unexpected argument(s) {unknown}")
+        self.first = _part(FirstOrder, first, flat, FIRST_NAMES)
+        if self.first is None:
+            raise TypeError("ProbeResult: needs first=FirstOrder(...) or its flat fields")
+        self.update = _part(UpdateVariance, update, flat, UPDATE_NAMES)
+        self.second = _part(SecondOrderForecast, second, flat, SECOND_NAMES)
+        self.by_group, self.truth = by_group, truth
+        self.lookahead, self.prediction = lookahead, prediction
+        self.eval_state, self.interval_method = eval_state, interval_method
+
+    def interval(self, level: float = 0.95, *, z: float | None = None) -> tuple[float, float]:
+        """``first.interval``: the skew-aware interval of delta_h1 over E (U fixed)."""
+        return self.first.interval(level, z=z)
+
+    def forecast_interval(self, level: float = 0.95) -> tuple[float, float]:
+        """``second.forecast_interval``: the normal interval of ``forecast``; needs second_order."""
+        if self.second is None:
+            raise ValueError(
+                "forecast_interval: no second-order term in this result; run with "
+                "ProbeConfig(second_order=True)"
+            )
+        return self.second.forecast_interval(level)
+
     def to_dict(self) -> dict:
         keys = (
             "delta_h1",
@@ -147,19 +247,30 @@ class ProbeResult:
             "n_update_units",
             "lr",
             "n_dropped_rows",
-            "interval_method",
         )
         out = {f"{PREFIX}{k}": getattr(self, k) for k in keys}
         out[f"{PREFIX}interval_lo95"], out[f"{PREFIX}interval_hi95"] = self.interval(0.95)
-        if self.forecast is not None:
-            out.update(
-                {
-                    f"{PREFIX}{k}": getattr(self, k)
-                    for k in ("delta_h2", "se_delta_h2", "forecast", "se_forecast")
-                }
-            )
+        if self.second is not None:
+            out.update({f"{PREFIX}{k}": getattr(self.second, k) for k in SECOND_NAMES if k != "per_unit_q"})
         for name, (value, se) in (self.by_group or {}).items():
             out[f"{PREFIX}group/{name}"], out[f"{PREFIX}group/{name}/se"] = value, se
         if self.truth is not None:
             out.update(self.truth.to_dict())
-        return out
+        return {k: v for k, v in out.items() if v is not None}  # numbers and booleans only
+
+
+def _flat(part: str, name: str, empty=None) -> property:
+    def get(self):
+        p = getattr(self, part)
+        return empty if p is None else getattr(p, name)
+
+    return property(get, doc=f"``result.{part}.{name}`` (read-only)")
+
+
+for _name in FIRST_NAMES:
+    setattr(ProbeResult, _name, _flat("first", _name))
+for _name in UPDATE_NAMES:
+    setattr(ProbeResult, _name, _flat("update", _name, 0 if _name == "n_update_units" else None))
+for _name in SECOND_NAMES:
+    setattr(ProbeResult, _name, _flat("second", _name))
+del _name

@@ -29,7 +29,7 @@ in eval mode, the mode the probe evaluates in).
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -71,9 +71,9 @@ def sample_rollouts(
     with torch.random.fork_rng(devices=cuda), caller, torch.no_grad():
         torch.manual_seed(seed)
         if _is_hf_generator(module):
-            out = _generate_hf(module, ids, attn, max_new_tokens, eos_token_id, pad, temperature)
+            out = _generate_hf(module, ids, attn, Sampling(max_new_tokens, eos_token_id, pad, temperature))
         else:
-            out = _generate_loop(module, ids, attn, max_new_tokens, eos_token_id, pad, temperature)
+            out = _generate_loop(module, ids, attn, Sampling(max_new_tokens, eos_token_id, pad, temperature))
     response = out[:, ids.shape[1] :]  # (N, L)
     resp_mask = response_mask_until_eos(response, eos_token_id)  # (N, L)
     response = torch.where(resp_mask.bool(), response, pad)
@@ -140,11 +140,18 @@ def _is_hf_generator(module: nn.Module) -> bool:
     return isinstance(module, GenerationMixin)
 
 
-def _generate_hf(
-    module, ids: Tensor, attn: Tensor, max_new_tokens: int, eos: int, pad: int, temperature: float
-) -> Tensor:
+class Sampling(NamedTuple):
+    """How responses are sampled: at most ``max_new_tokens``, ending at ``eos``, padded with ``pad``."""
+
+    max_new_tokens: int
+    eos: int
+    pad: int
+    temperature: float
+
+
+def _generate_hf(module, ids: Tensor, attn: Tensor, how: Sampling) -> Tensor:
     """``(N, Tp + L)`` prompt and sampled tokens from ``generate`` (KV cache, pure sampling)."""
-    config = pure_sampling_config(max_new_tokens, eos, pad, temperature)
+    config = pure_sampling_config(how.max_new_tokens, how.eos, how.pad, how.temperature)
     # generate() fills every field left None from model.generation_config (a Hub model's may carry
     # top_p, suppress_tokens, no_repeat_ngram_size, ...). A blank one for the call lets only the
     # neutral global defaults in; the model's own is put back afterwards.
@@ -184,10 +191,9 @@ def pure_sampling_config(max_new_tokens: int, eos: int, pad: int, temperature: f
     )
 
 
-def _generate_loop(
-    module, ids: Tensor, attn: Tensor, max_new_tokens: int, eos: int, pad: int, temperature: float
-) -> Tensor:
+def _generate_loop(module, ids: Tensor, attn: Tensor, how: Sampling) -> Tensor:
     """``(N, Tp + L)`` by a plain loop: full forward each step, sample from the last position."""
+    max_new_tokens, eos, pad, temperature = how
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
     for _ in range(max_new_tokens):
         logits = model_logits(module, ids, attn)[:, -1].float() / temperature  # (N, V)

@@ -11,14 +11,18 @@ For ``entropy="sequence"`` with ``"sum"`` weighting the numerator alone is the f
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from .engines.token import TokenProjections
+from .attribution import parameter_groups
+from .batch import RolloutBatch
+from .engines import EvalProjections, TokenProjections
+from .logprobs import SequenceLogProbs
 from .ratio_statistics import ratio_unit_values
-from .vectors import Vector
+from .vectors import Vector, device_of
 
 
 class TokenValues(NamedTuple):
@@ -77,3 +81,24 @@ def _half_sums(proj: TokenProjections, n: Tensor, d: Tensor, ratio: bool) -> tup
             t.sub_(proj.x_den[h][name], alpha=h_ratio).div_(d_mean)
         out.append(x)
     return out[0], out[1]
+
+
+def token_eval_projections(
+    call, batch: RolloutBatch | None, v: Vector, halves: Tensor | None, sizes: list[int]
+) -> EvalProjections:
+    """``EntropyProbe._project_eval`` through the exact H_t: this rank's pieces by the configured engine
+    (``call.passes``), every rank's gathered, this rank's s_n (and s_n^(g), X per half) from them.
+
+    ``sizes``: E units per rank; ``batch`` None: a rank holding no E unit, which still joins the gathers."""
+    cfg = call.config
+    if batch is not None:
+        tp = call.passes.token_projections(call.module, call.params, batch, v, cfg, halves)
+    else:
+        n_groups = len(parameter_groups(call.params, cfg.groups)[0]) if cfg.computes_groups else None
+        tp = TokenProjections.empty(0, 0, v, halves is not None, n_groups, device_of(call.params))
+    values = token_values(call.comm, tp, sizes, ratio=cfg.entropy == "token")
+    # S_w of the sequence functional for a later measure_change: with "sum" weighting it is S itself
+    seq = tp.seq_logprob
+    weighted = seq if cfg.entropy == "sequence" else torch.full_like(seq, math.nan)
+    logprobs = SequenceLogProbs(seq, weighted)
+    return EvalProjections(values.s, logprobs, values.x_half, values.s_groups, values.entropy_sum, tp.tokens)

@@ -19,24 +19,16 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .batch import RolloutBatch
-from .config import ProbeConfig
-from .fsdp import is_sharded, response_tokens_lockstep, stepped_shards
-from .response_tokens import ResponseTokens, response_tokens_at
+from .context import ProbeCall
+from .response_tokens import ResponseTokens
 from .result import TruthResult
 from .statistics import jackknife_se
 from .token_functional import baselines, functional_unit_values, sequence_weights, unit_estimates
-from .truth import (
-    Change,
-    _check_weights,
-    ess_threshold,
-    full_precision_state,
-    stepped_parameters,
-    truth_result,
-)
-from .vectors import Params, Vector, device_of
+from .truth import Change, _check_weights, ess_threshold, full_precision_state, truth_result
+from .vectors import Vector, device_of
 
 
 def _finite_or_inf(x: float) -> float:
@@ -100,47 +92,38 @@ def token_change(
     return Change(float(change.mean()), se, ess, se_diff, reliable)
 
 
-def _tokens_at(module, params, v, step: float, batch: RolloutBatch, cfg, base) -> ResponseTokens:
-    """The E tokens at ``theta + step * v``: functionally (fp32 ``base`` for a bf16 model), or on FSDP2
-    shards moved in place and restored (``fsdp.stepped_shards``)."""
-    if is_sharded(params):
-        with stepped_shards(params, v, step):
-            return response_tokens_lockstep(module, batch, cfg)
-    moved = stepped_parameters(params, v, step, base) if step != 0.0 else (base or dict(params))
-    return response_tokens_at(module, moved, batch, cfg.temperature, cfg.microbatch_units)
-
-
 def measure_token_truth(
-    module: nn.Module,
-    params: Params,
+    call: ProbeCall,
     v: Vector,
-    lr: float,
     batch: RolloutBatch | None,
     per_unit: Tensor,
-    cfg: ProbeConfig,
-    comm=None,
     per_unit_q: Tensor | None = None,
 ) -> TruthResult:
     """``truth.measure_truth`` for the token-level entropy: the same sweep over ``cfg.truth_alphas``, the
     same headline (alpha = 1 when swept, else the last), the same fields; the change is ``token_change``.
 
     ``per_unit``: every rank's s_n (rank order); ``per_unit_q`` the q_n (second order), for
-    ``se_diff_forecast``. The tokens at theta are re-evaluated through the same forward as those at
-    theta', so that at alpha = 0 every weight is exactly 1. ``cfg.entropy`` "sequence" (with "sum"
-    weighting, the only sequence functional measured here): the numerator alone.
+    ``se_diff_forecast``. The tokens at theta and theta' come from the call's passes
+    (``passes.Passes.tokens_stepped``: functionally, or on FSDP2 shards moved in place), the ones at theta
+    through the same forward as those at theta', so that at alpha = 0 every weight is exactly 1.
+    ``cfg.entropy`` "sequence" (with "sum" weighting, the only sequence functional measured here): the
+    numerator alone.
     """
+    module, params, cfg, comm, lr = call.module, call.params, call.config, call.comm, call.lr
+    alphas, passes = cfg.truth_alphas, call.passes
     ratio = cfg.entropy == "token"
-    alphas = cfg.truth_alphas
-    base = full_precision_state(module, params) if batch is not None and not is_sharded(params) else None
+    base = None
+    if batch is not None and not passes.steps_in_place:  # a bf16 model's theta' formed in fp32
+        base = full_precision_state(module, params)
     no_autocast = torch.autocast(device_of(params).type, enabled=False)  # theta' is not rounded to bf16
     before, afters = None, []
     with no_autocast:
-        if batch is not None:  # (under FSDP2 every rank holds E: fsdp.check_call)
-            before = _tokens_at(module, params, v, 0.0, batch, cfg, base)
+        if batch is not None:  # (under FSDP2 every rank holds E: ShardedPasses.check_call)
+            before = passes.tokens_stepped(module, params, batch, cfg, v, 0.0, base)
         for alpha in alphas:
             after = None
             if batch is not None:
-                after = _tokens_at(module, params, v, alpha * lr, batch, cfg, base)
+                after = passes.tokens_stepped(module, params, batch, cfg, v, alpha * lr, base)
                 _check_weights(before.seq, after.seq, alpha)
             afters.append(after)
     head_at = list(alphas).index(1.0) if 1.0 in alphas else len(alphas) - 1

@@ -28,8 +28,9 @@ when the effective sample size ``(sum w)^2 / sum w^2`` falls below ``ess_thresho
 E sequences, but at least min(8, N/2)) the change is flagged ``reliable = False`` with a
 RuntimeWarning.
 
+The log-probs at theta and theta' come from the call's passes (``passes.Passes.logprobs_stepped``).
 Under FSDP2 the step is instead added in place to the local parameter shards, in their dtype, and
-undone bit-exactly from a saved copy (``fsdp.logprobs_stepped``).
+undone bit-exactly from a saved copy (``fsdp.ShardedPasses``).
 """
 
 from __future__ import annotations
@@ -42,26 +43,12 @@ import torch
 from torch import Tensor, nn
 
 from .batch import RolloutBatch
-from .config import ProbeConfig
-from .fsdp import is_sharded, logprobs_stepped
-from .logprobs import SequenceLogProbs, sequence_logprobs
+from .context import ProbeCall
+from .logprobs import SequenceLogProbs
 from .objectives import group_sum, per_sequence
 from .result import TruthResult
 from .statistics import jackknife_se
 from .vectors import Params, Vector, device_of
-
-
-def stepped_parameters(params: Params, v: Vector, step: float, base: Vector | None = None) -> Vector:
-    """``{name: theta + step * v}`` (no autograd, the live model untouched).
-
-    Without ``base``, in each parameter's dtype. With ``base`` (``full_precision_state``): every fp32
-    tensor of ``base``, the trainable ones stepped in fp32, so that a step below the rounding of a
-    bf16/fp16 parameter is not lost.
-    """
-    with torch.no_grad():
-        if base is None:
-            return {name: (p.float() + step * v[name]).to(p.dtype) for name, p in params.items()}
-        return {**base, **{name: base[name] + step * v[name] for name in params}}
 
 
 def full_precision_state(module: nn.Module, params: Params) -> Vector | None:
@@ -79,17 +66,6 @@ def full_precision_state(module: nn.Module, params: Params) -> Vector | None:
         state = dict(module.named_parameters())
         state.update(module.named_buffers())
         return {name: t.detach().float() for name, t in state.items() if t.is_floating_point()}
-
-
-@torch.no_grad()
-def logprobs_at(module: nn.Module, params: Vector, batch: RolloutBatch, cfg: ProbeConfig) -> SequenceLogProbs:
-    """``S_i`` and ``S_w,i`` of every sequence, ``(N,)`` fp32 in row order, under the given parameters."""
-    seq = torch.empty(batch.n_sequences, dtype=torch.float32, device=batch.device)
-    weighted = torch.empty_like(seq)
-    for mb in batch.microbatches(cfg.microbatch_units):
-        lp = sequence_logprobs(module, mb.batch, cfg.temperature, cfg.entropy_weighting, params=params)
-        seq[mb.rows], weighted[mb.rows] = lp.seq, lp.weighted
-    return SequenceLogProbs(seq, weighted)
 
 
 class Change(NamedTuple):
@@ -165,46 +141,39 @@ def entropy_change(
 
 
 def measure_truth(
-    module: nn.Module,
-    params: Params,
+    call: ProbeCall,
     v: Vector,
-    lr: float,
     batch: RolloutBatch | None,
     per_unit: Tensor,
-    cfg: ProbeConfig,
-    comm=None,
     per_unit_q: Tensor | None = None,
 ) -> TruthResult:
     """The truth at each ``cfg.truth_alphas``; the headline numbers are those at alpha = 1 when swept,
     else at the last alpha.
 
     The log-probs at theta are re-evaluated through the same microbatched forward as those at theta',
-    so that at alpha = 0 the weights are exactly 1. Under DDP (``comm``) ``per_unit`` holds every
+    so that at alpha = 0 the weights are exactly 1. Under DDP (``call.comm``) ``per_unit`` holds every
     rank's s_n and ``batch`` is this rank's share of E (None if it holds none). With ``per_unit_q`` (the
     q_n of the second order, same order) the headline also gets ``se_diff_forecast``, the jackknife SE
     of truth - forecast, the forecast at alpha being ``alpha eta s_n + (alpha eta)^2/2 q_n`` per unit.
     """
-    alphas = cfg.truth_alphas
-    sharded = is_sharded(params)  # FSDP2: the step is taken in place on the shards and undone (fsdp.py)
-    base = full_precision_state(module, params) if batch is not None and not sharded else None
+    module, params, cfg, comm, lr = call.module, call.params, call.config, call.comm, call.lr
+    alphas, passes = cfg.truth_alphas, call.passes
+    base = None
+    if batch is not None and not passes.steps_in_place:  # FSDP2: the step is taken in place on the shards
+        base = full_precision_state(module, params)
     # A caller's autocast would round theta' back to bf16 inside every matmul: off for the truth.
     no_autocast = torch.autocast(device_of(params).type, enabled=False)
-    with no_autocast:
-        if sharded:
-            before = logprobs_stepped(module, params, v, 0.0, batch, cfg)
-        else:
-            before = logprobs_at(module, base or dict(params), batch, cfg) if batch is not None else None
+    before = None
+    if batch is not None:
+        with no_autocast:
+            before = passes.logprobs_stepped(module, params, batch, cfg, v, 0.0, base)
     head_at = list(alphas).index(1.0) if 1.0 in alphas else len(alphas) - 1
     changes, after_head = [], None
     for i, alpha in enumerate(alphas):
         after = None
         if batch is not None:  # a rank holding no E units contributes nothing to the gathered sums
             with no_autocast:
-                after = (
-                    logprobs_stepped(module, params, v, alpha * lr, batch, cfg)
-                    if sharded
-                    else logprobs_at(module, stepped_parameters(params, v, alpha * lr, base), batch, cfg)
-                )
+                after = passes.logprobs_stepped(module, params, batch, cfg, v, alpha * lr, base)
             _check_weights(before.seq, after.seq, alpha)
         if i == head_at:
             after_head = after

@@ -30,17 +30,20 @@ change ``delta_h1 - eta Xbar_E . v_(-m)``.
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import NamedTuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .batch import RolloutBatch
-from .config import ProbeConfig
-from .direction import build_direction
+from .context import ProbeCall
+from .direction import UpdateDirection, build_direction
 from .distributed import all_reduce_vector
 from .engines import unit_gradients
+from .eval_statistics import EvalStatistics
+from .result import UpdateVariance
 from .vectors import Params, Vector
 
 
@@ -78,60 +81,68 @@ def half_means(
     return means[0], means[1], n_half
 
 
+def update_variance(
+    call: ProbeCall, upd: UpdateDirection, x_half: tuple[Vector, Vector], stats: EvalStatistics
+) -> UpdateVariance:
+    """``result.update``: V_U, se_total and the update influences with the U unit ids in gathered order,
+    from this rank's half sums of X (``x_half``) and the U that built ``upd``."""
+    x_a, x_b, n_half = half_means(call.comm, x_half, call.params, upd.v, stats.n_eval)
+    pieces = None
+    if upd.batch is not None and upd.n_units >= 2:
+        pieces = deleted_unit_projections(call, upd, (x_a, x_b))
+    jack, ids = gathered_jackknife(call, upd.batch, pieces, n_half, stats.delta_h1)
+    return UpdateVariance(
+        n_update_units=upd.n_units,
+        se_total=math.sqrt(stats.var_cond_e + max(jack.var_update, 0.0)),
+        var_update=jack.var_update,
+        update_influence=jack.influence,
+        update_unit_ids=ids,
+    )
+
+
 def gathered_jackknife(
-    comm,
+    call: ProbeCall,
     batch: RolloutBatch | None,
     pieces: Tensor | None,
     n_half: tuple[int, int],
-    lr: float,
     delta_h1: float,
-    direction: str,
 ) -> tuple[UpdateJackknife, Tensor]:
     """Every rank's ``(B_U_local, 2)`` pieces gathered in rank order and combined; with the U unit ids.
 
     ``pieces`` is None where no piece was computed (no U units on this rank, or B_U < 2: zeros)."""
     # host-side: the per-unit pieces are few float64 numbers, gathered and combined on the host
+    comm = call.comm
     ids = torch.zeros(0, dtype=torch.long, device="cpu") if batch is None else batch.unit_ids.cpu()
     if pieces is None:
         pieces = torch.zeros((len(ids), 2), dtype=torch.float64, device="cpu")
     sizes = [int(c) for c in comm.stack(torch.tensor([len(ids)], device="cpu")).reshape(-1).tolist()]
     pieces, ids = comm.gather(pieces, sizes), comm.gather(ids, sizes)  # (B_U, 2), (B_U,)
-    return combine(pieces, n_half, lr, delta_h1, direction), ids
+    return combine(pieces, n_half, call.lr, delta_h1, call.config.direction), ids
 
 
 def deleted_unit_projections(
-    module: nn.Module,
-    params: Params,
-    batch: RolloutBatch,
-    coeff: Tensor,
-    grad_j: dict[str, Tensor | None],
-    n_units: int,
-    v: Vector,
-    x_a: Vector,
-    x_b: Vector,
-    cfg: ProbeConfig,
-    optimizer,
-    v_lr: float,
+    call: ProbeCall, upd: UpdateDirection, x_halves: tuple[Vector, Vector]
 ) -> Tensor:
     """``(B_U_local, 2)`` float64 ``(Xbar_A . dv_m, Xbar_B . dv_m)`` for this rank's U units, in order.
 
-    ``grad_j`` is grad J_U over all ranks' units, ``n_units`` = B_U over all ranks (>= 2); ``v_lr`` the
-    rate v was normalised by (``build_direction``'s ``lr``), so that v_(-m) and v are alike.
+    ``upd.grad_j`` is grad J_U over all ranks' units, ``upd.n_units`` = B_U over all ranks (>= 2); v_(-m)
+    is normalised by ``call.v_lr`` as v was, so that v_(-m) and v are alike.
     """
+    cfg, n_units, v = call.config, upd.n_units, upd.v
     rows = []
-    for _, g in unit_gradients(module, params, batch, coeff, cfg):
-        for name, total in grad_j.items():  # g_(-m) = (B_U grad J_U - g_m) / (B_U - 1), in place
+    for _, g in unit_gradients(call.module, call.params, upd.batch, upd.coeff, cfg):
+        for name, total in upd.grad_j.items():  # g_(-m) = (B_U grad J_U - g_m) / (B_U - 1), in place
             if total is None:
                 g[name] = None
                 continue
             gm = g[name]
             gm = torch.zeros_like(total) if gm is None else gm.float()
             g[name] = gm.neg_().add_(total, alpha=n_units).div_(n_units - 1)
-        dv = build_direction(cfg.direction, g, params, optimizer, v_lr, cfg.max_grad_norm).v  # v_(-m)
-        del g
+        dv = build_direction(cfg.direction, g, call.params, call.optimizer, call.v_lr, cfg.max_grad_norm).v
+        del g  # dv is v_(-m)
         for name in dv:  # dv_m = v_(-m) - v in v_(-m)'s storage, formed before the dots: dv_m is ~1/B_U
             dv[name].sub_(v[name])  # of v, a difference of two dots would lose it to rounding
-        rows.append(torch.stack([_dot64(dv, x) for x in (x_a, x_b)]))
+        rows.append(torch.stack([_dot64(dv, x) for x in x_halves]))
         del dv
     if not rows:
         return torch.zeros((0, 2), dtype=torch.float64)

@@ -52,3 +52,16 @@ def first_nonfinite(vec: dict[str, Tensor | None]) -> str | None:
 def device_of(params: Params) -> torch.device:
     """The device of the model's (first) trainable parameter."""
     return next(iter(params.values())).device
+
+
+def stepped_parameters(params: Params, v: Vector, step: float, base: Vector | None = None) -> Vector:
+    """``{name: theta + step * v}`` (no autograd, the live model untouched).
+
+    Without ``base``, in each parameter's dtype. With ``base`` (``full_precision_state``): every fp32
+    tensor of ``base``, the trainable ones stepped in fp32, so that a step below the rounding of a
+    bf16/fp16 parameter is not lost.
+    """
+    with torch.no_grad():
+        if base is None:
+            return {name: (p.float() + step * v[name]).to(p.dtype) for name, p in params.items()}
+        return {**base, **{name: base[name] + step * v[name] for name in params}}

@@ -107,6 +107,9 @@ def write_files(out: Path, cfg: DemoConfig, rows: list[dict], summary: dict, ext
     (out / "demo.json").write_text(json.dumps(doc, indent=1))
 
 
+BLUE, ORANGE, GREEN, GREY, PURPLE = "#1f77b4", "#d62728", "#2ca02c", "#7f7f7f", "#9467bd"
+
+
 def plot(out: Path, rows: list[dict], summary: dict) -> Path:
     """demo.png: forecast vs truth per step, forecast vs truth scatter, cumulative entropy, reward."""
     import matplotlib
@@ -115,40 +118,54 @@ def plot(out: Path, rows: list[dict], summary: dict) -> Path:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    col = lambda k: np.array([r[k] for r in rows], dtype=float)  # noqa: E731
-    step = col("step")
-    fc, fse, tr, tse = col("forecast"), col("forecast_se"), col("truth"), col("truth_se")
-    ms = col("measured")
-    blue, orange, green, grey, purple = "#1f77b4", "#d62728", "#2ca02c", "#7f7f7f", "#9467bd"
-
+    keys = ("step", "forecast", "forecast_se", "truth", "truth_se", "measured", "forecast2", "forecast2_se")
+    keys += ("entropy", "entropy_se", "reward", "reward_se", "trainer_entropy", "probe_entropy")
+    col = {k: np.array([r[k] for r in rows], dtype=float) for k in keys if k in rows[0]}  # (steps,) each
     fig, ax = plt.subplots(2, 2, figsize=(12, 8.5), constrained_layout=True)
-    a = ax[0, 0]
-    a.axhline(0, color=grey, lw=0.8)
-    a.errorbar(step - 0.15, fc, yerr=Z95 * fse, fmt="o", ms=4, color=blue, capsize=2, label="forecast ± 95%")
+    _steps_panel(ax[0, 0], col, summary)
+    _scatter_panel(ax[0, 1], col, summary)
+    _entropy_panel(ax[1, 0], col, rows)
+    _reward_panel(ax[1, 1], col)
+    fig.suptitle(
+        "entropy-probe demo: GRPO on a tiny transformer, every step forecast before it is taken", fontsize=13
+    )
+    path = out / "demo.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _steps_panel(a, col: dict, summary: dict) -> None:
+    """Forecast (both orders), truth and the fresh-sample measurement of every step."""
+    step = col["step"]
+    a.axhline(0, color=GREY, lw=0.8)
+    a.errorbar(
+        step - 0.15, col["forecast"], yerr=Z95 * col["forecast_se"], fmt="o", ms=4, color=BLUE, capsize=2,
+        label="forecast ± 95%",
+    )  # fmt: skip
     a.errorbar(
         step + 0.15,
-        tr,
-        yerr=Z95 * tse,
+        col["truth"],
+        yerr=Z95 * col["truth_se"],
         fmt="s",
         ms=3.5,
-        color=orange,
+        color=ORANGE,
         capsize=0,
         lw=0.8,
         label="truth (same step, re-measured on E)",
     )
-    fc2, fse2 = col("forecast2"), col("forecast2_se")
     a.errorbar(
         step,
-        fc2,
-        yerr=Z95 * fse2,
+        col["forecast2"],
+        yerr=Z95 * col["forecast2_se"],
         fmt="D",
         ms=3.5,
-        color=purple,
+        color=PURPLE,
         capsize=0,
         lw=0.8,
         label="forecast with 2nd order ± 95%",
     )
-    a.plot(step, ms, "x", color=green, ms=5, label="measured on fresh samples")
+    a.plot(step, col["measured"], "x", color=GREEN, ms=5, label="measured on fresh samples")
     a.set(
         xlabel="GRPO step",
         ylabel="entropy change of the step (nats)",
@@ -157,23 +174,28 @@ def plot(out: Path, rows: list[dict], summary: dict) -> Path:
     )
     a.legend(fontsize=8, loc="lower right")
 
-    a = ax[0, 1]
+
+def _scatter_panel(a, col: dict, summary: dict) -> None:
+    """Forecast against truth, one point per step."""
+    import numpy as np
+
+    fc, fc2, tr = col["forecast"], col["forecast2"], col["truth"]
     lim = np.array([min(fc.min(), fc2.min(), tr.min()), max(fc.max(), fc2.max(), tr.max())])
     lim = lim + np.array([-1, 1]) * 0.08 * (lim[1] - lim[0] + 1e-9)
-    a.plot(lim, lim, color=grey, lw=0.8, label="truth = forecast")
+    a.plot(lim, lim, color=GREY, lw=0.8, label="truth = forecast")
     a.errorbar(
         fc,
         tr,
-        xerr=Z95 * fse,
+        xerr=Z95 * col["forecast_se"],
         fmt="o",
         ms=4,
-        color=blue,
+        color=BLUE,
         ecolor="#9ecae1",
         capsize=0,
         lw=0.8,
         label="1st order delta_h1 (bars: 95%)",
     )
-    a.plot(fc2, tr, "D", ms=3.5, color=purple, label="with 2nd order, delta_h1 + delta_h2")
+    a.plot(fc2, tr, "D", ms=3.5, color=PURPLE, label="with 2nd order, delta_h1 + delta_h2")
     a.set(
         xlim=lim,
         ylim=lim,
@@ -185,22 +207,33 @@ def plot(out: Path, rows: list[dict], summary: dict) -> Path:
     a.set_aspect("equal")
     a.legend(fontsize=8, loc="upper left")
 
-    a = ax[1, 0]
+
+def _entropy_panel(a, col: dict, rows: list[dict]) -> None:
+    """The entropy measured on fresh samples against the start plus the summed forecasts and truths."""
+    import numpy as np
+
+    fc, fse = col["forecast"], col["forecast_se"]
     h0 = rows[0]["entropy"]
-    x = np.concatenate([[0], step])  # entropy before step 1, then after each step
-    measured = np.concatenate([col("entropy")[1:], [rows[-1]["entropy_after"]]])
+    x = np.concatenate([[0], col["step"]])  # entropy before step 1, then after each step
+    measured = np.concatenate([col["entropy"][1:], [rows[-1]["entropy_after"]]])
     cum_fc = h0 + np.concatenate([[0], np.cumsum(fc)])
     cum_band = Z95 * np.sqrt(np.concatenate([[0], np.cumsum(fse**2)]))
-    a.fill_between(x, cum_fc - cum_band, cum_fc + cum_band, color=blue, alpha=0.2, lw=0)
-    a.plot(x, cum_fc, color=blue, label="start + summed forecasts (± 95%)")
+    a.fill_between(x, cum_fc - cum_band, cum_fc + cum_band, color=BLUE, alpha=0.2, lw=0)
+    a.plot(x, cum_fc, color=BLUE, label="start + summed forecasts (± 95%)")
     a.plot(
         x,
-        h0 + np.concatenate([[0], np.cumsum(fc2)]),
-        color=purple,
+        h0 + np.concatenate([[0], np.cumsum(col["forecast2"])]),
+        color=PURPLE,
         label="start + summed 2nd-order forecasts",
     )
-    a.plot(x, h0 + np.concatenate([[0], np.cumsum(tr)]), color=orange, lw=1, label="start + summed truths")
-    es = col("entropy_se")
+    a.plot(
+        x,
+        h0 + np.concatenate([[0], np.cumsum(col["truth"])]),
+        color=ORANGE,
+        lw=1,
+        label="start + summed truths",
+    )
+    es = col["entropy_se"]
     a.errorbar(
         x,
         np.concatenate([[h0], measured]),
@@ -212,26 +245,25 @@ def plot(out: Path, rows: list[dict], summary: dict) -> Path:
         lw=0.8,
         label="measured entropy, fresh samples",
     )
+    if "trainer_entropy" in col:  # before each step: the trainer's logged formula on U, the probe's on E
+        before = col["step"] - 1
+        a.plot(before, col["trainer_entropy"], color=GREEN, lw=1, ls="--", label="trainer's logged (U)")
+        a.plot(before, col["probe_entropy"], color=BLUE, lw=1, ls=":", label="probe's result.entropy (E)")
     a.set(xlabel="GRPO step", ylabel="policy entropy (nats per token)", title="Entropy: measured vs forecast")
     a.legend(fontsize=8)
 
-    a = ax[1, 1]
-    rw, rse = col("reward"), col("reward_se")
-    a.fill_between(step, rw - Z95 * rse, rw + Z95 * rse, color=green, alpha=0.2, lw=0)
-    a.plot(step, rw, color=green, marker="o", ms=3, label="mean reward (fresh samples, ± 95%)")
+
+def _reward_panel(a, col: dict) -> None:
+    """The mean reward on fresh samples."""
+    step, rw, rse = col["step"], col["reward"], col["reward_se"]
+    a.fill_between(step, rw - Z95 * rse, rw + Z95 * rse, color=GREEN, alpha=0.2, lw=0)
+    a.plot(step, rw, color=GREEN, marker="o", ms=3, label="mean reward (fresh samples, ± 95%)")
     a.set(
         xlabel="GRPO step",
         ylabel="reward (fraction of answer positions right)",
         title="Reward: sort the prompt's digits",
     )
     a.legend(fontsize=8, loc="lower right")
-    fig.suptitle(
-        "entropy-probe demo: GRPO on a tiny transformer, every step forecast before it is taken", fontsize=13
-    )
-    path = out / "demo.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def print_report(console, rows: list[dict], summary: dict, out: Path) -> None:

@@ -34,12 +34,13 @@ from torch import nn
 from ..batch import RolloutBatch
 from ..config import ProbeConfig
 from ..guard import EntropyGuard
-from ..logprobs import sequence_logprobs
+from ..logprobs import policy_logprobs, sequence_logprobs, token_terms
 from ..loss import policy_loss
 from ..objectives import unit_entropy
 from ..probe import EntropyProbe
 from ..sampling import sample_rollouts
 from ..statistics import Z95
+from ..token_entropy import unit_totals
 from .config import DemoConfig
 from .layers import INFLUENCE_KEY, influence_plot, layer_plot
 from .report import plot, print_report, summarize, table_rows, write_files
@@ -136,9 +137,7 @@ def fresh_entropy(
         seed,
     )
     with torch.no_grad():
-        weighted = sequence_logprobs(
-            model, batch, probe_cfg.temperature, probe_cfg.entropy_weighting
-        ).weighted
+        weighted = policy_logprobs(model, batch, probe_cfg).weighted
     h = unit_entropy(weighted, batch).double().cpu()
     g = batch.unit_sizes.double().cpu()
     r = (
@@ -150,21 +149,26 @@ def fresh_entropy(
     return h, r
 
 
+@torch.no_grad()
+def trainer_entropy(model: nn.Module, batch: RolloutBatch, temperature: float) -> float:
+    """The ``entropy`` TRL (verl, OpenRLHF) logs for a training batch: ``sum(m H_t) / sum(m)`` over its
+    response tokens, H_t the full-vocabulary entropy at the sampling temperature."""
+    terms = token_terms(model, batch, temperature)
+    totals = unit_totals(terms.entropy, terms.mask, batch)
+    return float(totals.entropy_sum / totals.token_count)
+
+
 def _mean_se(x: torch.Tensor) -> tuple[float, float]:
     return float(x.mean()), float(x.std() / math.sqrt(x.numel()))
 
 
 def rl_step(
-    step: int,
-    model,
-    optimizer,
-    probe: EntropyProbe,
-    task: SortingTask,
-    cfg: DemoConfig,
-    prompt_gen: torch.Generator,
+    step: int, probe: EntropyProbe, task: SortingTask, cfg: DemoConfig, prompt_gen: torch.Generator
 ) -> dict:
-    """Sample U, E and F; forecast; step; measure. Returns one row of steps.csv."""
-    pc = probe.config
+    """Sample U, E and F; forecast; step; measure. Returns one row of steps.csv.
+
+    The model and the optimizer are the probe's (``probe.model``, ``probe.optimizer``)."""
+    model, pc = probe.model, probe.config
 
     def sample(prompts, seed: int) -> RolloutBatch:
         return sample_rollouts(
@@ -177,13 +181,33 @@ def rl_step(
     f_prompts = task.prompts(cfg.measure_prompts, prompt_gen)
     h_before, r_before = fresh_entropy(model, task, f_prompts, cfg, _seed(cfg, step, 2), pc)
 
+    logged = trainer_entropy(model, u_batch, pc.temperature)  # what a trainer logs for this step's batch
     result = probe.run(u_batch, e_batch, truth=True)
     v = probe.update_direction(u_batch)  # to check that the real step is the forecast's step
     theta = {name: p.detach().clone() for name, p in probe.parameters().items()}
+    decision = _optimizer_step(probe, u_batch, result, cfg)
+    scale = decision.scale if decision is not None else 1.0
+    step_error = _step_relative_error(probe, theta, v, scale * result.lr)  # the lr of the step taken
+    h_after, _ = fresh_entropy(model, task, f_prompts, cfg, _seed(cfg, step, 2), pc)  # same seed and prompts
 
+    row = _row(step, result, scale, u_batch, (r_before, h_before, h_after), step_error)
+    row.update(trainer_entropy=logged, probe_entropy=result.entropy)  # the dashboard's number, the probe's
+    # each U prompt's influence on delta_h1 (result.update_influence), for influence.png; not a CSV column
+    row[INFLUENCE_KEY] = [
+        (" ".join(str(d) for d in u_prompts[int(g)][:-1]), float(x))
+        for g, x in zip(result.update_unit_ids, result.update_influence)
+    ]
+    if decision is not None:  # the guard's columns (forecast, bound, se: of the step taken, at the scale)
+        row.update({f"guard_{k}": getattr(decision, k) for k in GUARD_COLUMNS})
+    return row
+
+
+def _optimizer_step(probe: EntropyProbe, u_batch: RolloutBatch, result, cfg: DemoConfig):
+    """The trainer's real step on U (the guard's decision, or None without an entropy budget)."""
+    model, optimizer = probe.model, probe.optimizer
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    policy_loss(model, u_batch, pc).backward()
+    policy_loss(model, u_batch, probe.config).backward()
     if cfg.max_grad_norm:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
     guard = EntropyGuard(cfg.entropy_budget) if cfg.entropy_budget is not None else None
@@ -191,25 +215,30 @@ def rl_step(
     # the guard scales the lr of this one step (AdamW is linear in lr), back to cfg.lr right after it
     with guard.applied(optimizer, decision) if guard is not None else contextlib.nullcontext():
         optimizer.step()
-    scale = decision.scale if decision is not None else 1.0
+    return decision
+
+
+@torch.no_grad()
+def _step_relative_error(probe: EntropyProbe, theta: dict, v: dict, eta: float) -> float:
+    """||theta_after - theta - eta v|| / ||eta v||: float noise only (Adam rescales the round-off of
+    gradients that are analytically zero, e.g. GPT-2's key biases, into small steps)."""
+    moved = {n: p.detach() - theta[n] for n, p in probe.parameters().items()}
+    step_error = math.sqrt(sum(float((moved[n] - eta * v[n]).square().sum()) for n in moved))
+    step_size = math.sqrt(sum(float((eta * v[n]).square().sum()) for n in moved))
+    return step_error / step_size if step_size > 0 else 0.0
+
+
+def _row(step: int, result, scale: float, u_batch: RolloutBatch, fresh: tuple, step_error: float) -> dict:
+    """One row of steps.csv; ``fresh``: (rewards, entropies before, entropies after) of the fresh samples."""
+    r_before, h_before, h_after = fresh
     # the first-order forecast of the step taken (at the guard's scale), which the fresh samples measure
     taken, taken_se = scale * result.delta_h1, scale * result.se_cond_e
-
-    with torch.no_grad():
-        # ||theta_after - theta - eta v|| / ||eta v||: float noise only (Adam rescales the round-off
-        # of gradients that are analytically zero, e.g. GPT-2's key biases, into small steps).
-        moved = {n: p.detach() - theta[n] for n, p in probe.parameters().items()}
-        eta = scale * result.lr  # the lr of the step taken
-        step_error = math.sqrt(sum(float((moved[n] - eta * v[n]).square().sum()) for n in moved))
-        step_size = math.sqrt(sum(float((eta * v[n]).square().sum()) for n in moved))
-    h_after, _ = fresh_entropy(model, task, f_prompts, cfg, _seed(cfg, step, 2), pc)  # same seed and prompts
-
     reward, reward_se = _mean_se(r_before)
     entropy, entropy_se = _mean_se(h_before)
     measured, measured_se = _mean_se(h_after - h_before)  # paired by unit
     t = result.truth
     lo, hi = result.interval(z=Z95)  # the normal interval: the report's error bars are Z95 * forecast_se
-    row = dict(
+    return dict(
         step=step + 1,
         reward=reward,
         reward_se=reward_se,
@@ -232,17 +261,9 @@ def rl_step(
         measured=measured,
         measured_se=measured_se,
         measured_z=(measured - taken) / math.sqrt(taken_se**2 + measured_se**2),
-        step_relative_error=step_error / step_size if step_size > 0 else 0.0,
+        step_relative_error=step_error,
         **second_order_columns(result),
     )
-    # each U prompt's influence on delta_h1 (result.update_influence), for influence.png; not a CSV column
-    row[INFLUENCE_KEY] = [
-        (" ".join(str(d) for d in u_prompts[int(g)][:-1]), float(x))
-        for g, x in zip(result.update_unit_ids, result.update_influence)
-    ]
-    if decision is not None:  # the guard's columns (forecast, bound, se: of the step taken, at the scale)
-        row.update({f"guard_{k}": getattr(decision, k) for k in GUARD_COLUMNS})
-    return row
 
 
 def second_order_columns(result) -> dict:
@@ -311,7 +332,7 @@ def run(cfg: DemoConfig, console=None) -> dict:
             group["lr"] = cfg.lr
         bar = progress.add_task("GRPO", total=cfg.steps, info="")
         for step in range(cfg.steps):
-            r = rl_step(step, model, optimizer, probe, task, cfg, data_gen)
+            r = rl_step(step, probe, task, cfg, data_gen)
             rows.append(r)
             progress.update(
                 bar,

@@ -1,15 +1,15 @@
-"""Engines for the per-unit projections: the one place that dispatches on ``ProbeConfig.engine``.
+"""Engines for the per-unit projections: the one place that dispatches on ``ProbeConfig.eval_engine``.
 
 ``backward`` (one reverse pass per E unit, the note's loop) and ``jvp`` (forward mode, a microbatch
 of units per pass) compute the same numbers (DESIGN section 7); ``update_gradient`` (grad J_U) is
-reverse mode whichever engine is configured.
+reverse mode whichever engine is configured. Which engine an E pass runs, and whether it splits s_n by
+parameter group, the config decides (``ProbeConfig.eval_engine``, ``ProbeConfig.computes_groups``).
 """
 
 from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .. import fsdp
 from ..attribution import parameter_groups
 from ..batch import RolloutBatch
 from ..config import ProbeConfig
@@ -45,17 +45,11 @@ def token_projections(
     v: Vector,
     cfg: ProbeConfig,
     halves: Tensor | None = None,
-    want_groups: bool = False,
 ) -> TokenProjections:
-    """The token-level pieces of every unit of ``batch`` by the configured engine (by_group: the backward
-    engine's per-unit loop, as for ``eval_projections``)."""
-    if fsdp.is_sharded(params):
-        raise NotImplementedError(
-            f"FSDP2 model: ProbeConfig.entropy={cfg.entropy!r} with entropy_weighting="
-            f"{cfg.entropy_weighting!r} is not supported yet; use entropy='sequence' (token-mean weighting)"
-        )
-    if want_groups or cfg.engine != "jvp":
-        index = parameter_groups(params, cfg.groups)[1].to(batch.device) if want_groups else None
+    """The token-level pieces of every unit of ``batch`` by ``cfg.eval_engine`` (with dN_n, dD_n by
+    parameter group when ``cfg.computes_groups``), as ``eval_projections`` for the sequence functionals."""
+    if cfg.eval_engine == "backward":
+        index = parameter_groups(params, cfg.groups)[1].to(batch.device) if cfg.computes_groups else None
         return backward_token_projections(module, params, batch, v, cfg.temperature, halves, index)
     return jvp_token_projections(module, params, batch, v, cfg.temperature, cfg.microbatch_units, halves)
 
@@ -67,20 +61,12 @@ def eval_projections(
     v: Vector,
     cfg: ProbeConfig,
     halves: Tensor | None = None,
-    want_groups: bool = False,
 ) -> EvalProjections:
-    """s_n = v . X_n for every unit of ``batch`` by the configured engine; with ``halves`` (``(B_E,)``
-    0 or 1 per unit) also the sums of the X_n over the two halves of E.
-
-    ``want_groups`` (``by_group``) needs the backward engine's per-unit loop whatever the engine: the jvp
-    engine would need one forward-mode pass per group (docs/performance.md).
-    """
-    if fsdp.is_sharded(
-        params
-    ):  # FSDP2: every rank runs every unit's backward (fsdp.py); groups refused there
-        return fsdp.eval_projections(module, params, batch, v, cfg)
-    if want_groups or cfg.engine != "jvp":
-        return backward.eval_projections(module, params, batch, v, cfg, halves, want_groups)
+    """s_n = v . X_n for every unit of ``batch`` by ``cfg.eval_engine`` (with s_n^(g) by parameter group
+    when ``cfg.computes_groups``); with ``halves`` (``(B_E,)`` 0 or 1 per unit) also the sums of the
+    X_n over the two halves of E."""
+    if cfg.eval_engine == "backward":
+        return backward.eval_projections(module, params, batch, v, cfg, halves, cfg.computes_groups)
     return jvp.eval_projections(module, params, batch, v, cfg, halves)
 
 

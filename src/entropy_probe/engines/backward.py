@@ -20,8 +20,8 @@ from torch import Tensor, nn
 from ..attribution import parameter_groups
 from ..batch import RolloutBatch
 from ..config import ProbeConfig
-from ..logprobs import sequence_logprobs
-from ..objectives import entropy_gradient_coefficients
+from ..logprobs import policy_logprobs
+from ..objectives import entropy_surrogate, update_surrogate
 from ..vectors import Params, Vector, device_of, grad_of
 from .projections import EvalProjections
 
@@ -32,8 +32,8 @@ def update_gradient(
     """grad of ``sum_i coeff_i S_i`` over the batch (coeff: ``(N,)`` in batch row order)."""
     total: dict[str, Tensor | None] = {name: None for name in params}
     for mb in batch.microbatches(cfg.microbatch_units):
-        lp = sequence_logprobs(module, mb.batch, cfg.temperature, cfg.entropy_weighting)
-        grads = grad_of((coeff[mb.rows] * lp.seq).sum(), params)
+        lp = policy_logprobs(module, mb.batch, cfg)
+        grads = grad_of(update_surrogate(lp.seq, coeff[mb.rows]), params)
         for name, g in grads.items():
             if g is not None:
                 total[name] = g.float() if total[name] is None else total[name].add_(g.float())
@@ -60,12 +60,12 @@ def eval_projections(
     out = EvalProjections.empty(batch, v, halves)
     index = parameter_groups(params, cfg.groups)[1].to(batch.device) if want_groups else None
     for mb in batch.microbatches(1):
-        lp = sequence_logprobs(module, mb.batch, cfg.temperature, cfg.entropy_weighting)
-        a, e = entropy_gradient_coefficients(lp.weighted, mb.batch, cfg.x_estimator)
+        lp = policy_logprobs(module, mb.batch, cfg)
         x_half = None if out.x_half is None else out.x_half[int(halves[mb.units[0]])]
-        dots = projected_backward((a * lp.seq + e * lp.weighted).sum(), params, v, x_half)  # (K,) of X_n . v
+        surrogate = entropy_surrogate(lp, mb.batch, cfg.x_estimator)
+        dots = projected_backward(surrogate, params, v, x_half)  # (K,) of X_n . v
         s.append(dots.sum() if index is None else _group_sums(dots, index))
-        out.seq_logprob[mb.rows], out.weighted[mb.rows] = lp.seq.detach(), lp.weighted.detach()
+        out.logprobs.put(mb.rows, lp)
     if index is None:
         out.s = torch.stack(s)  # (B_E,)
     else:
@@ -121,5 +121,5 @@ def unit_gradients(
     """``(m, grad J_m)`` for each U unit in turn, ``J_m = sum_{i in m} coeff_i S_i``: one backward per
     unit and only one unit's gradient alive at a time (the caller drops it before the next)."""
     for mb in batch.microbatches(1):
-        lp = sequence_logprobs(module, mb.batch, cfg.temperature, cfg.entropy_weighting)
-        yield mb.units[0], grad_of((coeff[mb.rows] * lp.seq).sum(), params)
+        lp = policy_logprobs(module, mb.batch, cfg)
+        yield mb.units[0], grad_of(update_surrogate(lp.seq, coeff[mb.rows]), params)

@@ -31,8 +31,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..batch import RolloutBatch
 from ..config import ProbeConfig
-from ..logprobs import sequence_logprobs
-from ..objectives import entropy_gradient_coefficients, group_sum
+from ..logprobs import policy_logprobs
+from ..objectives import entropy_surrogate
 from ..vectors import Params, Vector
 from .backward import projected_backward
 from .projections import EvalProjections
@@ -81,7 +81,7 @@ def directional_logprobs(
     tangents = {name: direction[name].to(dtype=p.dtype) for name, p in params.items()}
 
     def seq_and_weighted(theta):
-        lp = sequence_logprobs(module, batch, cfg.temperature, cfg.entropy_weighting, params=theta)
+        lp = policy_logprobs(module, batch, cfg, params=theta)
         return lp.seq, lp.weighted
 
     # no_grad: the primals are detached, nothing is built for a backward.
@@ -107,19 +107,17 @@ def eval_projections(
     with forward_mode_ready(module):
         for mb in batch.microbatches(cfg.microbatch_units):
             lp = directional_logprobs(module, params, mb.batch, v, cfg)
-            a, e = entropy_gradient_coefficients(lp.weighted, mb.batch, cfg.x_estimator)
-            out.s[torch.as_tensor(mb.units, device=out.s.device)] = group_sum(
-                a * lp.d_seq + e * lp.d_weighted, mb.batch
-            )
-            out.seq_logprob[mb.rows], out.weighted[mb.rows] = lp.seq, lp.weighted
+            units = torch.as_tensor(mb.units, device=out.s.device)
+            out.s[units] = entropy_surrogate(lp, mb.batch, cfg.x_estimator, tangent=True)  # (B_mb,)
+            out.logprobs.put(mb.rows, lp)
     if out.x_half is not None:
         for h in (0, 1):  # each half's units microbatched on their own: one reverse pass per microbatch
             units = (halves == h).nonzero().reshape(-1).tolist()
             if not units:
                 continue
             for mb in batch.select_units(units).microbatches(cfg.microbatch_units):
-                lp = sequence_logprobs(module, mb.batch, cfg.temperature, cfg.entropy_weighting)
-                a, e = entropy_gradient_coefficients(lp.weighted, mb.batch, cfg.x_estimator)
+                lp = policy_logprobs(module, mb.batch, cfg)
+                surrogate = entropy_surrogate(lp, mb.batch, cfg.x_estimator)
                 # this microbatch's X_n added into the half's sum as the backward forms them, never whole
-                projected_backward((a * lp.seq + e * lp.weighted).sum(), params, v, out.x_half[h])
+                projected_backward(surrogate, params, v, out.x_half[h])
     return out

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from ..batch import RolloutBatch
 from ..config import ProbeConfig
-from ..logprobs import sequence_logprobs
+from ..logprobs import policy_logprobs
 from ..objectives import group_sum, per_sequence
 from ..vectors import Params, Vector
 from .jvp import forward_mode_ready
@@ -91,7 +91,7 @@ def second_directional_logprobs(
     tangents = {name: v[name].to(dtype=p.dtype) for name, p in params.items()}
 
     def seq_and_weighted(theta):
-        lp = sequence_logprobs(module, batch, cfg.temperature, cfg.entropy_weighting, params=theta)
+        lp = policy_logprobs(module, batch, cfg, params=theta)
         return lp.seq, lp.weighted
 
     def first(theta):  # (S, S_w, dS, dS_w) at theta, derivatives along v

@@ -132,11 +132,10 @@ class EntropyProbeCallback(TrainerCallback):
                 pad_token_id=pad,
                 seed=self.seed + state.global_step * world + rank,
             )
-        probe = EntropyProbe(model, optimizer, cfg)
-        if world > 1:  # the Trainer hands callbacks the unwrapped model: the ranks combine through the group
-            from ..distributed import ProcessGroupComm
-
-            probe.comm = ProcessGroupComm()
+        # the Trainer hands callbacks the unwrapped model: the ranks combine through the default group
+        probe = EntropyProbe(
+            model, optimizer, cfg, process_group=torch.distributed.group.WORLD if world > 1 else None
+        )
         result = probe.run(eval_batch=eval_batch, from_grad=True)
         decision = self._guard_step(optimizer, result) if self.guard is not None else None
         self._pending = (probe, result, decision, state.global_step + 1)  # step number once it is taken
@@ -147,11 +146,9 @@ class EntropyProbeCallback(TrainerCallback):
             return
         probe, result, decision, step = self._pending
         self._pending = None
-        guard_metrics, guard_record, taken = {}, {}, result
-        if decision is not None:
-            # the step taken was lr * scale * v: measured.se_diff is against that step's first-order forecast
-            taken = replace(result, lr=result.lr * decision.scale, delta_h1=result.delta_h1 * decision.scale)
-        measured = probe.measure_change(taken)
+        guard_metrics, guard_record = {}, {}
+        # the step taken was lr * scale * v: measured.se_diff is against that step's first-order forecast
+        measured = probe.measure_change(result, step_scale=1.0 if decision is None else decision.scale)
         if decision is not None:
             guard_metrics = {
                 **decision.to_dict(),

@@ -12,7 +12,7 @@ from ..logprobs import WEIGHTINGS
 from ..probe import EntropyProbe
 from ..statistics import Z95
 from ..toy import sample_enumerated
-from .problem import CONTROL, Check, Problem, Settings, _probe, _seed, exact_entropy_at
+from .problem import CONTROL, TOKEN, Check, Problem, Settings, _probe, _seed, exact_entropy_at
 from .stats import chi2_ratio_interval, fit_slope, studentized_coverage, wilson_interval
 
 
@@ -65,9 +65,9 @@ def coverage_check(
     se: list[float],
     exact: float,
     shard_units: int,
-    unit_skew: float,
-    unit_kurtosis: float,
-    k: float,
+    unit_skew: float = 0.0,
+    unit_kurtosis: float = 0.0,
+    k: float = 3.0,
 ) -> Check:
     """Share of shards whose 95% interval covers the exact value, against the coverage it should have.
 
@@ -77,6 +77,7 @@ def coverage_check(
     interval by O(1/B_E) (0.941 for normal s_n at B_E = 32, about 0.93 for the skewed s_n of the "sum"
     weighting). ``studentized_coverage`` gives it from the measured skewness and kurtosis of the s_n;
     its own error, O(1/B_E^2) (< 0.007 at B_E = 32 even for exponential s_n), is far inside the interval.
+    ``unit_skew``, ``unit_kurtosis``: of the s_n (0: normal s_n); ``k``: the Wilson interval's z.
     """
     covered = sum(abs(d - exact) <= Z95 * s for d, s in zip(delta_h1, se))
     n = len(delta_h1)
@@ -156,13 +157,16 @@ def slope_check(name: str, factors: list[int], var_by_factor: list[list[float]],
 # ---- the experiments --------------------------------------------------------------------------------
 def run_shards(problem: Problem, s: Settings, seed: int, advance) -> dict:
     """K shards of B_E units, each probed with both entropy weightings along the same fixed v (with the
-    second order: delta_h2 and the forecast too).
+    second order: delta_h2 and the forecast too), and for the token-level entropy (``TOKEN``).
 
     Also with the founding note's estimator (``x_estimator="seed"``, no pathwise term), biased for
     "token-mean" with variable lengths (DESIGN section 3): the control that the unbiasedness check can fail.
     """
-    probes = {w: _probe(problem, entropy_weighting=w, second_order=True) for w in WEIGHTINGS}
-    probes[CONTROL] = _probe(problem, entropy_weighting="token-mean", x_estimator="seed")
+    probes = {
+        w: _probe(problem, entropy="sequence", entropy_weighting=w, second_order=True) for w in WEIGHTINGS
+    }
+    probes[CONTROL] = _probe(problem, entropy="sequence", entropy_weighting="token-mean", x_estimator="seed")
+    probes[TOKEN] = _probe(problem, entropy="token")  # the trainers' token-level entropy, through run()
     out = {w: dict(delta_h1=[], var=[], se=[], s=[], delta_h2=[], forecast=[]) for w in probes}
     for k in range(s.n_shards):
         batch = sample_enumerated(problem.policy, s.shard_units, s.group_size, seed=_seed(seed, 2, k))

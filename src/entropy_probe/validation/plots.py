@@ -32,49 +32,8 @@ def calibration_plot(path: Path, shards: dict, exact: dict, checks: dict, shard_
     """2 x 2 panels; ``shards[w]`` holds delta_h1 and se per shard for weighting w."""
     fig, ax = plt.subplots(2, 2, figsize=(13, 9.5))
     weightings = list(shards)
-    main = weightings[0]
-    d, se, x0 = shards[main]["delta_h1"], shards[main]["se"], exact[main]
-    order = sorted(range(len(d)), key=lambda i: d[i])
-    # (a) every shard's 95% interval, sorted by delta_h1; misses in red.
-    a = ax[0, 0]
-    for rank, i in enumerate(order):
-        miss = abs(d[i] - x0) > Z95 * se[i]
-        a.plot(
-            [rank, rank], [d[i] - Z95 * se[i], d[i] + Z95 * se[i]], color="tab:red" if miss else "0.6", lw=1
-        )
-    a.scatter(
-        range(len(d)), [d[i] for i in order], s=6, color="tab:blue", zorder=3, label="delta_h1 of a shard"
-    )
-    a.axhline(x0, color="black", lw=1.5, label=f"exact eta grad H . v = {x0:.3g}")
-    a.plot([], [], color="0.6", label="95% interval covering the exact value")
-    a.plot([], [], color="tab:red", label="95% interval missing it")
-    cov = checks[f"coverage ({main})"]["figures"]
-    a.set(
-        title=f"(a) {len(d)} independent E shards, {main}: coverage {cov['coverage']:.3f}",
-        xlabel="shard (sorted by delta_h1)",
-        ylabel="predicted entropy change delta_h1 (nats)",
-    )
-    a.legend(loc="upper left", fontsize=8)
-    # (b) standardised errors against N(0, 1).
-    b = ax[0, 1]
-    for w, colour in zip(weightings, ("tab:blue", "tab:orange")):
-        z = [(di - exact[w]) / si for di, si in zip(shards[w]["delta_h1"], shards[w]["se"]) if si > 0]
-        b.hist(z, bins=25, range=(-5, 5), density=True, histtype="step", lw=1.8, color=colour, label=f"{w}")
-    grid = [-5 + j / 10 for j in range(101)]
-    b.plot(
-        grid,
-        [math.exp(-g * g / 2) / math.sqrt(2 * math.pi) for g in grid],
-        color="black",
-        lw=1.2,
-        ls="--",
-        label="N(0, 1)",
-    )
-    b.set(
-        title="(b) standardised errors: calibrated SEs give N(0, 1)",
-        xlabel="(delta_h1 - exact) / SE_E  (dimensionless)",
-        ylabel="density",
-    )
-    b.legend(fontsize=8)
+    _shard_intervals_panel(ax[0, 0], shards, exact, checks)
+    _standardised_errors_panel(ax[0, 1], shards, exact)
     # (c) variance ratio with its chi-square interval; (d) coverage with its Wilson interval.
     for panel, key, value, target, ylabel, title in (
         (
@@ -95,44 +54,7 @@ def calibration_plot(path: Path, shards: dict, exact: dict, checks: dict, shard_
         ),
     ):
         for j, w in enumerate(weightings):
-            c = checks[f"{key} ({w})"]
-            f = c["figures"]
-            if (
-                key == "coverage"
-            ):  # the Wilson interval is around the observed share; the expected one must be inside
-                lo, hi = f["wilson"]
-                label = "observed share and its Wilson interval"
-                panel.plot(
-                    [j - 0.25, j + 0.25],
-                    [f["expected"]] * 2,
-                    color="black",
-                    lw=2.5,
-                    label=f"expected at B_E = {shard_units} (skewed s_n)" if j == 0 else None,
-                )
-            else:  # the chi-square interval is where a calibrated ratio falls
-                lo, hi = f["interval"]
-                label = "measured ratio; bar = acceptance interval"
-            colour = PASS_COLOUR if c["passed"] else FAIL_COLOUR
-            panel.errorbar(
-                [j],
-                [f[value]],
-                yerr=[[f[value] - lo], [hi - f[value]]] if key == "coverage" else None,
-                fmt="o",
-                color=colour,
-                capsize=6,
-                ms=8,
-                label=label if j == 0 else None,
-            )
-            if key != "coverage":
-                panel.plot([j, j], [lo, hi], color=colour, lw=6, alpha=0.3)
-            panel.annotate(
-                f"{f[value]:.3f} ({_verdict(c['passed'])})",
-                (j, f[value]),
-                xytext=(14, 7),
-                textcoords="offset points",
-                va="center",
-                fontsize=9,
-            )
+            _check_marker(panel, j, checks[f"{key} ({w})"], key, value, shard_units)
         panel.axhline(
             target, color="black", ls="--", lw=1, label="nominal 0.95" if key == "coverage" else "target 1"
         )
@@ -144,6 +66,92 @@ def calibration_plot(path: Path, shards: dict, exact: dict, checks: dict, shard_
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _shard_intervals_panel(a, shards: dict, exact: dict, checks: dict) -> None:
+    """(a) every shard's 95% interval of the first weighting, sorted by delta_h1; misses in red."""
+    main = list(shards)[0]
+    d, se, x0 = shards[main]["delta_h1"], shards[main]["se"], exact[main]
+    order = sorted(range(len(d)), key=lambda i: d[i])
+    for rank, i in enumerate(order):
+        miss = abs(d[i] - x0) > Z95 * se[i]
+        a.plot(
+            [rank, rank], [d[i] - Z95 * se[i], d[i] + Z95 * se[i]], color="tab:red" if miss else "0.6", lw=1
+        )
+    a.scatter(
+        range(len(d)), [d[i] for i in order], s=6, color="tab:blue", zorder=3, label="delta_h1 of a shard"
+    )
+    a.axhline(x0, color="black", lw=1.5, label=f"exact eta grad H . v = {x0:.3g}")
+    a.plot([], [], color="0.6", label="95% interval covering the exact value")
+    a.plot([], [], color="tab:red", label="95% interval missing it")
+    cov = checks[f"coverage ({main})"]["figures"]
+    a.set(
+        title=f"(a) {len(d)} independent E shards, {main}: coverage {cov['coverage']:.3f}",
+        xlabel="shard (sorted by delta_h1)",
+        ylabel="predicted entropy change delta_h1 (nats)",
+    )
+    a.legend(loc="upper left", fontsize=8)
+
+
+def _standardised_errors_panel(b, shards: dict, exact: dict) -> None:
+    """(b) standardised errors against N(0, 1)."""
+    for w, colour in zip(list(shards), ("tab:blue", "tab:orange")):
+        z = [(di - exact[w]) / si for di, si in zip(shards[w]["delta_h1"], shards[w]["se"]) if si > 0]
+        b.hist(z, bins=25, range=(-5, 5), density=True, histtype="step", lw=1.8, color=colour, label=f"{w}")
+    grid = [-5 + j / 10 for j in range(101)]
+    b.plot(
+        grid,
+        [math.exp(-g * g / 2) / math.sqrt(2 * math.pi) for g in grid],
+        color="black",
+        lw=1.2,
+        ls="--",
+        label="N(0, 1)",
+    )
+    b.set(
+        title="(b) standardised errors: calibrated SEs give N(0, 1)",
+        xlabel="(delta_h1 - exact) / SE_E  (dimensionless)",
+        ylabel="density",
+    )
+    b.legend(fontsize=8)
+
+
+def _check_marker(panel, j: int, c: dict, key: str, value: str, shard_units: int) -> None:
+    """Weighting j's measured figure of check ``c`` with its interval, coloured by the verdict."""
+    f = c["figures"]
+    if key == "coverage":  # the Wilson interval is around the observed share; the expected one must be inside
+        lo, hi = f["wilson"]
+        label = "observed share and its Wilson interval"
+        panel.plot(
+            [j - 0.25, j + 0.25],
+            [f["expected"]] * 2,
+            color="black",
+            lw=2.5,
+            label=f"expected at B_E = {shard_units} (skewed s_n)" if j == 0 else None,
+        )
+    else:  # the chi-square interval is where a calibrated ratio falls
+        lo, hi = f["interval"]
+        label = "measured ratio; bar = acceptance interval"
+    colour = PASS_COLOUR if c["passed"] else FAIL_COLOUR
+    panel.errorbar(
+        [j],
+        [f[value]],
+        yerr=[[f[value] - lo], [hi - f[value]]] if key == "coverage" else None,
+        fmt="o",
+        color=colour,
+        capsize=6,
+        ms=8,
+        label=label if j == 0 else None,
+    )
+    if key != "coverage":
+        panel.plot([j, j], [lo, hi], color=colour, lw=6, alpha=0.3)
+    panel.annotate(
+        f"{f[value]:.3f} ({_verdict(c['passed'])})",
+        (j, f[value]),
+        xytext=(14, 7),
+        textcoords="offset points",
+        va="center",
+        fontsize=9,
+    )
 
 
 def se_scaling_plot(

@@ -13,9 +13,10 @@ from ..config import ProbeConfig
 from ..logprobs import WEIGHTINGS
 from ..probe import EntropyProbe
 from ..toy import TabularPolicy, exact_directional_derivative, exact_entropy, sample_enumerated
-from ..truth import stepped_parameters
+from ..vectors import stepped_parameters
 
 CONTROL = "seed estimator"  # the note's biased X_n, run on the same shards as a negative control
+TOKEN = "token"  # ProbeConfig(entropy="token") on the same shards
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -51,6 +51,7 @@ from rich.progress import (
 from rich.table import Table
 
 from ..logprobs import WEIGHTINGS
+from ..toy import exact_token_derivative
 from .calibration import (
     SE_TOTAL_CASES,
     coverage_floor_check,
@@ -68,9 +69,10 @@ from .checks import (
     variance_check,
     zero_advantage_check,
 )
-from .problem import CONTROL, FULL, QUICK, Check, Settings, build_problem
+from .problem import CONTROL, FULL, QUICK, TOKEN, Check, Settings, build_problem
 from .second_order import by_group_check, exact_second_terms, forecast_at_full_step, order_check
 from .stats import FAMILY_LEVEL, excess_kurtosis, skewness, tolerance_k
+from .token_level import TOKEN_TESTS, token_checks
 
 # (weighting, temperature, B_E, target coverage of the 95% interval): the issue's skewed case, and an easy one
 INTERVAL_CASES = (("sum", 0.7, 16, 0.92), ("sum", 0.7, 32, 0.93), ("token-mean", 1.0, 32, 0.93))
@@ -79,12 +81,46 @@ INTERVAL_CASES = (("sum", 0.7, 16, 0.92), ("sum", 0.7, 32, 0.93), ("token-mean",
 # ---- the harness ------------------------------------------------------------------------------------
 def run_validation(seed: int, settings: Settings, out: Path, console: Console) -> dict:
     """Every check, the plots and validation.json in ``out``; returns the report (JSON-ready)."""
-    from .plots import calibration_plot, se_scaling_plot, truth_plot
-
     start = time.perf_counter()
     s = settings
-    # the statistical tests below (the second-order unbiasedness adds one per weighting)
-    n_tests = (
+    n_tests = statistical_tests(s)
+    k = tolerance_k(n_tests)
+    problem, m = _measure(seed, s, k, console)
+    exact = {w: problem.lr * problem.exact_slope[w] for w in WEIGHTINGS}
+    checks, exact_h2 = _checks(problem, m, exact, s, k, seed)
+    full_step = forecast_at_full_step(
+        problem, m.shards["token-mean"]["forecast"], m.shards["token-mean"]["delta_h1"]
+    )
+    control = _control(m.shards, exact, k)
+    out.mkdir(parents=True, exist_ok=True)
+    plots = _plots(out, m, exact, {c.name: asdict(c) for c in checks}, s, problem.lr)
+    report = dict(
+        passed=all(c.passed for c in checks),
+        seed=seed,
+        runtime_s=time.perf_counter() - start,
+        settings=asdict(s),
+        tolerance=dict(family_level=FAMILY_LEVEL, statistical_tests=n_tests, k=k),
+        problem=dict(
+            lr=problem.lr,
+            entropy=problem.entropy,
+            exact_grad_h_dot_v=problem.exact_slope,
+            exact_delta_h1=exact,
+            exact_delta_h2=exact_h2,
+            update_units=problem.update_batch.n_units,
+            direction="adam-preconditioned",
+            full_step=full_step,
+        ),
+        checks=[asdict(c) for c in checks],
+        controls=[asdict(control)],
+        plots={name: str(p) for name, p in plots.items()},
+    )
+    (out / "validation.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def statistical_tests(s: Settings) -> int:
+    """The statistical tests of a run (the second-order unbiasedness adds one per weighting): k's family."""
+    return (
         2 * len(WEIGHTINGS)
         + 1
         + 2 * len(WEIGHTINGS)
@@ -92,8 +128,27 @@ def run_validation(seed: int, settings: Settings, out: Path, console: Console) -
         + 1
         + len(SE_TOTAL_CASES)
         + len(INTERVAL_CASES)
+        + 1
+        + TOKEN_TESTS
     )
-    k = tolerance_k(n_tests)
+
+
+@dataclass
+class Measured:
+    """What the long loops of a run measured (``_measure``), before any verdict."""
+
+    shards: dict
+    scaling: list
+    zero: Check
+    truth: list
+    truth_data: dict
+    totals: list
+    intervals: list
+
+
+def _measure(seed: int, s: Settings, k: float, console: Console) -> tuple:
+    """(the problem, ``Measured``): the shards, the SE scaling, the truth sweep, se_total and the
+    interval coverage, under one progress display."""
     columns = (TextColumn("{task.description:<34}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as progress:
         setup = progress.add_task("policy, U, v, exact answers", total=1)
@@ -126,11 +181,14 @@ def run_validation(seed: int, settings: Settings, out: Path, console: Console) -
             name = f"interval coverage ({weighting}, T={temperature:g}, B_E={units})"
             intervals.append(coverage_floor_check(name, covered, n, target, k))
             progress.advance(task)
+    return problem, Measured(shards, scaling, zero, truth, truth_data, totals, intervals)
 
-    exact = {w: problem.lr * problem.exact_slope[w] for w in WEIGHTINGS}
+
+def _checks(problem, m: Measured, exact: dict, s: Settings, k: float, seed: int) -> tuple[list[Check], dict]:
+    """Every check of the verdict, in report order, and the exact delta_h2 per weighting."""
     checks: list[Check] = []
     for w in WEIGHTINGS:
-        d = shards[w]
+        d = m.shards[w]
         kurt, skew = excess_kurtosis(d["s"]), skewness(d["s"])  # of the s_n, pooled over the shards
         checks.append(
             variance_check(f"variance ratio ({w})", d["delta_h1"], d["var"], kurt, s.shard_units, k)
@@ -138,23 +196,31 @@ def run_validation(seed: int, settings: Settings, out: Path, console: Console) -
         checks.append(
             coverage_check(f"coverage ({w})", d["delta_h1"], d["se"], exact[w], s.shard_units, skew, kurt, k)
         )
-    checks.append(slope_check("SE scaling: slope of log SE vs log c", list(s.scale_factors), scaling, k))
-    checks.append(zero)
+    checks.append(slope_check("SE scaling: slope of log SE vs log c", list(s.scale_factors), m.scaling, k))
+    checks.append(m.zero)
     checks += [
-        unbiased_check(f"unbiased vs exact ({w})", shards[w]["delta_h1"], exact[w], k) for w in WEIGHTINGS
+        unbiased_check(f"unbiased vs exact ({w})", m.shards[w]["delta_h1"], exact[w], k) for w in WEIGHTINGS
     ]
-    checks += truth + totals + intervals
+    checks += m.truth + m.totals + m.intervals
     exact_h2 = {w: exact_second_terms(problem, w)[1] for w in WEIGHTINGS}
     checks += [
-        unbiased_check(f"delta_h2 unbiased vs exact ({w})", shards[w]["delta_h2"], exact_h2[w], k)
+        unbiased_check(f"delta_h2 unbiased vs exact ({w})", m.shards[w]["delta_h2"], exact_h2[w], k)
         for w in WEIGHTINGS
     ]
     checks += [order_check(problem), by_group_check(seed)]
-    full_step = forecast_at_full_step(
-        problem, shards["token-mean"]["forecast"], shards["token-mean"]["delta_h1"]
+    exact_token = problem.lr * exact_token_derivative(problem.policy, problem.v)
+    checks.append(
+        unbiased_check(
+            "token: unbiased vs exact (run(), shards)", m.shards[TOKEN]["delta_h1"], exact_token, k
+        )
     )
-    # Not a check of the probe (it counts neither in the verdict nor in k): the same unbiasedness test
-    # applied to a known-biased estimator must reject it, or the test would have no power here.
+    checks += token_checks(problem.policy, problem.v, seed, k)  # vectorised exact draws at B_E = 8, 16, 32
+    return checks, exact_h2
+
+
+def _control(shards: dict, exact: dict, k: float) -> Check:
+    """Not a check of the probe (it counts neither in the verdict nor in k): the same unbiasedness test
+    applied to a known-biased estimator must reject it, or the test would have no power here."""
     control = unbiased_check(
         "control: x_estimator='seed' (token-mean) is biased",
         shards[CONTROL]["delta_h1"],
@@ -163,45 +229,30 @@ def run_validation(seed: int, settings: Settings, out: Path, console: Console) -
     )
     control.passed = not control.passed  # "passed" = the bias was detected
     control.tolerance = f"|z| > {k:.2f}"
+    return control
 
-    out.mkdir(parents=True, exist_ok=True)
-    by_name = {c.name: asdict(c) for c in checks}
+
+def _plots(out: Path, m: Measured, exact: dict, by_name: dict, s: Settings, lr: float) -> dict[str, Path]:
+    """calibration.png, se_scaling.png and truth_vs_prediction.png in ``out``."""
+    from .plots import calibration_plot, se_scaling_plot, truth_plot
+
     plots = {
         "calibration": out / "calibration.png",
         "se_scaling": out / "se_scaling.png",
         "truth_vs_prediction": out / "truth_vs_prediction.png",
     }
-    calibration_plot(plots["calibration"], {w: shards[w] for w in WEIGHTINGS}, exact, by_name, s.shard_units)
+    calibration_plot(
+        plots["calibration"], {w: m.shards[w] for w in WEIGHTINGS}, exact, by_name, s.shard_units
+    )
     se_scaling_plot(
         plots["se_scaling"],
         list(s.scale_factors),
         s.scale_units,
-        scaling,
+        m.scaling,
         by_name["SE scaling: slope of log SE vs log c"],
     )
-    truth_plot(plots["truth_vs_prediction"], truth_data, problem.lr, s.truth_units)
-    report = dict(
-        passed=all(c.passed for c in checks),
-        seed=seed,
-        runtime_s=time.perf_counter() - start,
-        settings=asdict(s),
-        tolerance=dict(family_level=FAMILY_LEVEL, statistical_tests=n_tests, k=k),
-        problem=dict(
-            lr=problem.lr,
-            entropy=problem.entropy,
-            exact_grad_h_dot_v=problem.exact_slope,
-            exact_delta_h1=exact,
-            exact_delta_h2=exact_h2,
-            update_units=problem.update_batch.n_units,
-            direction="adam-preconditioned",
-            full_step=full_step,
-        ),
-        checks=[asdict(c) for c in checks],
-        controls=[asdict(control)],
-        plots={name: str(p) for name, p in plots.items()},
-    )
-    (out / "validation.json").write_text(json.dumps(report, indent=2))
-    return report
+    truth_plot(plots["truth_vs_prediction"], m.truth_data, lr, s.truth_units)
+    return plots
 
 
 def print_table(report: dict, console: Console) -> None:

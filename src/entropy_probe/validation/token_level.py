@@ -124,6 +124,7 @@ def draw_estimates(
 # ---- the checks of ``entropy-probe validate`` for the token-level entropy ---------------------------
 TOKEN_DRAWS = 1000  # independent E batches per B_E
 TOKEN_UNITS = (8, 16, 32)  # B_E of the calibration checks
+TOKEN_TESTS = 2 + 2 * len(TOKEN_UNITS)  # statistical tests among token_checks (k's family)
 
 
 def token_checks(policy: TabularPolicy, v: Vector, seed: int, k: float, draws: int = TOKEN_DRAWS) -> list:
