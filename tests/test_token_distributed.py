@@ -117,10 +117,47 @@ def _fsdp_cases(rank: int, world: int, model, v, E, s, q) -> None:
         _close(getattr(got_c, k), getattr(want_c, k), f"fsdp measure_change.{k}")
 
 
+def _probe_ddp_cases(rank: int) -> None:
+    """Through ``EntropyProbe.run`` on a DDP model: entropy="token" with the second order and the truth,
+    then ``measure_change`` after a real AdamW step; ranks hold uneven shares of U and E (one none)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from entropy_probe.toy import TabularPolicy, sample_enumerated
+
+    policy = TabularPolicy(seed=3, scale=0.7)
+    U, E = sample_enumerated(policy, 4, seed=11), sample_enumerated(policy, 4, group_size=3, seed=12)
+    ddp = DDP(policy)
+    opt = torch.optim.AdamW(policy.parameters(), lr=0.05)
+    cfg = ep.ProbeConfig(entropy="token", second_order=True, truth_alphas=(0.5, 1.0), direction="sgd", lr=0.5)
+    for u_split, e_split in (([[0, 1], [2, 3]], [[0, 1, 2], [3]]), ([[0], [1, 2, 3]], [[0, 1, 2, 3], []])):
+        # v built under DDP (its all-reduce order differs from one process by fp32 rounding), then the same v
+        # on both sides, so that the comparison isolates the distribution of E
+        v = ep.EntropyProbe(ddp, opt, cfg).update_direction(_share(U, u_split[rank]))
+        got = ep.EntropyProbe(ddp, opt, cfg).run(eval_batch=_share(E, e_split[rank]), direction=v, truth=True)
+        want = ep.EntropyProbe(policy, opt, cfg).run(eval_batch=E, direction=v, truth=True)
+        for k in ("delta_h1", "se_cond_e", "delta_h2", "se_forecast", "entropy"):
+            _close(getattr(got, k), getattr(want, k), f"probe {k} {e_split}")
+        for k in TRUTH_FIELDS:
+            _close(getattr(got.truth, k), getattr(want.truth, k), f"probe truth.{k} {e_split}")
+    # measure_change after the real step, on the shares of the last split
+    opt.zero_grad()
+    ddp(input_ids=U.input_ids, attention_mask=U.attention_mask).logsumexp(-1).mean().backward()
+    cfg = ep.ProbeConfig(entropy="token", direction="optimizer-step")
+    probe, single = ep.EntropyProbe(ddp, opt, cfg), ep.EntropyProbe(policy, opt, cfg)
+    got = probe.run(eval_batch=_share(E, [[0, 1], [2, 3]][rank]), from_grad=True, truth=True)
+    want = single.run(eval_batch=E, from_grad=True, truth=True)
+    opt.step()
+    got_c, want_c = probe.measure_change(got), single.measure_change(want)
+    assert want_c.delta_h != 0 and abs(want_c.delta_h - want.truth.delta_h) < 1e-6
+    for k in ("delta_h", "se", "ess", "se_diff"):
+        _close(getattr(got_c, k), getattr(want_c, k), f"probe measure_change.{k}")
+
+
 def _cases(rank: int, world: int) -> None:
     model, v, E, s, q = _setup()
     _ddp_cases(rank, model, v, E, s, q)
     _fsdp_cases(rank, world, model, v, E, s, q)
+    _probe_ddp_cases(rank)
 
 
 def test_token_truth_change_and_second_order_on_two_ranks_equal_one_process():
