@@ -205,6 +205,13 @@ def _split_cases(rank: int, world: int) -> None:
             ep.ProbeConfig(engine="jvp", microbatch_units=2),
             True,
         ),
+        (  # the ratio's s_n need every rank's pieces: one gather, then each rank keeps its own
+            "E 4+0, U 2+2, entropy='token', by_group (a rank without E units joins the gathers)",
+            ([0, 1], [2, 3]),
+            ([0, 1, 2, 3], []),
+            ep.ProbeConfig(entropy="token", direction="sgd", lr=0.1),
+            False,
+        ),
     ]
     for name, u_split, e_split, cfg, truth in cases:
         probe = ep.EntropyProbe(ddp, optimizer, cfg)

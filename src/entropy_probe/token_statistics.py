@@ -39,7 +39,7 @@ def token_values(comm, proj: TokenProjections, sizes: list[int], ratio: bool) ->
     """``sizes``: E units per rank (rank order). ``ratio``: the token-level ratio, else the numerator."""
     rank, n_local = comm.rank, proj.pieces.shape[0]
     offset = sum(sizes[:rank])
-    flat = [proj.pieces.reshape(n_local, 4)]
+    flat = [proj.pieces.reshape(n_local, 4)]  # explicit widths: a rank without units reshapes 0 rows
     if proj.groups is not None:
         flat.append(proj.groups.reshape(n_local, 2 * proj.groups.shape[-1]))
     gathered = comm.gather(torch.cat(flat, dim=1), sizes)  # (B_E, 4 [+ 2 n_groups]) in rank order
