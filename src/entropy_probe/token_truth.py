@@ -2,11 +2,12 @@
 
 E was sampled at theta; ``token_functional`` estimates the token-level entropy at theta' from the
 per-token log-probs and entropies at theta and theta' (prefix importance weights, leave-one-out
-control variates, the jackknifed ratio). Per unit the change is ``p_n(theta') - p_n(theta)``, the
-difference of the ratio's pseudo-values, and the headline ``mean_n`` of it: at alpha = 0 exactly 0,
-and its derivatives in alpha at 0 are the forecast's ``s_n`` and ``q_n`` (``unit_value_derivatives``), so
+control variates, the jackknifed ratio). Per unit the change is ``u_n(theta') - u_n(theta)``, the
+difference of the ratio's per-unit values (jackknifed ratio plus the delta method's influence of unit
+n, as the forecast forms its s_n), and the headline ``mean_n`` of it: at alpha = 0 exactly 0, and its
+derivatives in alpha at 0 are the forecast's ``s_n`` and ``q_n`` (``unit_value_derivatives``), so
 truth - forecast on the same E is the Taylor remainder. SEs are ``std / sqrt(B)`` of the per-unit
-values (the jackknife SE of the corrected ratio), also for truth - prediction.
+values (the delta method's), also for truth - prediction.
 
 These functions take the per-token quantities (``ResponseTokens``), so they serve one process, DDP and
 FSDP2 alike: under several ranks the per-unit rows are gathered (rank order) before the ratio, which
