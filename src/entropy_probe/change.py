@@ -20,6 +20,7 @@ from .response_tokens import ResponseTokens
 from .result import PREFIX, EvalState
 from .token_truth import token_change
 from .truth import _check_weights, entropy_change
+from .vectors import device_of
 
 __all__ = ["EvalState", "MeasuredChange", "measure_change"]
 
@@ -62,5 +63,6 @@ def _measure_token_change(call: ProbeCall, state: EvalState, per_unit: Tensor, l
         after = call.passes.tokens(call.module, call.params, state.batch, call.config)
         _check_weights(state.before.seq, after.seq, 1.0)
     ratio = call.config.entropy == "token"
-    change = token_change(state.batch, state.before, after, per_unit, lr, call.comm, ratio)
+    device = device_of(call.params)
+    change = token_change(state.batch, state.before, after, per_unit, lr, call.comm, ratio, device)
     return MeasuredChange(delta_h=change.delta_h, se=change.se, ess=change.ess, se_diff=change.se_diff)

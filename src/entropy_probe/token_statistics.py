@@ -67,7 +67,8 @@ def _half_sums(proj: TokenProjections, n: Tensor, d: Tensor, ratio: bool) -> tup
     the two halves stay independent. Formed in place in the numerator sums."""
     if not ratio:
         return proj.x_num
-    parity = torch.arange(n.shape[0]) % 2  # eval_halves: the parity of the global (= gathered) position
+    # eval_halves: the parity of the global (= gathered) position
+    parity = torch.arange(n.shape[0], device=n.device) % 2
     out = []
     for h in (0, 1):
         keep = (parity == h).to(n.device)

@@ -59,18 +59,20 @@ def token_change(
     lr: float = 0.0,
     comm=None,
     ratio: bool = True,
+    device: torch.device | None = None,
 ) -> Change:
     """The token-level entropy change on E between the terms ``before`` (theta) and ``after`` (theta').
 
     ``predicted_per_unit``: every unit's predicted derivative (``(B_E,)``, rank order) in nats per unit
     of ``lr``; with it ``se_diff`` is the SE of truth - prediction. ``batch`` None: a rank holding no E
     unit (``comm`` gathers the others'). ``ratio`` False: the numerator alone (``entropy="sequence"`` with
-    "sum" weighting, ``token_functional.functional_unit_values``).
+    "sum" weighting, ``token_functional.functional_unit_values``). ``device``: where a rank holding no unit
+    makes its empty rows (the model's).
     """
     if batch is not None:
         rows = unit_rows(batch, before, after)
     else:
-        rows = torch.zeros((0, 7), dtype=torch.float64)
+        rows = torch.zeros((0, 7), dtype=torch.float64, device=device)
     if comm is not None:
         rows = comm.gather(rows)  # (B_E, 7) over all ranks, rank order
     if rows.shape[0] == 0:
@@ -129,11 +131,15 @@ def measure_token_truth(
             afters.append(after)
     head_at = list(alphas).index(1.0) if 1.0 in alphas else len(alphas) - 1
     changes = [
-        token_change(batch, before, after, per_unit * a, lr, comm, ratio) for a, after in zip(alphas, afters)
+        token_change(batch, before, after, per_unit * a, lr, comm, ratio, device_of(params))
+        for a, after in zip(alphas, afters)
     ]
     se_diff_forecast = None
     if per_unit_q is not None:  # the same tokens, another per-unit prediction
         c = alphas[head_at]
         combined = c * per_unit.double() + 0.5 * c * c * lr * per_unit_q.double().to(per_unit.device)
-        se_diff_forecast = token_change(batch, before, afters[head_at], combined, lr, comm, ratio).se_diff
+        head = afters[head_at]
+        se_diff_forecast = token_change(
+            batch, before, head, combined, lr, comm, ratio, device_of(params)
+        ).se_diff
     return truth_result(alphas, changes, head_at, se_diff_forecast)
