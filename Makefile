@@ -9,7 +9,7 @@ STAMP      := $(VENV)/.installed
 DEMO_OUT   ?= runs/demo
 PYTEST_ARGS ?= -n 2
 
-.PHONY: install test lint format demo demo-guard validate bench clean
+.PHONY: install test lint format demo demo-guard validate bench mutants clean
 
 install: $(STAMP)
 
@@ -43,6 +43,20 @@ validate: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_engines.py
+
+# Mutation testing on demand (not in CI): mutmut (pinned in the dev extras) mutates each module in
+# MUTATE in place (it keeps a backup and restores it) and runs its fast tests per mutant; the kill rate
+# is printed at the end (docs/mutation.md). Hours on 2 cores for both modules: run one at a time, e.g.
+# `make mutants MUTATE=src/entropy_probe/statistics.py MUTANT_TESTS="tests/test_core_statistics.py"`.
+MUTATE       ?= src/entropy_probe/statistics.py,src/entropy_probe/direction.py
+MUTANT_TESTS ?= tests/test_core_statistics.py tests/test_interval.py::test_interval_covers_strongly_skewed_means \
+                tests/test_interval.py::test_interval_api_levels_z_and_dict tests/test_reliability.py \
+                tests/test_core_direction.py tests/test_step_rules.py
+mutants: $(STAMP)
+	-$(PY) -m mutmut run --paths-to-mutate $(MUTATE) --no-progress \
+		--runner "$(PY) -m pytest -x -q -p no:cacheprovider -n 0 $(MUTANT_TESTS)"
+	$(PY) -m mutmut results
+	$(PY) benchmarks/mutation_score.py .mutmut-cache
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

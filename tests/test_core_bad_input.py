@@ -328,3 +328,119 @@ class _NoLogits(_Flat):
 def test_bad_probe_input(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+# ---- issue 23: ids against the vocabulary, id dtypes, lists, booleans ---------------------------------
+def _gpt2_batch(vocab: int, bad_row: int | None = None, bad_at_padding: bool = False) -> RolloutBatch:
+    b = random_batch(3, group_size=2, vocab=vocab, seed=3)
+    ids = b.input_ids.clone()
+    if bad_row is not None:
+        pad = (b.attention_mask[bad_row] == 0).nonzero()
+        col = int(pad[0, 0]) if bad_at_padding else ids.shape[1] - 1
+        ids[bad_row, col] = vocab  # one past the embedding
+    return RolloutBatch(ids, b.attention_mask, b.response_mask, b.group_ids, rewards=b.rewards)
+
+
+@pytest.mark.parametrize("at_padding", [False, True])
+@pytest.mark.parametrize("where", ["update_batch", "eval_batch"])
+def test_token_id_outside_the_vocabulary_names_the_row(where, at_padding):
+    from core_support import tiny_gpt2
+
+    model = tiny_gpt2(vocab=11)
+    good = _gpt2_batch(11)
+    row = int((good.attention_mask == 0).any(dim=1).nonzero()[0, 0]) if at_padding else 4
+    bad = _gpt2_batch(11, bad_row=row, bad_at_padding=at_padding)
+    probe = ep.EntropyProbe(model, config=ep.ProbeConfig(lr=1e-2, direction="sgd"))
+    with pytest.raises(ValueError, match=rf"{where}\.input_ids: row {row} holds token id 11 .*size 11"):
+        probe.run(bad, good) if where == "update_batch" else probe.run(good, bad)
+    if where == "update_batch":
+        with pytest.raises(ValueError, match=rf"update_batch\.input_ids: row {row} holds token id 11"):
+            probe.update_direction(bad)
+
+
+def test_vocab_size_from_an_attribute():
+    from core_support import tiny_gpt2
+
+    from entropy_probe.inputs import model_vocab_size
+    from entropy_probe.toy import TabularPolicy
+
+    assert model_vocab_size(TabularPolicy(vocab_size=3)) == 3
+    assert model_vocab_size(tiny_gpt2(vocab=11)) == 11
+    assert model_vocab_size(TinyLM()) is None  # nothing to tell: not checked
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32])
+def test_small_integer_ids_are_converted_and_give_the_same_forecast(dtype):
+    u, e = random_batch(3, seed=1), random_batch(3, seed=2)
+    as_dtype = RolloutBatch(e.input_ids.to(dtype), e.attention_mask, e.response_mask, e.group_ids)
+    assert as_dtype.input_ids.dtype in (torch.int32, torch.int64)
+    probe = ep.EntropyProbe(TinyLM(seed=0), config=ep.ProbeConfig(lr=1e-2, direction="sgd"))
+    assert probe.run(u, as_dtype).delta_h1 == probe.run(u, e).delta_h1
+
+
+@pytest.mark.parametrize("name", ["rewards", "advantages"])
+def test_scalars_given_as_lists_are_tensors(name):
+    values = [1.0, 0.0, 0.5, 0.25]
+    b = batch_with(**({"rewards": None} | {name: values}))
+    assert torch.equal(getattr(b, name), torch.tensor(values))
+    assert torch.equal(batch_with(rewards=(1, 0, 1, 0)).rewards, torch.tensor([1.0, 0.0, 1.0, 0.0]))
+
+
+BOOL_CASES = [
+    ("rewards list of booleans", dict(rewards=[True, False, True, False]), r"RolloutBatch\.rewards must be"),
+    ("rewards a string", dict(rewards="1,0,1,0"), r"RolloutBatch\.rewards must be"),
+    (
+        "bool group ids",
+        dict(group_ids=torch.tensor([True, True, False, False])),
+        r"group_ids must be integers",
+    ),
+    ("bool input ids", dict(input_ids=IDS.bool()), r"input_ids must hold integer token ids"),
+]
+
+
+@pytest.mark.parametrize("change,match", [c[1:] for c in BOOL_CASES], ids=[c[0] for c in BOOL_CASES])
+def test_booleans_and_strings_are_not_batch_values(change, match):
+    with pytest.raises(ValueError, match=match):
+        batch_with(**change)
+
+
+NOT_NUMBERS = [
+    ("lr", True),
+    ("lr", "1e-3"),
+    ("temperature", "1.0"),
+    ("temperature", True),
+    ("microbatch_units", True),
+    ("max_grad_norm", True),
+    ("norm_length", True),
+    ("truth_alphas", (True,)),
+    ("truth_alphas", 1.0),
+    ("unconditional_se", 1),
+]
+
+
+@pytest.mark.parametrize("field,value", NOT_NUMBERS, ids=[f"{f}={v!r}" for f, v in NOT_NUMBERS])
+def test_probe_config_refuses_booleans_and_strings_by_name(field, value):
+    with pytest.raises(ValueError, match=rf"ProbeConfig\.{field}"):
+        ep.ProbeConfig(**{field: value})
+
+
+@pytest.mark.parametrize("kw", [dict(max_drop=True), dict(max_drop="0.1"), dict(max_drop=0.1, level=True)])
+def test_guard_refuses_booleans(kw):
+    with pytest.raises(ValueError, match=r"EntropyGuard: (max_drop|level)"):
+        ep.EntropyGuard(**kw)
+
+
+# ---- issue 23: identical E units, direction rules that are not the optimizer's step -------------------
+def test_identical_eval_units_warn_and_flag():
+    one = random_batch(1, group_size=3, seed=2)
+    ids = one.input_ids.repeat(4, 1)  # the same unit four times, as four group ids
+    groups = torch.arange(4).repeat_interleave(3)
+    same = RolloutBatch(ids, one.attention_mask.repeat(4, 1), one.response_mask.repeat(4, 1), groups)
+    probe = _probe(TinyLM(seed=0), direction="sgd")
+    with pytest.warns(RuntimeWarning, match=r"all 4 evaluation units give the same s_n"):
+        r = probe.run(random_batch(3, seed=1), same)
+    assert r.se_cond_e == 0 and r.delta_h1 != 0
+    assert r.reliable is False and "identical units" in r.caveats[0]
+    assert r.to_dict()["entropy_probe/reliable"] is False
+    ok = probe.run(random_batch(3, seed=1), random_batch(4, seed=2))
+    assert ok.reliable is True and ok.caveats == ()

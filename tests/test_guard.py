@@ -420,3 +420,43 @@ def test_readme_guard_example_runs_after_the_readme_example():
     assert optimizer.param_groups[0]["lr"] == lr and any(
         not torch.equal(b, p) for b, p in zip(before, model.parameters())
     )
+
+
+# ---- issue 23: the decision's lr against the optimizer's; the budget's rounding tolerance ------------
+def test_applied_refuses_a_decision_made_for_another_lr():
+    """A forecast made with ProbeConfig(lr=1e-5) must not scale the optimizer's 100x larger step."""
+    policy = TabularPolicy(seed=0, scale=0.5)
+    U = sample_enumerated(policy, n_units=16, seed=1, reward_fn=stop_at_once)
+    E = sample_enumerated(policy, n_units=8, seed=5)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+    cfg = ep.ProbeConfig(lr=1e-5, direction="optimizer-step", unconditional_se=False)
+    result = ep.EntropyProbe(policy, optimizer, cfg).run(U, E)
+    decision = ep.EntropyGuard(1e-3).decide(result)
+    assert decision.lr == 1e-5
+    before = [g["lr"] for g in optimizer.param_groups]
+    with pytest.raises(ValueError, match=r"lr 1e-05 \(result\.lr\) but the optimizer's lr is 0\.001"):
+        with ep.EntropyGuard(1e-3).applied(optimizer, decision):
+            pass
+    assert [g["lr"] for g in optimizer.param_groups] == before
+    own = ep.EntropyProbe(policy, optimizer, dataclasses.replace(cfg, lr=None)).run(U, E)
+    with ep.EntropyGuard(1e-3).applied(optimizer, ep.EntropyGuard(1e-3).decide(own)):
+        pass  # the optimizer's own lr: accepted
+
+
+@pytest.mark.parametrize("over", [1e-6, 1e-9])
+def test_a_bound_just_over_the_budget_is_scaled(over):
+    """Only float rounding (1e-12 relative) counts as on the budget: a bound ``over`` (relative) beyond it
+    is a step over budget and must be scaled, to a bound that sits on the budget."""
+    policy, probe, v = toy_setup()
+    r = probe.run(eval_batch=sample_enumerated(policy, n_units=8, seed=5), direction=v)
+    guard = ep.EntropyGuard(1e-3)
+    z = guard.z
+    # a result whose full-step bound is exactly -(1 + over) * max_drop
+    se = 1e-4
+    d1 = -(1 + over) * guard.max_drop + z * se
+    res = dataclasses.replace(r, delta_h1=d1, se_cond_e=se, delta_h2=None)
+    decision = guard.decide(res)
+    assert decision.reason == SCALED and decision.scale < 1
+    assert decision.bound == pytest.approx(-guard.max_drop, rel=1e-9)
+    on_budget = dataclasses.replace(res, delta_h1=-guard.max_drop + z * se)
+    assert guard.decide(on_budget).reason == WITHIN

@@ -106,3 +106,31 @@ def test_one_update_unit_warns_and_one_eval_unit_still_gives_finite_numbers():
     # no second half of E: both projections use Xbar_E (V_U then keeps E's noise, on the large side)
     assert r.delta_h1 != 0 and r.se_cond_e == 0.0 and r.var_update > 0 and r.se_total > 0
     assert torch.isfinite(r.update_influence).all()
+
+
+# ---- issue 23: the DDP path of the jackknife over U, in this module's own tests -----------------------
+def _se_total_two_ranks(rank: int, world: int) -> None:
+    from test_distributed import _share
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    policy = TabularPolicy(seed=3, scale=0.7)
+    U = sample_enumerated(policy, n_units=4, group_size=3, seed=11)
+    E = sample_enumerated(policy, n_units=5, group_size=3, seed=12)
+    cfg = ep.ProbeConfig(lr=0.05, direction="sgd")
+    # E split 1 + 4: rank 1's units sit at odd global offsets, so the halves A/B of E depend on it
+    got = ep.EntropyProbe(DDP(policy), config=cfg).run(
+        _share(U, [[0, 1], [2, 3]][rank]), _share(E, [[0], [1, 2, 3, 4]][rank])
+    )
+    want = ep.EntropyProbe(policy, config=cfg).run(U, E)
+    for k in ("delta_h1", "se_cond_e", "var_update", "se_total"):
+        a, b = getattr(got, k), getattr(want, k)
+        assert abs(a - b) <= 1e-6 * abs(b), f"{k}: 2 ranks {a!r} vs 1 process {b!r}"
+    torch.testing.assert_close(got.update_influence, want.update_influence, rtol=1e-6, atol=1e-12)
+
+
+def test_se_total_on_two_ranks_equals_one_process():
+    """The DDP path of update_jackknife (halves of E by GLOBAL position, gathered influences) on 2 gloo
+    ranks with an uneven E split equals one process to 1e-6."""
+    from test_distributed import _launch
+
+    _launch(_se_total_two_ranks)

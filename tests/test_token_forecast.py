@@ -14,6 +14,7 @@ from test_token_engines import trainer_entropy
 import entropy_probe as ep
 from entropy_probe.toy import (
     TabularPolicy,
+    exact_directional_derivative,
     exact_token_derivative,
     sample_enumerated,
 )
@@ -100,15 +101,19 @@ def test_options_that_do_not_apply_name_both_fields(field, value):
 
 
 def test_sequence_sum_reads_the_exact_entropies(toy):
-    """entropy="sequence", "sum": the same numerator (E[sum_t H_t] = E[-S]), no ratio; its delta_h1 equals
-    the mean of the token-level pieces' dN_n, and result.entropy the mean over units of sum_t m_t H_t."""
+    """entropy="sequence", "sum": the same numerator (E[sum_t H_t] = E[-S]), no ratio, so delta_h1 is unbiased
+    for the sequence entropy's change (exact enumeration); result.entropy keeps its definition, the mean over
+    units of -(1/G) sum_i S_i."""
     policy, update, _ = toy
-    evaluation = sample_enumerated(policy, 64, seed=4)
+    evaluation = sample_enumerated(policy, 400, seed=4)
     cfg = ep.ProbeConfig(lr=ETA, direction="sgd", entropy="sequence", entropy_weighting="sum")
     r = ep.EntropyProbe(policy, config=cfg).run(update, evaluation)
+    v = ep.EntropyProbe(policy, config=cfg).update_direction(update)
+    exact = ETA * exact_directional_derivative(policy, v, "sum")
+    assert abs(r.delta_h1 - exact) <= 4 * r.se_cond_e, (r.delta_h1, exact, r.se_cond_e)  # 4 SE
     with torch.no_grad():
         logits = policy(evaluation.input_ids, evaluation.attention_mask).double()[:, :-1]
-    logp = torch.log_softmax(logits, dim=-1)
-    a = (-(logp.exp() * logp).sum(-1) * evaluation.response_mask[:, 1:].double()).sum(1)  # (N,) sum_t H_t
-    want = float(a.reshape(64, 4).mean(1).mean())  # sample_enumerated: 4 consecutive rows per unit
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, evaluation.input_ids[:, 1:, None]).squeeze(-1)
+    s = (logp * evaluation.response_mask[:, 1:].double()).sum(1)  # (N,) S_i
+    want = float(-s.reshape(400, 4).mean(1).mean())  # sample_enumerated: 4 consecutive rows per unit
     assert abs(r.entropy - want) <= 1e-6 * want

@@ -161,15 +161,58 @@ def test_metrics_reach_log_history_reporters_and_the_jsonl(attached_run):
     assert lines == cb.records
 
 
-def test_without_attach_log_history_still_gets_the_metrics(tmp_path, capsys):
-    """As ``callbacks=[cb]`` it runs after the reporters (they miss the metrics); log_history has them."""
-    cb = EntropyProbeCallback(EVAL_PROMPTS[:2], group_size=2, max_new_tokens=3)
+def test_without_attach_the_reporters_get_the_metrics_too(tmp_path, capsys):
+    """As ``callbacks=[cb]`` it starts after the reporters and moves itself ahead of them when training
+    begins: log_history and the report_to integrations both get the metrics. max_new_tokens comes from
+    the run's max_completion_length."""
+    cb = EntropyProbeCallback(EVAL_PROMPTS[:2], group_size=2)
     trainer, reporter = _trainer_with_reporters(tmp_path, callbacks=[cb], steps=1)
+    names = [type(c).__name__ for c in trainer.callback_handler.callbacks]
+    assert names.index("Reporter") < names.index("EntropyProbeCallback")
     trainer.train()
+    names = [type(c).__name__ for c in trainer.callback_handler.callbacks]
+    assert names.index("EntropyProbeCallback") < names.index("Reporter") < names.index("PrinterCallback")
     assert any("entropy_probe/delta_h1" in h for h in trainer.state.log_history)
-    assert not any("entropy_probe/delta_h1" in s for s in reporter.sent)
+    assert any("entropy_probe/delta_h1" in s for s in reporter.sent)
     printed = capsys.readouterr().out
-    assert "'loss'" in printed and "entropy_probe" not in printed  # reported, without the probe's metrics
+    assert "'loss'" in printed and "'entropy_probe/delta_h1'" in printed
+    assert cb.max_new_tokens is None and trainer.args.max_completion_length == 4
+    assert cb.records and cb.records[0]["taken/scale"] == 1.0
+    assert cb.records[0]["taken/delta_h1"] == cb.records[0]["delta_h1"]
+
+
+def test_a_repeated_run_starts_the_jsonl_afresh(tmp_path):
+    for _ in range(2):  # the same output_dir twice: one record per step, not two
+        cb = EntropyProbeCallback(EVAL_PROMPTS[:2], group_size=2, max_new_tokens=3)
+        grpo_trainer(tmp_path, callbacks=[cb], steps=2).train()
+    lines = [json.loads(x) for x in (tmp_path / JSONL_NAME).read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2] and lines == cb.records
+
+
+BAD_ARGUMENTS = [
+    ({"eval_prompts": None}, r"eval_prompts: give a non-empty list"),
+    ({"eval_prompts": []}, r"eval_prompts: give a non-empty list"),
+    ({"eval_prompts": "one prompt"}, r"eval_prompts: give a non-empty list"),
+    ({"eval_prompts": ["ok", 3]}, r"eval_prompts\[1\]: a prompt must be"),
+    ({"config": "optimizer-step"}, r"config must be an entropy_probe\.ProbeConfig"),
+    ({"seed": "x"}, r"seed must be an integer"),
+    ({"seed": True}, r"seed must be an integer"),
+    ({"every": True}, r"every must be an integer >= 1"),
+    ({"every": 0}, r"every must be an integer >= 1"),
+    ({"group_size": 1}, r"group_size must be an integer >= 2"),
+    ({"max_new_tokens": 2.5}, r"max_new_tokens must be None or an integer"),
+    ({"level": 2.0}, r"level must be in \(0, 1\)"),
+    ({"level": True}, r"level must be in \(0, 1\)"),
+    ({"entropy_budget": True}, r"EntropyGuard: max_drop"),
+    ({"entropy_budget": -1.0}, r"EntropyGuard: max_drop"),
+]
+
+
+@pytest.mark.parametrize("change,match", BAD_ARGUMENTS, ids=[str(c) for c, _ in BAD_ARGUMENTS])
+def test_every_argument_is_checked_when_built(change, match):
+    kwargs = {"eval_prompts": EVAL_PROMPTS[:2], **change}
+    with pytest.raises(ValueError, match=match):
+        EntropyProbeCallback(**kwargs)
 
 
 def _final_state(trainer) -> dict:

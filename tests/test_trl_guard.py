@@ -86,6 +86,10 @@ def test_guarded_step_is_scale_times_the_unguarded_step(plain_and_guarded):
     assert first["guard_scale"] == pytest.approx(1 / 3, rel=1e-12)
     assert first["guard_bound"] == pytest.approx(-budget, rel=1e-9)
     assert first["guard_forecast"] == pytest.approx(first["delta_h1"] / 3, rel=1e-12)
+    # the step actually taken, under its own names; delta_h1 stays the unscaled step's forecast
+    assert first["taken/scale"] == first["guard_scale"]
+    assert first["taken/delta_h1"] == pytest.approx(first["delta_h1"] / 3, rel=1e-12)
+    assert first["taken/lr"] == pytest.approx(first["lr"] / 3, rel=1e-12)
     scale = first["guard_scale"]
     eps = torch.finfo(torch.float32).eps
     for name, unguarded in plain_trace.rows[0]["moved"].items():

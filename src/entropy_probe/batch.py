@@ -21,11 +21,19 @@ from typing import Iterator, NamedTuple
 import torch
 from torch import Tensor
 
+from .inputs import is_number
+
+INDEX_DTYPES = (torch.int32, torch.int64)
+
 
 def _first_bad_row(bad: Tensor) -> int:
     """Index of the first row (dim 0) where ``bad`` holds anywhere."""
     rows = bad.reshape(bad.shape[0], -1).any(dim=1).nonzero()
     return int(rows[0, 0])
+
+
+def _is_integer_dtype(dtype: torch.dtype) -> bool:
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
@@ -71,6 +79,7 @@ class RolloutBatch:
     n_dropped_rows: int = field(init=False, default=0)  # rows with no response token, dropped on construction
 
     def __post_init__(self) -> None:
+        self._scalars_as_tensors()
         self._validate_shapes()
         dropped_groups = self._drop_empty_responses()
         self._validate_masks()
@@ -132,10 +141,12 @@ class RolloutBatch:
             raise ValueError(
                 f"RolloutBatch.input_ids must be (N, T), got shape {tuple(self.input_ids.shape)}"
             )
-        if self.input_ids.dtype.is_floating_point or self.input_ids.dtype == torch.bool:
+        if not _is_integer_dtype(self.input_ids.dtype):
             raise ValueError(
                 f"RolloutBatch.input_ids must hold integer token ids, got {self.input_ids.dtype}"
             )
+        if self.input_ids.dtype not in INDEX_DTYPES:  # uint8, int8, int16: embeddings index with int32/64
+            self.input_ids = self.input_ids.long()
         n, t = self.input_ids.shape
         if n == 0 or t < 2:
             raise ValueError(
@@ -153,12 +164,30 @@ class RolloutBatch:
                 raise ValueError(
                     f"RolloutBatch.{name} has shape {tuple(x.shape)}, expected ({n},): one per sequence"
                 )
-        if self.group_ids.dtype.is_floating_point:
-            raise ValueError(f"RolloutBatch.group_ids must be integers, got {self.group_ids.dtype}")
+        if not _is_integer_dtype(self.group_ids.dtype):
+            raise ValueError(
+                f"RolloutBatch.group_ids must be integers (not bool), got {self.group_ids.dtype}"
+            )
         if (self.input_ids < 0).any():
             raise ValueError(
                 f"RolloutBatch.input_ids: row {_first_bad_row(self.input_ids < 0)} has a negative token id"
             )
+
+    def _scalars_as_tensors(self) -> None:
+        """rewards/advantages given as a list, tuple or numpy array become a tensor (on group_ids' device);
+        booleans are refused: a reward of True is a mistake more often than a 1."""
+        for name in ("rewards", "advantages"):
+            x = getattr(self, name)
+            if x is None or isinstance(x, Tensor):
+                continue
+            values = x.tolist() if hasattr(x, "tolist") else x
+            if not isinstance(values, (list, tuple)) or not all(is_number(v) for v in values):
+                raise ValueError(
+                    f"RolloutBatch.{name} must be a floating-point tensor or a list of numbers (not "
+                    f"booleans), got {type(x).__name__}"
+                )
+            device = self.group_ids.device if isinstance(self.group_ids, Tensor) else None
+            setattr(self, name, torch.tensor(values, dtype=torch.get_default_dtype(), device=device))
 
     def _validate_masks(self) -> None:
         for name in ("attention_mask", "response_mask"):

@@ -19,7 +19,7 @@ from .engines import uses_token_pieces
 from .response_tokens import ResponseTokens
 from .result import PREFIX, EvalState
 from .token_truth import token_change
-from .truth import _check_weights, entropy_change
+from .truth import _check_weights, entropy_change, step_too_large
 from .vectors import device_of
 
 __all__ = ["EvalState", "MeasuredChange", "measure_change"]
@@ -51,8 +51,10 @@ def measure_change(call: ProbeCall, state: EvalState, per_unit: Tensor, lr: floa
         return _measure_token_change(call, state, per_unit, lr)
     after = None
     if state.batch is not None:
-        after = call.passes.logprobs(call.module, call.params, state.batch, call.config)
-        _check_weights(state.before.seq, after.seq, 1.0)
+        where = "measure_change (the real step, on the forecast's E)"
+        with step_too_large(where, f"the optimizer's step; the forecast was made at lr {lr:g}"):
+            after = call.passes.logprobs(call.module, call.params, state.batch, call.config)
+        _check_weights(state.before.seq, after.seq, where)
     change = entropy_change(state.batch, state.before, after, per_unit, lr, comm=call.comm)
     return MeasuredChange(delta_h=change.delta_h, se=change.se, ess=change.ess, se_diff=change.se_diff)
 
@@ -60,8 +62,10 @@ def measure_change(call: ProbeCall, state: EvalState, per_unit: Tensor, lr: floa
 def _measure_token_change(call: ProbeCall, state: EvalState, per_unit: Tensor, lr: float) -> MeasuredChange:
     after = None
     if state.batch is not None:
-        after = call.passes.tokens(call.module, call.params, state.batch, call.config)
-        _check_weights(state.before.seq, after.seq, 1.0)
+        where = "measure_change (the real step, on the forecast's E)"
+        with step_too_large(where, f"the optimizer's step; the forecast was made at lr {lr:g}"):
+            after = call.passes.tokens(call.module, call.params, state.batch, call.config)
+        _check_weights(state.before.seq, after.seq, where)
     ratio = call.config.entropy == "token"
     device = device_of(call.params)
     change = token_change(state.batch, state.before, after, per_unit, lr, call.comm, ratio, device)

@@ -7,11 +7,13 @@ import warnings
 from dataclasses import asdict, dataclass
 from typing import Callable, Literal, get_args
 
+from .inputs import is_integer, is_number
+
 # The values each option takes: the Literal types are the lists (the modules that implement them import
 # these, so the config never imports them back).
 Weighting = Literal["token-mean", "sum"]
 XEstimator = Literal["unbiased", "seed"]
-Direction = Literal["adam-preconditioned", "optimizer-step", "sgd"]
+Direction = Literal["adam-preconditioned", "optimizer-step", "optimizer-copy", "sgd"]
 LossAggregation = Literal[
     "seq-mean-token-mean", "seq-mean-token-sum", "token-mean", "seq-mean-token-sum-norm"
 ]
@@ -63,7 +65,10 @@ class ProbeConfig:
     x_estimator: XEstimator = "unbiased"
     """entropy="sequence" only: X_n "unbiased" (with the pathwise term) or "seed" (the note's L_X)."""
     direction: Direction = "adam-preconditioned"
-    """Update direction v: "adam-preconditioned" (the note), "optimizer-step" or "sgd"."""
+    """Update direction v: "adam-preconditioned" (the note), "optimizer-step" (Adam/AdamW, closed form),
+    "optimizer-copy" (any torch.optim optimizer: its step taken by a copy) or "sgd". With from_grad, "sgd"
+    on an optimizer that takes another step is refused, and "adam-preconditioned" past Adam's first step
+    warns and flags the result (``reliable=False``)."""
     loss_aggregation: LossAggregation = "seq-mean-token-mean"
     """Policy loss aggregation of the run: "seq-mean-token-mean" (GRPO), "seq-mean-token-sum",
     "token-mean" (DAPO), "seq-mean-token-sum-norm" (Dr. GRPO)."""
@@ -98,17 +103,17 @@ class ProbeConfig:
                 raise ValueError(f"ProbeConfig.{name}: {msg}, got {getattr(self, name)!r}")
 
         need(
-            self.lr is None or (math.isfinite(self.lr) and self.lr > 0),
+            self.lr is None or (is_number(self.lr) and math.isfinite(self.lr) and self.lr > 0),
             "lr",
-            "must be a finite number > 0 or None",
+            "must be a finite number > 0 (not a boolean) or None",
         )
         need(
-            math.isfinite(self.temperature) and self.temperature > 0,
+            is_number(self.temperature) and math.isfinite(self.temperature) and self.temperature > 0,
             "temperature",
             "must be a finite number > 0",
         )
         need(
-            isinstance(self.microbatch_units, int) and self.microbatch_units >= 1,
+            is_integer(self.microbatch_units) and self.microbatch_units >= 1,
             "microbatch_units",
             "must be an integer >= 1",
         )
@@ -135,12 +140,15 @@ class ProbeConfig:
         )
         need(self.engine in ENGINES, "engine", f"must be one of {ENGINES}")
         need(
-            self.max_grad_norm is None or (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0),
+            self.max_grad_norm is None
+            or (
+                is_number(self.max_grad_norm) and math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0
+            ),
             "max_grad_norm",
             "must be a finite number > 0 or None",
         )
         need(
-            self.norm_length is None or (isinstance(self.norm_length, int) and self.norm_length >= 1),
+            self.norm_length is None or (is_integer(self.norm_length) and self.norm_length >= 1),
             "norm_length",
             "must be an integer >= 1 or None",
         )
@@ -149,14 +157,14 @@ class ProbeConfig:
             "norm_length",
             "is required with loss_aggregation='seq-mean-token-sum-norm' (TRL: max_completion_length)",
         )
-        object.__setattr__(
-            self, "truth_alphas", tuple(float(a) for a in self.truth_alphas)
-        )  # frozen: set once
+        alphas = tuple(self.truth_alphas) if isinstance(self.truth_alphas, (list, tuple)) else ()
         need(
-            len(self.truth_alphas) > 0 and all(math.isfinite(a) for a in self.truth_alphas),
+            len(alphas) > 0 and all(is_number(a) and math.isfinite(a) for a in alphas),
             "truth_alphas",
-            "must be a non-empty sequence of finite numbers",
+            "must be a non-empty sequence of finite numbers (not booleans)",
         )
+        object.__setattr__(self, "truth_alphas", tuple(float(a) for a in alphas))  # frozen: set once
+        need(isinstance(self.unconditional_se, bool), "unconditional_se", "must be True or False")
         need(isinstance(self.second_order, bool), "second_order", "must be True or False")
         need(
             self.by_group is None or isinstance(self.by_group, bool),

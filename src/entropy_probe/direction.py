@@ -11,6 +11,9 @@ each delete-one-unit gradient: update_jackknife):
   momentum, bias corrections, the second moment updated with this gradient, (decoupled) weight decay,
   per-group learning rates and ``clip_grad_norm_``. The optimizer's state is only read.
 
+- "optimizer-copy": the step of any ``torch.optim`` optimizer, taken by a copy of it
+  (``optimizer_copy.copied_step``).
+
 ``eta`` is the probe's learning rate; per-group rates enter as ``lr_group / eta`` so that
 ``theta + eta * v`` is the step the optimizer would take.
 """
@@ -24,6 +27,7 @@ from torch import Tensor
 
 from .batch import RolloutBatch
 from .config import DIRECTIONS  # noqa: F401  (the config owns the lists)
+from .optimizer_copy import copied_step
 from .vectors import Params, first_nonfinite
 
 CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_: coef = max_norm / (total_norm + 1e-6)
@@ -41,6 +45,7 @@ class UpdateDirection:
     batch: RolloutBatch | None = None
     coeff: Tensor | None = None
     n_units: int = 0
+    caveat: str | None = None  # why v may not be the step the optimizer takes (the result is then unreliable)
 
 
 @dataclass
@@ -101,8 +106,41 @@ def _require_adam(optimizer, kind: str) -> None:
         raise ValueError(f"direction={kind!r} needs an optimizer (torch.optim.Adam or AdamW); none was given")
     if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):  # separate classes before torch 2.7
         raise ValueError(
-            f"direction={kind!r} supports torch.optim.Adam and AdamW; got {type(optimizer).__name__}"
+            f"direction={kind!r} supports torch.optim.Adam and AdamW; got {type(optimizer).__name__} "
+            "(direction='optimizer-copy' takes the step of any torch.optim optimizer)"
         )
+
+
+def step_mismatch(kind: str, optimizer: torch.optim.Optimizer | None) -> str | None:
+    """Why the rule ``kind`` is not the step ``optimizer.step()`` takes from the gradient, or None.
+
+    "optimizer-step" (Adam/AdamW, checked when built) and "optimizer-copy" are the step by construction;
+    "sgd" is ``-lr * grad``: plain SGD, or SGD with momentum before its first buffer (not Nesterov);
+    "adam-preconditioned" is ``-lr * P grad``: Adam's first step without weight decay.
+    """
+    if optimizer is None or kind in ("optimizer-step", "optimizer-copy"):
+        return None
+    name = type(optimizer).__name__
+    if kind == "sgd":
+        if type(optimizer) is not torch.optim.SGD:
+            return f"{name} does not take the step -lr * grad"
+        for gi, group in enumerate(optimizer.param_groups):
+            buffers = any(
+                optimizer.state.get(p, {}).get("momentum_buffer") is not None for p in group["params"]
+            )
+            if group.get("weight_decay", 0) != 0:
+                return f"SGD param_groups[{gi}] has weight_decay={group['weight_decay']}"
+            if group.get("momentum", 0) != 0 and (group.get("nesterov", False) or buffers):
+                return (
+                    f"SGD param_groups[{gi}] has momentum={group['momentum']} (a momentum buffer or Nesterov)"
+                )
+        return None
+    for gi, group in enumerate(optimizer.param_groups):
+        if group.get("weight_decay", 0) != 0:
+            return f"{name} param_groups[{gi}] has weight_decay={group['weight_decay']}"
+        if any(_step_of(optimizer.state.get(p)) > 0 for p in group["params"]):
+            return f"{name} param_groups[{gi}] is past its first step (momentum and bias correction)"
+    return None
 
 
 def _clip_coefficient(grads: dict[str, Tensor | None], max_grad_norm: float | None) -> float:
@@ -139,6 +177,13 @@ def build_direction(
     gradient (one copy of the parameters in all); "optimizer-step" releases each gradient once its v
     is made.
     """
+    if kind == "optimizer-copy":
+        if optimizer is None:
+            raise ValueError("direction='optimizer-copy' needs the run's optimizer; none was given")
+        optimizer_hyper(params, optimizer, default_lr=lr)  # the same checks of the param groups
+        return UpdateDirection(
+            v=copied_step(grad_j, params, optimizer, lr, _clip_coefficient(grad_j, max_grad_norm))
+        )
     if kind != "sgd" and optimizer is not None:
         _require_adam(optimizer, kind)
     if kind == "optimizer-step":

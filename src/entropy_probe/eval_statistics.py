@@ -8,6 +8,7 @@ in rank order in ONE collective, for the jackknife, the second order and the att
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +42,7 @@ class EvalStatistics:
     entropy: float
     n_dropped_rows: int
     sizes: list[int] | None = None
+    caveat: str | None = None  # why se_cond_e cannot be trusted (identical units), or None
     q: Tensor | None = None
     s_groups: Tensor | None = None
 
@@ -104,6 +106,7 @@ def eval_statistics(
         unit = int(bad[0, 0])
         raise ValueError(f"eval_batch: s_n is not finite for unit {int(unit_ids[unit])} (position {unit})")
     var_e, se_e = conditional_variance(moments, lr)
+    caveat = identical_units_caveat(s)
     return EvalStatistics(
         s=s,
         unit_ids=unit_ids,
@@ -115,6 +118,21 @@ def eval_statistics(
         entropy=float(sums[0]) / n_eval,
         n_dropped_rows=int(sums[1]),
         sizes=sizes,
+        caveat=caveat,
         q=q,
         s_groups=s_groups,
     )
+
+
+def identical_units_caveat(s: Tensor) -> str | None:
+    """B_E > 1 units with identical non-zero s_n (the same prompt and responses repeated): their SE is 0,
+    which says nothing of the variance over E. A warning, and the result is flagged unreliable.
+    (All s_n 0 is a step that does not move, v = 0: SE 0 is then right.)"""
+    if s.numel() < 2 or not bool((s == s[0]).all()) or float(s[0]) == 0.0:
+        return None
+    caveat = (
+        f"eval_batch: all {s.numel()} evaluation units give the same s_n (identical units?): se_cond_e is 0, "
+        "which does not measure the variance over E; use independent evaluation prompts"
+    )
+    warnings.warn(caveat, RuntimeWarning, stacklevel=3)
+    return caveat

@@ -17,10 +17,12 @@ forecast.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor, nn
 
-from .direction import UpdateDirection, build_direction
+from .direction import UpdateDirection, build_direction, step_mismatch
 from .vectors import first_nonfinite
 
 
@@ -58,9 +60,32 @@ def direction_from_grad(
     bad = first_nonfinite(grad_j)
     if bad is not None:
         raise ValueError(f"from_grad: the .grad of parameter {bad!r} is not finite")
+    caveat = _rule_caveat(kind, optimizer)
     if v_lr == 0:  # every group at rate 0: the optimizer does not move
         return UpdateDirection(v={n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()})
-    return UpdateDirection(v=build_direction(kind, grad_j, params, optimizer, v_lr).v)
+    return UpdateDirection(v=build_direction(kind, grad_j, params, optimizer, v_lr).v, caveat=caveat)
+
+
+def _rule_caveat(kind: str, optimizer) -> str | None:
+    """from_grad forecasts the step ``optimizer.step()`` takes: "sgd" on an optimizer that takes another
+    step is refused (it was 45-99.5% off against the real step); "adam-preconditioned" past Adam's first
+    step (or with weight decay) is the note's P * (-grad), not the step: a warning, and the result is
+    flagged ``reliable=False``."""
+    why = step_mismatch(kind, optimizer)
+    if why is None:
+        return None
+    if kind == "sgd":
+        raise ValueError(
+            f"from_grad: direction='sgd' forecasts the step -lr * grad, which the optimizer does not take: "
+            f"{why}. Use direction='optimizer-copy' (any torch.optim optimizer) or 'optimizer-step' "
+            "(Adam/AdamW), or give no optimizer and ProbeConfig.lr for the plain gradient step"
+        )
+    caveat = (
+        f"from_grad: direction={kind!r} is not the step the optimizer takes ({why}); the forecast is of "
+        "the step along P * (-grad). Use direction='optimizer-step' for the real step"
+    )
+    warnings.warn(caveat, RuntimeWarning, stacklevel=4)
+    return caveat
 
 
 def grad_checksums(params: dict[str, nn.Parameter]) -> list:

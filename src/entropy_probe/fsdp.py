@@ -286,6 +286,8 @@ class ShardedPasses(Passes):
                 f"FSDP2 model: ProbeConfig.entropy={cfg.entropy!r} (and entropy_weighting='sum') is not "
                 "supported yet; use entropy='sequence' with entropy_weighting='token-mean'"
             )
+        if cfg.direction == "optimizer-copy":  # the copy would step a stand-in optimizer (local_view)
+            raise ValueError("FSDP2 model: direction='optimizer-copy' is not supported; use 'optimizer-step'")
         if eval_batch is None:
             raise ValueError(
                 "FSDP2 model: every rank must pass an eval_batch (the ranks run every E unit together)"

@@ -47,7 +47,8 @@ from statistics import NormalDist
 import numpy as np
 import torch
 
-from .from_grad import unwrap_optimizer
+from .from_grad import optimizer_lr, unwrap_optimizer
+from .inputs import is_number
 from .result import PREFIX, ProbeResult
 
 PER_UNIT_Q = "per_unit_q"  # the name of the q_n (result.second.per_unit_q), in error messages
@@ -63,6 +64,7 @@ REASONS = (NO_STEP, RAISES, WITHIN, SCALED)
 # A step whose bound sits on the budget to float rounding (e.g. one already scaled by the guard and
 # forecast again) is within budget, not "scaled" by 1 - 1e-16.
 BUDGET_RTOL = 1e-12
+LR_RTOL = 1e-9  # result.lr against the optimizer's: the same float, up to a round trip through a logger
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,9 @@ class GuardDecision:
     """The SE of ``forecast`` at ``c * eta`` (module docstring says which fields it comes from)."""
     order: int
     """1 (first-order forecast) or 2 (the result carried ``delta_h2``)."""
+    lr: float | None = None
+    """The learning rate the forecast was made at (``result.lr``); ``applied`` checks it against the
+    optimizer's, so that a forecast of another step never scales this one (None: not checked)."""
 
     def to_dict(self) -> dict:
         """Flat numeric metrics for loggers (the reason is a string and stays out)."""
@@ -97,6 +102,7 @@ class Forecast:
     b: float
     k: float
     order: int  # 2 when the result carried delta_h2
+    lr: float | None = None  # the result's lr
 
     def at(self, c: float) -> tuple[float, float]:
         """(forecast, SE) at scale c."""
@@ -116,9 +122,12 @@ class EntropyGuard:
     """
 
     def __init__(self, max_drop: float, level: float = 0.95):
-        if not (isinstance(max_drop, (int, float)) and math.isfinite(max_drop) and max_drop > 0):
-            raise ValueError(f"EntropyGuard: max_drop must be a finite number of nats > 0, got {max_drop!r}")
-        if not (isinstance(level, (int, float)) and 0 < level < 1):
+        if not (is_number(max_drop) and math.isfinite(max_drop) and max_drop > 0):
+            raise ValueError(
+                f"EntropyGuard: max_drop must be a finite number of nats > 0 (not a boolean), "
+                f"got {max_drop!r}"
+            )
+        if not (is_number(level) and 0 < level < 1):
             raise ValueError(f"EntropyGuard: level must be in (0, 1), got {level!r}")
         self.max_drop, self.level = float(max_drop), float(level)
         self.z = NormalDist().inv_cdf(self.level)
@@ -152,6 +161,7 @@ class EntropyGuard:
                 "EntropyGuard.applied: optimizer must be a torch.optim.Optimizer (or wrap one in "
                 f".optimizer), got {type(inner).__name__}"
             )
+        _check_lr(decision, inner)
         saved = [group["lr"] for group in inner.param_groups]
         restored = False
 
@@ -179,7 +189,7 @@ class EntropyGuard:
 
     def _decision(self, fc: Forecast, c: float, reason: str) -> GuardDecision:
         forecast, se = fc.at(c)
-        return GuardDecision(c, reason, forecast, forecast - self.z * se, se, fc.order)
+        return GuardDecision(c, reason, forecast, forecast - self.z * se, se, fc.order, fc.lr)
 
     def _solve(self, fc: Forecast) -> float:
         """The largest root in (0, 1) of ``g(c) = max_drop + bound(c)``, given g(0) > 0 > g(1)."""
@@ -212,6 +222,20 @@ class EntropyGuard:
         return float(bisect(g, lo, hi))
 
 
+def _check_lr(decision: GuardDecision, optimizer: torch.optim.Optimizer) -> None:
+    """The decision was made for the step this optimizer is about to take: the same learning rate."""
+    lr = getattr(decision, "lr", None)
+    if lr is None:
+        return
+    own = optimizer_lr(optimizer)
+    if not math.isclose(lr, own, rel_tol=LR_RTOL, abs_tol=0.0):
+        raise ValueError(
+            f"EntropyGuard.applied: the decision was made for a forecast at lr {lr!r} (result.lr) but the "
+            f"optimizer's lr is {own!r}: the forecast is of another step (ProbeConfig.lr set by hand, or "
+            "the scheduler moved the lr in between); probe the step the optimizer takes"
+        )
+
+
 def bisect(g, lo: float, hi: float, tol: float = 1e-13) -> float:
     """The sign change of g in [lo, hi] (g(lo) >= 0 > g(hi)), to ``tol``; returns the side with g >= 0."""
     for _ in range(200):
@@ -229,14 +253,14 @@ def forecast_of(result) -> Forecast:
     if se1 < 0 or lr < 0:
         raise ValueError(f"EntropyGuard: result.se_cond_e ({se1}) and result.lr ({lr}) must be >= 0")
     if second is None:
-        return Forecast(d1, 0.0, se1 * se1, 0.0, 0.0, 1)
+        return Forecast(d1, 0.0, se1 * se1, 0.0, 0.0, 1, lr)
     d2 = _finite(second, "delta_h2")
     q = getattr(second, PER_UNIT_Q, None)  # a stand-in may carry delta_h2 alone
     if q is not None:
         a, b, k = _per_unit_moments(first.per_unit, q, d1, d2, lr)
-        return Forecast(d1, d2, a, b, k, 2)
+        return Forecast(d1, d2, a, b, k, 2, lr)
     se2 = 0.0 if getattr(second, "se_delta_h2", None) is None else _finite(second, "se_delta_h2")
-    return Forecast(d1, d2, se1 * se1, 2 * se1 * se2, se2 * se2, 2)  # SE(c) = c se1 + c^2 se2
+    return Forecast(d1, d2, se1 * se1, 2 * se1 * se2, se2 * se2, 2, lr)  # SE(c) = c se1 + c^2 se2
 
 
 def _parts(result) -> tuple:

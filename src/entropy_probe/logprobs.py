@@ -155,6 +155,10 @@ def response_weights(response_mask: Tensor, weighting: str) -> Tensor:
     raise ValueError(f"entropy_weighting must be one of {WEIGHTINGS}, got {weighting!r}")
 
 
+class NonFiniteLogits(ValueError):
+    """The model's logits hold NaN or inf at a real token (the message names the unit and response)."""
+
+
 def _response_logits(
     model: nn.Module, batch: RolloutBatch, params: dict[str, Tensor] | None
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -173,7 +177,7 @@ def _response_logits(
         # which are the same in the caller's batch (units keep their row order), not the row here.
         group = int(batch.group_ids[row])
         within = int((batch.group_ids[:row] == group).sum())
-        raise ValueError(
+        raise NonFiniteLogits(
             f"model logits are not finite for response {within} of unit {group} (group id; "
             "responses counted from 0 in batch order): NaN or inf at a real token"
         )

@@ -44,6 +44,7 @@ from .eval_statistics import EvalStatistics, eval_statistics
 from .forecast import second_order_statistics, token_second_order_pass
 from .from_grad import direction_from_grad, optimizer_lr, unwrap_optimizer
 from .fsdp import passes_for
+from .inputs import check_token_ids, model_vocab_size
 from .logprobs import SequenceLogProbs
 from .objectives import UpdateTotals, advantages, policy_gradient_coefficients
 from .result import EvalState, ProbeResult, UpdateVariance
@@ -101,6 +102,7 @@ class EntropyProbe:
         self.config = config if config is not None else ProbeConfig()
         self.comm = communicator_for(model, process_group)
         self.passes = passes_for(self.module)
+        self.vocab_size = model_vocab_size(self.module)  # None: ids are not checked against a vocabulary
 
     # ---- parameters and learning rate ---------------------------------------------------------
     def parameters(self) -> Params:
@@ -149,7 +151,8 @@ class EntropyProbe:
                 check_batch(eval_batch, "eval_batch")
             if update_batch is not None:
                 check_batch(update_batch, "update_batch")
-            call = self._call()
+            call = self._call()  # first: the agreement check below needs the parameters
+            check_token_ids(self.vocab_size, eval_batch=eval_batch, update_batch=update_batch)
             self.passes.check_call(self.config, source.partition("=")[0], eval_batch)  # FSDP2 restrictions
             given = None if direction is None else given_direction(direction, call.params)
         except ValueError as e:
@@ -227,6 +230,7 @@ class EntropyProbe:
             if update_batch is not None:
                 check_batch(update_batch, "update_batch")
             call = self._call()
+            check_token_ids(self.vocab_size, update_batch=update_batch)
             self.passes.check_call(self.config, "update_batch", None)
         except ValueError as e:
             error = e
@@ -333,6 +337,8 @@ class EntropyProbe:
             by_group=by_group,
             truth=truth_result,
             eval_state=EvalState(eval_batch, proj.logprobs if proj.tokens is None else proj.tokens),
+            reliable=upd.caveat is None and stats.caveat is None,
+            caveats=tuple(c for c in (upd.caveat, stats.caveat) if c is not None),
         )
 
     def measure_change(self, result: ProbeResult, step_scale: float = 1.0) -> MeasuredChange:

@@ -10,6 +10,8 @@ se_jackknife        delete-one jackknife SE over E units from the gathered s_n; 
                     se_cond_e algebraically, so it is a numerical check of the float64 moment merge
 se_total            unconditional SE ``sqrt(var_cond_e + var_update)`` (None without U)
 var_update          V_U, the variance over U: jackknife through the exact direction map (None without U)
+interval_method     how ``interval()`` is built: "hull(student-t, bootstrap-t)" (DESIGN section 14)
+reliable            False when the probe knows a number may be wrong (``caveats`` says why)
 interval_lo95/hi95  ``interval(0.95)``
 truth/reliable      False when the importance weights are degenerate (ESS below truth.ess_threshold)
 entropy             entropy of the policy on E before the step, ``mean_n -(1/G) sum S_w`` (nats)
@@ -195,6 +197,10 @@ class ProbeResult:
     prediction: Any | None = None  # the predicted next-step change (filled by a later issue)
     eval_state: EvalState | None = field(default=None, repr=False, compare=False)  # for measure_change
     interval_method: str = INTERVAL_METHOD
+    reliable: bool = True
+    """False when the probe knows a number may be wrong: the direction rule is not the optimizer's step
+    (from_grad), or the E units are identical (SE 0 from B_E > 1 units); ``caveats`` says why."""
+    caveats: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -207,6 +213,8 @@ class ProbeResult:
         prediction: Any | None = None,
         eval_state: EvalState | None = None,
         interval_method: str = INTERVAL_METHOD,
+        reliable: bool = True,
+        caveats: tuple[str, ...] = (),
         **flat,
     ):
         unknown = sorted(set(flat) - set(FIRST_NAMES + UPDATE_NAMES + SECOND_NAMES))
@@ -220,6 +228,7 @@ class ProbeResult:
         self.by_group, self.truth = by_group, truth
         self.lookahead, self.prediction = lookahead, prediction
         self.eval_state, self.interval_method = eval_state, interval_method
+        self.reliable, self.caveats = reliable, tuple(caveats)
 
     def interval(self, level: float = 0.95, *, z: float | None = None) -> tuple[float, float]:
         """``first.interval``: the skew-aware interval of delta_h1 over E (U fixed)."""
@@ -247,6 +256,7 @@ class ProbeResult:
             "n_update_units",
             "lr",
             "n_dropped_rows",
+            "reliable",
         )
         out = {f"{PREFIX}{k}": getattr(self, k) for k in keys}
         out[f"{PREFIX}interval_lo95"], out[f"{PREFIX}interval_hi95"] = self.interval(0.95)

@@ -101,5 +101,7 @@ def token_eval_projections(
     # S_w of the sequence functional for a later measure_change: with "sum" weighting it is S itself
     seq = tp.seq_logprob
     weighted = seq if cfg.entropy == "sequence" else torch.full_like(seq, math.nan)
+    # the sequence functional keeps its documented entropy, mean_n -(1/G) sum_i S_i (from ``weighted``)
+    entropy_sum = values.entropy_sum if cfg.entropy == "token" else None
     logprobs = SequenceLogProbs(seq, weighted)
-    return EvalProjections(values.s, logprobs, values.x_half, values.s_groups, values.entropy_sum, tp.tokens)
+    return EvalProjections(values.s, logprobs, values.x_half, values.s_groups, entropy_sum, tp.tokens)

@@ -28,7 +28,7 @@ from .response_tokens import ResponseTokens
 from .result import TruthResult
 from .statistics import jackknife_se
 from .token_functional import baselines, functional_unit_values, sequence_weights, unit_estimates
-from .truth import Change, _check_weights, ess_threshold, full_precision_state, truth_result
+from .truth import Change, _check_weights, ess_threshold, full_precision_state, step_too_large, truth_result
 from .vectors import Vector, device_of
 
 
@@ -126,8 +126,10 @@ def measure_token_truth(
         for alpha in alphas:
             after = None
             if batch is not None:
-                after = passes.tokens_stepped(module, params, batch, cfg, v, alpha * lr, base)
-                _check_weights(before.seq, after.seq, alpha)
+                where = f"truth at alpha={alpha!r}"
+                with step_too_large(where, f"theta + alpha * lr * v with lr {lr:g}"):
+                    after = passes.tokens_stepped(module, params, batch, cfg, v, alpha * lr, base)
+                _check_weights(before.seq, after.seq, where)
             afters.append(after)
     head_at = list(alphas).index(1.0) if 1.0 in alphas else len(alphas) - 1
     changes = [

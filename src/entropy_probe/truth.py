@@ -35,6 +35,7 @@ undone bit-exactly from a saved copy (``fsdp.ShardedPasses``).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from typing import NamedTuple
@@ -44,7 +45,7 @@ from torch import Tensor, nn
 
 from .batch import RolloutBatch
 from .context import ProbeCall
-from .logprobs import SequenceLogProbs
+from .logprobs import NonFiniteLogits, SequenceLogProbs
 from .objectives import group_sum, per_sequence
 from .result import TruthResult
 from .statistics import jackknife_se
@@ -172,9 +173,10 @@ def measure_truth(
     for i, alpha in enumerate(alphas):
         after = None
         if batch is not None:  # a rank holding no E units contributes nothing to the gathered sums
-            with no_autocast:
+            where = f"truth at alpha={alpha!r}"
+            with no_autocast, step_too_large(where, f"theta + alpha * lr * v with lr {lr:g}"):
                 after = passes.logprobs_stepped(module, params, batch, cfg, v, alpha * lr, base)
-            _check_weights(before.seq, after.seq, alpha)
+            _check_weights(before.seq, after.seq, where)
         if i == head_at:
             after_head = after
         # The prediction at alpha is alpha * delta_h1; its per-unit pieces scale the same way.
@@ -226,13 +228,26 @@ def truth_result(
 MAX_LOG_WEIGHT = 700.0
 
 
-def _check_weights(seq0: Tensor, seq1: Tensor, alpha: float) -> None:
-    """The importance weights must be finite: a step that raises a log-prob by > 700 nats is an error."""
+def _check_weights(seq0: Tensor, seq1: Tensor, where: str) -> None:
+    """The importance weights must be finite: a step that raises a log-prob by > 700 nats is an error.
+    ``where`` names the measurement ("truth at alpha=1.0", "measure_change") in the message."""
     log_ratio = seq1.double() - seq0.double()  # (N,)
     bad = (~torch.isfinite(log_ratio)) | (log_ratio > MAX_LOG_WEIGHT)
     if bad.any():
         row = int(bad.nonzero()[0, 0])
         raise ValueError(
-            f"truth at alpha={alpha!r}: the importance weight of eval sequence {row} is "
+            f"{where}: the importance weight of eval sequence {row} is "
             f"exp({float(log_ratio[row]):.4g}), not representable; the step is far too large"
         )
+
+
+@contextlib.contextmanager
+def step_too_large(where: str, step: str):
+    """Logits that are finite at theta but not after the step: the step, not the model, is at fault."""
+    try:
+        yield
+    except NonFiniteLogits as e:
+        raise ValueError(
+            f"{where}: the step is too large ({step}): after it the {e}. The forecast itself was made "
+            "at finite logits"
+        ) from e

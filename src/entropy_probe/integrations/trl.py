@@ -24,8 +24,14 @@ Per probed optimizer step (DESIGN section 16), with the ``Trainer``'s own events
 
 The Trainer appends each log to ``state.log_history`` before any ``on_log`` and calls the ``report_to``
 integrations (wandb, tensorboard, ...) before callbacks passed as ``callbacks=[cb]``. The callback
-writes its metrics into the log_history entry too, so ``callbacks=[cb]`` fills log_history, and
-``attach(trainer, cb)`` puts it ahead of the integrations so that they send the metrics as well.
+writes its metrics into the log_history entry too, and at ``on_train_begin`` moves itself ahead of the
+integrations (as ``attach(trainer, cb)`` does when called before training), so that they send the
+metrics either way.
+
+Logged per probed step: ``result.to_dict()`` (``delta_h1``: the forecast of the unscaled step), the
+forecast of the step actually taken under ``taken/`` (``taken/delta_h1``, ``taken/lr``,
+``taken/scale``: the guard's scale, 1 unguarded), ``measured/*`` and, with a budget, ``guard_*``.
+``entropy_probe.jsonl`` starts afresh with a run that starts at step 0 (a resumed run appends).
 
 The trainer's trajectory is unchanged: sampling is seeded and runs on a forked RNG, the probe restores
 every RNG stream, mode, parameter, ``.grad`` and optimizer state (bit-identical with and without the
@@ -36,6 +42,7 @@ and the ranks' probes combine their E units.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 from collections.abc import Sequence
@@ -47,6 +54,7 @@ from transformers.trainer_callback import DefaultFlowCallback
 
 from ..config import ProbeConfig
 from ..guard import EntropyGuard
+from ..inputs import is_number
 from ..probe import EntropyProbe
 from ..result import PREFIX
 from ..sampling import sample_rollouts
@@ -61,7 +69,7 @@ class EntropyProbeCallback(TrainerCallback):
         dataset rows ``{"prompt": ...}`` holding either; tokenised like TRL tokenises its prompts.
     every: probe optimizer steps 0, every, 2*every, ... (counted from 0 like ``state.global_step``).
     group_size: responses sampled per prompt (G >= 2).
-    max_new_tokens: the longest sampled response (use the run's ``max_completion_length``).
+    max_new_tokens: the longest sampled response; None: the run's ``args.max_completion_length``.
     config: the probe's options; default ``ProbeConfig(direction="optimizer-step")``. Its temperature is
         replaced by the run's ``args.temperature`` (the policy the trainer differentiates).
     seed: sampling seed of step s on rank r is ``seed + s * world_size + r``.
@@ -69,7 +77,10 @@ class EntropyProbeCallback(TrainerCallback):
         so that its forecast entropy drop, at its ``level`` lower confidence bound, stays within it.
     level: the guard's one-sided confidence level, in (0, 1).
 
-    ``records``: one dict per probed step (what each JSON line holds), in order.
+    ``records``: one dict per probed step (what each JSON line holds), in order; a run that starts at
+    step 0 starts them, and ``entropy_probe.jsonl``, afresh.
+
+    Every argument is checked here (a ValueError naming it), not at the first probed step.
     """
 
     def __init__(
@@ -77,26 +88,25 @@ class EntropyProbeCallback(TrainerCallback):
         eval_prompts: Sequence,
         every: int = 1,
         group_size: int = 8,
-        max_new_tokens: int = 64,
+        max_new_tokens: int | None = None,
         config: ProbeConfig | None = None,
         seed: int = 0,
         entropy_budget: float | None = None,
         level: float = 0.95,
     ):
-        if isinstance(eval_prompts, str) or len(eval_prompts) == 0:
-            raise ValueError("EntropyProbeCallback.eval_prompts: give a non-empty list of prompts")
-        if not isinstance(every, int) or every < 1:
-            raise ValueError(f"EntropyProbeCallback.every must be an integer >= 1, got {every!r}")
-        if not isinstance(group_size, int) or group_size < 2:
-            raise ValueError(f"EntropyProbeCallback.group_size must be an integer >= 2, got {group_size!r}")
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(
-                f"EntropyProbeCallback.max_new_tokens must be an integer >= 1, got {max_new_tokens!r}"
-            )
+        _check_arguments(
+            eval_prompts,
+            every=every,
+            group_size=group_size,
+            max_new_tokens=max_new_tokens,
+            config=config,
+            seed=seed,
+            budget=entropy_budget,
+            level=level,
+        )
         self.eval_prompts = [p["prompt"] if isinstance(p, dict) else p for p in eval_prompts]
         self.every, self.group_size, self.max_new_tokens, self.seed = every, group_size, max_new_tokens, seed
         self.config = config if config is not None else ProbeConfig(direction="optimizer-step")
-        # EntropyGuard checks the budget and the level (ValueError naming them)
         self.guard = EntropyGuard(entropy_budget, level) if entropy_budget is not None else None
         self._guarded: contextlib.ExitStack | None = None  # holds guard.applied across optimizer.step()
         self.records: list[dict] = []
@@ -105,6 +115,16 @@ class EntropyProbeCallback(TrainerCallback):
         self._unlogged: dict = {}  # metrics of the latest probed step, for the next on_log
 
     # ---- the Trainer's events ----------------------------------------------------------------------
+    def on_train_begin(self, args, state, control, **kwargs):
+        """Ahead of the report_to integrations also when passed as ``callbacks=[cb]``; a fresh record for a
+        run that starts at step 0 (a resumed run appends); max_new_tokens from the run's arguments."""
+        _move_ahead_of_integrations(self)
+        self._max_new_tokens(args)  # checked before the first step
+        if state.global_step == 0:
+            self.records = []
+            if state.is_world_process_zero and os.path.exists(os.path.join(args.output_dir, JSONL_NAME)):
+                os.remove(os.path.join(args.output_dir, JSONL_NAME))
+
     def on_pre_optimizer_step(
         self, args, state, control, model=None, processing_class=None, optimizer=None, **kwargs
     ):
@@ -125,7 +145,7 @@ class EntropyProbeCallback(TrainerCallback):
                 model,
                 prompts,
                 self.group_size,
-                self.max_new_tokens,
+                self._max_new_tokens(args),
                 eos,
                 reward_fn=None,
                 temperature=cfg.temperature,
@@ -155,7 +175,13 @@ class EntropyProbeCallback(TrainerCallback):
                 f"{PREFIX}guard_measured_minus_forecast": measured.delta_h - decision.forecast,
             }
             guard_record = {"guard_reason": decision.reason, "guard_order": decision.order}
-        metrics = {f"{PREFIX}step": step, **result.to_dict(), **measured.to_dict(), **guard_metrics}
+        metrics = {
+            f"{PREFIX}step": step,
+            **result.to_dict(),
+            **_taken(result, 1.0 if decision is None else decision.scale),
+            **measured.to_dict(),
+            **guard_metrics,
+        }
         metrics = {k: v for k, v in metrics.items() if v is not None}  # se_total: None without a U batch
         self.records.append({**{k[len(PREFIX) :]: v for k, v in metrics.items()}, **guard_record})
         self._unlogged = metrics
@@ -174,6 +200,17 @@ class EntropyProbeCallback(TrainerCallback):
         self._unlogged = {}
 
     # ---- helpers -----------------------------------------------------------------------------------
+    def _max_new_tokens(self, args) -> int:
+        if self.max_new_tokens is not None:
+            return self.max_new_tokens
+        length = getattr(args, "max_completion_length", None)
+        if not (_is_int(length) and length >= 1):
+            raise ValueError(
+                "EntropyProbeCallback.max_new_tokens is None and the trainer's args have no "
+                f"max_completion_length (got {length!r}): pass max_new_tokens"
+            )
+        return length
+
     def _guard_step(self, optimizer, result):
         """Decide the scale; hold ``guard.applied`` open until ``on_optimizer_step`` (the step in between)."""
         if optimizer is None:
@@ -215,14 +252,85 @@ def tokenise_prompt(processing_class, prompt) -> list[int]:
     )
 
 
-def attach(trainer, callback: EntropyProbeCallback) -> EntropyProbeCallback:
-    """Add ``callback`` to ``trainer`` ahead of its ``report_to`` integrations and progress printer (right
-    after ``DefaultFlowCallback``), so that they send the ``entropy_probe/*`` metrics it adds to each log."""
-    callbacks = trainer.callback_handler.callbacks
+def _taken(result, scale: float) -> dict:
+    """The first-order forecast of the step actually taken (at ``scale`` x lr when guarded), under its own
+    names; ``delta_h1`` keeps the forecast of the unscaled step."""
+    return {
+        f"{PREFIX}taken/scale": scale,
+        f"{PREFIX}taken/lr": result.lr * scale,
+        f"{PREFIX}taken/delta_h1": result.delta_h1 * scale,
+        f"{PREFIX}taken/se_cond_e": result.se_cond_e * scale,
+    }
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_arguments(eval_prompts, **kw) -> None:
+    """Every argument of ``EntropyProbeCallback``, when it is built (a ValueError naming it)."""
+    name = "EntropyProbeCallback."
+    every, group_size, max_new_tokens = kw["every"], kw["group_size"], kw["max_new_tokens"]
+    config, seed, budget, level = kw["config"], kw["seed"], kw["budget"], kw["level"]
+    if (
+        eval_prompts is None
+        or isinstance(eval_prompts, (str, dict))
+        or not isinstance(eval_prompts, Sequence)
+    ):
+        raise ValueError(
+            f"{name}eval_prompts: give a non-empty list of prompts, got {type(eval_prompts).__name__}"
+        )
+    if len(eval_prompts) == 0:
+        raise ValueError(f"{name}eval_prompts: give a non-empty list of prompts")
+    for i, p in enumerate(eval_prompts):
+        p = p.get("prompt") if isinstance(p, dict) else p
+        if not (
+            isinstance(p, str)
+            or (isinstance(p, list) and all(isinstance(m, dict) and "role" in m for m in p))
+        ):
+            raise ValueError(
+                f"{name}eval_prompts[{i}]: a prompt must be a string, a list of {{'role', 'content'}} "
+                f"messages, or a row {{'prompt': ...}} holding one; got {type(p).__name__}"
+            )
+    if not (_is_int(every) and every >= 1):
+        raise ValueError(f"{name}every must be an integer >= 1, got {every!r}")
+    if not (_is_int(group_size) and group_size >= 2):
+        raise ValueError(f"{name}group_size must be an integer >= 2, got {group_size!r}")
+    if max_new_tokens is not None and not (_is_int(max_new_tokens) and max_new_tokens >= 1):
+        raise ValueError(f"{name}max_new_tokens must be None or an integer >= 1, got {max_new_tokens!r}")
+    if config is not None and not isinstance(config, ProbeConfig):
+        raise ValueError(f"{name}config must be an entropy_probe.ProbeConfig or None, got {config!r}")
+    if not _is_int(seed):
+        raise ValueError(f"{name}seed must be an integer, got {seed!r}")
+    if not (is_number(level) and 0 < level < 1):  # checked with or without a budget
+        raise ValueError(f"{name}level must be in (0, 1) (a number), got {level!r}")
+    if budget is not None:
+        EntropyGuard(budget, level)  # a ValueError naming max_drop (the budget)
+
+
+def _move_ahead_of_integrations(callback) -> None:
+    """``callbacks=[cb]`` puts the callback after the report_to integrations, which would send each log
+    before it adds its metrics. The Trainer hands callbacks no reference to itself or to its handler, so
+    the handler's list is found among the callback's referrers; moving the callback to an earlier place
+    during ``on_train_begin`` leaves the positions after it, still to be visited, unchanged."""
+    for ref in gc.get_referrers(callback):
+        if isinstance(ref, list) and any(isinstance(cb, DefaultFlowCallback) for cb in ref):
+            if all(isinstance(cb, TrainerCallback) for cb in ref):
+                _reorder(ref, callback)
+
+
+def _reorder(callbacks: list, callback) -> None:
+    """``callback`` right after ``DefaultFlowCallback``: ahead of the integrations and the printer."""
     if callback in callbacks:
         callbacks.remove(callback)
     at = next((i + 1 for i, cb in enumerate(callbacks) if isinstance(cb, DefaultFlowCallback)), 0)
     callbacks.insert(at, callback)
+
+
+def attach(trainer, callback: EntropyProbeCallback) -> EntropyProbeCallback:
+    """Add ``callback`` to ``trainer`` ahead of its ``report_to`` integrations and progress printer (right
+    after ``DefaultFlowCallback``), so that they send the ``entropy_probe/*`` metrics it adds to each log."""
+    _reorder(trainer.callback_handler.callbacks, callback)
     return callback
 
 
