@@ -155,10 +155,12 @@ SCENARIOS = [
 def test_caller_state_is_bit_identical(sc: Scenario, monkeypatch):
     model, opt = caller_setup(sc.nan_call)
     update, evaluation = random_batch(3, vocab=VOCAB, seed=1), random_batch(4, vocab=VOCAB, seed=2)
-    if sc.patch == "truth-rng":
-        monkeypatch.setattr(probe_module, "measure_truth", _rng_and_mode_then(probe_module.measure_truth))
+    if sc.patch == "truth-rng":  # the sequence and the token-level truth alike
+        for name in ("measure_truth", "measure_token_truth"):
+            monkeypatch.setattr(probe_module, name, _rng_and_mode_then(getattr(probe_module, name)))
     elif sc.patch == "truth-raise":
-        monkeypatch.setattr(probe_module, "measure_truth", _rng_and_mode_then(_raise))
+        for name in ("measure_truth", "measure_token_truth"):
+            monkeypatch.setattr(probe_module, name, _rng_and_mode_then(_raise))
     elif sc.patch == "dot-raise":
         made = []
         real = projections_module._dot_and_drop

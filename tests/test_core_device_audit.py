@@ -42,7 +42,7 @@ HOST_SIDE = {
     "check_same": "int64 fingerprint hashes for one all_gather",
     "gather": "the gathered sizes (host integers)",
     "merged_moments": "float64 moments merged on the host, the same bits on every rank",
-    "measure_truth": "the alphas and deltas of the sweep, host floats for the slope",
+    "truth_result": "the alphas and deltas of the sweep, host floats for the slope",
     "score": "rewards from a Python reward function; sample_rollouts moves them to the model's device",
     "left_pad": "prompt token lists padded on the host, moved to the model's device in one copy",
     "_clip_coefficient": "only the empty case, a Python float",
@@ -79,9 +79,10 @@ def test_every_tensor_the_probe_makes_names_its_device():
         for cfg in (
             ep.ProbeConfig(direction="optimizer-step", max_grad_norm=1.0, truth_alphas=(0.5, 1.0)),
             ep.ProbeConfig(direction="adam-preconditioned", engine="jvp"),
+            ep.ProbeConfig(entropy="token", second_order=True, truth_alphas=(0.5, 1.0)),
         ):
             probe = ep.EntropyProbe(model, opt, cfg)
-            probe.run(U, E, truth=True)
+            probe.measure_change(probe.run(U, E, truth=True))
             probe.run(eval_batch=E, direction=probe.update_direction(U))
         sample_rollouts(
             model,

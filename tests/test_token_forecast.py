@@ -91,25 +91,13 @@ def test_caller_state_is_unchanged():
         assert torch.equal(p.detach(), before[n]) and p.grad is None, n
 
 
-@pytest.mark.parametrize(
-    "field, value", [("entropy_weighting", "sum"), ("x_estimator", "seed"), ("second_order", True)]
-)
+@pytest.mark.parametrize("field, value", [("entropy_weighting", "sum"), ("x_estimator", "seed")])
 def test_options_that_do_not_apply_name_both_fields(field, value):
     with pytest.raises(ValueError, match=rf"ProbeConfig\.{field}.*ProbeConfig\.entropy='token'"):
         ep.ProbeConfig(entropy="token", **{field: value})
     ep.ProbeConfig(entropy="sequence", **{field: value})  # fine for the sequence functionals
     with pytest.raises(ValueError, match="ProbeConfig.entropy: must be one of"):
         ep.ProbeConfig(entropy="tokens")
-
-
-def test_truth_and_measure_change_refused_until_wired(toy):
-    policy, update, _ = toy
-    small = sample_enumerated(policy, 4, seed=3)
-    probe = ep.EntropyProbe(policy, config=ep.ProbeConfig(lr=ETA, entropy="token"))
-    with pytest.raises(NotImplementedError, match="entropy='token'"):
-        probe.run(update, small, truth=True)
-    with pytest.raises(NotImplementedError, match="entropy='token'"):
-        probe.measure_change(probe.run(update, small))
 
 
 def test_sequence_sum_reads_the_exact_entropies(toy):

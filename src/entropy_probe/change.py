@@ -29,9 +29,13 @@ from torch import Tensor, nn
 from .batch import RolloutBatch
 from .config import ProbeConfig
 from .context import ProbeCall
+from .engines import uses_token_pieces
 from .logprobs import SequenceLogProbs
+from .response_tokens import ResponseTokens
 from .result import PREFIX, EvalState
+from .token_truth import token_change
 from .truth import _check_weights, entropy_change, step_too_large
+from .vectors import device_of
 
 __all__ = ["EvalState", "MeasuredChange", "check_eval_state", "eval_state", "measure_change"]
 
@@ -120,7 +124,11 @@ class MeasuredChange:
 def measure_change(call: ProbeCall, state: EvalState, per_unit: Tensor, lr: float) -> MeasuredChange:
     """One forward over ``state.batch`` at the live parameters (the call's passes: under FSDP2 every
     rank runs every rank's E); the change against ``state``'s log-probs, ``se_diff`` against
-    ``lr * per_unit``. The caller checks the state first (``check_eval_state``, before any collective)."""
+    ``lr * per_unit``. The caller checks the state first (``check_eval_state``, before any collective).
+    The functional is the one the forecast measured: the token-level entropy (or the sequence "sum"
+    numerator) when ``state`` holds per-token terms (``token_truth.token_change``)."""
+    if isinstance(state.before, ResponseTokens) or (state.batch is None and uses_token_pieces(call.config)):
+        return _measure_token_change(call, state, per_unit, lr)
     after = None
     if state.batch is not None:
         where = "measure_change (the real step, on the forecast's E)"
@@ -128,6 +136,24 @@ def measure_change(call: ProbeCall, state: EvalState, per_unit: Tensor, lr: floa
             after = call.passes.logprobs(call.module, call.params, state.batch, call.config)
         _check_weights(state.before.seq, after.seq, where)
     change = entropy_change(state.batch, state.before, after, per_unit, lr, comm=call.comm)
+    return _measured(change)
+
+
+def _measure_token_change(call: ProbeCall, state: EvalState, per_unit: Tensor, lr: float) -> MeasuredChange:
+    after = None
+    if state.batch is not None:
+        where = "measure_change (the real step, on the forecast's E)"
+        with step_too_large(where, f"the optimizer's step; the forecast was made at lr {lr:g}"):
+            after = call.passes.tokens(call.module, call.params, state.batch, call.config)
+        _check_weights(state.before.seq, after.seq, where)
+    ratio = call.config.entropy == "token"
+    device = device_of(call.params)
+    change = token_change(state.batch, state.before, after, per_unit, lr, call.comm, ratio, device)
+    return _measured(change)
+
+
+def _measured(change) -> MeasuredChange:
+    """The change as measured, with a warning when its importance weights collapsed (the truth's rule)."""
     if not change.reliable:
         warnings.warn(
             f"measure_change: degenerate importance weights (ESS {change.ess:.3g}, below 10% of the E "
@@ -135,6 +161,6 @@ def measure_change(call: ProbeCall, state: EvalState, per_unit: Tensor, lr: floa
             "carry all the weight; the measured change is unreliable (reliable = False). Measure it on "
             "fresh samples.",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
     return MeasuredChange(change.delta_h, change.se, change.ess, change.se_diff, change.reliable)

@@ -185,11 +185,6 @@ class ProbeConfig:
         need(isinstance(self.keep_halves, bool), "keep_halves", "must be True or False")
         need(self.lookahead in LOOKAHEADS, "lookahead", f"must be one of {LOOKAHEADS}")
         need(
-            not (self.second_order and self.entropy == "token"),
-            "second_order",
-            "is not available with ProbeConfig.entropy='token' yet (use entropy='sequence')",
-        )
-        need(
             self.by_group is None or isinstance(self.by_group, bool),
             "by_group",
             "must be None, True or False",

@@ -11,11 +11,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .batch import RolloutBatch
 from .context import ProbeCall
 from .distributed import merged_moments
+from .engines.token_second_order import eval_token_taylor
 from .eval_statistics import EvalStatistics
 from .result import SecondOrderForecast
 from .statistics import conditional_variance, moments_update
+from .token_functional import unit_value_derivatives
+from .vectors import Vector, device_of
 
 
 def second_order_statistics(call: ProbeCall, q_local: Tensor, stats: EvalStatistics) -> SecondOrderForecast:
@@ -43,3 +47,24 @@ def second_order_statistics(call: ProbeCall, q_local: Tensor, stats: EvalStatist
         se_forecast=se_c,
         per_unit_q=q.detach().cpu(),
     )
+
+
+def token_second_order_pass(call: ProbeCall, batch: RolloutBatch | None, v: Vector) -> Tensor:
+    """This rank's ``(B_local,)`` float64 q_n of the token-level entropy (or of the sequence "sum"
+    numerator), for ``eval_statistics`` to gather with the s_n like the sequence functional's.
+
+    The nested forward-mode pass runs on this rank's units (``engines.token_second_order``); the ratio
+    needs every unit, so the ``(B, 3, 2)`` Taylor rows of all ranks are gathered (rank order, one
+    collective, also by a rank holding no unit) and every rank differentiates the same per-unit values
+    (``token_functional.unit_value_derivatives``), keeping its own units' q_n.
+    """
+    cfg, comm = call.config, call.comm
+    device = device_of(call.params)
+    taylor = torch.zeros(0, 3, 2, dtype=torch.float64, device=device)
+    if batch is not None:
+        taylor = eval_token_taylor(call.module, call.params, batch, v, cfg.temperature, cfg.microbatch_units)
+    counts = comm.stack(torch.tensor([taylor.shape[0]], device=device)).reshape(-1).tolist()
+    every = comm.gather(taylor, [int(c) for c in counts])  # (B_E, 3, 2) rank order
+    _, _, q = unit_value_derivatives(every, cfg.entropy == "token")
+    start = int(sum(counts[: comm.rank]))
+    return q[start : start + taylor.shape[0]]

@@ -31,6 +31,8 @@ FSDP2 must average its gradients (no ``set_gradient_divide_factor``) and reduce 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -38,9 +40,10 @@ from torch import Tensor, nn
 from .batch import RolloutBatch
 from .config import ProbeConfig
 from .engines.projections import EvalProjections
-from .logprobs import SequenceLogProbs, policy_logprobs
+from .logprobs import SequenceLogProbs, policy_logprobs, token_terms
 from .objectives import entropy_surrogate
 from .passes import Passes
+from .response_tokens import ResponseTokens
 from .vectors import Params, Vector, dot
 
 
@@ -218,26 +221,47 @@ def logprobs_lockstep(module: nn.Module, batch: RolloutBatch, cfg: ProbeConfig) 
     return out
 
 
-def logprobs_stepped(
-    module: nn.Module, params: Params, batch: RolloutBatch, cfg: ProbeConfig, v: Vector, step: float
-) -> SequenceLogProbs:
-    """``logprobs_lockstep`` at ``theta + step * v`` (the truth): ``functional_call`` does not reach the
-    parameters FSDP2 gathers, so the step is added in place to the local shards (in their dtype, as
-    ``vectors.stepped_parameters`` forms it) and undone from a saved copy, bit-exactly, also on an error.
-    """
+@contextmanager
+def stepped_shards(params: Params, v: Vector, step: float):
+    """The local shards moved to ``theta + step * v`` in place for the ``with`` block (in their dtype, as
+    ``vectors.stepped_parameters`` forms it), then restored from a saved copy, bit-exactly, also on an
+    error: ``functional_call`` does not reach the parameters FSDP2 gathers."""
     if step == 0.0:
-        return logprobs_lockstep(module, batch, cfg)
+        yield
+        return
     shards = {name: p.to_local() for name, p in params.items()}
     saved = {name: t.detach().clone() for name, t in shards.items()}
     try:
         with torch.no_grad():
             for name, t in shards.items():
                 t.copy_((t.float() + step * v[name]).to(t.dtype))
-        return logprobs_lockstep(module, batch, cfg)
+        yield
     finally:
         with torch.no_grad():
             for name, t in shards.items():
                 t.copy_(saved[name])
+
+
+def logprobs_stepped(
+    module: nn.Module, params: Params, batch: RolloutBatch, cfg: ProbeConfig, v: Vector, step: float
+) -> SequenceLogProbs:
+    """``logprobs_lockstep`` at ``theta + step * v`` (the truth; ``stepped_shards``)."""
+    with stepped_shards(params, v, step):
+        return logprobs_lockstep(module, batch, cfg)
+
+
+@torch.no_grad()
+def tokens_lockstep(module: nn.Module, batch: RolloutBatch, cfg: ProbeConfig) -> ResponseTokens:
+    """Per-token ``l_t, H_t`` of this rank's E rows at the live parameters, every rank's E in lock-step."""
+    group = fsdp2_group(module)
+    out = ResponseTokens.zeros(batch)
+    for r, b in enumerate(all_batches(group, batch)):
+        for mb in b.microbatches(cfg.microbatch_units):
+            t = token_terms(module, mb.batch, cfg.temperature)  # every rank's: the forwards are collectives
+            if r == dist.get_rank(group):
+                out.put(mb.rows, t.logprob, t.entropy, t.mask)
+    reshard(module)  # the root's parameters as the caller had them: sharded
+    return out
 
 
 class ShardedPasses(Passes):
@@ -303,6 +327,24 @@ class ShardedPasses(Passes):
         base: Vector | None = None,
     ) -> SequenceLogProbs:
         return logprobs_stepped(module, params, batch, cfg, v, step)
+
+    def tokens(
+        self, module: nn.Module, params: Params, batch: RolloutBatch, cfg: ProbeConfig
+    ) -> ResponseTokens:
+        return tokens_lockstep(module, batch, cfg)
+
+    def tokens_stepped(
+        self,
+        module: nn.Module,
+        params: Params,
+        batch: RolloutBatch,
+        cfg: ProbeConfig,
+        v: Vector,
+        step: float,
+        base: Vector | None = None,
+    ) -> ResponseTokens:
+        with stepped_shards(params, v, step):
+            return tokens_lockstep(module, batch, cfg)
 
 
 def passes_for(model: nn.Module) -> Passes:

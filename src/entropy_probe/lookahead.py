@@ -29,6 +29,7 @@ when it is reliable, else the lookahead when computed, flagged ``reliable = Fals
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass, field
 from statistics import NormalDist
@@ -37,8 +38,10 @@ import torch
 from torch import Tensor
 
 from .context import ProbeCall
+from .engines import uses_token_pieces
 from .logprobs import SequenceLogProbs
 from .result import PREFIX, TruthResult
+from .token_truth import measure_token_truth
 from .truth import _check_weights, entropy_change, full_precision_state
 from .vectors import Vector, device_of
 
@@ -203,6 +206,16 @@ def taylor_forecast(first, second) -> tuple[float, float, str]:
     return first.delta_h1, first.se_cond_e, "first-order"
 
 
+def lookahead_of(call: ProbeCall, stepped: SteppedEval, per_unit: Tensor) -> TruthResult:
+    """The lookahead of the functional the call forecasts: the sequence-level truth at alpha = 1 from
+    ``stepped``, or, when E is read through the exact H_t, the token-level truth at alpha = 1 (its trial
+    scales for the guard are not offered then: ``Prediction.stepped`` stays None)."""
+    if not uses_token_pieces(call.config):
+        return lookahead_result(stepped, per_unit)
+    at_one = dataclasses.replace(call, config=dataclasses.replace(call.config, truth_alphas=(1.0,)))
+    return measure_token_truth(at_one, stepped.v, stepped.batch, per_unit)
+
+
 def large_step(
     call: ProbeCall,
     v: Vector,
@@ -225,14 +238,14 @@ def large_step(
     mode, look = call.config.lookahead, None
     if mode == "always" or (mode == "auto" and not diagnostic.reliable):
         reuse = truth is not None and list(truth.alphas) == [1.0]
-        look = truth if reuse else lookahead_result(stepped, per_unit)
+        look = truth if reuse else lookahead_of(call, stepped, per_unit)
     value, se, method = taylor_forecast(first, second)
     trusted = diagnostic.reliable
     if look is not None and (look.reliable or not diagnostic.reliable):
         value, se, method, trusted = look.delta_h, look.se, "lookahead", look.reliable
     prediction = Prediction(
         value, se, method, trusted, diagnostic.reliable, diagnostic.ess_fraction, diagnostic,
-        stepped if method == "lookahead" else None,
+        stepped if method == "lookahead" and not uses_token_pieces(call.config) else None,
     )  # fmt: skip
     _warn(diagnostic, look, prediction)
     return look, prediction

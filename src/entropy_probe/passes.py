@@ -15,6 +15,7 @@ from .config import ProbeConfig
 from .engines import EvalProjections, TokenProjections, eval_projections, token_projections
 from .from_grad import grad_checksums
 from .logprobs import SequenceLogProbs, logprobs_at
+from .response_tokens import ResponseTokens, response_tokens_at
 from .vectors import Params, Vector, stepped_parameters
 
 
@@ -88,3 +89,23 @@ class Passes:
         if step == 0.0:
             return logprobs_at(module, base or dict(params), batch, cfg)
         return logprobs_at(module, stepped_parameters(params, v, step, base), batch, cfg)
+
+    def tokens(
+        self, module: nn.Module, params: Params, batch: RolloutBatch, cfg: ProbeConfig
+    ) -> ResponseTokens:
+        """Per-token ``l_t, H_t`` of ``batch``'s rows at the live parameters (the token-level entropy)."""
+        return response_tokens_at(module, dict(params), batch, cfg.temperature, cfg.microbatch_units)
+
+    def tokens_stepped(
+        self,
+        module: nn.Module,
+        params: Params,
+        batch: RolloutBatch,
+        cfg: ProbeConfig,
+        v: Vector,
+        step: float,
+        base: Vector | None = None,
+    ) -> ResponseTokens:
+        """``tokens`` at ``theta + step * v``, functionally (``base`` as for ``logprobs_stepped``)."""
+        moved = stepped_parameters(params, v, step, base) if step != 0.0 else (base or dict(params))
+        return response_tokens_at(module, moved, batch, cfg.temperature, cfg.microbatch_units)

@@ -42,7 +42,7 @@ from .direction import UpdateDirection, build_direction, given_direction
 from .distributed import all_reduce_vector, call_fingerprint, communicator_for, global_totals, unwrap
 from .engines import EvalProjections, eval_second_order, update_gradient, uses_token_pieces
 from .eval_statistics import EvalStatistics, eval_statistics
-from .forecast import second_order_statistics
+from .forecast import second_order_statistics, token_second_order_pass
 from .from_grad import direction_from_grad, optimizer_lr, unwrap_optimizer
 from .fsdp import passes_for
 from .inputs import check_token_ids, model_vocab_size
@@ -51,6 +51,7 @@ from .lookahead import large_step
 from .objectives import UpdateTotals, advantages, policy_gradient_coefficients
 from .result import EvalState, ProbeResult, UpdateVariance
 from .token_statistics import token_eval_projections
+from .token_truth import measure_token_truth
 from .truth import measure_truth
 from .update_jackknife import EvalHalves, eval_halves, half_means, update_variance
 from .vectors import Params, device_of, first_nonfinite
@@ -285,6 +286,8 @@ class EntropyProbe:
         """This rank's ``(B_local,)`` float64 q_n by nested forward mode; None when second order is off."""
         if not call.config.second_order:
             return None
+        if uses_token_pieces(call.config):  # the exact H_t: q_n need every rank's units (a gather)
+            return token_second_order_pass(call, batch, upd.v)
         if batch is None:
             return torch.zeros(0, dtype=torch.float64, device=device_of(call.params))
         return eval_second_order(call.module, call.params, batch, upd.v, call.config)
@@ -316,11 +319,6 @@ class EntropyProbe:
         real ``optimizer.step()``, ``measure_change(result)`` measures it on the same E.
         Parameters, ``.grad``, optimizer state, RNG and train/eval mode are unchanged afterwards.
         """
-        if truth and self.config.entropy == "token":
-            raise NotImplementedError(
-                "run(truth=True) with ProbeConfig.entropy='token' is not available yet; "
-                "use entropy='sequence'"
-            )
         call, source, given = self._checked_call(update_batch, eval_batch, direction, truth, from_grad)
         device = device_of(call.params)
         update_batch, eval_batch = on_device(update_batch, device), on_device(eval_batch, device)
@@ -337,7 +335,8 @@ class EntropyProbe:
             truth_result = None
             if truth:  # 5. the step applied functionally
                 q = None if second is None else second.per_unit_q
-                truth_result = measure_truth(call, upd.v, eval_batch, stats.s, per_unit_q=q)
+                measure = measure_token_truth if uses_token_pieces(self.config) else measure_truth
+                truth_result = measure(call, upd.v, eval_batch, stats.s, per_unit_q=q)
             first = stats.first_order(call.lr)  # 6. large steps: diagnostic, lookahead, prediction
             lookahead, prediction = large_step(
                 call, upd.v, eval_batch, proj.logprobs.seq, stats.s, (first, second), truth_result
@@ -350,7 +349,9 @@ class EntropyProbe:
             truth=truth_result,
             lookahead=lookahead,
             prediction=prediction,
-            eval_state=eval_state(self.module, eval_batch, proj.logprobs, self.config),
+            eval_state=eval_state(
+                self.module, eval_batch, proj.logprobs if proj.tokens is None else proj.tokens, self.config
+            ),
             caveats=tuple(c for c in (upd.caveat, stats.caveat) if c is not None),
             halves=halves if self.config.keep_halves else None,
         )
@@ -363,10 +364,6 @@ class EntropyProbe:
         rates, ``EntropyGuard``); ``se_diff`` is then against that step's first-order forecast.
         Under DDP every rank calls it with its own result. The caller's state is unchanged.
         """
-        if self.config.entropy == "token":
-            raise NotImplementedError(
-                "measure_change with ProbeConfig.entropy='token' is not available yet; use entropy='sequence'"
-            )
         state = getattr(result, "eval_state", None)
         error = None
         if not isinstance(state, EvalState):

@@ -53,6 +53,7 @@ from torch import Tensor
 
 from .batch import RolloutBatch
 from .logprobs import SequenceLogProbs
+from .response_tokens import ResponseTokens
 from .statistics import skew_aware_interval
 
 INTERVAL_METHOD = "hull(student-t, bootstrap-t)"
@@ -91,12 +92,13 @@ class TruthResult:
 @dataclass
 class EvalState:
     """What ``measure_change`` needs from the forecast pass: this rank's E (None if it holds no E unit)
-    and its ``S_i``, ``S_w,i`` at the parameters the forecast was made at (never in ``to_dict``); and
+    and, at the parameters the forecast was made at, its ``S_i``, ``S_w,i`` or, when E was read through the
+    exact H_t, its per-token terms (``response_tokens.ResponseTokens``), never in ``to_dict``; and
     what they were made for (``change.check_eval_state``): the model's ``change.model_key``, the
     entropy functional and E's ``change.batch_digest``."""
 
     batch: RolloutBatch | None
-    before: SequenceLogProbs | None
+    before: SequenceLogProbs | ResponseTokens | None
     model: int | None = None
     functional: dict | None = None
     digest: tuple | None = None

@@ -68,7 +68,8 @@ def _half_sums(proj: TokenProjections, n: Tensor, d: Tensor, ratio: bool) -> tup
     the two halves stay independent. Formed in place in the numerator sums."""
     if not ratio:
         return proj.x_num
-    parity = torch.arange(n.shape[0]) % 2  # eval_halves: the parity of the global (= gathered) position
+    # eval_halves: the parity of the global (= gathered) position
+    parity = torch.arange(n.shape[0], device=n.device) % 2
     out = []
     for h in (0, 1):
         keep = (parity == h).to(n.device)
@@ -104,4 +105,4 @@ def token_eval_projections(
     # the sequence functional keeps its documented entropy, mean_n -(1/G) sum_i S_i (from ``weighted``)
     entropy_sum = values.entropy_sum if cfg.entropy == "token" else None
     logprobs = SequenceLogProbs(seq, weighted)
-    return EvalProjections(values.s, logprobs, values.x_half, values.s_groups, entropy_sum)
+    return EvalProjections(values.s, logprobs, values.x_half, values.s_groups, entropy_sum, tp.tokens)

@@ -181,16 +181,24 @@ def measure_truth(
             after_head = after
         # The prediction at alpha is alpha * delta_h1; its per-unit pieces scale the same way.
         changes.append(entropy_change(batch, before, after, per_unit * alpha, lr, comm=comm))
-    deltas = [c.delta_h for c in changes]
-    a = torch.tensor(alphas, dtype=torch.float64)
-    d = torch.tensor(deltas, dtype=torch.float64)
-    slope = float((a * d).sum() / (a * a).sum()) if float((a * a).sum()) > 0 else math.nan
-    head = changes[head_at]
     se_diff_forecast = None
     if per_unit_q is not None:  # no forward needed: the same log-probs, another per-unit prediction
         c = alphas[head_at]
         combined = c * per_unit.double() + 0.5 * c * c * lr * per_unit_q.double().to(per_unit.device)
         se_diff_forecast = entropy_change(batch, before, after_head, combined, lr, comm=comm).se_diff
+    return truth_result(alphas, changes, head_at, se_diff_forecast)
+
+
+def truth_result(
+    alphas, changes: list[Change], head_at: int, se_diff_forecast: float | None = None
+) -> TruthResult:
+    """The ``TruthResult`` of a sweep: the headline at ``alphas[head_at]``, the least-squares slope of the
+    change through the origin, and a RuntimeWarning naming the alphas whose weights were degenerate."""
+    deltas = [c.delta_h for c in changes]
+    a = torch.tensor(alphas, dtype=torch.float64)
+    d = torch.tensor(deltas, dtype=torch.float64)
+    slope = float((a * d).sum() / (a * a).sum()) if float((a * a).sum()) > 0 else math.nan
+    head = changes[head_at]
     bad = [(a, c.ess) for a, c in zip(alphas, changes) if not c.reliable]
     if bad:
         where = ", ".join(f"{a:g} (ESS {e:.3g})" for a, e in bad)
@@ -198,7 +206,7 @@ def measure_truth(
             f"truth: degenerate importance weights at alpha {where}; with an ESS below 10% of the E "
             "sequences (or below min(8, N/2)) the measured change is unreliable (truth.reliable = False)",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
     return TruthResult(
         delta_h=head.delta_h,

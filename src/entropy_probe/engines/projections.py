@@ -33,6 +33,8 @@ class EvalProjections:
     entropy_sum: Tensor | None = None
     """float64 scalar: this rank's unit entropies summed, when the pass computed them itself (the token-level
     pieces: ``token_statistics``); None: ``objectives.unit_entropy`` of ``logprobs.weighted``."""
+    tokens: object | None = None
+    """``response_tokens.ResponseTokens`` at theta when E was read through the exact H_t, else None"""
 
     @classmethod
     def empty(cls, batch: RolloutBatch, v: Vector, halves: Tensor | None) -> "EvalProjections":

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from ..batch import RolloutBatch
 from ..logprobs import TokenTerms, token_terms
+from ..response_tokens import ResponseTokens
 from ..token_entropy import (
     denominator_surrogate,
     numerator_surrogate,
@@ -96,6 +97,8 @@ class TokenProjections:
     seq_logprob: Tensor
     x_num: tuple[Vector, Vector] | None = None
     x_den: tuple[Vector, Vector] | None = None
+    tokens: ResponseTokens | None = None
+    """per-token log-probs and entropies at theta, response-aligned (``measure_change`` starts from them)"""
 
     @classmethod
     def empty(
@@ -121,6 +124,8 @@ class TokenProjections:
         self.pieces[idx, 0], self.pieces[idx, 1] = totals.numerator, totals.denominator
         self.sums += torch.stack([totals.entropy_sum, totals.token_count]).to(self.sums.device)
         self.seq_logprob[rows] = terms.logprob.detach().float().sum(1)
+        if self.tokens is not None:
+            self.tokens.put(rows, terms.logprob, terms.entropy, terms.mask)
 
 
 def backward_token_projections(
@@ -136,6 +141,7 @@ def backward_token_projections(
     projected on v parameter by parameter as it forms (``backward.projected_backward``)."""
     n_groups = None if group_index is None else int(group_index.max()) + 1
     out = TokenProjections.empty(*_sizes(batch), v, halves is not None, n_groups, batch.device)
+    out.tokens = ResponseTokens.zeros(batch)
     for mb in batch.microbatches(1):
         t = token_terms(module, mb.batch, temperature)
         coeff = token_coefficients(t.entropy, t.logprob, t.mask, mb.batch)
@@ -168,6 +174,7 @@ def jvp_token_projections(
     """dN_n, dD_n of a microbatch of units per forward-mode pass; with ``halves`` also the half sums of the
     surrogates' gradients, by reverse passes over each half's microbatches (no per-unit backward)."""
     out = TokenProjections.empty(*_sizes(batch), v, halves is not None, None, batch.device)
+    out.tokens = ResponseTokens.zeros(batch)
     with forward_mode_ready(module):
         for mb in batch.microbatches(microbatch_units):
             d = directional_token_terms(module, params, mb.batch, v, temperature)
