@@ -1,6 +1,6 @@
 """Per-token log-probs and exact entropies of E, response-aligned (the inputs of the token functional).
 
-The token-level functional (DESIGN section 20) needs, for every response token k of every E row,
+The token-level functional (docs/design.md section 16) needs, for every response token k of every E row,
 the token's log-prob ``l_k = log pi(y_k | y_<k)`` and the full-vocabulary entropy ``H_k`` of the
 distribution that generated it (``logprobs.token_entropies``, at the sampling temperature). Rows
 are left-padded by their prompt and microbatches trim the prompt columns (``keep_last``), so the

@@ -1,4 +1,5 @@
-"""The token-level entropy on E at a moved policy, as a function of per-token quantities (DESIGN section 20).
+"""The token-level entropy on E at a moved policy, as a function of per-token quantities
+(docs/design.md section 16).
 
 ``H_tok = E_x E_y[sum_k m_k H_k] / E_x E_y[sum_k m_k]``, a ratio of two expectations. Both summands
 are functions of the prefix only (``m_k``, whether token k exists, and ``H_k``, the entropy of the

@@ -1,4 +1,4 @@
-"""The truth and the measured change of the token-level entropy (DESIGN sections 6, 11 and 20).
+"""The truth and the measured change of the token-level entropy (docs/design.md sections 10 and 16).
 
 E was sampled at theta; ``token_functional`` estimates the token-level entropy at theta' from the
 per-token log-probs and entropies at theta and theta' (prefix importance weights, leave-one-out

@@ -1,4 +1,5 @@
-"""The second-order pass of the token-level functional: per-unit s_n and q_n (DESIGN sections 12 and 20).
+"""The second-order pass of the token-level functional: per-unit s_n and q_n
+(docs/design.md sections 8 and 16).
 
 One nested forward-mode pass per microbatch (``torch.func.jvp`` of a ``jvp``, both along v, as
 ``second_order`` does for the sequence functional, under the same ``second_order_ready``) gives every
