@@ -50,7 +50,8 @@ bench: $(STAMP)
 # `make mutants MUTATE=src/entropy_probe/statistics.py MUTANT_TESTS="tests/test_core_statistics.py"`.
 MUTATE       ?= src/entropy_probe/statistics.py,src/entropy_probe/direction.py
 MUTANT_TESTS ?= tests/test_core_statistics.py tests/test_interval.py::test_interval_covers_strongly_skewed_means \
-                tests/test_interval.py::test_interval_api_levels_z_and_dict tests/test_reliability.py \
+                tests/test_interval.py::test_interval_api_levels_z_and_dict \
+                tests/test_interval.py::test_student_t_quantile_matches_scipy tests/test_reliability.py \
                 tests/test_core_direction.py tests/test_step_rules.py
 # The tests must import the MUTATED files: the editable install (or a PYTHONPATH set elsewhere) points at
 # some checkout's src/, so without PYTHONPATH=$(CURDIR)/src every mutant ran against unmutated code (an

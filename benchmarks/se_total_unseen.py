@@ -72,13 +72,14 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=300)
     ap.add_argument("--seeds", default="5,9")
     ap.add_argument("--scales", default="1.0,0.5")
-    ap.add_argument("--cases", default="all", help="'all' or 'fresh' (fresh Adam only)")
+    ap.add_argument("--cases", default="all", help="'all', 'fresh' (fresh Adam only) or 'others'")
     ap.add_argument("--update-units", type=int, default=8)
     ap.add_argument("--eval-units", type=int, default=16)
     ap.add_argument("--out", default="se_total_unseen.json")
     a = ap.parse_args()
     fresh = (("adam-preconditioned", 0),)  # the case of the issue first
-    cases = fresh + tuple(c for c in SE_TOTAL_CASES if c not in fresh) if a.cases == "all" else fresh
+    others = tuple(c for c in SE_TOTAL_CASES if c not in fresh)
+    cases = {"all": fresh + others, "fresh": fresh, "others": others}[a.cases]
     records = []
     for direction, warm in cases:
         for seed in map(int, a.seeds.split(",")):
