@@ -113,6 +113,20 @@ def test_fewer_than_two_eval_units_gives_se_zero_with_a_warning():
     assert r.se_cond_e == 0.0 and r.var_cond_e == 0.0 and r.se_jackknife == 0.0
 
 
+def test_two_eval_units_are_enough_for_a_variance_and_warn_nothing():
+    """B_E = 2, the smallest sample with a variance: ``(s_1 - s_2)^2 / 2`` by definition, no warning (a
+    mutant ``n < 2`` -> ``n < 3`` in ``sample_variance`` survived every other test, issue 23)."""
+    import warnings
+
+    from entropy_probe.statistics import conditional_variance, moments_update
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the test
+        var, se = conditional_variance(moments_update(torch.tensor([1.0, 4.0])), lr=0.5)
+    expected = 0.5**2 * ((1.0 - 4.0) ** 2 / 2) / 2  # eta^2 var(s) / B_E
+    assert var == pytest.approx(expected, rel=1e-12) and se == pytest.approx(math.sqrt(expected), rel=1e-12)
+
+
 # ---- se_total against a brute force ------------------------------------------------------------------
 def hand_y_scale(model, optimizer, kind, grad_j, eta, clip):
     """Per-parameter ``(scale, b)``, ``v = b + scale * grad J_U`` and ``Y_m = scale * grad J_m``, by hand."""
