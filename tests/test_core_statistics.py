@@ -281,3 +281,12 @@ def test_results_do_not_depend_on_microbatch_units():
         assert r.delta_h1 == pytest.approx(results[0].delta_h1, rel=1e-5)
         assert r.se_total == pytest.approx(results[0].se_total, rel=1e-5)
         torch.testing.assert_close(r.per_unit, results[0].per_unit, rtol=1e-5, atol=1e-9)
+
+
+def test_degenerate_samples_give_a_point_interval_and_zero_jackknife_se():
+    """Equal s_n have no spread: the bootstrap-t interval is the point ``eta * s`` and a single unit has a
+    jackknife SE of 0 (issue 23: mutants of these branches survived)."""
+    from entropy_probe.statistics import bootstrap_t_interval, jackknife_se
+
+    assert bootstrap_t_interval(torch.full((5,), 2.0), lr=0.5, level=0.95) == (1.0, 1.0)
+    assert jackknife_se(torch.tensor([3.0]), lr=0.5) == 0.0
