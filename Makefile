@@ -100,11 +100,21 @@ bench: $(STAMP)
 # `make mutants MUTATE=src/entropy_probe/statistics.py MUTANT_TESTS="tests/test_core_statistics.py"`.
 MUTATE       ?= src/entropy_probe/statistics.py,src/entropy_probe/direction.py
 MUTANT_TESTS ?= tests/test_core_statistics.py tests/test_interval.py::test_interval_covers_strongly_skewed_means \
-                tests/test_interval.py::test_interval_api_levels_z_and_dict tests/test_reliability.py \
+                tests/test_interval.py::test_interval_api_levels_z_and_dict \
+                tests/test_interval.py::test_student_t_quantile_matches_scipy tests/test_reliability.py \
                 tests/test_core_direction.py tests/test_step_rules.py
+# The tests must import the MUTATED files: the editable install (or a PYTHONPATH set elsewhere) points at
+# some checkout's src/, so without PYTHONPATH=$(CURDIR)/src every mutant ran against unmutated code (an
+# import-time mutant such as `inv_cdf(1.975)` survived). No .pyc is written: two mutants written within
+# the same second with the same size could otherwise reuse a stale bytecode file. mutmut 2.5.1 counts
+# only exit code 1 as "killed": a mutant that breaks the import ends pytest with 2 (collection error) and
+# was counted as survived, hence `|| exit 1`.
+MUTANT_ENV := PYTHONPATH=$(CURDIR)/src PYTHONDONTWRITEBYTECODE=1
 mutants: $(STAMP)
-	-$(PY) -m mutmut run --paths-to-mutate $(MUTATE) --no-progress \
-		--runner "$(PY) -m pytest -x -q -p no:cacheprovider -n 0 $(MUTANT_TESTS)"
+	$(MUTANT_ENV) $(PY) -c "import entropy_probe as e, sys; \
+		sys.exit(0 if e.__file__.startswith('$(CURDIR)/src/') else 'entropy_probe imported from ' + e.__file__)"
+	-$(MUTANT_ENV) $(PY) -m mutmut run --paths-to-mutate $(MUTATE) --no-progress \
+		--runner "bash -c '$(PY) -m pytest -x -q -p no:cacheprovider -n 0 $(MUTANT_TESTS) || exit 1'"
 	$(PY) -m mutmut results
 	$(PY) benchmarks/mutation_score.py .mutmut-cache
 

@@ -113,6 +113,20 @@ def test_fewer_than_two_eval_units_gives_se_zero_with_a_warning():
     assert r.se_cond_e == 0.0 and r.var_cond_e == 0.0 and r.se_jackknife == 0.0
 
 
+def test_two_eval_units_are_enough_for_a_variance_and_warn_nothing():
+    """B_E = 2, the smallest sample with a variance: ``(s_1 - s_2)^2 / 2`` by definition, no warning (a
+    mutant ``n < 2`` -> ``n < 3`` in ``sample_variance`` survived every other test, issue 23)."""
+    import warnings
+
+    from entropy_probe.statistics import conditional_variance, moments_update
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the test
+        var, se = conditional_variance(moments_update(torch.tensor([1.0, 4.0])), lr=0.5)
+    expected = 0.5**2 * ((1.0 - 4.0) ** 2 / 2) / 2  # eta^2 var(s) / B_E
+    assert var == pytest.approx(expected, rel=1e-12) and se == pytest.approx(math.sqrt(expected), rel=1e-12)
+
+
 # ---- se_total against a brute force ------------------------------------------------------------------
 def hand_y_scale(model, optimizer, kind, grad_j, eta, clip):
     """Per-parameter ``(scale, b)``, ``v = b + scale * grad J_U`` and ``Y_m = scale * grad J_m``, by hand."""
@@ -267,3 +281,12 @@ def test_results_do_not_depend_on_microbatch_units():
         assert r.delta_h1 == pytest.approx(results[0].delta_h1, rel=1e-5)
         assert r.se_total == pytest.approx(results[0].se_total, rel=1e-5)
         torch.testing.assert_close(r.per_unit, results[0].per_unit, rtol=1e-5, atol=1e-9)
+
+
+def test_degenerate_samples_give_a_point_interval_and_zero_jackknife_se():
+    """Equal s_n have no spread: the bootstrap-t interval is the point ``eta * s`` and a single unit has a
+    jackknife SE of 0 (issue 23: mutants of these branches survived)."""
+    from entropy_probe.statistics import bootstrap_t_interval, jackknife_se
+
+    assert bootstrap_t_interval(torch.full((5,), 2.0), lr=0.5, level=0.95) == (1.0, 1.0)
+    assert jackknife_se(torch.tensor([3.0]), lr=0.5) == 0.0

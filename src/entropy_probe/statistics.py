@@ -61,8 +61,8 @@ def moments_merge(a: Moments, b: Moments) -> Moments:
     return Moments(n, mean, m2)
 
 
-def sample_variance(m: Moments, what: str = "s") -> float:
-    """Unbiased sample variance; 0 with a warning when fewer than 2 values."""
+def sample_variance(m: Moments, what: str) -> float:
+    """Unbiased sample variance of ``what``; 0 with a warning when fewer than 2 values."""
     n = float(m.count)
     if n < 2:
         warnings.warn(

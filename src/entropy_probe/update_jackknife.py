@@ -16,8 +16,8 @@ which ``var_cond_e`` already holds). The jackknife variance over U is then
 and ``se_total = sqrt(var_cond_e + max(V_U, 0))``. ``var_update`` reports V_U unclamped: unbiased
 for a linear map, it can be < 0 when U adds little variance. The clamp biases se_total up a little
 (variance ratio 0.78 against 0.82 over the same 200 (U, E) pairs at B_E = 8). For a non-smooth map
-(Adam's first step, v ~ sign(g)) the jackknife errs on the large side (Efron-Stein): 1.2-1.35x the
-true variance over U on the toy policy (docs/validation.md).
+(Adam's first step, v ~ sign(g)) the jackknife errs on the large side (Efron-Stein): 1.2-1.6x the
+true variance over U on the toy policies, so se_total is conservative there (issue 23, docs/validation.md).
 
 Memory: one unit's gradient at a time, turned in place into ``g_(-m)`` and then into ``v_(-m)``
 (``build_direction`` builds v in the gradient's storage), next to v, a kept copy of grad J_U and the
