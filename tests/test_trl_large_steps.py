@@ -10,18 +10,31 @@ from pathlib import Path
 import pytest
 import torch
 
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "trl_large_steps.py"
 
-def test_the_large_step_example_runs(tmp_path, monkeypatch):
-    example = Path(__file__).resolve().parents[1] / "examples" / "trl_large_steps.py"
-    record = tmp_path / "record.json"
-    argv = ["trl_large_steps.py", "--out", str(tmp_path), "--steps", "3", "--fresh-prompts", "8"]
-    monkeypatch.setattr(sys, "argv", [*argv, "--record", str(record)])
+
+def run_example(monkeypatch, argv: list[str]) -> None:
+    monkeypatch.setattr(sys, "argv", ["trl_large_steps.py", *argv])
     threads = torch.get_num_threads()
     try:
-        runpy.run_path(str(example), run_name="__main__")
+        runpy.run_path(str(EXAMPLE), run_name="__main__")
     finally:
         torch.set_num_threads(threads)
-        sys.path[:] = [p for p in sys.path if p != str(example.parent)]
+        sys.path[:] = [p for p in sys.path if p != str(EXAMPLE.parent)]
+
+
+def test_the_fresh_sample_change_is_exactly_zero_without_a_step(tmp_path, monkeypatch):
+    """lr 0: the same prompts and seed before and after the step draw the same rollouts from the same
+    policy, so the paired fresh-sample change is 0 exactly (the probe left the model and RNG alone)."""
+    run_example(monkeypatch, ["--out", str(tmp_path), "--steps", "1", "--lr", "0", "--fresh-prompts", "4"])
+    (row,) = json.loads((tmp_path / "trl_large_steps.json").read_text())["steps"]
+    assert row["fresh"] == 0.0 and row["fresh_se"] == 0.0 and row["reliable"]
+
+
+def test_the_large_step_example_runs(tmp_path, monkeypatch):
+    record = tmp_path / "record.json"
+    argv = ["--out", str(tmp_path), "--steps", "3", "--fresh-prompts", "8", "--record", str(record)]
+    run_example(monkeypatch, argv)
     doc = json.loads(record.read_text())
     assert doc["command"].startswith("python examples/trl_large_steps.py --out")
     data = doc["data"]
