@@ -87,6 +87,7 @@ figures: $(STAMP)
 	$(VENV)/bin/entropy-probe validate --out runs/validate --record docs/records/validate.json
 	$(PY) examples/trl_grpo.py --out runs/trl_grpo --record docs/records/trl_grpo.json
 	$(PY) examples/trl_entropy_control.py --out runs/trl_entropy_control --record docs/records/trl_entropy_control.json
+	$(PY) examples/trl_large_steps.py --steps 30 --out runs/trl_large_steps --record docs/records/trl_large_steps.json
 	cp runs/demo/demo.png runs/demo/layers.png runs/demo/influence.png runs/demo_guard/demo_guard.png docs/
 	cp runs/trl_grpo/forecast_vs_measured.png docs/trl_grpo.png
 	cp runs/trl_entropy_control/entropy_control.png docs/trl_entropy_control.png
