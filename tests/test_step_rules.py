@@ -58,7 +58,9 @@ def test_optimizer_copy_is_the_real_step(name, warm_steps):
         eval_batch=random_batch(4, seed=11), from_grad=True
     )
     assert_unchanged(before, model, opt)  # parameters, .grad, optimizer state, RNG, modes
-    assert result.reliable and result.lr == lr
+    # the rule is the optimizer's step: no caveat (RMSprop's first steps are large enough that the
+    # large-step diagnostic may flag them; that is result.prediction's business, not the rule's)
+    assert result.caveats == () and result.lr == lr
     theta = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt.step()  # the real step
     assert torch.count_nonzero(v["hidden.bias"]) == 0

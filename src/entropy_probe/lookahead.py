@@ -193,7 +193,6 @@ class Prediction:
         """Numbers and booleans only: the method as ``prediction/method_id`` (``METHOD_IDS``)."""
         out = {f"{PREFIX}prediction/{k}": getattr(self, k) for k in ("value", "se", "reliable")}
         out[f"{PREFIX}prediction/method_id"] = METHOD_IDS[self.method]
-        out[f"{PREFIX}reliable"] = self.taylor_reliable
         out[f"{PREFIX}step_ess_fraction"] = self.ess_fraction
         return out
 
