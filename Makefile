@@ -97,25 +97,35 @@ bench: $(STAMP)
 
 # Mutation testing on demand (not in CI): mutmut (pinned in the dev extras) mutates each module in
 # MUTATE in place (it keeps a backup and restores it) and runs its fast tests per mutant; the kill rate
-# is printed at the end (docs/mutation.md). Hours on 2 cores for both modules: run one at a time, e.g.
-# `make mutants MUTATE=src/entropy_probe/statistics.py MUTANT_TESTS="tests/test_core_statistics.py"`.
-MUTATE       ?= src/entropy_probe/statistics.py,src/entropy_probe/direction.py
-MUTANT_TESTS ?= tests/test_core_statistics.py tests/test_interval.py::test_interval_covers_strongly_skewed_means \
+# is printed at the end (docs/mutation.md). Run one module at a time, with its own tests, from a copy of
+# the checkout (docs/mutation.md has both commands and the last counts).
+MUTATE       ?= src/entropy_probe/statistics.py
+MUTANT_TESTS ?= tests/test_reliability.py::test_bootstrap_interval_is_finite_on_tiny_samples \
+                tests/test_interval.py::test_student_t_quantile_matches_scipy tests/test_core_statistics.py \
                 tests/test_interval.py::test_interval_api_levels_z_and_dict \
-                tests/test_interval.py::test_student_t_quantile_matches_scipy tests/test_reliability.py \
-                tests/test_core_direction.py tests/test_step_rules.py
+                tests/test_interval.py::test_interval_covers_strongly_skewed_means
 # The tests must import the MUTATED files: the editable install (or a PYTHONPATH set elsewhere) points at
 # some checkout's src/, so without PYTHONPATH=$(CURDIR)/src every mutant ran against unmutated code (an
 # import-time mutant such as `inv_cdf(1.975)` survived). No .pyc is written: two mutants written within
 # the same second with the same size could otherwise reuse a stale bytecode file. mutmut 2.5.1 counts
 # only exit code 1 as "killed": a mutant that breaks the import ends pytest with 2 (collection error) and
-# was counted as survived, hence `|| exit 1`.
-MUTANT_ENV := PYTHONPATH=$(CURDIR)/src PYTHONDONTWRITEBYTECODE=1
+# was counted as survived, hence `|| exit 1`. Each mutant's pytest runs in a fork of a server that has
+# imported torch once (benchmarks/mutant_runner.py; the import cost more than the tests); a fork is
+# killed, and counted as failed, after MUTANT_LIMIT s, and mutmut's own timeout is set above that.
+MUTANT_ENV    := PYTHONPATH=$(CURDIR)/src PYTHONDONTWRITEBYTECODE=1
+MUTANT_SOCKET := $(CURDIR)/.mutant-runner.sock
+MUTANT_LIMIT  ?= 300
 mutants: $(STAMP)
 	$(MUTANT_ENV) $(PY) -c "import entropy_probe as e, sys; \
 		sys.exit(0 if e.__file__.startswith('$(CURDIR)/src/') else 'entropy_probe imported from ' + e.__file__)"
-	-$(MUTANT_ENV) $(PY) -m mutmut run --paths-to-mutate $(MUTATE) --no-progress \
-		--runner "bash -c '$(PY) -m pytest -x -q -p no:cacheprovider -n 0 $(MUTANT_TESTS) || exit 1'"
+	$(MUTANT_ENV) $(PY) benchmarks/mutant_runner.py serve $(MUTANT_SOCKET) --limit $(MUTANT_LIMIT) \
+		> .mutant-runner.log 2>&1 & \
+	for i in $$(seq 120); do [ -S $(MUTANT_SOCKET) ] && break; sleep 1; done; \
+	$(MUTANT_ENV) $(PY) -m mutmut run --paths-to-mutate $(MUTATE) --no-progress \
+		--test-time-base $$(( $(MUTANT_LIMIT) + 60 )) \
+		--runner "bash -c '$(PY) benchmarks/mutant_runner.py run $(MUTANT_SOCKET) -- \
+			-x -q -p no:cacheprovider -n 0 $(MUTANT_TESTS) || exit 1'"; \
+	$(PY) benchmarks/mutant_runner.py stop $(MUTANT_SOCKET)
 	$(PY) -m mutmut results
 	$(PY) benchmarks/mutation_score.py .mutmut-cache
 

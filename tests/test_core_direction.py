@@ -229,3 +229,83 @@ def test_adamw_without_the_decoupled_flag_is_still_decoupled():
     without_flag = probe.update_direction(batch)
     for name in with_flag:
         assert torch.equal(with_flag[name], without_flag[name]), name
+
+
+# ---- the edges of the rules, one property each (mutants of them survived, docs/mutation.md) ----------
+@pytest.mark.parametrize(
+    "scale,max_norm",
+    [(1.0, 1e-3), (1e-6, 1e-6), (1e-3, 1.0), (1.0, None), ("none", 1e-3)],
+    ids=["clipped", "norm-at-the-1e-6-guard", "below-max-capped-at-1", "no-clipping", "no-gradient"],
+)
+def test_clip_coefficient_is_clip_grad_norm_s_factor(scale, max_norm):
+    """The factor the rule scales the gradient by is exactly what torch.nn.utils.clip_grad_norm_ multiplies
+    every gradient by (run on copies): the 1e-6 guard in its denominator matters at small norms, the factor
+    is capped at 1 below max_norm, and with no gradient at all nothing is scaled."""
+    from entropy_probe.direction import _clip_coefficient
+
+    gen = torch.Generator().manual_seed(0)
+    if scale == "none":
+        grads = {"a": None, "b": None}
+    else:
+        grads = {
+            "a": scale * torch.randn(3, 4, generator=gen),
+            "b": None,
+            "c": scale * torch.randn(5, generator=gen),
+        }
+    factor = _clip_coefficient(grads, max_norm)
+    present = [g for g in grads.values() if g is not None]
+    params = [torch.nn.Parameter(torch.zeros_like(g)) for g in present]
+    for p, g in zip(params, present):
+        p.grad = g.clone()
+    if max_norm is not None:
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+    for p, g in zip(params, present):
+        torch.testing.assert_close(factor * g, p.grad, rtol=1e-6, atol=0.0)
+    if not present:
+        assert factor == 1.0
+
+
+def test_a_given_direction_carries_nothing_for_the_jackknife_over_u():
+    """v given by the caller (``run(direction=v)``) has no U behind it: no gradient, batch, coefficients or
+    units for se_total, and no caveat; it is the caller's v, in fp32 on the parameters' device."""
+    from entropy_probe.direction import given_direction
+
+    model = TinyLM(seed=7)
+    params = trainable(model)
+    v = {name: torch.ones_like(p, dtype=torch.float64) for name, p in params.items()}
+    d = given_direction(v, params)
+    assert d.grad_j is None and d.batch is None and d.coeff is None and d.n_units == 0 and d.caveat is None
+    for name, p in params.items():
+        assert d.v[name].dtype == torch.float32 and torch.equal(d.v[name], torch.ones_like(p))
+
+
+def test_adam_without_the_decoupled_flag_is_still_coupled():
+    """The mirror of the AdamW case: an Adam of torch 2.4-2.6 holds no ``decoupled_weight_decay`` key and
+    its weight decay is L2 (added to the gradient), so its step must not change when the key is absent."""
+    model = TinyLM(seed=8)
+    case = StepCase("Adam", 2, 2)
+    optimizer = make_optimizer(model, case)
+    for k in range(2):
+        real_step(model, optimizer, random_batch(4, seed=80 + k), case)
+    batch = random_batch(4, seed=81)
+    probe = ep.EntropyProbe(model, optimizer, ep.ProbeConfig(direction="optimizer-step"))
+    with_flag = probe.update_direction(batch)
+    for group in optimizer.param_groups:
+        del group["decoupled_weight_decay"]
+    without_flag = probe.update_direction(batch)
+    for name in with_flag:
+        assert torch.equal(with_flag[name], without_flag[name]), name
+
+
+def test_adam_preconditioned_without_an_optimizer_is_a_fresh_adam_step():
+    """With no optimizer, "adam-preconditioned" is the first step of a fresh torch.optim.Adam with its
+    defaults (lr = eta): theta + eta v equals the parameters that real step produces on -J_U."""
+    eta = 1e-2
+    model, batch = TinyLM(seed=9), random_batch(4, seed=90)
+    v = ep.EntropyProbe(
+        model, config=ep.ProbeConfig(lr=eta, direction="adam-preconditioned")
+    ).update_direction(batch)
+    before = {name: p.detach().clone() for name, p in trainable(model).items()}
+    real_step(model, torch.optim.Adam(model.parameters(), lr=eta), batch, StepCase("Adam", 0, 1))
+    for name, p in trainable(model).items():
+        torch.testing.assert_close(before[name] + eta * v[name], p.detach(), rtol=1e-6, atol=1e-9)

@@ -290,3 +290,47 @@ def test_degenerate_samples_give_a_point_interval_and_zero_jackknife_se():
 
     assert bootstrap_t_interval(torch.full((5,), 2.0), lr=0.5, level=0.95) == (1.0, 1.0)
     assert jackknife_se(torch.tensor([3.0]), lr=0.5) == 0.0
+
+
+# ---- the edges of the statistics, one property each (mutants of them survived, docs/mutation.md) ------
+def test_too_few_units_warn_at_the_caller_with_a_readable_message():
+    """The warning reads whole (it starts with the cause, ends with the consequence) and points at the line
+    that asked for the variance (``conditional_variance``'s caller, here this test), not into the package.
+    No units at all: variance and SE 0, not a ZeroDivisionError."""
+    for values, n in ((torch.tensor([3.0]), 1), (torch.empty(0), 0)):
+        with pytest.warns(RuntimeWarning) as record:
+            var, se = conditional_variance(moments_update(values), lr=0.5)  # the line warned about
+        assert (var, se) == (0.0, 0.0)
+        (w,) = record
+        message = str(w.message)
+        assert message.startswith(f"fewer than 2 units ({n}) for the variance of s over evaluation units")
+        assert message.endswith("its SE is reported as 0")
+        assert w.filename == __file__
+
+
+def test_student_t_expansion_is_exact_to_order_one_over_df_to_the_4th():
+    """Cornish-Fisher to 1/df^4 (Abramowitz-Stegun 26.7.5): the error against scipy's exact quantile falls
+    as df^-5, a factor 32 per doubling of df (measured 32.2-33.7 for df 8-128: the next term's own 1/df
+    correction). A wrong coefficient in any term k leaves an error falling as df^-k only, so the ratio drops
+    to 2^k <= 16 once that error dominates; the 1e-3 agreement of test_interval cannot see it."""
+    from scipy import stats
+
+    from entropy_probe.statistics import student_t_quantile
+
+    for p in (0.9, 0.975, 0.995):
+        errors = [student_t_quantile(p, df) - float(stats.t.ppf(p, df)) for df in (8, 16, 32, 64, 128)]
+        ratios = [a / b for a, b in zip(errors, errors[1:])]
+        assert all(31.5 < r < 34.5 for r in ratios), (p, ratios)
+
+
+def test_interval_of_the_smallest_and_the_empty_sample():
+    """Two distinct units are the smallest sample with a spread: a proper interval around the mean (the
+    Student-t half of the hull; the bootstrap-t alone is the point there: a resample either repeats one
+    unit, se* = 0, dropped, or holds both, t* = 0). No units: the point 0 (the mean of nothing taken as 0),
+    never NaN."""
+    from entropy_probe.statistics import bootstrap_t_interval, skew_aware_interval
+
+    lo, hi = skew_aware_interval(torch.tensor([1.0, 3.0], dtype=torch.float64), lr=0.5, level=0.9)
+    assert lo < 0.5 * 2.0 < hi and math.isfinite(lo) and math.isfinite(hi)
+    for interval in (bootstrap_t_interval, skew_aware_interval):
+        assert interval(torch.empty(0), lr=0.5, level=0.9) == (0.0, 0.0)
