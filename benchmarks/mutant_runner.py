@@ -5,9 +5,11 @@
     python benchmarks/mutant_runner.py stop SOCKET
 
 Why: mutmut 2.5.1 starts its runner once per mutant, and importing torch costs about 2 s of CPU (10 s
-and more on the shared 2-core machine), several times the focused tests themselves. The server imports
-torch, numpy, scipy and pytest, never ``entropy_probe``: each fork imports the package from disk, so it
-sees the mutant mutmut has just written (the server refuses to start if ``entropy_probe`` is imported).
+and more on the shared 2-core machine), several times the focused tests themselves; an optimizer's
+first step imports torch._dynamo (6 s more). The server imports torch, numpy, scipy and pytest and takes
+one Adam step on a tensor of its own, and never imports ``entropy_probe``: each fork imports the package
+from disk, so it sees the mutant mutmut has just written (the server refuses to start if
+``entropy_probe`` is imported).
 The client imports nothing heavy. A fork that runs longer than ``--limit`` seconds is killed and
 reported as failed (mutmut's own timeout, set above it in the Makefile, then never fires first).
 """
@@ -35,6 +37,10 @@ def serve(path: str, limit: int) -> None:
     import torch
 
     torch.set_num_threads(1)  # no worker threads before fork (tests/conftest.py sets 1 as well)
+    # An optimizer's first step imports torch._dynamo (about 6 s of CPU): once here, not in every fork.
+    weight = torch.nn.Parameter(torch.ones(2))
+    (weight * weight).sum().backward()
+    torch.optim.Adam([weight]).step()
     if any(name == "entropy_probe" or name.startswith("entropy_probe.") for name in sys.modules):
         sys.exit("mutant_runner: entropy_probe is already imported; the forks would not see the mutants")
     if os.path.exists(path):

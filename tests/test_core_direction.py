@@ -309,3 +309,160 @@ def test_adam_preconditioned_without_an_optimizer_is_a_fresh_adam_step():
     real_step(model, torch.optim.Adam(model.parameters(), lr=eta), batch, StepCase("Adam", 0, 1))
     for name, p in trainable(model).items():
         torch.testing.assert_close(before[name] + eta * v[name], p.detach(), rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam-preconditioned", "optimizer-step"])
+def test_a_parameter_the_optimizer_does_not_hold_does_not_move(kind):
+    """optimizer.step() leaves a trainable parameter outside its groups where it is: every rule gives it
+    v = 0, while the parameters it holds move."""
+    model = TinyLM(seed=10)
+    optimizer = torch.optim.Adam(model.head.parameters(), lr=1e-2)
+    v = ep.EntropyProbe(model, optimizer, ep.ProbeConfig(direction=kind)).update_direction(
+        random_batch(4, seed=100)
+    )
+    held = {name for name, p in model.named_parameters() if any(p is q for q in model.head.parameters())}
+    for name, t in v.items():
+        assert (torch.count_nonzero(t) > 0) == (name in held), name
+
+
+def test_a_frozen_parameter_first_in_a_group_does_not_stop_the_rest():
+    """A parameter with requires_grad=False is skipped by optimizer.step(), and only it: the parameters
+    after it in the same group still move."""
+    model = TinyLM(seed=11)
+    model.tok.requires_grad_(False)  # the first parameter of the only group
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    v = ep.EntropyProbe(model, optimizer, ep.ProbeConfig(direction="optimizer-step")).update_direction(
+        random_batch(4, seed=110)
+    )
+    assert set(v) == set(trainable(model)) and "tok" not in v
+    assert all(torch.count_nonzero(t) > 0 for t in v.values())
+
+
+def _message(call) -> str:
+    with pytest.raises(ValueError) as caught:
+        call()
+    return str(caught.value)
+
+
+def test_refusals_read_whole():
+    """Each refusal names the field and the cause and ends with what to do, with nothing before or after
+    (the probe's messages are read by people; a stray word in one is a bug like any other)."""
+    from entropy_probe.direction import _require_adam, build_direction, given_direction, optimizer_hyper
+
+    model = TinyLM(seed=12)
+    params = trainable(model)
+    stranger = torch.nn.Parameter(torch.zeros(2, 3))
+    adam = torch.optim.Adam([{"params": list(model.parameters())}, {"params": [stranger]}])
+    upside = torch.optim.Adam(model.parameters(), maximize=True)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    ones = {name: torch.ones_like(p) for name, p in params.items()}
+    cases = [
+        (
+            lambda: optimizer_hyper(params, upside, 1.0),
+            "optimizer.param_groups[0] has maximize=True; the probe follows the convention loss = -J "
+            "(minimised); use maximize=False",
+        ),
+        (
+            lambda: optimizer_hyper(params, adam, 1.0),
+            "optimizer.param_groups[1]['params'][0] (shape (2, 3)) is not a trainable parameter of the "
+            "model; the optimizer must hold the model's parameters",
+        ),
+        (
+            lambda: _require_adam(None, "optimizer-step"),
+            "direction='optimizer-step' needs an optimizer (torch.optim.Adam or AdamW); none was given",
+        ),
+        (
+            lambda: _require_adam(sgd, "adam-preconditioned"),
+            "direction='adam-preconditioned' supports torch.optim.Adam and AdamW; got SGD "
+            "(direction='optimizer-copy' takes the step of any torch.optim optimizer)",
+        ),
+        (
+            lambda: build_direction("optimizer-copy", {}, params, None, 1.0),
+            "direction='optimizer-copy' needs the run's optimizer; none was given",
+        ),
+        (
+            lambda: given_direction([1.0], params),
+            "direction must be a dict {name: tensor} from update_direction(), got list",
+        ),
+        (
+            lambda: given_direction({}, params),
+            "direction does not match the model's trainable parameters: missing ['head.bias', 'head.weight', "
+            "'hidden.bias']..., unknown []",
+        ),
+        (
+            lambda: given_direction({k: v for k, v in ones.items() if not k.startswith("head")}, params),
+            "direction does not match the model's trainable parameters: "
+            "missing ['head.bias', 'head.weight'], unknown []",
+        ),
+        (
+            lambda: given_direction({**ones, **{f"x{i}": ones["tok"] for i in range(4)}}, params),
+            "direction does not match the model's trainable parameters: missing [], "
+            "unknown ['x0', 'x1', 'x2']...",
+        ),
+        (
+            lambda: given_direction({**ones, "tok": torch.ones(3)}, params),
+            "direction['tok'] has shape (3,), the parameter has (7, 8)",
+        ),
+        (
+            lambda: given_direction({**ones, "tok": 1.0}, params),
+            "direction['tok'] has shape float, the parameter has (7, 8)",
+        ),
+        (
+            lambda: given_direction({**ones, "pos": torch.full((16, 8), float("nan"))}, params),
+            "direction['pos'] is not finite",
+        ),
+    ]
+    for call, expected in cases:
+        assert _message(call) == expected
+
+
+def test_step_mismatch_names_the_group_and_the_setting():
+    """Why a rule is not the optimizer's step, per case, read whole: the optimizer, the group and the
+    setting; None exactly when the rule is that step (plain SGD, SGD momentum before its first buffer,
+    Adam before its first step without weight decay, the optimizer's own rules, no optimizer)."""
+    from entropy_probe.direction import step_mismatch
+
+    def stepped(opt):  # one real step: momentum buffers and Adam's step count exist afterwards
+        for group in opt.param_groups:
+            for p in group["params"]:
+                p.grad = torch.ones_like(p)
+        opt.step()
+        return opt
+
+    def two(cls, second: dict, **kw):  # two groups, the setting on the second
+        a, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(3))
+        return cls([{"params": [a]}, {"params": [b], **second}], **kw)
+
+    sgd, adam = torch.optim.SGD, torch.optim.Adam
+    cases = [
+        ("sgd", two(sgd, {}, lr=0.1), None),
+        ("sgd", two(sgd, {"momentum": 0.9}, lr=0.1), None),
+        ("sgd", two(adam, {}), "Adam does not take the step -lr * grad"),
+        ("sgd", two(sgd, {"weight_decay": 0.1}, lr=0.1), "SGD param_groups[1] has weight_decay=0.1"),
+        (
+            "sgd",
+            two(sgd, {"momentum": 0.9, "nesterov": True}, lr=0.1),
+            "SGD param_groups[1] has momentum=0.9 (a momentum buffer or Nesterov)",
+        ),
+        (
+            "sgd",
+            stepped(two(sgd, {"momentum": 0.9}, lr=0.1)),
+            "SGD param_groups[1] has momentum=0.9 (a momentum buffer or Nesterov)",
+        ),
+        ("adam-preconditioned", two(adam, {}), None),
+        (
+            "adam-preconditioned",
+            two(adam, {"weight_decay": 0.1}),
+            "Adam param_groups[1] has weight_decay=0.1",
+        ),
+        (
+            "adam-preconditioned",
+            stepped(two(adam, {})),
+            "Adam param_groups[0] is past its first step (momentum and bias correction)",
+        ),
+        ("optimizer-step", stepped(two(adam, {"weight_decay": 0.1})), None),
+        ("optimizer-copy", stepped(two(sgd, {"momentum": 0.9}, lr=0.1)), None),
+        ("adam-preconditioned", None, None),
+    ]
+    for kind, opt, expected in cases:
+        assert step_mismatch(kind, opt) == expected, (kind, opt)

@@ -334,3 +334,32 @@ def test_interval_of_the_smallest_and_the_empty_sample():
     assert lo < 0.5 * 2.0 < hi and math.isfinite(lo) and math.isfinite(hi)
     for interval in (bootstrap_t_interval, skew_aware_interval):
         assert interval(torch.empty(0), lr=0.5, level=0.9) == (0.0, 0.0)
+
+
+def test_bootstrap_t_interval_is_the_textbook_bootstrap_t_drawn_in_one_block():
+    """The chunks of 256 resamples only bound memory: the interval equals the bootstrap-t written out in one
+    block from the same private generator (torch draws the same index stream either way): resample the
+    units with replacement, t* = (mean* - mean) / se* over the resamples with se* > 0, and
+    eta * (mean - q_hi se, mean - q_lo se) with q the (1 -+ level) / 2 quantiles of t*."""
+    from entropy_probe.statistics import BOOTSTRAP_SEED, bootstrap_t_interval
+
+    gen = torch.Generator().manual_seed(5)
+    s = -(torch.empty(9, dtype=torch.float64).exponential_(generator=gen) ** 2)  # skewed: q_lo != -q_hi
+    b, resamples, level, eta = 9, 1000, 0.9, 0.5
+    idx = torch.randint(b, (resamples, b), generator=torch.Generator().manual_seed(BOOTSTRAP_SEED))  # (K, B)
+    xs = s[idx]  # (K, B)
+    se_star = xs.std(dim=1) / math.sqrt(b)
+    t = ((xs.mean(dim=1) - s.mean()) / se_star)[se_star > 0]
+    q_lo, q_hi = np.quantile(t.numpy(), [(1 - level) / 2, (1 + level) / 2])
+    mean, se = float(s.mean()), float(s.std()) / math.sqrt(b)
+    expected = (eta * (mean - q_hi * se), eta * (mean - q_lo * se))
+    assert bootstrap_t_interval(s, eta, level, resamples=resamples) == pytest.approx(expected, rel=1e-12)
+
+
+def test_jackknife_of_fewer_than_two_delete_one_estimates_is_zero():
+    """The truth hands its per-unit changes to ``jackknife_se_of``: one estimate (or none) has no spread to
+    measure, SE 0, never NaN; two give ``sqrt(1/2 * sum (Z - mean Z)^2) = |Z_1 - Z_2| / 2``."""
+    from entropy_probe.statistics import jackknife_se_of
+
+    assert jackknife_se_of(torch.tensor([2.5])) == 0.0 and jackknife_se_of(torch.empty(0)) == 0.0
+    assert jackknife_se_of(torch.tensor([1.0, 4.0])) == pytest.approx(1.5, rel=1e-12)
