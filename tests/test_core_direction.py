@@ -466,3 +466,22 @@ def test_step_mismatch_names_the_group_and_the_setting():
     ]
     for kind, opt, expected in cases:
         assert step_mismatch(kind, opt) == expected, (kind, opt)
+
+
+def test_adam_with_decoupled_weight_decay_is_adamw():
+    """``torch.optim.Adam(decoupled_weight_decay=True)`` (torch >= 2.7) takes AdamW's step: the probe reads
+    the group's flag, so its v is AdamW's (whose v is the real step, above), not L2-coupled Adam's."""
+    batch = random_batch(4, seed=130)
+    vs = []
+    for make in (
+        lambda ps: torch.optim.Adam(ps, lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True),
+        lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1),
+        lambda ps: torch.optim.Adam(ps, lr=1e-2, weight_decay=0.1),
+    ):
+        model = TinyLM(seed=13)
+        probe = ep.EntropyProbe(model, make(model.parameters()), ep.ProbeConfig(direction="optimizer-step"))
+        vs.append(probe.update_direction(batch))
+    decoupled, adamw, coupled = vs
+    for name in adamw:
+        torch.testing.assert_close(decoupled[name], adamw[name], rtol=1e-6, atol=0.0)
+    assert any(not torch.allclose(coupled[n], adamw[n], rtol=1e-3, atol=0.0) for n in adamw)  # it matters
