@@ -5,7 +5,8 @@ Two rules. First, a mutant that changes nothing but type annotations, in a modul
 563), nothing runs it, and dataclasses read it only to spot ``ClassVar``/``InitVar``, which mutmut's
 operators never write. The test is exact: the module's syntax tree with every annotation removed is the
 same before and after the mutation. Second, the mutants in ``EQUIVALENT``, each matched by its line
-before and after and proved equivalent in its reason. mutmut records both kinds as "skipped";
+before and after (stripped, or indented where the same line occurs twice) and proved equivalent in its
+reason. mutmut records both kinds as "skipped";
 ``benchmarks/mutation_score.py`` counts them apart as equivalent, never as killed.
 """
 
@@ -29,8 +30,27 @@ _FRESH_BETA2 = (
     "beta2 of the no-optimizer default is read only by 'adam-preconditioned' with no state, where v_hat = "
     "(1 - beta2) g^2 / (1 - beta2) = g^2 for any beta2 != 1, equal up to float rounding"
 )
+_SGD_GROUP_KEYS = (
+    "this branch runs only when type(optimizer) is torch.optim.SGD, whose constructor fills every group "
+    "with weight_decay, momentum and nesterov: the default of .get is never read"
+)
 # (line before, line after, why the mutant cannot change behaviour)
 EQUIVALENT = [
+    (  # indented as in step_mismatch's SGD branch (the Adam branch has the same line, less indented)
+        '            if group.get("weight_decay", 0) != 0:',
+        '            if group.get("weight_decay", 1) != 0:',
+        _SGD_GROUP_KEYS,
+    ),
+    (
+        'if group.get("momentum", 0) != 0 and (group.get("nesterov", False) or buffers):',
+        'if group.get("momentum", 1) != 0 and (group.get("nesterov", False) or buffers):',
+        _SGD_GROUP_KEYS,
+    ),
+    (
+        'if group.get("momentum", 0) != 0 and (group.get("nesterov", False) or buffers):',
+        'if group.get("momentum", 0) != 0 and (group.get("nesterov", True) or buffers):',
+        _SGD_GROUP_KEYS,
+    ),
     (
         "se = float(x.std() / math.sqrt(b)) if b >= 2 else 0.0",
         "se = float(x.std() / math.sqrt(b)) if b > 2 else 0.0",
@@ -130,6 +150,6 @@ def pre_mutation(context) -> None:
     old, new = context.source.splitlines(), mutated.splitlines()
     if len(old) != len(new):
         return
-    before, after = old[line].strip(), new[line].strip()
-    if any((before, after) == (b, a) for b, a, _ in EQUIVALENT):
+    raw = (old[line].rstrip(), new[line].rstrip())  # an entry that keeps its indentation matches only there
+    if any((b, a) in (raw, (raw[0].strip(), raw[1].strip())) for b, a, _ in EQUIVALENT):
         context.skip = True

@@ -449,6 +449,11 @@ def test_step_mismatch_names_the_group_and_the_setting():
             stepped(two(sgd, {"momentum": 0.9}, lr=0.1)),
             "SGD param_groups[1] has momentum=0.9 (a momentum buffer or Nesterov)",
         ),
+        (
+            "sgd",
+            stepped(two(sgd, {"momentum": 1.0}, lr=0.1)),
+            "SGD param_groups[1] has momentum=1.0 (a momentum buffer or Nesterov)",
+        ),
         ("adam-preconditioned", two(adam, {}), None),
         (
             "adam-preconditioned",
