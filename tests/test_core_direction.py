@@ -490,3 +490,14 @@ def test_adam_with_decoupled_weight_decay_is_adamw():
     for name in adamw:
         torch.testing.assert_close(decoupled[name], adamw[name], rtol=1e-6, atol=0.0)
     assert any(not torch.allclose(coupled[n], adamw[n], rtol=1e-3, atol=0.0) for n in adamw)  # it matters
+
+
+def test_adam_rules_refuse_an_optimizer_without_adam_s_settings_from_grad():
+    """From ``.grad`` too, "adam-preconditioned" on an optimizer that is not Adam (Rprop: no betas, eps or
+    weight_decay in its groups) is a ValueError naming it, not a KeyError from a missing setting."""
+    model = TinyLM(seed=14)
+    optimizer = torch.optim.Rprop(model.parameters(), lr=1e-2)
+    sum(p.square().sum() for p in model.parameters()).backward()
+    probe = ep.EntropyProbe(model, optimizer, ep.ProbeConfig(direction="adam-preconditioned"))
+    with pytest.raises(ValueError, match=r"supports torch\.optim\.Adam and AdamW; got Rprop"):
+        probe.run(eval_batch=random_batch(4, seed=140), from_grad=True)

@@ -363,3 +363,26 @@ def test_jackknife_of_fewer_than_two_delete_one_estimates_is_zero():
 
     assert jackknife_se_of(torch.tensor([2.5])) == 0.0 and jackknife_se_of(torch.empty(0)) == 0.0
     assert jackknife_se_of(torch.tensor([1.0, 4.0])) == pytest.approx(1.5, rel=1e-12)
+
+
+def test_skew_aware_interval_is_the_hull_with_the_exact_student_t_interval():
+    """The hull of the bootstrap-t interval and the Student-t interval ``eta (mean -+ t_{(1+level)/2, B-1}
+    s / sqrt(B))``, the t quantile from scipy (exact; the expansion is within 1e-3 at df = 4). One sample
+    where the t interval is the upper bound of the hull, one where it is the lower: each side is checked
+    where it binds."""
+    from scipy import stats
+
+    from entropy_probe.statistics import bootstrap_t_interval, skew_aware_interval
+
+    bound = set()
+    for values in ([0.3, -1.2, 2.0, 0.7, 1.1], [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 30.0]):
+        s, b, eta, level = torch.tensor(values, dtype=torch.float64), len(values), 0.5, 0.95
+        half = float(stats.t.ppf((1 + level) / 2, b - 1)) * eta * float(s.std()) / math.sqrt(b)
+        center = eta * float(s.mean())
+        boot_lo, boot_hi = bootstrap_t_interval(s, eta, level)
+        lo, hi = skew_aware_interval(s, eta, level)
+        assert lo == pytest.approx(min(boot_lo, center - half), rel=1e-3)
+        assert hi == pytest.approx(max(boot_hi, center + half), rel=1e-3)
+        bound |= {"lo"} if center - half < boot_lo else set()
+        bound |= {"hi"} if center + half > boot_hi else set()
+    assert bound == {"lo", "hi"}  # the t interval decides each side once: the test has teeth
