@@ -35,7 +35,7 @@ def scores(path: str) -> dict[str, dict]:
     for filename, counts in sorted(by_file.items()):
         caught = sum(counts.get(s, 0) for s in CAUGHT)
         missed = sum(counts.get(s, 0) for s in MISSED)
-        out[Path(filename).name] = {
+        out[Path(filename).stem] = {
             "caught": caught,
             "missed": missed,
             "tested": caught + missed,
@@ -52,7 +52,7 @@ def main(argv=None) -> None:
     result = scores(path)
     for name, s in result.items():
         print(
-            f"{name}: {s['caught']} caught / {s['tested']} tested = {s['kill_rate']:.1%} "
+            f"{name}.py: {s['caught']} caught / {s['tested']} tested = {s['kill_rate']:.1%} "
             f"({s['untested']} untested, {s['equivalent']} equivalent skipped)"
         )
     if record is not None:

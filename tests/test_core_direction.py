@@ -316,7 +316,7 @@ def test_a_parameter_the_optimizer_does_not_hold_does_not_move(kind):
     """optimizer.step() leaves a trainable parameter outside its groups where it is: every rule gives it
     v = 0, while the parameters it holds move."""
     model = TinyLM(seed=10)
-    optimizer = torch.optim.Adam(model.head.parameters(), lr=1e-2)
+    optimizer = torch.optim.Adam(model.head.parameters(), lr=1.0)  # a rate of 1 is a rate like any other
     v = ep.EntropyProbe(model, optimizer, ep.ProbeConfig(direction=kind)).update_direction(
         random_batch(4, seed=100)
     )
