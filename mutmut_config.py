@@ -36,6 +36,11 @@ _SGD_GROUP_KEYS = (
 )
 # (line before, line after, why the mutant cannot change behaviour)
 EQUIVALENT = [
+    (
+        'clip = _clip_coefficient(grad_j, max_grad_norm) if kind == "optimizer-step" else 1.0',
+        'clip = _clip_coefficient(grad_j, max_grad_norm) if kind == "optimizer-step" else 2.0',
+        "parameter_direction reads clip only for 'optimizer-step' (its last line); the other rules never do",
+    ),
     (  # indented as in step_mismatch's SGD branch (the Adam branch has the same line, less indented)
         '            if group.get("weight_decay", 0) != 0:',
         '            if group.get("weight_decay", 1) != 0:',

@@ -501,3 +501,17 @@ def test_adam_rules_refuse_an_optimizer_without_adam_s_settings_from_grad():
     probe = ep.EntropyProbe(model, optimizer, ep.ProbeConfig(direction="adam-preconditioned"))
     with pytest.raises(ValueError, match=r"supports torch\.optim\.Adam and AdamW; got Rprop"):
         probe.run(eval_batch=random_batch(4, seed=140), from_grad=True)
+
+
+def test_l2_weight_decay_of_exactly_one_is_applied():
+    """Adam's L2 decay enters the gradient at any strength, 1.0 included: theta + eta v is the real step."""
+    model = TinyLM(seed=15)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=1.0)
+    case = StepCase("Adam", 1, 1)
+    real_step(model, optimizer, random_batch(4, seed=150), case)
+    batch = random_batch(4, seed=151)
+    v = ep.EntropyProbe(model, optimizer, ep.ProbeConfig(direction="optimizer-step")).update_direction(batch)
+    predicted = torch.cat([(p.detach() + 1e-2 * v[n]).reshape(-1) for n, p in model.named_parameters()])
+    real_step(model, optimizer, batch, case)
+    after = flat_params(model)
+    assert float((after - predicted).norm()) < 1e-6 * float(after.norm())
