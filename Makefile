@@ -115,6 +115,9 @@ MUTANT_TESTS ?= tests/test_reliability.py::test_bootstrap_interval_is_finite_on_
 MUTANT_ENV    := PYTHONPATH=$(CURDIR)/src PYTHONDONTWRITEBYTECODE=1
 MUTANT_SOCKET := $(CURDIR)/.mutant-runner.sock
 MUTANT_LIMIT  ?= 300
+# The record of each module's run (docs/mutation.md quotes them; copy it back from the copy's docs/records).
+MUTANT_RECORD_statistics := --record docs/records/mutants_statistics.json
+MUTANT_RECORD_direction  := --record docs/records/mutants_direction.json
 mutants: $(STAMP)
 	$(MUTANT_ENV) $(PY) -c "import entropy_probe as e, sys; \
 		sys.exit(0 if e.__file__.startswith('$(CURDIR)/src/') else 'entropy_probe imported from ' + e.__file__)"
@@ -127,7 +130,7 @@ mutants: $(STAMP)
 			-x -q -p no:cacheprovider -n 0 $(MUTANT_TESTS) || exit 1'"; \
 	$(PY) benchmarks/mutant_runner.py stop $(MUTANT_SOCKET)
 	$(PY) -m mutmut results
-	$(PY) benchmarks/mutation_score.py .mutmut-cache
+	$(MUTANT_ENV) $(PY) benchmarks/mutation_score.py .mutmut-cache $(MUTANT_RECORD_$(basename $(notdir $(MUTATE))))
 
 clean:
 	rm -rf $(VENV) $(VERL_VENV) runs .pytest_cache

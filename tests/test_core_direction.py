@@ -390,9 +390,28 @@ def test_refusals_read_whole():
             "'hidden.bias']..., unknown []",
         ),
         (
-            lambda: given_direction({k: v for k, v in ones.items() if not k.startswith("head")}, params),
+            lambda: given_direction({k: v for k, v in ones.items() if not k.startswith("h")}, params),
             "direction does not match the model's trainable parameters: "
-            "missing ['head.bias', 'head.weight'], unknown []",
+            "missing ['head.bias', 'head.weight', 'hidden.bias']..., unknown []",  # 4 missing: '...'
+        ),
+        (
+            lambda: given_direction(
+                {k: v for k, v in ones.items() if k not in ("head.bias", "hidden.bias")}, params
+            ),
+            "direction does not match the model's trainable parameters: "
+            "missing ['head.bias', 'hidden.bias'], unknown []",
+        ),
+        (
+            lambda: given_direction(
+                {k: v for k, v in ones.items() if k in ("tok", "pos", "hidden.weight")}, params
+            ),
+            "direction does not match the model's trainable parameters: "
+            "missing ['head.bias', 'head.weight', 'hidden.bias'], unknown []",  # exactly 3: no '...'
+        ),
+        (
+            lambda: given_direction({**ones, **{f"x{i}": ones["tok"] for i in range(3)}}, params),
+            "direction does not match the model's trainable parameters: "
+            "missing [], unknown ['x0', 'x1', 'x2']",
         ),
         (
             lambda: given_direction({**ones, **{f"x{i}": ones["tok"] for i in range(4)}}, params),
@@ -503,11 +522,13 @@ def test_adam_rules_refuse_an_optimizer_without_adam_s_settings_from_grad():
         probe.run(eval_batch=random_batch(4, seed=140), from_grad=True)
 
 
-def test_l2_weight_decay_of_exactly_one_is_applied():
-    """Adam's L2 decay enters the gradient at any strength, 1.0 included: theta + eta v is the real step."""
+@pytest.mark.parametrize("opt", ["Adam", "AdamW"])
+def test_weight_decay_of_exactly_one_is_applied(opt):
+    """Adam's L2 decay (in the gradient) and AdamW's decoupled decay (on theta) act at any strength, 1.0
+    included: theta + eta v is the real step."""
     model = TinyLM(seed=15)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=1.0)
-    case = StepCase("Adam", 1, 1)
+    optimizer = getattr(torch.optim, opt)(model.parameters(), lr=1e-2, weight_decay=1.0)
+    case = StepCase(opt, 1, 1)
     real_step(model, optimizer, random_batch(4, seed=150), case)
     batch = random_batch(4, seed=151)
     v = ep.EntropyProbe(model, optimizer, ep.ProbeConfig(direction="optimizer-step")).update_direction(batch)
