@@ -27,9 +27,9 @@ from entropy_probe.change import measure_change
 from entropy_probe.context import ProbeCall
 from entropy_probe.distributed import ProcessGroupComm, SingleProcess
 from entropy_probe.forecast import token_second_order_pass
-from entropy_probe.fsdp import ShardedPasses
 from entropy_probe.passes import Passes
 from entropy_probe.result import EvalState
+from entropy_probe.sharded_passes import ShardedPasses
 from entropy_probe.token_truth import measure_token_truth
 
 REL = 1e-6
