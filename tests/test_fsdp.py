@@ -4,13 +4,14 @@
    ``run(eval_batch=E, from_grad=True)`` after the trainer's backward (each rank its own rollouts, FSDP2
    averages) equals one process on the unsharded model with the same weights, the same total ``.grad``,
    the same Adam state and all E units, to 1e-6 relative for delta_h1, se_cond_e, the jackknife, every
-   s_n, by_group and the truth (in-place step of the shards, restored), for the three direction rules; after a real
-   ``optimizer.step()`` on both, ``measure_change`` agrees to 1e-6. The caller's parameter, ``.grad``
-   and optimizer state shards are bit-identical after every call (the ``.grad`` objects themselves
-   are put back), also when the lock-step pass raises. The
-   unsupported modes (update batch, given direction, second order, a rank without E, gradient
-   sync off) raise a ValueError on every rank. FSDP1 cannot be built on the CPU ("FSDP needs a
-   non-CPU accelerator device"), so its refusal is not tested here.
+   s_n, by_group and the truth (in-place step of the shards, restored), for the three direction rules;
+   after a real ``optimizer.step()`` on both, ``measure_change`` agrees to 1e-6. The caller's parameter,
+   ``.grad`` and optimizer state shards are bit-identical after every call (the ``.grad`` objects
+   themselves are put back), also when the lock-step pass raises. The unsupported modes (update batch,
+   given direction, second order, a rank without E, gradient sync off) raise a ValueError on every
+   rank. FSDP1 cannot be built on the CPU ("FSDP needs a non-CPU accelerator device"), so its refusal
+   is not tested here. The exact-H_t functionals (``entropy="token"``, sequence "sum"):
+   tests/test_fsdp_token.py.
 Run: ``PYTHONPATH=src pytest -q tests/test_fsdp.py``.
 """
 
