@@ -80,15 +80,18 @@ validate: $(STAMP)
 # Then `make test`: tests/test_doc_figures.py names every quote that no longer equals its record;
 # `$(PY) tests/doc_figures.py --fix` rewrites those numbers (reread the prose around them).
 figures: $(STAMP)
-	$(VENV)/bin/entropy-probe demo --out runs/demo --record docs/records/demo.json
-	$(VENV)/bin/entropy-probe demo --seed 1 --out runs/demo_seed1 --record docs/records/demo_seed1.json
-	$(VENV)/bin/entropy-probe demo --seed 2 --out runs/demo_seed2 --record docs/records/demo_seed2.json
+	for f in token sequence; do for s in 0 1 2; do \
+	  $(VENV)/bin/entropy-probe demo --entropy $$f --seed $$s --out runs/demo_$${f}_seed$$s \
+	    --record docs/records/demo_$${f}_seed$$s.json || exit 1; done; done
+	$(PY) examples/demo_functionals_report.py docs/records/demo_*_seed?.json --record docs/records/demo_functionals.json
 	$(VENV)/bin/entropy-probe demo-guard --out runs/demo_guard --record docs/records/demo_guard.json
 	$(VENV)/bin/entropy-probe validate --out runs/validate --record docs/records/validate.json
 	$(PY) examples/trl_grpo.py --out runs/trl_grpo --record docs/records/trl_grpo.json
 	$(PY) examples/trl_entropy_control.py --out runs/trl_entropy_control --record docs/records/trl_entropy_control.json
 	$(PY) examples/trl_large_steps.py --steps 30 --out runs/trl_large_steps --record docs/records/trl_large_steps.json
-	cp runs/demo/demo.png runs/demo/layers.png runs/demo/influence.png runs/demo_guard/demo_guard.png docs/
+	cp runs/demo_token_seed0/demo.png runs/demo_token_seed0/entropy.png runs/demo_token_seed0/layers.png \
+	  runs/demo_token_seed0/influence.png runs/demo_guard/demo_guard.png docs/
+	cp runs/demo_sequence_seed0/entropy.png docs/entropy_sequence.png
 	cp runs/trl_grpo/forecast_vs_measured.png docs/trl_grpo.png
 	cp runs/trl_entropy_control/entropy_control.png docs/trl_entropy_control.png
 
