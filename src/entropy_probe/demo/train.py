@@ -250,6 +250,23 @@ def second_order_columns(result) -> dict:
 
 
 # ---- the command -----------------------------------------------------------------------------------
+def build(cfg: DemoConfig) -> tuple[SortingTask, EntropyProbe, torch.Generator]:
+    """The task, the probe on the seeded model and its AdamW (warm-up lr), and the data generator."""
+    torch.set_num_threads(cfg.threads)
+    task = SortingTask(n_digits=cfg.n_digits)
+    torch.manual_seed(cfg.seed)  # the model's random init
+    model = build_model(cfg, task).to(cfg.device)
+    data_gen = torch.Generator().manual_seed(cfg.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.warmup_lr, weight_decay=0.0)
+    probe_cfg = ProbeConfig(
+        entropy=cfg.entropy,  # the functional asked for, explicitly (not the library's default)
+        direction="optimizer-step",
+        max_grad_norm=cfg.max_grad_norm if cfg.max_grad_norm else None,
+        second_order=True,
+    )
+    return task, EntropyProbe(model, optimizer, probe_cfg), data_gen
+
+
 def run(cfg: DemoConfig, console=None) -> dict:
     """The whole demo; returns the contents of demo.json."""
     from rich.console import Console
@@ -257,22 +274,8 @@ def run(cfg: DemoConfig, console=None) -> dict:
 
     console = console or Console()
     start = time.perf_counter()
-    torch.set_num_threads(cfg.threads)
-    task = SortingTask(n_digits=cfg.n_digits)
-    torch.manual_seed(cfg.seed)  # the model's random init
-    model = build_model(cfg, task).to(cfg.device)
-    data_gen = torch.Generator().manual_seed(cfg.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.warmup_lr, weight_decay=0.0)
-    probe = EntropyProbe(
-        model,
-        optimizer,
-        ProbeConfig(
-            entropy=cfg.entropy,
-            direction="optimizer-step",
-            max_grad_norm=cfg.max_grad_norm if cfg.max_grad_norm else None,
-            second_order=True,
-        ),
-    )
+    task, probe, data_gen = build(cfg)
+    model, optimizer = probe.model, probe.optimizer
     rows: list[dict] = []
     columns = [
         TextColumn("[bold]{task.description}"),
