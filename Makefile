@@ -80,11 +80,15 @@ validate: $(STAMP)
 # Then `make test`: tests/test_doc_figures.py names every quote that no longer equals its record;
 # `$(PY) tests/doc_figures.py --fix` rewrites those numbers (reread the prose around them).
 figures: $(STAMP)
-	for f in token sequence; do for s in 0 1 2; do \
-	  $(VENV)/bin/entropy-probe demo --entropy $$f --seed $$s --out runs/demo_$${f}_seed$$s \
-	    --record docs/records/demo_$${f}_seed$$s.json || exit 1; done; done
-	$(PY) examples/demo_functionals_report.py docs/records/demo_*_seed?.json --record docs/records/demo_functionals.json
-	$(VENV)/bin/entropy-probe demo-guard --out runs/demo_guard --record docs/records/demo_guard.json
+	$(VENV)/bin/entropy-probe demo --entropy token --seed 0 --out runs/demo_token_seed0 --record docs/records/demo_token_seed0.json
+	$(VENV)/bin/entropy-probe demo --entropy token --seed 1 --out runs/demo_token_seed1 --record docs/records/demo_token_seed1.json
+	$(VENV)/bin/entropy-probe demo --entropy token --seed 2 --out runs/demo_token_seed2 --record docs/records/demo_token_seed2.json
+	$(VENV)/bin/entropy-probe demo --entropy sequence --seed 0 --out runs/demo_sequence_seed0 --record docs/records/demo_sequence_seed0.json
+	$(VENV)/bin/entropy-probe demo --entropy sequence --seed 1 --out runs/demo_sequence_seed1 --record docs/records/demo_sequence_seed1.json
+	$(VENV)/bin/entropy-probe demo --entropy sequence --seed 2 --out runs/demo_sequence_seed2 --record docs/records/demo_sequence_seed2.json
+	$(PY) examples/demo_functionals_report.py docs/records/demo_token_seed?.json docs/records/demo_sequence_seed?.json \
+	  --record docs/records/demo_functionals.json
+	$(VENV)/bin/entropy-probe demo-guard --entropy sequence --out runs/demo_guard --record docs/records/demo_guard.json
 	$(VENV)/bin/entropy-probe validate --out runs/validate --record docs/records/validate.json
 	$(PY) examples/trl_grpo.py --out runs/trl_grpo --record docs/records/trl_grpo.json
 	$(PY) examples/trl_entropy_control.py --out runs/trl_entropy_control --record docs/records/trl_entropy_control.json
