@@ -2,8 +2,8 @@
 
 ``config`` (options and command line), ``task`` (the sorting task), ``train`` (the GRPO loop with the
 probe), ``fresh`` (fresh-sample entropy in the run's functional, the trainer's logged entropy),
-``report`` (summary, files, plot, table), ``entropy_plot`` (entropy.png), ``guarded`` (``entropy-probe demo-guard``: unguarded vs
-``--entropy-budget``, same seed). See docs/demo.md.
+``report`` (summary, files, plot, table), ``entropy_plot`` (entropy.png), ``guarded``
+(``entropy-probe demo-guard``: unguarded vs ``--entropy-budget``, same seed). See docs/demo.md.
 """
 
 from __future__ import annotations

@@ -24,7 +24,8 @@ def entropy_plot(out: Path, rows: list[dict], summary: dict, functional: str) ->
     import matplotlib.pyplot as plt
     import numpy as np
 
-    col = {k: np.array([r[k] for r in rows], dtype=float) for k in rows[0] if not k.startswith("_")}
+    keys = ("step", "trainer_entropy", "probe_entropy", "entropy", "entropy_se")
+    col = {k: np.array([r[k] for r in rows], dtype=float) for k in keys}  # (steps,) each
     before = col["step"] - 1  # every entropy here is measured before the step
     fig, ax = plt.subplots(1, 2, figsize=(12, 4.2), constrained_layout=True)
     a = ax[0]
