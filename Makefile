@@ -74,9 +74,10 @@ validate: $(STAMP)
 	$(VENV)/bin/entropy-probe validate --out runs/validate
 
 # Re-run every command whose figures README.md and docs/*.md quote, one after the other, each writing
-# its record to docs/records/ (--record) and its pictures to docs/: about 10 minutes on 2 idle CPU
-# cores (the demo 1.5 min at each of 3 seeds, demo-guard 3, validate 2, the TRL examples 1); the
-# records of 2026-12-06 took 58 min on 2 cores shared with a dozen other jobs.
+# its record to docs/records/ (--record) and its pictures to docs/: about 15 minutes on 2 idle CPU
+# cores (the demo 1.5 min for each functional at each of 3 seeds, demo-guard 3, validate 2, the TRL
+# examples 1); the records of 2026-12-06 took 58 min on 2 cores shared with a dozen other jobs, the six
+# demo runs of the two functionals alone about 7-9 min each there (docs/demo.md quotes their runtime_s).
 # Then `make test`: tests/test_doc_figures.py names every quote that no longer equals its record;
 # `$(PY) tests/doc_figures.py --fix` rewrites those numbers (reread the prose around them).
 figures: $(STAMP)
