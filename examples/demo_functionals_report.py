@@ -106,7 +106,7 @@ ROWS = (
 
 def _cell(value, fmt: str, record: str | None, key: str) -> str:
     text = format(value, fmt).replace("-", "\u2212") if fmt != "d" else str(value)
-    if record is None or fmt == "d" or not math.isfinite(value):
+    if record is None or not math.isfinite(value):
         return text
     return f"{text}<!--fig {record} {key}-->"
 
