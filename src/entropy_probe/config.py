@@ -85,8 +85,9 @@ class ProbeConfig:
     """Dr. GRPO's constant length, required by "seq-mean-token-sum-norm": TRL's ``max_completion_length``
     (its dr_grpo loss divides by ``N * max_completion_length``). Unused by the other aggregations."""
     unconditional_se: bool = True
-    """Also compute se_total, var_update and update_influence: a delete-one-unit jackknife over U through
-    the direction map (one more backward per U unit, the X sums over two halves of E)."""
+    """Also compute se_total, var_update and update_influence: a jackknife over U through the direction
+    map (delete-one-unit for "sgd", delete-a-group of four blocks for the other rules; one more backward
+    per U unit, the X sums over two halves of E)."""
     truth_alphas: tuple[float, ...] = (1.0,)
     """Step fractions alpha at which run(truth=True) measures the entropy after theta + alpha*eta*v."""
     second_order: bool = False

@@ -15,13 +15,16 @@ which ``var_cond_e`` already holds). The jackknife variance over U is then
 
 and ``se_total = sqrt(var_cond_e + max(V_U, 0))``. ``var_update`` reports V_U unclamped: unbiased
 for a linear map, it can be < 0 when U adds little variance. The clamp biases se_total up a little
-(variance ratio 0.78 against 0.82 over the same 200 (U, E) pairs at B_E = 8). For a non-smooth map
-(Adam's first step, v ~ sign(g)) the jackknife errs on the large side (Efron-Stein): 1.2-1.6x the
-true variance over U on the toy policies, so se_total is conservative there (issue 23, docs/validation.md).
+(variance ratio 0.78 against 0.82 over the same 200 (U, E) pairs at B_E = 8). That delete-one V_U is
+the one "sgd" (a linear map) reports. Through a non-smooth map it errs high (Efron-Stein): a fresh
+Adam is ``v ~ sign(g)``, 1.3-1.7x the variance over U on the toy policies; so every other rule reports
+the delete-a-group V_U of ``update_groups`` (G = 4 blocks of U), formed in the same pass over the U
+units (issue 23, docs/validation.md).
 
 Memory: one unit's gradient at a time, turned in place into ``g_(-m)`` and then into ``v_(-m)``
 (``build_direction`` builds v in the gradient's storage), next to v, a kept copy of grad J_U and the
-two half sums of X: a constant number of parameter-sized buffers (five), never B_U of them.
+two half sums of X: a constant number of parameter-sized buffers (five, six with the running sum of a
+group for the non-linear rules), never B_U of them.
 
 The per-unit pieces are the update-prompt influences (docs/design.md section 9): for "sgd" exactly
 ``eta Xbar_E . Y_m / B_U`` (they sum to ``delta_h1``), for the Adam directions the delete-one-unit
