@@ -91,10 +91,13 @@ class ProbeConfig:
     """Step fractions alpha at which run(truth=True) measures the entropy after theta + alpha*eta*v."""
     second_order: bool = False
     """Also estimate delta_h2 = (eta^2/2) v^T (grad^2 H) v and forecast = delta_h1 + delta_h2 (one nested
-    forward-mode pass over E; off by default: it costs more than half the E pass, docs/performance.md)."""
+    forward-mode pass over E; off by default: it costs more than half the E pass, docs/performance.md).
+    Through the exact H_t (``token_pieces``) and without by_group, that pass gives the s_n too and is the
+    only pass over E (``shares_second_order_pass``)."""
     by_group: bool | None = None
     """Compute result.by_group (delta_h1 split by parameter group). None: on with engine="backward", where it
-    is free; off with "jvp", where it makes the call run the backward engine's per-unit loop instead."""
+    is free; off with "jvp", where it makes the call run the backward engine's per-unit loop instead, and
+    off with a shared second-order pass (``shares_second_order_pass``), where it would add a pass."""
     groups: Callable[[str], str] | None = None
     """f(parameter name) -> group name for by_group. None: embeddings, block.<i>, head, other
     (``attribution.default_group``). Enters the DDP agreement check by its qualified name."""
@@ -201,10 +204,26 @@ class ProbeConfig:
             )
 
     @property
+    def token_pieces(self) -> bool:
+        """Whether E is read through the exact H_t (``token_entropy``): the token-level entropy, and the
+        sequence-level "sum" functional, whose numerator it is (``E[sum_t m_t H_t] = E[-S]``). The note's
+        ``x_estimator="seed"`` keeps its own sampled-token form."""
+        return self.entropy == "token" or (self.entropy_weighting == "sum" and self.x_estimator == "unbiased")
+
+    @property
+    def shares_second_order_pass(self) -> bool:
+        """second_order through the exact H_t without by_group: the s_n are the first derivatives of the
+        nested forward-mode pass that gives the q_n (``forecast.shared_token_pass``), one pass over E."""
+        return self.second_order and self.token_pieces and not self.by_group
+
+    @property
     def computes_groups(self) -> bool:
         """Whether a call computes ``by_group``: ``by_group``, or by default only where it is free (the
-        backward engine; with ``engine="jvp"`` it needs the backward engine's per-unit loop instead)."""
-        return self.by_group if self.by_group is not None else self.engine == "backward"
+        backward engine; with ``engine="jvp"`` it needs the backward engine's per-unit loop instead, and
+        with a shared second-order pass a first-order pass of its own)."""
+        if self.by_group is not None:
+            return self.by_group
+        return self.engine == "backward" and not self.shares_second_order_pass
 
     @property
     def eval_engine(self) -> Engine:
