@@ -8,11 +8,18 @@ optimizer step, CPU, fp32), run for ``--steps`` optimizer steps with the same se
 that every arm trains the very same trajectory (the callback leaves it bit-identical). Arms:
 
 - **off**: no callback;
-- **E = train batch**: ``EntropyProbeCallback`` on every step, 4 held-out prompts x 8 responses (32 rows,
-  the training batch's size);
-- **E = half**: 2 prompts x 8 (16 rows);
-- **E = train batch, every 4**: the first arm probing every 4th optimizer step;
-- **E = train batch, second order**: the first arm with ``second_order=True``.
+- **sequence, E = train batch**: ``EntropyProbeCallback`` on every step with ``entropy="sequence"``, 4
+  held-out prompts x 8 responses (32 rows, the training batch's size): the reference SE;
+- **token, se_target**: ``entropy="token"`` (the Rao-Blackwellised estimator) with ``se_target`` the
+  sequence arm's median ``se_cond_e`` (``SEQUENCE_SE``, from ``bench_trainer_after.json``) and at most 4
+  units: the first probed step takes 4, the next as few as reach the target (at least 2);
+- **token, se_target, every 4**: the same probing every 4th optimizer step;
+- **token, se_target, second order**: with ``second_order=True`` (one nested forward-mode pass gives the
+  s_n and the q_n, ``ProbeConfig.shares_second_order_pass``);
+- **token, se_target, lookahead**: with ``lookahead="always"`` instead (the step applied on E before it
+  is taken: one forward, all orders);
+- **sequence, second order**: the sequence arm with ``second_order=True`` (the first-order pass and the
+  nested pass).
 
 The arms run alternately in one process, ``--repeats`` times (round r runs every arm once, in order), each
 timed over ``trainer.train()`` only, by process CPU time (1 torch thread: the compute itself; the machine
@@ -49,12 +56,17 @@ from entropy_probe.integrations.trl import EntropyProbeCallback, attach  # noqa:
 from entropy_probe.probe import EntropyProbe  # noqa: E402
 
 GROUP = 8
+SEQUENCE_SE = 3.3e-3  # the sequence arm's median se_cond_e (bench_trainer_after.json: E = 4 units x 8)
+TOKEN = {"entropy": "token"}
+SIZED = {"se_target": SEQUENCE_SE}
 ARMS = {  # name: (held-out prompts, ProbeConfig fields, callback keyword arguments) or None for no callback
     "off": None,
-    "E = train batch (32 rows)": (4, {}, {}),
-    "E = half (16 rows)": (2, {}, {}),
-    "E = train batch, every 4": (4, {}, {"every": 4}),
-    "E = train batch, second order": (4, {"second_order": True}, {}),
+    "sequence, E = train batch": (4, {"entropy": "sequence"}, {}),
+    "token, se_target": (4, TOKEN, SIZED),
+    "token, se_target, every 4": (4, TOKEN, {**SIZED, "every": 4}),
+    "token, se_target, second order": (4, {**TOKEN, "second_order": True}, SIZED),
+    "token, se_target, lookahead": (4, {**TOKEN, "lookahead": "always"}, SIZED),
+    "sequence, second order": (4, {"entropy": "sequence", "second_order": True}, {}),
 }
 
 
@@ -161,7 +173,7 @@ def summarise(runs: dict[str, list[dict]]) -> dict:
                 for part in PartTimer.PARTS
             }
             row["se_cond_e"] = spread([s for r in rs for s in r["se_cond_e"]])
-            row["n_eval_units"] = rs[0]["n_eval_units"][0]
+            row["n_eval_units"] = spread([n for r in rs for n in r["n_eval_units"]])
             row["probed_steps"] = len(rs[0]["se_cond_e"])
         out[arm] = row
     return out
@@ -190,7 +202,7 @@ def main() -> None:
         line = f"{arm:34s} CPU x{cpu:.2f} wall x{wall:.2f}"
         if "split" in row:
             line += " | " + ", ".join(f"{p} {s['median']:.0%}" for p, s in row["split"].items())
-            line += f" | se_cond_e {row['se_cond_e']['median']:.2e}"
+            line += f" | se_cond_e {row['se_cond_e']['median']:.2e} | units {row['n_eval_units']['median']}"
         print(line)
     meta = {
         "torch": torch.__version__,
