@@ -1,5 +1,5 @@
-"""``ProbeConfig(second_order=True)`` through the exact H_t: one nested forward-mode pass gives the s_n and
-the q_n (``ProbeConfig.shares_second_order_pass``, ``forecast.shared_token_pass``).
+"""``ProbeConfig(second_order=True, by_group=False)`` through the exact H_t: one nested forward-mode pass
+gives the s_n and the q_n (``ProbeConfig.shares_second_order_pass``, ``forecast.shared_token_pass``).
 
 The shared pass must give what the two passes give (the first-order engine's s_n, the second-order pass's
 q_n) on the same E, unit by unit, and ``measure_change`` must measure the same change from what it keeps;
@@ -45,8 +45,8 @@ def test_one_pass_gives_the_two_passes_numbers(build, functional, monkeypatch):
     model, E = build()
     v = _direction(model)
     base = dict(lr=0.05, direction="sgd", second_order=True, temperature=T, lookahead="never", **functional)
-    shared_cfg, two_cfg = ep.ProbeConfig(**base), ep.ProbeConfig(**base, by_group=True)
-    assert shared_cfg.shares_second_order_pass and not two_cfg.shares_second_order_pass
+    shared_cfg, two_cfg = ep.ProbeConfig(**base, by_group=False), ep.ProbeConfig(**base)
+    assert shared_cfg.shares_second_order_pass and not two_cfg.shares_second_order_pass  # opt-in only
     two = ep.EntropyProbe(model, config=two_cfg).run(eval_batch=E, direction=v)
 
     def first_order_engine_runs(*args, **kwargs):

@@ -92,12 +92,12 @@ class ProbeConfig:
     second_order: bool = False
     """Also estimate delta_h2 = (eta^2/2) v^T (grad^2 H) v and forecast = delta_h1 + delta_h2 (one nested
     forward-mode pass over E; off by default: it costs more than half the E pass, docs/performance.md).
-    Through the exact H_t (``token_pieces``) and without by_group, that pass gives the s_n too and is the
-    only pass over E (``shares_second_order_pass``)."""
+    Through the exact H_t (``token_pieces``) with ``by_group=False``, that pass gives the s_n too and is
+    the only pass over E (``shares_second_order_pass``)."""
     by_group: bool | None = None
     """Compute result.by_group (delta_h1 split by parameter group). None: on with engine="backward", where it
-    is free; off with "jvp", where it makes the call run the backward engine's per-unit loop instead, and
-    off with a shared second-order pass (``shares_second_order_pass``), where it would add a pass."""
+    is free; off with "jvp", where it makes the call run the backward engine's per-unit loop instead.
+    False with ``second_order`` through the exact H_t: one pass over E (``shares_second_order_pass``)."""
     groups: Callable[[str], str] | None = None
     """f(parameter name) -> group name for by_group. None: embeddings, block.<i>, head, other
     (``attribution.default_group``). Enters the DDP agreement check by its qualified name."""
@@ -212,18 +212,17 @@ class ProbeConfig:
 
     @property
     def shares_second_order_pass(self) -> bool:
-        """second_order through the exact H_t without by_group: the s_n are the first derivatives of the
-        nested forward-mode pass that gives the q_n (``forecast.shared_token_pass``), one pass over E."""
-        return self.second_order and self.token_pieces and not self.by_group
+        """second_order through the exact H_t with ``by_group=False``: the s_n are the first derivatives of
+        the nested forward-mode pass that gives the q_n (``forecast.shared_token_pass``), one pass over E.
+        Asked for explicitly: the s_n then come by another route than the first-order engine's, equal to
+        fp32 rounding, so a default call keeps the engine's numbers."""
+        return self.second_order and self.token_pieces and self.by_group is False
 
     @property
     def computes_groups(self) -> bool:
         """Whether a call computes ``by_group``: ``by_group``, or by default only where it is free (the
-        backward engine; with ``engine="jvp"`` it needs the backward engine's per-unit loop instead, and
-        with a shared second-order pass a first-order pass of its own)."""
-        if self.by_group is not None:
-            return self.by_group
-        return self.engine == "backward" and not self.shares_second_order_pass
+        backward engine; with ``engine="jvp"`` it needs the backward engine's per-unit loop instead)."""
+        return self.by_group if self.by_group is not None else self.engine == "backward"
 
     @property
     def eval_engine(self) -> Engine:
