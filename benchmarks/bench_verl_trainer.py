@@ -5,12 +5,13 @@
 The runs of ``tests/verl_engine/trajectory.py`` (verl 0.9.1's ``FSDPEngineWithLMHead`` on one gloo
 process, CPU, fp32, a tiny random Qwen2, verl's ``ppo_loss``, 4 prompts x 4 responses per update),
 ``--steps`` updates each: "plain" (no probe) and "sampled" (``entropy_probe.integrations.verl.attach``
-with E sampled on-policy from the 8 held-out prompts x 4 at every update; ``entropy="sequence"``, as
-FSDP2 refuses "token" for now). The arms alternate in one process, ``--repeats`` rounds, each timed by
-process CPU time and the wall clock inside the ``train_step`` calls only (the probe runs in the
-optimizer's step hooks there; the engine's build is not timed). The updates take fixed rollout batches:
-verl's rollout (vLLM/SGLang) is not in the timed step, so the ratio is against the actor update alone
-(an upper bound of the overhead in a whole verl step). Writes ``<out>/bench_verl_trainer.json``.
+with E sampled on-policy from the 8 held-out prompts x 4 at every update; the trajectory's
+``ProbeConfig``, the sequence functional when this was recorded). The arms alternate in one process,
+``--repeats`` rounds, each timed by process CPU time and the wall clock inside the ``train_step`` calls
+only (the probe runs in the optimizer's step hooks there; the engine's build is not timed). The updates
+take fixed rollout batches: verl's rollout (vLLM/SGLang) is not in the timed step, so the ratio is
+against the actor update alone (an upper bound of the overhead in a whole verl step).
+Writes ``<out>/bench_verl_trainer.json``.
 """
 
 from __future__ import annotations
