@@ -76,8 +76,9 @@ validate: $(STAMP)
 # Re-run every command whose figures README.md and docs/*.md quote, one after the other, each writing
 # its record to docs/records/ (--record) and its pictures to docs/: about 15 minutes on 2 idle CPU
 # cores (the demo 1.5 min for each functional at each of 3 seeds, demo-guard 3, validate 2, the TRL
-# examples 1); the records of 2026-12-06 took 58 min on 2 cores shared with a dozen other jobs, the six
-# demo runs of the two functionals alone about 7-9 min each there (docs/demo.md quotes their runtime_s).
+# examples 1), plus se_total_unseen (40 min on the loaded machine, 12 cases of 300 (U, E) pairs); the
+# records of 2026-12-06 took 58 min on 2 cores shared with a dozen other jobs, the six demo runs of the
+# two functionals alone 7-17 min each there (docs/demo.md quotes their runtime_s).
 # Then `make test`: tests/test_doc_figures.py names every quote that no longer equals its record;
 # `$(PY) tests/doc_figures.py --fix` rewrites those numbers (reread the prose around them).
 figures: $(STAMP)
@@ -94,6 +95,7 @@ figures: $(STAMP)
 	$(PY) examples/trl_grpo.py --out runs/trl_grpo --record docs/records/trl_grpo.json
 	$(PY) examples/trl_entropy_control.py --out runs/trl_entropy_control --record docs/records/trl_entropy_control.json
 	$(PY) examples/trl_large_steps.py --steps 30 --out runs/trl_large_steps --record docs/records/trl_large_steps.json
+	$(PY) benchmarks/se_total_unseen.py --record docs/records/se_total_unseen.json
 	cp runs/demo_token_seed0/demo.png runs/demo_token_seed0/entropy.png runs/demo_token_seed0/layers.png \
 	  runs/demo_token_seed0/influence.png runs/demo_guard/demo_guard.png docs/
 	cp runs/demo_sequence_seed0/entropy.png docs/entropy_sequence.png
