@@ -74,21 +74,31 @@ validate: $(STAMP)
 	$(VENV)/bin/entropy-probe validate --out runs/validate
 
 # Re-run every command whose figures README.md and docs/*.md quote, one after the other, each writing
-# its record to docs/records/ (--record) and its pictures to docs/: about 10 minutes on 2 idle CPU
-# cores (the demo 1.5 min at each of 3 seeds, demo-guard 3, validate 2, the TRL examples 1); the
-# records of 2026-12-06 took 58 min on 2 cores shared with a dozen other jobs.
+# its record to docs/records/ (--record) and its pictures to docs/: about 15 minutes on 2 idle CPU
+# cores (the demo 1.5 min for each functional at each of 3 seeds, demo-guard 3, validate 2, the TRL
+# examples 1), plus se_total_unseen (40 min on the loaded machine, 12 cases of 300 (U, E) pairs); the
+# records of 2026-12-06 took 58 min on 2 cores shared with a dozen other jobs, the six demo runs of the
+# two functionals alone 7-17 min each there (docs/demo.md quotes their runtime_s).
 # Then `make test`: tests/test_doc_figures.py names every quote that no longer equals its record;
 # `$(PY) tests/doc_figures.py --fix` rewrites those numbers (reread the prose around them).
 figures: $(STAMP)
-	$(VENV)/bin/entropy-probe demo --out runs/demo --record docs/records/demo.json
-	$(VENV)/bin/entropy-probe demo --seed 1 --out runs/demo_seed1 --record docs/records/demo_seed1.json
-	$(VENV)/bin/entropy-probe demo --seed 2 --out runs/demo_seed2 --record docs/records/demo_seed2.json
-	$(VENV)/bin/entropy-probe demo-guard --out runs/demo_guard --record docs/records/demo_guard.json
+	$(VENV)/bin/entropy-probe demo --entropy token --seed 0 --out runs/demo_token_seed0 --record docs/records/demo_token_seed0.json
+	$(VENV)/bin/entropy-probe demo --entropy token --seed 1 --out runs/demo_token_seed1 --record docs/records/demo_token_seed1.json
+	$(VENV)/bin/entropy-probe demo --entropy token --seed 2 --out runs/demo_token_seed2 --record docs/records/demo_token_seed2.json
+	$(VENV)/bin/entropy-probe demo --entropy sequence --seed 0 --out runs/demo_sequence_seed0 --record docs/records/demo_sequence_seed0.json
+	$(VENV)/bin/entropy-probe demo --entropy sequence --seed 1 --out runs/demo_sequence_seed1 --record docs/records/demo_sequence_seed1.json
+	$(VENV)/bin/entropy-probe demo --entropy sequence --seed 2 --out runs/demo_sequence_seed2 --record docs/records/demo_sequence_seed2.json
+	$(PY) examples/demo_functionals_report.py docs/records/demo_token_seed?.json docs/records/demo_sequence_seed?.json \
+	  --record docs/records/demo_functionals.json
+	$(VENV)/bin/entropy-probe demo-guard --entropy sequence --out runs/demo_guard --record docs/records/demo_guard.json
 	$(VENV)/bin/entropy-probe validate --out runs/validate --record docs/records/validate.json
 	$(PY) examples/trl_grpo.py --out runs/trl_grpo --record docs/records/trl_grpo.json
 	$(PY) examples/trl_entropy_control.py --out runs/trl_entropy_control --record docs/records/trl_entropy_control.json
 	$(PY) examples/trl_large_steps.py --steps 30 --out runs/trl_large_steps --record docs/records/trl_large_steps.json
-	cp runs/demo/demo.png runs/demo/layers.png runs/demo/influence.png runs/demo_guard/demo_guard.png docs/
+	$(PY) benchmarks/se_total_unseen.py --record docs/records/se_total_unseen.json
+	cp runs/demo_token_seed0/demo.png runs/demo_token_seed0/entropy.png runs/demo_token_seed0/layers.png \
+	  runs/demo_token_seed0/influence.png runs/demo_guard/demo_guard.png docs/
+	cp runs/demo_sequence_seed0/entropy.png docs/entropy_sequence.png
 	cp runs/trl_grpo/forecast_vs_measured.png docs/trl_grpo.png
 	cp runs/trl_entropy_control/entropy_control.png docs/trl_entropy_control.png
 
