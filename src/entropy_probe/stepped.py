@@ -16,9 +16,9 @@ same elementwise ops on each element. The live parameters are never written, so 
 restored, also when the forward raises.
 
 The price is arithmetic: a value is formed again every time an op reads it (a tied weight twice per
-forward, every tensor once per microbatch). Values below one chunk are kept once formed, for the life
-of the mapping (one stepped evaluation): they are many, cheap to hold, and per-op overhead dominates
-their cost.
+forward, every tensor once per microbatch). Values below one chunk are formed once, when the mapping is
+made, and handed over as plain tensors (for the life of the mapping, one stepped evaluation): they are
+many, cheap to hold, and the wrapper's per-op cost would dominate theirs.
 """
 
 from __future__ import annotations
@@ -44,33 +44,27 @@ _METADATA = frozenset(
 class FormedOnRead(Tensor):
     """A tensor whose value is formed by ``form()`` whenever an op reads it (module docstring).
 
-    ``like``: a tensor of the value's shape and device; ``dtype``: the value's dtype; ``keep``: keep the
-    value once formed (small tensors)."""
+    ``like``: a tensor of the value's shape and device; ``dtype``: the value's dtype."""
 
     @staticmethod
-    def __new__(cls, like: Tensor, dtype: torch.dtype, form: Callable[[], Tensor], keep: bool = False):
+    def __new__(cls, like: Tensor, dtype: torch.dtype, form: Callable[[], Tensor]):
         t = Tensor._make_wrapper_subclass(cls, like.shape, dtype=dtype, device=like.device)
-        t._form, t._keep, t._kept = form, keep, None
+        t._form = form
         return t
 
     def value(self) -> Tensor:
         """The formed value (a plain tensor, no autograd)."""
-        if self._kept is not None:
-            return self._kept
         with torch.no_grad():
-            out = self._form()
-        if self._keep:
-            self._kept = out
-        return out
+            return self._form()
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
         if func in _METADATA:
             with torch._C.DisableTorchFunctionSubclass():
-                return func(*args, **kwargs)
-        args, kwargs = tree_map_only(FormedOnRead, FormedOnRead.value, (args, kwargs))
-        return func(*args, **kwargs)
+                return func(*args, **(kwargs or {}))
+        # a flat walk (an op's weights are direct arguments, or items of a list): pytree costs more per op
+        args = tuple(_formed(a) for a in args)
+        return func(*args, **{k: _formed(x) for k, x in (kwargs or {}).items()})
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
@@ -80,6 +74,24 @@ class FormedOnRead(Tensor):
 
     def __repr__(self) -> str:
         return f"FormedOnRead(shape={tuple(self.shape)}, dtype={self.dtype})"
+
+
+def _formed(x):
+    """``x`` with every ``FormedOnRead`` in it (itself, or in a list or tuple) replaced by its value."""
+    if isinstance(x, FormedOnRead):
+        return x.value()
+    if isinstance(x, (list, tuple)) and any(isinstance(y, (FormedOnRead, list, tuple)) for y in x):
+        return type(x)(_formed(y) for y in x)
+    return x
+
+
+def _lazy(like: Tensor, dtype: torch.dtype, form: Callable[[], Tensor]) -> Tensor:
+    """A ``FormedOnRead``, or, below one chunk, the value itself formed now: small tensors are many and
+    cheap to hold, and the per-op cost of the wrapper would dominate theirs."""
+    if like.numel() < chunk_size(like.device):
+        with torch.no_grad():
+            return form()
+    return FormedOnRead(like, dtype, form)
 
 
 def _v_chunk(v: Mapping[str, Tensor], name: str, start: int, stop: int) -> Tensor:
@@ -112,11 +124,8 @@ def _cast_form(t: Tensor) -> Callable[[], Tensor]:
 
 def full_precision_casts(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """``{name: fp32 value of t}`` for every floating tensor of ``state``, each cast when read."""
-    return {
-        name: FormedOnRead(t, torch.float32, _cast_form(t), keep=t.numel() < chunk_size(t.device))
-        for name, t in state.items()
-        if t.is_floating_point()
-    }
+    floating = {name: t for name, t in state.items() if t.is_floating_point()}
+    return {name: _lazy(t, torch.float32, _cast_form(t)) for name, t in floating.items()}
 
 
 def stepped_state(
@@ -131,5 +140,5 @@ def stepped_state(
     for name, p in params.items():
         dtype = torch.float32 if base is not None else p.dtype
         form = _stepped_form(p, v, name, step, dtype)
-        out[name] = FormedOnRead(p, dtype, form, keep=p.numel() < chunk_size(p.device))
+        out[name] = _lazy(p, dtype, form)
     return out
