@@ -75,7 +75,8 @@ validate: $(STAMP)
 
 # Re-run every command whose figures README.md and docs/*.md quote, one after the other, each writing
 # its record to docs/records/ (--record) and its pictures to docs/: about 10 minutes on 2 idle CPU
-# cores (the demo 1.5 min at each of 3 seeds, demo-guard 3, validate 2, the TRL examples 1); the
+# cores (the demo 1.5 min at each of 3 seeds, demo-guard 3, validate 2, the TRL examples 1; se_total_unseen
+# took 40 min on the loaded machine, 12 cases of 300 (U, E) pairs); the
 # records of 2026-12-06 took 58 min on 2 cores shared with a dozen other jobs.
 # Then `make test`: tests/test_doc_figures.py names every quote that no longer equals its record;
 # `$(PY) tests/doc_figures.py --fix` rewrites those numbers (reread the prose around them).
@@ -88,6 +89,7 @@ figures: $(STAMP)
 	$(PY) examples/trl_grpo.py --out runs/trl_grpo --record docs/records/trl_grpo.json
 	$(PY) examples/trl_entropy_control.py --out runs/trl_entropy_control --record docs/records/trl_entropy_control.json
 	$(PY) examples/trl_large_steps.py --steps 30 --out runs/trl_large_steps --record docs/records/trl_large_steps.json
+	$(PY) benchmarks/se_total_unseen.py --record docs/records/se_total_unseen.json
 	cp runs/demo/demo.png runs/demo/layers.png runs/demo/influence.png runs/demo_guard/demo_guard.png docs/
 	cp runs/trl_grpo/forecast_vs_measured.png docs/trl_grpo.png
 	cp runs/trl_entropy_control/entropy_control.png docs/trl_entropy_control.png

@@ -192,21 +192,32 @@ def test_se_total_against_materialised_y(kind, clip):
     y = gj_units * flat(scale, params)  # (B_U, P) Y_m
     # the exact split v = b + mean_m Y_m
     np.testing.assert_allclose(v, flat(offset, params) + y.mean(0), rtol=1e-4, atol=1e-5 * np.abs(v).max())
-    # the delete-one-unit jackknife of DESIGN section 14, rebuilt by hand: v_(-m) from g_(-m) by the
-    # hand formulas (Adam's v_hat and the clip factor recomputed), projected on the two halves of E
+    # the jackknife over U of docs/design.md section 7, rebuilt by hand: v without a unit (or a group) by
+    # the hand formulas (Adam's v_hat and the clip factor recomputed), projected on the two halves of E
     n = len(gj_units)
-    dv = []
-    for m in range(n):
-        g_minus = (n * gj - gj_units[m]) / (n - 1)  # (P,)
+
+    def dv_without(units: list[int]) -> np.ndarray:  # (P,) v(g without those units) - v, by hand
+        g_minus = (n * gj - gj_units[units].sum(0)) / (n - len(units))  # (P,)
         gm = {
             k: torch.from_numpy(c).reshape(p.shape)
             for (k, p), c in zip(params.items(), np.split(g_minus, np.cumsum(sizes)[:-1]))
         }
         sc, off = hand_y_scale(model, optimizer, kind, gm, eta, clip)
-        dv.append(flat(off, params) + flat(sc, params) * g_minus - v)
-    dv = np.stack(dv)  # (B_U, P)
-    a, b = dv @ x[0::2].mean(0), dv @ x[1::2].mean(0)  # halves: even and odd E positions
-    var_u = eta**2 * (n - 1) / n * float(((a - a.mean()) * (b - b.mean())).sum())
+        return flat(off, params) + flat(sc, params) * g_minus - v
+
+    x_a, x_b = x[0::2].mean(0), x[1::2].mean(0)  # halves: even and odd E positions
+    dv = np.stack([dv_without([m]) for m in range(n)])  # (B_U, P)
+    if kind == "sgd":  # a linear map: the delete-one jackknife
+        a, b = dv @ x_a, dv @ x_b
+        var_u = eta**2 * (n - 1) / n * float(((a - a.mean()) * (b - b.mean())).sum())
+    else:  # the delete-a-group jackknife (update_groups): B_U = 5 in 4 blocks, position p in 4p // 5
+        groups = [[0, 1], [2], [3], [4]]
+        dg = np.stack([dv_without(g) for g in groups])  # (G, P)
+        a, b = dg @ x_a, dg @ x_b
+        d = np.array([len(g) for g in groups], dtype=float)
+        w = (n - d) ** 2 / (d * n * 3)  # (B_U - d_k)^2 / (d_k B_U (G - 1))
+        abar, bbar = ((n - d) * a).sum() / (n - d).sum(), ((n - d) * b).sum() / (n - d).sum()
+        var_u = eta**2 * float((w * (a - abar) * (b - bbar)).sum())
     expected = math.sqrt(r.var_cond_e + max(var_u, 0.0))
     print(f"{kind} clip={clip}: se_cond_e={r.se_cond_e:.3e} se_total={r.se_total:.3e} V_U={var_u:.3e}")
     assert abs(var_u) > 1e-3 * r.var_cond_e  # the U term is not negligible, so the comparison has teeth
