@@ -19,7 +19,10 @@ Cases (peak extra memory / fp32 parameter bytes is the figure of merit):
 - ``train fwd+bwd``: the reference, one training forward and backward of one E unit into ``.grad``;
 - ``run(E, direction=v)``: the probe along a given v (backward engine; and jvp engine);
 - ``run(E, from_grad)``: the trainer integration's call, v from the ``.grad`` a training backward left
-  (held by the caller before the baseline, like the optimizer state), each direction;
+  (held by the caller before the baseline, like the optimizer state), each direction ("sgd" with an SGD
+  optimizer, the others with AdamW); with the defaults it includes the large-step diagnostic's forward
+  at ``theta + eta v / 16``; also with ``lookahead="always"``, with ``truth=True`` and on the model in
+  bf16 (still divided by the fp32 parameter bytes);
 - ``update_direction(U)``: v alone, for "sgd", "adam-preconditioned" and "optimizer-step";
 - ``run(U, E)``: the whole call, each direction, with and without ``se_total``.
 Writes ``runs/bench/bench_memory_<device>.json`` and prints a table.
@@ -52,6 +55,15 @@ CASES = {  # name: (call, config fields)
     "run(E, from_grad), optimizer-step": ("from_grad", {"direction": "optimizer-step"}),
     "run(E, from_grad), adam-preconditioned": ("from_grad", {"direction": "adam-preconditioned"}),
     "run(E, from_grad), sgd": ("from_grad", {"direction": "sgd"}),
+    "run(E, from_grad), optimizer-step, bf16 model": (
+        "from_grad",
+        {"direction": "optimizer-step", "bf16": True},
+    ),
+    "run(E, from_grad), optimizer-step, lookahead always": (
+        "from_grad",
+        {"direction": "optimizer-step", "lookahead": "always"},
+    ),
+    "run(E, from_grad), optimizer-step, truth": ("from_grad", {"direction": "optimizer-step", "truth": True}),
     "run(E, from_grad), optimizer-step, step formed whole": (
         "from_grad",
         {"direction": "optimizer-step", "step_in_hook": False},
@@ -111,20 +123,28 @@ def batch(seed: int, device: str) -> ep.RolloutBatch:
 def child(case: str, device: str) -> dict:
     torch.set_num_threads(1)
     call, fields = CASES[case]
+    fields = dict(fields)
+    bf16, truth = fields.pop("bf16", False), fields.pop("truth", False)
     model = build(device)
+    if bf16:  # the ratio stays against the fp32 parameter bytes (4 bytes per parameter)
+        model = model.to(torch.bfloat16)
     params = [p for p in model.parameters() if p.requires_grad]
     param_bytes = 4 * sum(p.numel() for p in params)
     U, E = batch(1, device), batch(2, device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    # from_grad with "sgd" forecasts the step of an SGD optimizer (it refuses AdamW's)
+    sgd = call == "from_grad" and fields.get("direction") == "sgd"
+    opt = (torch.optim.SGD if sgd else torch.optim.AdamW)(model.parameters(), lr=1e-4)
     # The caller's optimizer state exists before the probe is called (one real step).
-    model(input_ids=U.input_ids, attention_mask=U.attention_mask).logits.logsumexp(-1).mean().backward()
+    logits = model(input_ids=U.input_ids, attention_mask=U.attention_mask).logits
+    logits.float().logsumexp(-1).mean().backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
     cfg = ep.ProbeConfig(**fields)
     probe = ep.EntropyProbe(model, opt, cfg)
     v = probe.update_direction(U) if call == "direction" else None  # the caller's v, held before the call
     if call == "from_grad":  # the trainer's .grad, held before the call
-        model(input_ids=U.input_ids, attention_mask=U.attention_mask).logits.logsumexp(-1).mean().backward()
+        out = model(input_ids=U.input_ids, attention_mask=U.attention_mask).logits
+        out.float().logsumexp(-1).mean().backward()
     one_unit = E.select_units([0])
 
     def fn():
@@ -134,7 +154,7 @@ def child(case: str, device: str) -> dict:
         elif call == "direction":
             probe.run(eval_batch=E, direction=v)
         elif call == "from_grad":
-            probe.run(eval_batch=E, from_grad=True)
+            probe.run(eval_batch=E, from_grad=True, truth=truth)
         elif call == "update_direction":
             probe.update_direction(U)
         else:

@@ -215,7 +215,9 @@ def fenced_blocks(text: str) -> list[tuple[int, int, str]]:
 
 
 # ---- the checks ------------------------------------------------------------------------------------
+# per-step rows, settings, and a benchmark's raw per-round timings ("all": the medians and ranges are quoted)
 SKIPPED_FIELDS = {"steps", "config", "settings", "options", "runs", "plots", "command", "console", "versions"}
+SKIPPED_FIELDS |= {"all"}
 
 
 def summary_values(data, path: str = "") -> dict[str, float]:

@@ -17,7 +17,6 @@ from core_support import random_batch, trainable
 from test_from_grad import CASES, Case, assert_unchanged, setup, snapshot
 
 import entropy_probe as ep
-import entropy_probe.probe as probe_module
 import entropy_probe.step_view as step_view
 from entropy_probe.direction import build_direction
 from entropy_probe.from_grad import direction_from_grad
@@ -71,9 +70,9 @@ def test_step_formed_in_the_hook_is_the_whole_v(case: Case, monkeypatch):
     assert abs(in_hook.delta_h1 - along.delta_h1) <= 1e-5 * abs(along.delta_h1)
 
 
-def test_no_step_is_held_whole_during_the_e_pass(monkeypatch):
-    """Every step the view forms during the pass is at most one chunk, and each is freed before the next
-    is formed: the E pass holds no parameter-sized step (only the small parameters' kept steps)."""
+def test_no_step_is_held_whole_during_the_call(monkeypatch):
+    """Every step the view forms during the call is at most one chunk, and each is freed before the next
+    is formed: the call holds no parameter-sized step (only the small parameters' kept steps)."""
     monkeypatch.setattr(step_view, "CHUNK", SMALL_CHUNK)
     model, opt = setup(Case("Adam", 2, 1))  # L2 decay in the moments: the rule itself, chunk by chunk
     sizes: list[int] = []
@@ -93,9 +92,8 @@ def test_no_step_is_held_whole_during_the_e_pass(monkeypatch):
     E = random_batch(4, group_size=3, seed=5)
     reference = probe.run(eval_batch=E, from_grad=True)
     monkeypatch.setattr(step_view.StepView, "_form", tracking)
-    # the E pass alone: the large-step diagnostic after it forms theta + eta v / 16, the stepped parameters
-    # whole (a parameter-sized transient, docs/performance.md), and is tested in test_large_steps.py
-    monkeypatch.setattr(probe_module, "large_step", lambda *args, **kwargs: (None, None))
+    # the whole call: the large-step diagnostic's forward at theta + eta v / 16 forms each stepped
+    # parameter where it is read, from the view's chunks (stepped; tests/test_stepped.py)
     tracked = probe.run(eval_batch=E, from_grad=True)
     n_kept = sum(p.numel() < SMALL_CHUNK for p in model.parameters())
     n_large = sum(p.numel() >= SMALL_CHUNK for p in model.parameters())

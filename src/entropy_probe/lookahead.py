@@ -92,10 +92,11 @@ class StepDiagnostic:
 
 class SteppedEval:
     """Entropy changes on E at ``theta + c eta v`` for any scale c, one forward each through the call's
-    passes (functional; in place and undone bit-exactly under FSDP2), the live model untouched. The
-    log-probs at theta are evaluated once, through the same forward, so that the weights are exactly 1
-    at c = 0. Holds v (one fp32 copy of the trainable parameters) until dropped; under DDP/FSDP2 every
-    rank calls ``at`` with the same c."""
+    passes (functional, each stepped parameter formed where the forward reads it, ``stepped``; in place
+    and undone bit-exactly under FSDP2), the live model untouched. The log-probs at theta are evaluated
+    once, through the same forward, so that the weights are exactly 1 at c = 0. Holds v until dropped
+    (from ``from_grad``, a ``StepView``: no parameter-sized tensor); under DDP/FSDP2 every rank calls
+    ``at`` with the same c."""
 
     def __init__(self, call: ProbeCall, v: Vector, batch):
         self.call, self.v, self.batch = call, v, batch

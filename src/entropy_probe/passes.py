@@ -16,7 +16,8 @@ from .engines import EvalProjections, TokenProjections, eval_projections, token_
 from .from_grad import grad_checksums
 from .logprobs import SequenceLogProbs, logprobs_at
 from .response_tokens import ResponseTokens, response_tokens_at
-from .vectors import Params, Vector, stepped_parameters
+from .stepped import stepped_state
+from .vectors import Params, Vector
 
 
 class Passes:
@@ -84,11 +85,12 @@ class Passes:
         step: float,
         base: Vector | None = None,
     ) -> SequenceLogProbs:
-        """``S_i, S_w,i`` at ``theta + step * v``, functionally (``base``: the fp32 copy of the model, in
-        which the step is formed for a bf16/fp16 model; ``truth.full_precision_state``)."""
+        """``S_i, S_w,i`` at ``theta + step * v``, functionally, each stepped parameter formed where the
+        forward reads it (``stepped``; ``base``: the fp32 casts of the model, in which the step is formed
+        for a bf16/fp16 model, ``truth.full_precision_state``)."""
         if step == 0.0:
             return logprobs_at(module, base or dict(params), batch, cfg)
-        return logprobs_at(module, stepped_parameters(params, v, step, base), batch, cfg)
+        return logprobs_at(module, stepped_state(params, v, step, base), batch, cfg)
 
     def tokens(
         self, module: nn.Module, params: Params, batch: RolloutBatch, cfg: ProbeConfig
@@ -107,5 +109,5 @@ class Passes:
         base: Vector | None = None,
     ) -> ResponseTokens:
         """``tokens`` at ``theta + step * v``, functionally (``base`` as for ``logprobs_stepped``)."""
-        moved = stepped_parameters(params, v, step, base) if step != 0.0 else (base or dict(params))
+        moved = stepped_state(params, v, step, base) if step != 0.0 else (base or dict(params))
         return response_tokens_at(module, moved, batch, cfg.temperature, cfg.microbatch_units)

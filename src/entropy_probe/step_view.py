@@ -80,6 +80,12 @@ class StepView(Mapping):
     def __len__(self) -> int:
         return len(self.params)
 
+    def part(self, name: str, start: int, stop: int) -> Tensor:
+        """Flat fp32 ``v[name]`` over elements ``[start, stop)`` (the stepped forwards, ``stepped``)."""
+        if name in self.kept:
+            return self.kept[name].reshape(-1)[start:stop]
+        return self._form(name, start, stop)
+
     def dot(self, name: str, x: Tensor) -> Tensor:
         """fp32 device scalar ``x . v[name]`` (``x`` parameter-shaped), one chunk of the step at a time."""
         x = x.reshape(-1)

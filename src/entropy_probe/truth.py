@@ -49,24 +49,25 @@ from .logprobs import NonFiniteLogits, SequenceLogProbs
 from .objectives import group_sum, per_sequence
 from .result import TruthResult
 from .statistics import jackknife_se
+from .stepped import full_precision_casts
 from .vectors import Params, Vector, device_of
 
 
 def full_precision_state(module: nn.Module, params: Params) -> Vector | None:
-    """fp32 copies of every floating parameter and buffer, when a trainable parameter is not fp32; else None.
+    """fp32 values of every floating parameter and buffer, when a trainable parameter is not fp32; else None.
 
     A bf16 parameter cannot take a step below its rounding (at lr 1e-6 most entries of a bf16 model do
     not move), so the truth of a bf16/fp16 model evaluates the model in fp32 at theta (exactly the
     bf16 values) and at theta + alpha eta v (in fp32): it measures the change of the function the
     model represents along the forecast's step, not the rounded step a bf16 optimizer would take.
-    Costs one fp32 copy of the model for the duration of the truth.
+    Each value is cast when the forward reads it (``stepped.full_precision_casts``): no fp32 copy of
+    the model is held.
     """
     if all(p.dtype == torch.float32 for p in params.values()):
         return None
-    with torch.no_grad():
-        state = dict(module.named_parameters())
-        state.update(module.named_buffers())
-        return {name: t.detach().float() for name, t in state.items() if t.is_floating_point()}
+    state = dict(module.named_parameters())
+    state.update(module.named_buffers())
+    return full_precision_casts(state)
 
 
 class Change(NamedTuple):
