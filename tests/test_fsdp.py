@@ -94,7 +94,9 @@ def _fsdp_equals_one_process(rank: int, world: int, build) -> None:
     params = dict(model.named_parameters())
     for kind in ("sgd", "adam-preconditioned", "optimizer-step"):
         # one unit per forward in the truth, on both sides: the same rows padded alike, the same logits
-        cfg = ep.ProbeConfig(direction=kind, microbatch_units=1, truth_alphas=(0.0, 0.5, 1.0))
+        cfg = ep.ProbeConfig(
+            entropy="sequence", direction=kind, microbatch_units=1, truth_alphas=(0.0, 0.5, 1.0)
+        )
         # "sgd" is not AdamW's step: the plain gradient step, at the optimizer's lr, with no optimizer
         o, o_ref = (None, None) if kind == "sgd" else (opt, opt_ref)
         cfg = dataclasses.replace(cfg, lr=0.02) if kind == "sgd" else cfg
@@ -143,7 +145,7 @@ def _raises(fn, *words: str) -> None:
 
 def _unsupported(model, opt, E, U, params) -> None:
     """Every mode the FSDP2 probe does not support raises on every rank, before any pass."""
-    probe = ep.EntropyProbe(model, opt, ep.ProbeConfig(direction="optimizer-step"))
+    probe = ep.EntropyProbe(model, opt, ep.ProbeConfig(entropy="sequence", direction="optimizer-step"))
     _raises(lambda: probe.run(U, E), "FSDP2", "from_grad=True")
     _raises(lambda: probe.update_direction(U), "FSDP2", "from_grad=True")
     _raises(
