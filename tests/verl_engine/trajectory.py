@@ -89,7 +89,8 @@ def run(kind: str, model_dir: Path) -> dict:
     loss = actor_loss(engine)
     probe = None
     if kind != "plain":
-        config = ep.ProbeConfig(direction="optimizer-step", temperature=TEMPERATURE)
+        # "sequence" until the FSDP2 passes take the token default (issue 19, FSDP2 + token)
+        config = ep.ProbeConfig(direction="optimizer-step", temperature=TEMPERATURE, entropy="sequence")
         guard = ep.EntropyGuard(max_drop=1e-3) if kind == "guarded" else None
         every = 2 if kind == "given" else 1
         probe = attach(engine, eval_source(kind, rank, world), every=every, config=config, guard=guard)
