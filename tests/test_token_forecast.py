@@ -96,6 +96,8 @@ def test_caller_state_is_unchanged():
 def test_options_that_do_not_apply_name_both_fields(field, value):
     with pytest.raises(ValueError, match=rf"ProbeConfig\.{field}.*ProbeConfig\.entropy='token'"):
         ep.ProbeConfig(entropy="token", **{field: value})
+    with pytest.raises(ValueError, match=rf"ProbeConfig\.{field}.*ProbeConfig\.entropy='token'"):
+        ep.ProbeConfig(**{field: value})  # the default is "token": the option alone is refused, naming both
     ep.ProbeConfig(entropy="sequence", **{field: value})  # fine for the sequence functionals
     with pytest.raises(ValueError, match="ProbeConfig.entropy: must be one of"):
         ep.ProbeConfig(entropy="tokens")
