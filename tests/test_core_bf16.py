@@ -100,7 +100,7 @@ def test_bf16_truth_tends_to_the_derivative_of_the_step_and_to_the_forecast(monk
 def test_fp32_model_truth_is_unchanged():
     """An fp32 model takes the old path exactly: no fp32 copy, theta' in the parameters' dtype."""
     model = tiny_gpt2(seed=0, vocab=VOCAB)
-    probe = ep.EntropyProbe(model, config=ep.ProbeConfig(entropy="sequence", lr=LR, direction="sgd"))
+    probe = ep.EntropyProbe(model, config=ep.ProbeConfig(lr=LR, direction="sgd"))
     assert truth_module.full_precision_state(model, probe.parameters()) is None
 
 
@@ -108,9 +108,7 @@ def test_bf16_truth_ignores_the_callers_autocast():
     """A caller's autocast would round theta' back to bf16 in every matmul: the truth switches it off."""
     model = tiny_gpt2(seed=0, vocab=VOCAB).to(torch.bfloat16)
     U, E = random_batch(4, vocab=VOCAB, seed=1), random_batch(8, vocab=VOCAB, seed=2)
-    probe = ep.EntropyProbe(
-        model, config=ep.ProbeConfig(entropy="sequence", lr=LR, direction="sgd", truth_alphas=(1 / 64,))
-    )
+    probe = ep.EntropyProbe(model, config=ep.ProbeConfig(lr=LR, direction="sgd", truth_alphas=(1 / 64,)))
     v = probe.update_direction(U)
     plain = probe.run(eval_batch=E, direction=v, truth=True).truth.delta_h
     with torch.autocast("cpu", dtype=torch.bfloat16):
