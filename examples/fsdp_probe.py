@@ -111,8 +111,7 @@ def main() -> None:
         fully_shard(layer, mesh=mesh)
     fully_shard(policy, mesh=mesh)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0)
-    # "sequence" until the FSDP2 passes take the token default (issue 19)
-    probe = ep.EntropyProbe(policy, optimizer, ep.ProbeConfig(direction="optimizer-step", entropy="sequence"))
+    probe = ep.EntropyProbe(policy, optimizer, ep.ProbeConfig(direction="optimizer-step"))
 
     torch.manual_seed(1000 + rank)  # each rank samples its own rollouts
     n = args.prompts_per_rank

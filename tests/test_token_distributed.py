@@ -3,7 +3,8 @@
 Run: ``PYTHONPATH=src pytest -q tests/test_token_distributed.py``.
 
 One spawn runs every case, on the functions of the truth, the second order and ``measure_change`` with a
-``ProbeCall`` built by hand (the probe's FSDP2 forecast of the token functional is the engines' business).
+``ProbeCall`` built by hand (``EntropyProbe.run`` on an FSDP2 model with the token functional:
+tests/test_fsdp_token.py).
 Each rank holds its share of the E units (uneven, or none); the per-unit rows
 are gathered in rank order and the ratio formed from all of them, so 2 ranks must equal one process
 with every unit to 1e-6 relative (fp32 summation order only). Under FSDP2 (``fully_shard`` GPT-2) the
@@ -27,9 +28,9 @@ from entropy_probe.change import measure_change
 from entropy_probe.context import ProbeCall
 from entropy_probe.distributed import ProcessGroupComm, SingleProcess
 from entropy_probe.forecast import token_second_order_pass
-from entropy_probe.fsdp import ShardedPasses
 from entropy_probe.passes import Passes
 from entropy_probe.result import EvalState
+from entropy_probe.sharded_passes import ShardedPasses
 from entropy_probe.token_truth import measure_token_truth
 
 REL = 1e-6

@@ -132,7 +132,7 @@ def _rule_caveat(kind: str, optimizer) -> str | None:
 def grad_checksums(params: dict[str, nn.Parameter]) -> list:
     """Per parameter ``(name, sum, sum of squares)`` of ``.grad`` in float64 (None: no grad): under DDP
     the ranks' averaged gradients must agree, and this is a cheap way to check it (one host sync).
-    Not under FSDP2 (``fsdp.ShardedPasses.grad_checksums``): each rank holds a different shard."""
+    Not under FSDP2 (``sharded_passes.ShardedPasses.grad_checksums``): each rank holds a different shard."""
     names = [n for n, p in params.items() if p.grad is not None]
     if not names:
         return []

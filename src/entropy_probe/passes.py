@@ -1,7 +1,7 @@
 """Where the probe's passes over the model run, chosen once when the probe is built.
 
 ``Passes`` (this module): one process, or the ranks of a DDP model, each running its own units
-through the unwrapped module. ``fsdp.ShardedPasses``: an FSDP2 model, where every forward and
+through the unwrapped module. ``sharded_passes.ShardedPasses``: an FSDP2 model, where every forward and
 backward is a collective and the ranks run every unit together (``fsdp``). The probe, the truth and
 ``measure_change`` call only these methods, so none of them asks which kind of model it holds.
 """

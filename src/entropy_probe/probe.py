@@ -44,12 +44,12 @@ from .engines import EvalProjections, eval_second_order, update_gradient, uses_t
 from .eval_statistics import EvalStatistics, eval_statistics
 from .forecast import second_order_statistics, token_second_order_pass
 from .from_grad import direction_from_grad, optimizer_lr, unwrap_optimizer
-from .fsdp import passes_for
 from .inputs import check_token_ids, model_vocab_size
 from .logprobs import SequenceLogProbs
 from .lookahead import large_step
 from .objectives import UpdateTotals, advantages, policy_gradient_coefficients
 from .result import EvalState, ProbeResult, UpdateVariance
+from .sharded_passes import passes_for
 from .token_statistics import token_eval_projections
 from .token_truth import measure_token_truth
 from .truth import measure_truth

@@ -30,7 +30,7 @@ RuntimeWarning.
 
 The log-probs at theta and theta' come from the call's passes (``passes.Passes.logprobs_stepped``).
 Under FSDP2 the step is instead added in place to the local parameter shards, in their dtype, and
-undone bit-exactly from a saved copy (``fsdp.ShardedPasses``).
+undone bit-exactly from a saved copy (``sharded_passes.ShardedPasses``).
 """
 
 from __future__ import annotations

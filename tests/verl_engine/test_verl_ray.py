@@ -25,7 +25,7 @@ PROBE = [
     "+actor_rollout_ref.entropy_probe.eos_token_id=1",
     f"+actor_rollout_ref.entropy_probe.pad_token_id={PAD}",
     "+actor_rollout_ref.entropy_probe.entropy_budget=0.01",
-    # "sequence" until the FSDP2 passes take the token default (issue 19, FSDP2 + token)
+    # "sequence": set when FSDP2 refused "token"; it takes it since, not yet run here (issue 19)
     "+actor_rollout_ref.entropy_probe.entropy=sequence",
 ]
 
