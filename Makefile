@@ -74,21 +74,31 @@ validate: $(STAMP)
 	$(VENV)/bin/entropy-probe validate --out runs/validate
 
 # Re-run every command whose figures README.md and docs/*.md quote, one after the other, each writing
-# its record to docs/records/ (--record) and its pictures to docs/: about 10 minutes on 2 idle CPU
-# cores (the demo 1.5 min at each of 3 seeds, demo-guard 3, validate 2, the TRL examples 1); the
-# records of 2026-12-06 took 58 min on 2 cores shared with a dozen other jobs.
+# its record to docs/records/ (--record) and its pictures to docs/: about 15 minutes on 2 idle CPU
+# cores (the demo 1.5 min for each functional at each of 3 seeds, demo-guard 3, validate 2, the TRL
+# examples 1), plus se_total_unseen (40 min on the loaded machine, 12 cases of 300 (U, E) pairs); the
+# records of 2026-12-06 took 58 min on 2 cores shared with a dozen other jobs, the six demo runs of the
+# two functionals alone 7-17 min each there (docs/demo.md quotes their runtime_s).
 # Then `make test`: tests/test_doc_figures.py names every quote that no longer equals its record;
 # `$(PY) tests/doc_figures.py --fix` rewrites those numbers (reread the prose around them).
 figures: $(STAMP)
-	$(VENV)/bin/entropy-probe demo --out runs/demo --record docs/records/demo.json
-	$(VENV)/bin/entropy-probe demo --seed 1 --out runs/demo_seed1 --record docs/records/demo_seed1.json
-	$(VENV)/bin/entropy-probe demo --seed 2 --out runs/demo_seed2 --record docs/records/demo_seed2.json
-	$(VENV)/bin/entropy-probe demo-guard --out runs/demo_guard --record docs/records/demo_guard.json
+	$(VENV)/bin/entropy-probe demo --entropy token --seed 0 --out runs/demo_token_seed0 --record docs/records/demo_token_seed0.json
+	$(VENV)/bin/entropy-probe demo --entropy token --seed 1 --out runs/demo_token_seed1 --record docs/records/demo_token_seed1.json
+	$(VENV)/bin/entropy-probe demo --entropy token --seed 2 --out runs/demo_token_seed2 --record docs/records/demo_token_seed2.json
+	$(VENV)/bin/entropy-probe demo --entropy sequence --seed 0 --out runs/demo_sequence_seed0 --record docs/records/demo_sequence_seed0.json
+	$(VENV)/bin/entropy-probe demo --entropy sequence --seed 1 --out runs/demo_sequence_seed1 --record docs/records/demo_sequence_seed1.json
+	$(VENV)/bin/entropy-probe demo --entropy sequence --seed 2 --out runs/demo_sequence_seed2 --record docs/records/demo_sequence_seed2.json
+	$(PY) examples/demo_functionals_report.py docs/records/demo_token_seed?.json docs/records/demo_sequence_seed?.json \
+	  --record docs/records/demo_functionals.json
+	$(VENV)/bin/entropy-probe demo-guard --entropy sequence --out runs/demo_guard --record docs/records/demo_guard.json
 	$(VENV)/bin/entropy-probe validate --out runs/validate --record docs/records/validate.json
 	$(PY) examples/trl_grpo.py --out runs/trl_grpo --record docs/records/trl_grpo.json
 	$(PY) examples/trl_entropy_control.py --out runs/trl_entropy_control --record docs/records/trl_entropy_control.json
 	$(PY) examples/trl_large_steps.py --steps 30 --out runs/trl_large_steps --record docs/records/trl_large_steps.json
-	cp runs/demo/demo.png runs/demo/layers.png runs/demo/influence.png runs/demo_guard/demo_guard.png docs/
+	$(PY) benchmarks/se_total_unseen.py --record docs/records/se_total_unseen.json
+	cp runs/demo_token_seed0/demo.png runs/demo_token_seed0/entropy.png runs/demo_token_seed0/layers.png \
+	  runs/demo_token_seed0/influence.png runs/demo_guard/demo_guard.png docs/
+	cp runs/demo_sequence_seed0/entropy.png docs/entropy_sequence.png
 	cp runs/trl_grpo/forecast_vs_measured.png docs/trl_grpo.png
 	cp runs/trl_entropy_control/entropy_control.png docs/trl_entropy_control.png
 
@@ -97,27 +107,40 @@ bench: $(STAMP)
 
 # Mutation testing on demand (not in CI): mutmut (pinned in the dev extras) mutates each module in
 # MUTATE in place (it keeps a backup and restores it) and runs its fast tests per mutant; the kill rate
-# is printed at the end (docs/mutation.md). Hours on 2 cores for both modules: run one at a time, e.g.
-# `make mutants MUTATE=src/entropy_probe/statistics.py MUTANT_TESTS="tests/test_core_statistics.py"`.
-MUTATE       ?= src/entropy_probe/statistics.py,src/entropy_probe/direction.py
-MUTANT_TESTS ?= tests/test_core_statistics.py tests/test_interval.py::test_interval_covers_strongly_skewed_means \
+# is printed at the end (docs/mutation.md). Run one module at a time, with its own tests, from a copy of
+# the checkout (docs/mutation.md has both commands and the last counts).
+MUTATE       ?= src/entropy_probe/statistics.py
+MUTANT_TESTS ?= tests/test_reliability.py::test_bootstrap_interval_is_finite_on_tiny_samples \
+                tests/test_interval.py::test_student_t_quantile_matches_scipy tests/test_core_statistics.py \
                 tests/test_interval.py::test_interval_api_levels_z_and_dict \
-                tests/test_interval.py::test_student_t_quantile_matches_scipy tests/test_reliability.py \
-                tests/test_core_direction.py tests/test_step_rules.py
+                tests/test_interval.py::test_interval_covers_strongly_skewed_means
 # The tests must import the MUTATED files: the editable install (or a PYTHONPATH set elsewhere) points at
 # some checkout's src/, so without PYTHONPATH=$(CURDIR)/src every mutant ran against unmutated code (an
 # import-time mutant such as `inv_cdf(1.975)` survived). No .pyc is written: two mutants written within
 # the same second with the same size could otherwise reuse a stale bytecode file. mutmut 2.5.1 counts
 # only exit code 1 as "killed": a mutant that breaks the import ends pytest with 2 (collection error) and
-# was counted as survived, hence `|| exit 1`.
-MUTANT_ENV := PYTHONPATH=$(CURDIR)/src PYTHONDONTWRITEBYTECODE=1
+# was counted as survived, hence `|| exit 1`. Each mutant's pytest runs in a fork of a server that has
+# imported torch once (benchmarks/mutant_runner.py; the import cost more than the tests); a fork is
+# killed, and counted as failed, after MUTANT_LIMIT s, and mutmut's own timeout is set above that.
+MUTANT_ENV    := PYTHONPATH=$(CURDIR)/src PYTHONDONTWRITEBYTECODE=1
+MUTANT_SOCKET := $(CURDIR)/.mutant-runner.sock
+MUTANT_LIMIT  ?= 300
+# The record of each module's run (docs/mutation.md quotes them; copy it back from the copy's docs/records).
+MUTANT_RECORD_statistics := --record docs/records/mutants_statistics.json
+MUTANT_RECORD_direction  := --record docs/records/mutants_direction.json
 mutants: $(STAMP)
 	$(MUTANT_ENV) $(PY) -c "import entropy_probe as e, sys; \
 		sys.exit(0 if e.__file__.startswith('$(CURDIR)/src/') else 'entropy_probe imported from ' + e.__file__)"
-	-$(MUTANT_ENV) $(PY) -m mutmut run --paths-to-mutate $(MUTATE) --no-progress \
-		--runner "bash -c '$(PY) -m pytest -x -q -p no:cacheprovider -n 0 $(MUTANT_TESTS) || exit 1'"
+	$(MUTANT_ENV) $(PY) benchmarks/mutant_runner.py serve $(MUTANT_SOCKET) --limit $(MUTANT_LIMIT) \
+		> .mutant-runner.log 2>&1 & \
+	for i in $$(seq 120); do [ -S $(MUTANT_SOCKET) ] && break; sleep 1; done; \
+	$(MUTANT_ENV) $(PY) -m mutmut run --paths-to-mutate $(MUTATE) --no-progress \
+		--test-time-base $$(( $(MUTANT_LIMIT) + 60 )) \
+		--runner "bash -c '$(PY) benchmarks/mutant_runner.py run $(MUTANT_SOCKET) -- \
+			-x -q -p no:cacheprovider -n 0 $(MUTANT_TESTS) || exit 1'"; \
+	$(PY) benchmarks/mutant_runner.py stop $(MUTANT_SOCKET)
 	$(PY) -m mutmut results
-	$(PY) benchmarks/mutation_score.py .mutmut-cache
+	$(MUTANT_ENV) $(PY) benchmarks/mutation_score.py .mutmut-cache $(MUTANT_RECORD_$(basename $(notdir $(MUTATE))))
 
 clean:
 	rm -rf $(VENV) $(VERL_VENV) runs .pytest_cache

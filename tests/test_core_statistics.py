@@ -199,21 +199,32 @@ def test_se_total_against_materialised_y(kind, clip):
     y = gj_units * flat(scale, params)  # (B_U, P) Y_m
     # the exact split v = b + mean_m Y_m
     np.testing.assert_allclose(v, flat(offset, params) + y.mean(0), rtol=1e-4, atol=1e-5 * np.abs(v).max())
-    # the delete-one-unit jackknife of DESIGN section 14, rebuilt by hand: v_(-m) from g_(-m) by the
-    # hand formulas (Adam's v_hat and the clip factor recomputed), projected on the two halves of E
+    # the jackknife over U of docs/design.md section 7, rebuilt by hand: v without a unit (or a group) by
+    # the hand formulas (Adam's v_hat and the clip factor recomputed), projected on the two halves of E
     n = len(gj_units)
-    dv = []
-    for m in range(n):
-        g_minus = (n * gj - gj_units[m]) / (n - 1)  # (P,)
+
+    def dv_without(units: list[int]) -> np.ndarray:  # (P,) v(g without those units) - v, by hand
+        g_minus = (n * gj - gj_units[units].sum(0)) / (n - len(units))  # (P,)
         gm = {
             k: torch.from_numpy(c).reshape(p.shape)
             for (k, p), c in zip(params.items(), np.split(g_minus, np.cumsum(sizes)[:-1]))
         }
         sc, off = hand_y_scale(model, optimizer, kind, gm, eta, clip)
-        dv.append(flat(off, params) + flat(sc, params) * g_minus - v)
-    dv = np.stack(dv)  # (B_U, P)
-    a, b = dv @ x[0::2].mean(0), dv @ x[1::2].mean(0)  # halves: even and odd E positions
-    var_u = eta**2 * (n - 1) / n * float(((a - a.mean()) * (b - b.mean())).sum())
+        return flat(off, params) + flat(sc, params) * g_minus - v
+
+    x_a, x_b = x[0::2].mean(0), x[1::2].mean(0)  # halves: even and odd E positions
+    dv = np.stack([dv_without([m]) for m in range(n)])  # (B_U, P)
+    if kind == "sgd":  # a linear map: the delete-one jackknife
+        a, b = dv @ x_a, dv @ x_b
+        var_u = eta**2 * (n - 1) / n * float(((a - a.mean()) * (b - b.mean())).sum())
+    else:  # the delete-a-group jackknife (update_groups): B_U = 5 in 4 blocks, position p in 4p // 5
+        groups = [[0, 1], [2], [3], [4]]
+        dg = np.stack([dv_without(g) for g in groups])  # (G, P)
+        a, b = dg @ x_a, dg @ x_b
+        d = np.array([len(g) for g in groups], dtype=float)
+        w = (n - d) ** 2 / (d * n * 3)  # (B_U - d_k)^2 / (d_k B_U (G - 1))
+        abar, bbar = ((n - d) * a).sum() / (n - d).sum(), ((n - d) * b).sum() / (n - d).sum()
+        var_u = eta**2 * float((w * (a - abar) * (b - bbar)).sum())
     expected = math.sqrt(r.var_cond_e + max(var_u, 0.0))
     print(f"{kind} clip={clip}: se_cond_e={r.se_cond_e:.3e} se_total={r.se_total:.3e} V_U={var_u:.3e}")
     assert abs(var_u) > 1e-3 * r.var_cond_e  # the U term is not negligible, so the comparison has teeth
@@ -297,3 +308,99 @@ def test_degenerate_samples_give_a_point_interval_and_zero_jackknife_se():
 
     assert bootstrap_t_interval(torch.full((5,), 2.0), lr=0.5, level=0.95) == (1.0, 1.0)
     assert jackknife_se(torch.tensor([3.0]), lr=0.5) == 0.0
+
+
+# ---- the edges of the statistics, one property each (mutants of them survived, docs/mutation.md) ------
+def test_too_few_units_warn_at_the_caller_with_a_readable_message():
+    """The warning reads whole (it starts with the cause, ends with the consequence) and points at the line
+    that asked for the variance (``conditional_variance``'s caller, here this test), not into the package.
+    No units at all: variance and SE 0, not a ZeroDivisionError."""
+    for values, n in ((torch.tensor([3.0]), 1), (torch.empty(0), 0)):
+        with pytest.warns(RuntimeWarning) as record:
+            var, se = conditional_variance(moments_update(values), lr=0.5)  # the line warned about
+        assert (var, se) == (0.0, 0.0)
+        (w,) = record
+        message = str(w.message)
+        assert message.startswith(f"fewer than 2 units ({n}) for the variance of s over evaluation units")
+        assert message.endswith("its SE is reported as 0")
+        assert w.filename == __file__
+
+
+def test_student_t_expansion_is_exact_to_order_one_over_df_to_the_4th():
+    """Cornish-Fisher to 1/df^4 (Abramowitz-Stegun 26.7.5): the error against scipy's exact quantile falls
+    as df^-5, a factor 32 per doubling of df (measured 32.2-33.7 for df 8-128: the next term's own 1/df
+    correction). A wrong coefficient in any term k leaves an error falling as df^-k only, so the ratio drops
+    to 2^k <= 16 once that error dominates; the 1e-3 agreement of test_interval cannot see it."""
+    from scipy import stats
+
+    from entropy_probe.statistics import student_t_quantile
+
+    for p in (0.9, 0.975, 0.995):
+        errors = [student_t_quantile(p, df) - float(stats.t.ppf(p, df)) for df in (8, 16, 32, 64, 128)]
+        ratios = [a / b for a, b in zip(errors, errors[1:])]
+        assert all(31.5 < r < 34.5 for r in ratios), (p, ratios)
+
+
+def test_interval_of_the_smallest_and_the_empty_sample():
+    """Two distinct units are the smallest sample with a spread: a proper interval around the mean (the
+    Student-t half of the hull; the bootstrap-t alone is the point there: a resample either repeats one
+    unit, se* = 0, dropped, or holds both, t* = 0). No units: the point 0 (the mean of nothing taken as 0),
+    never NaN."""
+    from entropy_probe.statistics import bootstrap_t_interval, skew_aware_interval
+
+    lo, hi = skew_aware_interval(torch.tensor([1.0, 3.0], dtype=torch.float64), lr=0.5, level=0.9)
+    assert lo < 0.5 * 2.0 < hi and math.isfinite(lo) and math.isfinite(hi)
+    for interval in (bootstrap_t_interval, skew_aware_interval):
+        assert interval(torch.empty(0), lr=0.5, level=0.9) == (0.0, 0.0)
+
+
+def test_bootstrap_t_interval_is_the_textbook_bootstrap_t_drawn_in_one_block():
+    """The chunks of 256 resamples only bound memory: the interval equals the bootstrap-t written out in one
+    block from the same private generator (torch draws the same index stream either way): resample the
+    units with replacement, t* = (mean* - mean) / se* over the resamples with se* > 0, and
+    eta * (mean - q_hi se, mean - q_lo se) with q the (1 -+ level) / 2 quantiles of t*."""
+    from entropy_probe.statistics import BOOTSTRAP_SEED, bootstrap_t_interval
+
+    gen = torch.Generator().manual_seed(5)
+    s = -(torch.empty(9, dtype=torch.float64).exponential_(generator=gen) ** 2)  # skewed: q_lo != -q_hi
+    b, resamples, level, eta = 9, 1000, 0.9, 0.5
+    idx = torch.randint(b, (resamples, b), generator=torch.Generator().manual_seed(BOOTSTRAP_SEED))  # (K, B)
+    xs = s[idx]  # (K, B)
+    se_star = xs.std(dim=1) / math.sqrt(b)
+    t = ((xs.mean(dim=1) - s.mean()) / se_star)[se_star > 0]
+    q_lo, q_hi = np.quantile(t.numpy(), [(1 - level) / 2, (1 + level) / 2])
+    mean, se = float(s.mean()), float(s.std()) / math.sqrt(b)
+    expected = (eta * (mean - q_hi * se), eta * (mean - q_lo * se))
+    assert bootstrap_t_interval(s, eta, level, resamples=resamples) == pytest.approx(expected, rel=1e-12)
+
+
+def test_jackknife_of_fewer_than_two_delete_one_estimates_is_zero():
+    """The truth hands its per-unit changes to ``jackknife_se_of``: one estimate (or none) has no spread to
+    measure, SE 0, never NaN; two give ``sqrt(1/2 * sum (Z - mean Z)^2) = |Z_1 - Z_2| / 2``."""
+    from entropy_probe.statistics import jackknife_se_of
+
+    assert jackknife_se_of(torch.tensor([2.5])) == 0.0 and jackknife_se_of(torch.empty(0)) == 0.0
+    assert jackknife_se_of(torch.tensor([1.0, 4.0])) == pytest.approx(1.5, rel=1e-12)
+
+
+def test_skew_aware_interval_is_the_hull_with_the_exact_student_t_interval():
+    """The hull of the bootstrap-t interval and the Student-t interval ``eta (mean -+ t_{(1+level)/2, B-1}
+    s / sqrt(B))``, the t quantile from scipy (exact; the expansion is within 1e-3 at df = 4). One sample
+    where the t interval is the upper bound of the hull, one where it is the lower: each side is checked
+    where it binds."""
+    from scipy import stats
+
+    from entropy_probe.statistics import bootstrap_t_interval, skew_aware_interval
+
+    bound = set()
+    for values in ([0.3, -1.2, 2.0, 0.7, 1.1], [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 30.0]):
+        s, b, eta, level = torch.tensor(values, dtype=torch.float64), len(values), 0.5, 0.95
+        half = float(stats.t.ppf((1 + level) / 2, b - 1)) * eta * float(s.std()) / math.sqrt(b)
+        center = eta * float(s.mean())
+        boot_lo, boot_hi = bootstrap_t_interval(s, eta, level)
+        lo, hi = skew_aware_interval(s, eta, level)
+        assert lo == pytest.approx(min(boot_lo, center - half), rel=1e-3)
+        assert hi == pytest.approx(max(boot_hi, center + half), rel=1e-3)
+        bound |= {"lo"} if center - half < boot_lo else set()
+        bound |= {"hi"} if center + half > boot_hi else set()
+    assert bound == {"lo", "hi"}  # the t interval decides each side once: the test has teeth

@@ -215,6 +215,7 @@ def test_help_lists_every_option(capsys):
         (["--steps", "0"], "--steps"),
         (["--lr", "nan"], "--lr"),
         (["--eval-prompts", "1"], "--eval-prompts"),
+        (["--entropy", "tokens"], "--entropy"),
     ],
 )
 def test_bad_options_are_refused(args, message, capsys):
@@ -274,3 +275,78 @@ def test_steps_with_an_unreliable_truth_are_left_out_of_the_correlations():
     assert s["correlation"] == pytest.approx(expected, rel=1e-12) and s["correlation"] > 0.9
     assert s["correlation2"] == pytest.approx(expected, rel=1e-12)
     assert s["sum_truth"] == pytest.approx(sum(r["truth"] for r in rows))  # sums keep every step
+
+
+# ---- the two functionals and the trainer's logged entropy ----------------------------------------
+def _independent_entropies(model, batch, temperature: float) -> tuple[float, float]:
+    """``(sum(m H_t) / sum(m), mean_i -S_w,i)`` of ``batch`` from a plain Hugging Face forward and
+    ``torch.distributions.Categorical``, not the library's token or sequence code: the token-level formula
+    TRL logs (full-vocabulary H_t at the temperature, EOS counted) and the per-response mean surprisal."""
+    mask = batch.attention_mask
+    positions = (mask.long().cumsum(1) - 1).clamp_min(0)  # left padding: real tokens count 0, 1, 2, ...
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, attention_mask=mask, position_ids=positions).logits
+    dist = torch.distributions.Categorical(logits=logits[:, :-1].double() / temperature)  # predicts t + 1
+    m = batch.response_mask[:, 1:].double()  # (N, T - 1)
+    h = dist.entropy()  # (N, T - 1)
+    logp = dist.log_prob(batch.input_ids[:, 1:])
+    token_level = float((h * m).sum() / m.sum())
+    per_response = float((-(logp * m).sum(1) / m.sum(1)).mean())  # equal units: the mean over units too
+    return token_level, per_response
+
+
+@pytest.mark.parametrize("functional", ["token", "sequence"])
+def test_logged_and_probe_entropies_equal_an_independent_computation(functional):
+    """Two GRPO steps replayed with ``train.build``/``rl_step``: before each step, a copy of the model and
+    of the data generator re-draws U, E and F (same prompts and seeds as the demo) and recomputes
+    - ``trainer_entropy``: TRL's formula on U, whatever the functional;
+    - ``probe_entropy`` (``result.entropy`` on E) and ``entropy`` (F): the functional ``--entropy`` names,
+      so that option reaches the probe's ``ProbeConfig``.
+    The series agree to float rounding (fp32 forward, float64 sums): 1e-5 relative."""
+    import copy
+
+    from entropy_probe.demo.config import parse_args
+    from entropy_probe.demo.train import _seed, build, rl_step, supervised_warmup
+    from entropy_probe.sampling import sample_rollouts
+
+    cfg = parse_args(SHORT + ["--seed", "2", "--entropy", functional])
+    assert cfg.entropy == functional
+    task, probe, gen = build(cfg)
+    assert probe.config.entropy == functional
+    supervised_warmup(probe.model, probe.optimizer, task, cfg, gen)
+    for group in probe.optimizer.param_groups:
+        group["lr"] = cfg.lr
+    which = 0 if functional == "token" else 1
+    for step in range(2):
+        model, replay = copy.deepcopy(probe.model), torch.Generator().set_state(gen.get_state())
+        row = rl_step(step, probe, task, cfg, gen)
+        expected = []
+        for role, n_prompts in enumerate((cfg.update_prompts, cfg.eval_prompts, cfg.measure_prompts)):
+            prompts = task.prompts(n_prompts, replay)
+            batch = sample_rollouts(
+                model, prompts, cfg.group_size, task.max_new_tokens, task.eos, task.reward, 1.0,
+                _seed(cfg, step, role),
+            )  # fmt: skip
+            expected.append(_independent_entropies(model, batch, 1.0))
+        assert row["trainer_entropy"] == pytest.approx(expected[0][0], rel=1e-5)
+        assert row["probe_entropy"] == pytest.approx(expected[1][which], rel=1e-5)
+        assert row["entropy"] == pytest.approx(expected[2][which], rel=1e-5)
+        # the two functionals differ here by far more than the tolerance: the test tells them apart
+        assert abs(expected[1][0] - expected[1][1]) > 1e-3 * expected[1][0]
+
+
+def test_entropy_option_reaches_the_record(tmp_path):
+    """``--entropy sequence``: the config records it and the run's summary has the logged-entropy figures."""
+    doc = run_demo(tmp_path, extra=["--entropy", "sequence", "--steps", "2"])
+    assert doc["config"]["entropy"] == "sequence"
+    rows, s = doc["steps"], doc["summary"]
+    gap = np.array([r["probe_entropy"] - r["trainer_entropy"] for r in rows])
+    assert s["probe_minus_logged"] == pytest.approx(gap.mean(), rel=1e-12)
+    assert s["probe_minus_logged_se"] == pytest.approx(gap.std(ddof=1) / np.sqrt(2), rel=1e-9)
+    z = np.array([(r["truth"] - r["forecast"]) / r["truth_se_diff"] for r in rows])
+    assert s["truth_z_sd"] == pytest.approx(z.std(ddof=1), rel=1e-9)
+    assert s["truth_z_mean"] == pytest.approx(z.mean(), rel=1e-9)
+    import matplotlib.image
+
+    img = matplotlib.image.imread(tmp_path / "entropy.png")
+    assert img.ndim == 3 and float(img[..., :3].std()) > 0.05

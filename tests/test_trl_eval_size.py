@@ -9,6 +9,7 @@ Run: ``PYTHONPATH=src pytest -q tests/test_trl_eval_size.py``.
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -18,6 +19,8 @@ pytest.importorskip("trl")
 from transformers import TrainerCallback
 from trl_support import grpo_trainer, word_tokenizer
 
+from entropy_probe import ProbeConfig
+from entropy_probe.integrations.eval_size import MIN_UNITS, EvalSize, units_for_se
 from entropy_probe.integrations.trl import EntropyProbeCallback, tokenise_prompt, trainer_prompts_per_step
 
 EVAL_PROMPTS = ["a b c", "d e f", "g h a", "b b d", "c c c"]
@@ -72,3 +75,46 @@ def test_an_explicit_size_with_every_and_bad_values():
             ValueError, match="EntropyProbeCallback.max_eval_units must be None or an integer"
         ):
             EntropyProbeCallback(EVAL_PROMPTS, max_eval_units=bad)
+
+
+def test_units_for_se_solves_the_se_formula_within_its_bounds():
+    # se = lr * sd / sqrt(B): sd 2, lr 0.1 -> B = (0.2 / se)^2
+    assert units_for_se(0.05, 0.1, 2.0, cap=64) == 16  # (0.2 / 0.05)^2 exactly
+    assert units_for_se(0.06, 0.1, 2.0, cap=64) == 12  # 11.1 rounded up: the SE at 12 is <= 0.06
+    assert 0.1 * 2.0 / math.sqrt(12) <= 0.06 < 0.1 * 2.0 / math.sqrt(11)
+    assert units_for_se(0.05, 0.1, 2.0, cap=10) == 10  # never above the cap
+    assert units_for_se(1.0, 0.1, 2.0, cap=10) == MIN_UNITS == 2  # never below 2 units
+    assert units_for_se(0.05, 0.0, 2.0, cap=10) == 2 and units_for_se(0.05, 0.1, 0.0, cap=10) == 2
+    size = EvalSize(max_units=3, se_target=0.05)
+    args = SimpleNamespace()
+    assert size.units(args, 5, lr=0.1) == 3  # no previous step yet: the cap
+    size.observe(se_cond_e=0.1, n_units=3, lr=0.1)  # per-unit sd = 0.1 * sqrt(3) / 0.1
+    assert size.unit_sd == pytest.approx(math.sqrt(3))
+    assert (
+        size.units(args, 5, lr=0.05) == 3 and size.units(args, 5, lr=0.02) == 2
+    )  # 3 lr^2 / 0.05^2: 3 and 0.48
+    assert [size.step_slice(5, m, k) for k, m in enumerate((3, 2, 3))] == [[0, 1, 2], [3, 4], [0, 1, 2]]
+
+
+def test_se_target_sizes_each_step_from_the_previous_one(tmp_path):
+    target = 1e-3
+    cb = EntropyProbeCallback(
+        EVAL_PROMPTS,
+        group_size=2,
+        max_new_tokens=3,
+        max_eval_units=5,
+        se_target=target,
+        config=ProbeConfig(direction="optimizer-step", entropy="token"),
+    )
+    seen = EvalPrompts(cb)
+    grpo_trainer(tmp_path, callbacks=[cb, seen], steps=4).train()
+    rec = cb.records
+    assert rec[0]["n_eval_units"] == 5 and all(r["se_target"] == target for r in rec)
+    for prev, now in zip(rec, rec[1:]):  # the size the formula gives from the previous record
+        sd = prev["se_cond_e"] * math.sqrt(prev["n_eval_units"]) / prev["lr"]
+        assert now["n_eval_units"] == units_for_se(target, now["lr"], sd, 5)
+    assert [len(p) for p in seen.steps] == [r["n_eval_units"] for r in rec]
+    assert {r["n_eval_units"] for r in rec[1:]} != {5}  # the target moved the size (else untested)
+    for bad in (0, -1e-3, math.inf, math.nan, True, "1e-3"):
+        with pytest.raises(ValueError, match="EntropyProbeCallback.se_target must be None or a finite"):
+            EntropyProbeCallback(EVAL_PROMPTS, se_target=bad)

@@ -85,16 +85,20 @@ class ProbeConfig:
     """Dr. GRPO's constant length, required by "seq-mean-token-sum-norm": TRL's ``max_completion_length``
     (its dr_grpo loss divides by ``N * max_completion_length``). Unused by the other aggregations."""
     unconditional_se: bool = True
-    """Also compute se_total, var_update and update_influence: a delete-one-unit jackknife over U through
-    the direction map (one more backward per U unit, the X sums over two halves of E)."""
+    """Also compute se_total, var_update and update_influence: a jackknife over U through the direction
+    map (delete-one-unit for "sgd", delete-a-group of four blocks for the other rules; one more backward
+    per U unit, the X sums over two halves of E)."""
     truth_alphas: tuple[float, ...] = (1.0,)
     """Step fractions alpha at which run(truth=True) measures the entropy after theta + alpha*eta*v."""
     second_order: bool = False
     """Also estimate delta_h2 = (eta^2/2) v^T (grad^2 H) v and forecast = delta_h1 + delta_h2 (one nested
-    forward-mode pass over E; off by default: it costs more than half the E pass, docs/performance.md)."""
+    forward-mode pass over E; off by default: it costs more than half the E pass, docs/performance.md).
+    Through the exact H_t (``token_pieces``) with ``by_group=False``, that pass gives the s_n too and is
+    the only pass over E (``shares_second_order_pass``)."""
     by_group: bool | None = None
     """Compute result.by_group (delta_h1 split by parameter group). None: on with engine="backward", where it
-    is free; off with "jvp", where it makes the call run the backward engine's per-unit loop instead."""
+    is free; off with "jvp", where it makes the call run the backward engine's per-unit loop instead.
+    False with ``second_order`` through the exact H_t: one pass over E (``shares_second_order_pass``)."""
     groups: Callable[[str], str] | None = None
     """f(parameter name) -> group name for by_group. None: embeddings, block.<i>, head, other
     (``attribution.default_group``). Enters the DDP agreement check by its qualified name."""
@@ -199,6 +203,21 @@ class ProbeConfig:
                 UserWarning,
                 stacklevel=3,
             )
+
+    @property
+    def token_pieces(self) -> bool:
+        """Whether E is read through the exact H_t (``token_entropy``): the token-level entropy, and the
+        sequence-level "sum" functional, whose numerator it is (``E[sum_t m_t H_t] = E[-S]``). The note's
+        ``x_estimator="seed"`` keeps its own sampled-token form."""
+        return self.entropy == "token" or (self.entropy_weighting == "sum" and self.x_estimator == "unbiased")
+
+    @property
+    def shares_second_order_pass(self) -> bool:
+        """second_order through the exact H_t with ``by_group=False``: the s_n are the first derivatives of
+        the nested forward-mode pass that gives the q_n (``forecast.shared_token_pass``), one pass over E.
+        Asked for explicitly: the s_n then come by another route than the first-order engine's, equal to
+        fp32 rounding, so a default call keeps the engine's numbers."""
+        return self.second_order and self.token_pieces and self.by_group is False
 
     @property
     def computes_groups(self) -> bool:

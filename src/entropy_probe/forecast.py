@@ -14,11 +14,14 @@ from torch import Tensor
 from .batch import RolloutBatch
 from .context import ProbeCall
 from .distributed import merged_moments
+from .engines import EvalProjections, TokenProjections
 from .engines.token_second_order import eval_token_taylor
 from .eval_statistics import EvalStatistics
+from .response_tokens import ResponseTokens
 from .result import SecondOrderForecast
 from .statistics import conditional_variance, moments_update
 from .token_functional import unit_value_derivatives
+from .token_statistics import projections_from_pieces
 from .vectors import Vector, device_of
 
 
@@ -68,3 +71,38 @@ def token_second_order_pass(call: ProbeCall, batch: RolloutBatch | None, v: Vect
     _, _, q = unit_value_derivatives(every, cfg.entropy == "token")
     start = int(sum(counts[: comm.rank]))
     return q[start : start + taylor.shape[0]]
+
+
+def shared_token_pass(
+    call: ProbeCall, batch: RolloutBatch | None, v: Vector
+) -> tuple[EvalProjections, Tensor]:
+    """First and second order through the exact H_t from one nested forward-mode pass over this rank's E
+    (``ProbeConfig.shares_second_order_pass``): (this rank's projections, its ``(B_local,)`` q_n).
+
+    The pass's Taylor rows hold each unit's ``(N_n, D_n)`` and their first derivatives along v, the
+    pieces the first-order engines compute (``test_token_truth``: the same s_n unit by unit), so they go
+    through the same ``projections_from_pieces`` and the E pass is not run again; its per-token l_k, H_k
+    at theta are kept for ``measure_change`` as the E pass keeps them. The q_n are
+    ``token_second_order_pass``'s, from the same rows (no by_group, no halves: those need the E pass).
+    """
+    cfg, comm, device = call.config, call.comm, device_of(call.params)
+    taylor = torch.zeros(0, 3, 2, dtype=torch.float64, device=device)
+    tokens = None
+    if batch is not None:
+        tokens = ResponseTokens.zeros(batch)
+        taylor = eval_token_taylor(
+            call.module, call.params, batch, v, cfg.temperature, cfg.microbatch_units, tokens
+        )
+    counts = [int(c) for c in comm.stack(torch.tensor([taylor.shape[0]], device=device)).reshape(-1).tolist()]
+    n_local = taylor.shape[0]
+    tp = TokenProjections.empty(n_local, 0 if batch is None else batch.n_sequences, v, False, None, device)
+    tp.pieces = taylor[:, :2, :].reshape(n_local, 4).clone()  # (B, 4): N, D, dN, dD
+    if tokens is not None:
+        m = tokens.mask
+        tp.sums = torch.stack([tokens.entropy.double()[m].sum(), m.sum().double()])  # sum m H, sum m
+        tp.seq_logprob, tp.tokens = tokens.seq, tokens
+    proj = projections_from_pieces(call, tp, counts)
+    every = comm.gather(taylor, counts)  # (B_E, 3, 2) rank order
+    _, _, q = unit_value_derivatives(every, cfg.entropy == "token")
+    start = sum(counts[: comm.rank])
+    return proj, q[start : start + n_local]

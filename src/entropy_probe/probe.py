@@ -42,7 +42,7 @@ from .direction import UpdateDirection, build_direction, given_direction
 from .distributed import all_reduce_vector, call_fingerprint, communicator_for, global_totals, unwrap
 from .engines import EvalProjections, eval_second_order, update_gradient, uses_token_pieces
 from .eval_statistics import EvalStatistics, eval_statistics
-from .forecast import second_order_statistics, token_second_order_pass
+from .forecast import second_order_statistics, shared_token_pass, token_second_order_pass
 from .from_grad import direction_from_grad, optimizer_lr, unwrap_optimizer
 from .inputs import check_token_ids, model_vocab_size
 from .logprobs import SequenceLogProbs
@@ -325,8 +325,11 @@ class EntropyProbe:
         with preserved_caller_state(self.module):
             upd = self._direction(call, source, update_batch, given)  # 1. v, from its one source
             want_halves = upd.grad_j is not None or call.config.keep_halves  # X over E's halves
-            proj = self._project_eval(call, eval_batch, upd, want_halves)  # 2. s_n
-            q_local = self._second_order_pass(call, eval_batch, upd)  # q_n
+            if call.config.shares_second_order_pass and not want_halves:  # s_n, q_n from one pass
+                proj, q_local = shared_token_pass(call, eval_batch, upd.v)
+            else:
+                proj = self._project_eval(call, eval_batch, upd, want_halves)  # 2. s_n
+                q_local = self._second_order_pass(call, eval_batch, upd)  # q_n
             stats = eval_statistics(call, proj, eval_batch, q_local)  # 3. over E, one gather
             second = None if q_local is None else second_order_statistics(call, q_local, stats)
             by_group = group_statistics(call.params, self.config.groups, stats.s_groups, call.lr)

@@ -76,9 +76,8 @@ def sample_variance(m: Moments, what: str) -> float:
 
 def conditional_variance(m: Moments, lr: float) -> tuple[float, float]:
     """``(Var_E(dH1 | U), SE_E(dH1 | U)) = (eta^2 var(s) / B_E, eta sqrt(var(s) / B_E))``."""
-    n = float(m.count)
-    var_s = sample_variance(m, "s over evaluation units")
-    var = lr * lr * var_s / n if n > 0 else 0.0
+    var_s = sample_variance(m, "s over evaluation units")  # 0 with fewer than 2 units, also with none
+    var = lr * lr * var_s / float(m.count) if var_s else 0.0
     return var, math.sqrt(var)
 
 

@@ -100,6 +100,13 @@ def token_eval_projections(
     else:
         n_groups = len(parameter_groups(call.params, cfg.groups)[0]) if cfg.computes_groups else None
         tp = TokenProjections.empty(0, 0, v, halves is not None, n_groups, device_of(call.params))
+    return projections_from_pieces(call, tp, sizes)
+
+
+def projections_from_pieces(call, tp: TokenProjections, sizes: list[int]) -> EvalProjections:
+    """This rank's s_n (and s_n^(g), X per half, the S_i kept for ``measure_change``) from its token-level
+    pieces ``tp``, by whichever pass made them (the E pass, or ``forecast.shared_token_pass``)."""
+    cfg = call.config
     values = token_values(call.comm, tp, sizes, ratio=cfg.entropy == "token")
     # S_w of the sequence functional for a later measure_change: with "sum" weighting it is S itself
     seq = tp.seq_logprob

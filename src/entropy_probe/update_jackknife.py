@@ -15,13 +15,16 @@ which ``var_cond_e`` already holds). The jackknife variance over U is then
 
 and ``se_total = sqrt(var_cond_e + max(V_U, 0))``. ``var_update`` reports V_U unclamped: unbiased
 for a linear map, it can be < 0 when U adds little variance. The clamp biases se_total up a little
-(variance ratio 0.78 against 0.82 over the same 200 (U, E) pairs at B_E = 8). For a non-smooth map
-(Adam's first step, v ~ sign(g)) the jackknife errs on the large side (Efron-Stein): 1.2-1.6x the
-true variance over U on the toy policies, so se_total is conservative there (issue 23, docs/validation.md).
+(variance ratio 0.78 against 0.82 over the same 200 (U, E) pairs at B_E = 8). That delete-one V_U is
+the one "sgd" (a linear map) reports. Through a non-smooth map it errs high (Efron-Stein): a fresh
+Adam is ``v ~ sign(g)``, 1.3-1.7x the variance over U on the toy policies; so every other rule reports
+the delete-a-group V_U of ``update_groups`` (G = 4 blocks of U), formed in the same pass over the U
+units (issue 23, docs/validation.md).
 
 Memory: one unit's gradient at a time, turned in place into ``g_(-m)`` and then into ``v_(-m)``
 (``build_direction`` builds v in the gradient's storage), next to v, a kept copy of grad J_U and the
-two half sums of X: a constant number of parameter-sized buffers (five), never B_U of them.
+two half sums of X: a constant number of parameter-sized buffers (five, six with the running sum of a
+group for the non-linear rules), never B_U of them.
 
 The per-unit pieces are the update-prompt influences (docs/design.md section 9): for "sgd" exactly
 ``eta Xbar_E . Y_m / B_U`` (they sum to ``delta_h1``), for the Adam directions the delete-one-unit
@@ -37,13 +40,13 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .batch import RolloutBatch
 from .context import ProbeCall
 from .direction import UpdateDirection, build_direction
 from .distributed import all_reduce_vector
 from .engines import unit_gradients
 from .eval_statistics import EvalStatistics
 from .result import UpdateVariance
+from .update_groups import group_of, group_sizes, grouped_variance, n_groups
 from .vectors import Vector
 
 
@@ -93,16 +96,26 @@ def update_variance(
     call: ProbeCall, upd: UpdateDirection, halves: EvalHalves, stats: EvalStatistics
 ) -> UpdateVariance:
     """``result.update``: V_U, se_total and the update influences with the U unit ids in gathered order,
-    from the half means of X (``half_means``) and the U that built ``upd``."""
+    from the half means of X (``half_means``) and the U that built ``upd``.
+
+    V_U: the delete-one jackknife for "sgd" (a linear map: unbiased, B_U - 1 degrees of freedom), the
+    delete-a-group jackknife (``update_groups``) for the other rules, whose maps are not linear."""
     x_a, x_b, n_half = halves
-    pieces = None
-    if upd.batch is not None and upd.n_units >= 2:
-        pieces = deleted_unit_projections(call, upd, (x_a, x_b))
-    jack, ids = gathered_jackknife(call, upd.batch, pieces, n_half, stats.delta_h1)
+    ids = torch.zeros(0, dtype=torch.long, device="cpu") if upd.batch is None else upd.batch.unit_ids.cpu()
+    sizes = [int(c) for c in call.comm.stack(torch.tensor([len(ids)], device="cpu")).reshape(-1).tolist()]
+    grouped = call.config.direction != "sgd" and 2 <= n_groups(upd.n_units) < upd.n_units
+    pieces, group_pieces = None, None
+    if upd.n_units >= 2 and (upd.batch is not None or grouped):  # grouped: every rank joins the sums
+        offset = sum(sizes[: call.comm.rank])  # this rank's first U unit in the gathered order
+        pieces, group_pieces = deleted_unit_projections(call, upd, (x_a, x_b), offset, grouped)
+    jack, ids = gathered_jackknife(call, ids, pieces, sizes, n_half, stats.delta_h1)
+    var_update = jack.var_update
+    if group_pieces is not None:
+        var_update = grouped_variance(group_pieces, upd.n_units, call.lr)
     return UpdateVariance(
         n_update_units=upd.n_units,
-        se_total=math.sqrt(stats.var_cond_e + max(jack.var_update, 0.0)),
-        var_update=jack.var_update,
+        se_total=math.sqrt(stats.var_cond_e + max(var_update, 0.0)),
+        var_update=var_update,
         update_influence=jack.influence,
         update_unit_ids=ids,
     )
@@ -110,35 +123,44 @@ def update_variance(
 
 def gathered_jackknife(
     call: ProbeCall,
-    batch: RolloutBatch | None,
+    ids: Tensor,
     pieces: Tensor | None,
+    sizes: list[int],
     n_half: tuple[int, int],
     delta_h1: float,
 ) -> tuple[UpdateJackknife, Tensor]:
     """Every rank's ``(B_U_local, 2)`` pieces gathered in rank order and combined; with the U unit ids.
 
-    ``pieces`` is None where no piece was computed (no U units on this rank, or B_U < 2: zeros)."""
+    ``ids``: this rank's U unit ids; ``sizes``: the U units of every rank; ``pieces`` is None where no
+    piece was computed (no U units on this rank, or B_U < 2: zeros)."""
     # host-side: the per-unit pieces are few float64 numbers, gathered and combined on the host
     comm = call.comm
-    ids = torch.zeros(0, dtype=torch.long, device="cpu") if batch is None else batch.unit_ids.cpu()
-    if pieces is None:
+    if pieces is None or len(pieces) != len(ids):
         pieces = torch.zeros((len(ids), 2), dtype=torch.float64, device="cpu")
-    sizes = [int(c) for c in comm.stack(torch.tensor([len(ids)], device="cpu")).reshape(-1).tolist()]
     pieces, ids = comm.gather(pieces, sizes), comm.gather(ids, sizes)  # (B_U, 2), (B_U,)
     return combine(pieces, n_half, call.lr, delta_h1, call.config.direction), ids
 
 
 def deleted_unit_projections(
-    call: ProbeCall, upd: UpdateDirection, x_halves: tuple[Vector, Vector]
-) -> Tensor:
-    """``(B_U_local, 2)`` float64 ``(Xbar_A . dv_m, Xbar_B . dv_m)`` for this rank's U units, in order.
+    call: ProbeCall, upd: UpdateDirection, x_halves: tuple[Vector, Vector], offset: int, grouped: bool
+) -> tuple[Tensor, Tensor | None]:
+    """``(B_U_local, 2)`` float64 ``(Xbar_A . dv_m, Xbar_B . dv_m)`` for this rank's U units, in order,
+    and with ``grouped`` the ``(G, 2)`` ``(Xbar_A . dv_k, Xbar_B . dv_k)`` of the groups of
+    ``update_groups`` (else None).
 
     ``upd.grad_j`` is grad J_U over all ranks' units, ``upd.n_units`` = B_U over all ranks (>= 2); v_(-m)
-    is normalised by ``call.v_lr`` as v was, so that v_(-m) and v are alike.
+    is normalised by ``call.v_lr`` as v was, so that v_(-m) and v are alike. ``offset``: the gathered
+    position of this rank's first unit. With ``grouped`` every rank must call it (one all-reduce a group).
     """
     cfg, n_units, v = call.config, upd.n_units, upd.v
-    rows = []
-    for _, g in unit_gradients(call.module, call.params, upd.batch, upd.coeff, cfg):
+    rows, group_rows, acc, next_group = [], [], None, 0
+    units = () if upd.batch is None else unit_gradients(call.module, call.params, upd.batch, upd.coeff, cfg)
+    for m, g in units:
+        if grouped:
+            while next_group < group_of(offset + m, n_units):  # that group is complete on this rank
+                group_rows.append(_group_projection(call, upd, acc, next_group, x_halves))
+                acc, next_group = None, next_group + 1
+            acc = _accumulate(acc, g, call.params)  # before g becomes g_(-m) in place
         for name, total in upd.grad_j.items():  # g_(-m) = (B_U grad J_U - g_m) / (B_U - 1), in place
             if total is None:
                 g[name] = None
@@ -146,15 +168,51 @@ def deleted_unit_projections(
             gm = g[name]
             gm = torch.zeros_like(total) if gm is None else gm.float()
             g[name] = gm.neg_().add_(total, alpha=n_units).div_(n_units - 1)
-        dv = build_direction(cfg.direction, g, call.params, call.optimizer, call.v_lr, cfg.max_grad_norm).v
-        del g  # dv is v_(-m)
-        for name in dv:  # dv_m = v_(-m) - v in v_(-m)'s storage, formed before the dots: dv_m is ~1/B_U
-            dv[name].sub_(v[name])  # of v, a difference of two dots would lose it to rounding
-        rows.append(torch.stack([_dot64(dv, x) for x in x_halves]))
-        del dv
-    if not rows:
-        return torch.zeros((0, 2), dtype=torch.float64)
-    return torch.stack(rows).cpu()  # (B_U_local, 2)
+        rows.append(_projections(call, g, v, x_halves))  # consumes g
+        del g
+    while grouped and next_group < n_groups(n_units):  # the groups after this rank's last unit
+        group_rows.append(_group_projection(call, upd, acc, next_group, x_halves))
+        acc, next_group = None, next_group + 1
+    local = torch.stack(rows).cpu() if rows else torch.zeros((0, 2), dtype=torch.float64)  # (B_U_local, 2)
+    return local, torch.stack(group_rows).cpu() if grouped else None  # (G, 2)
+
+
+def _projections(call: ProbeCall, g_minus: dict, v: Vector, x_halves: tuple[Vector, Vector]) -> Tensor:
+    """``(2,)`` float64 ``(Xbar_A . dv, Xbar_B . dv)``, ``dv = v(g_minus) - v``; consumes ``g_minus``."""
+    cfg = call.config
+    dv = build_direction(cfg.direction, g_minus, call.params, call.optimizer, call.v_lr, cfg.max_grad_norm).v
+    for name in dv:  # dv = v_(-m) - v in v_(-m)'s storage, formed before the dots: dv is ~1/B_U of v,
+        dv[name].sub_(v[name])  # a difference of two dots would lose it to rounding
+    return torch.stack([_dot64(dv, x) for x in x_halves])
+
+
+def _accumulate(acc: dict | None, g: dict, params) -> dict:
+    """``acc += g`` (fp32, a copy the probe owns; None entries: no gradient yet)."""
+    acc = {name: None for name in params} if acc is None else acc
+    for name, t in g.items():
+        if t is not None:
+            acc[name] = t.float().clone() if acc[name] is None else acc[name].add_(t.float())
+    return acc
+
+
+def _group_projection(
+    call: ProbeCall, upd: UpdateDirection, acc: dict | None, k: int, x_halves: tuple[Vector, Vector]
+) -> Tensor:
+    """Group k's ``(2,)`` projections: its gradient sum over all ranks (one all-reduce, every rank calls),
+    ``g_(-k) = (B_U grad J_U - sum_k) / (B_U - d_k)`` formed in that sum's storage, then ``v_(-k)``."""
+    n_units, d = upd.n_units, group_sizes(upd.n_units)[k]
+    acc = {name: None for name in call.params} if acc is None else acc
+    total = all_reduce_vector(call.comm, acc, call.params)  # over all ranks: a group may span ranks
+    g = {}
+    for name, grad_j in upd.grad_j.items():
+        s = total.get(name)
+        if grad_j is None:
+            g[name] = None
+            continue
+        s = torch.zeros_like(grad_j) if s is None else s
+        g[name] = s.neg_().add_(grad_j, alpha=n_units).div_(n_units - d)
+    del total
+    return _projections(call, g, upd.v, x_halves)
 
 
 DOT_CHUNK = 1 << 20  # elements per float64 partial dot: temporaries stay small whatever the parameter size

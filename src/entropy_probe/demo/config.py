@@ -34,6 +34,9 @@ class DemoConfig:
     device: str = "cpu"
     threads: int = 1
     out: str = "runs/demo"
+    entropy: str = "token"
+    """The probe's functional, passed as ``ProbeConfig(entropy=...)``: "token" (the trainers' logged
+    ``sum(m H_t) / sum(m)``, docs/token_entropy.md) or "sequence" (``E[-S_w]``, token-mean weighting)."""
     entropy_budget: float | None = None
     """None: plain GRPO; else each step is shrunk by ``EntropyGuard(entropy_budget)`` (docs/guard.md)."""
 
@@ -79,6 +82,13 @@ def parse_args(argv: list[str] | None) -> DemoConfig:
         default=d.threads,
         help="CPU threads for torch (a model this small runs fastest on one; results are "
         "bit-reproducible for a given seed and thread count)",
+    )
+    p.add_argument(
+        "--entropy",
+        choices=("token", "sequence"),
+        default=d.entropy,
+        help="the entropy functional forecast and measured: token (what TRL/verl log: the mean over all "
+        "response tokens of the full-vocabulary entropy) or sequence (mean per-response surprisal)",
     )
     p.add_argument("--out", default=d.out, help="output folder for demo.json, steps.csv, demo.png")
     p.add_argument(

@@ -64,6 +64,7 @@ def summarize(rows: list[dict]) -> dict:
         mean_truth_minus_forecast_se=float(gap.std() / math.sqrt(n)) if n > 1 else 0.0,
         max_step_relative_error=max(col("step_relative_error")),
         **second_order_summary(rows),
+        **logged_summary(rows),
     )
 
 
@@ -84,11 +85,37 @@ def second_order_summary(rows: list[dict]) -> dict:
         sum_truth_minus_forecast_se=math.sqrt(sum(s**2 for s in col("truth_se_diff"))),
         mean_truth_minus_forecast2=float(gap.mean()),
         mean_truth_minus_forecast2_se=float(gap.std() / math.sqrt(n)) if n > 1 else 0.0,
+        **truth_z_summary(kept),
+    )
+
+
+def truth_z_summary(kept: list[dict]) -> dict:
+    """Mean and SD over the reliable steps of ``(truth - forecast) / se_diff`` for both orders: about 0 and
+    1 when the forecast is unbiased and its paired SE right (docs/demo.md)."""
+    out = {}
+    for suffix, forecast, se in (("", "forecast", "truth_se_diff"), ("2", "forecast2", "truth_se_diff2")):
+        z = torch.tensor([(r["truth"] - r[forecast]) / r[se] for r in kept], dtype=torch.float64)  # (steps,)
+        out[f"truth_z{suffix}_mean"] = float(z.mean()) if len(z) else math.nan
+        out[f"truth_z{suffix}_sd"] = float(z.std()) if len(z) > 1 else math.nan
+    return out
+
+
+def logged_summary(rows: list[dict]) -> dict:
+    """The trainer's logged entropy (on U) against the probe's ``result.entropy`` (on E), per step."""
+    if "trainer_entropy" not in rows[0]:
+        return {}
+    gap = torch.tensor([r["probe_entropy"] - r["trainer_entropy"] for r in rows], dtype=torch.float64)
+    n = len(rows)
+    return dict(
+        logged_entropy_start=rows[0]["trainer_entropy"],
+        logged_entropy_end=rows[-1]["trainer_entropy"],
+        probe_minus_logged=float(gap.mean()),
+        probe_minus_logged_se=float(gap.std() / math.sqrt(n)) if n > 1 else 0.0,
     )
 
 
 # ---- outputs ---------------------------------------------------------------------------------------
-OUTPUT_FILES = ("demo.json", "steps.csv", "demo.png", "layers.png", "influence.png")
+OUTPUT_FILES = ("demo.json", "steps.csv", "demo.png", "entropy.png", "layers.png", "influence.png")
 
 
 def table_rows(rows: list[dict]) -> list[dict]:
@@ -119,7 +146,7 @@ def plot(out: Path, rows: list[dict], summary: dict) -> Path:
     import numpy as np
 
     keys = ("step", "forecast", "forecast_se", "truth", "truth_se", "measured", "forecast2", "forecast2_se")
-    keys += ("entropy", "entropy_se", "reward", "reward_se", "trainer_entropy", "probe_entropy")
+    keys += ("entropy", "entropy_se", "reward", "reward_se")
     col = {k: np.array([r[k] for r in rows], dtype=float) for k in keys if k in rows[0]}  # (steps,) each
     fig, ax = plt.subplots(2, 2, figsize=(12, 8.5), constrained_layout=True)
     _steps_panel(ax[0, 0], col, summary)
@@ -245,10 +272,6 @@ def _entropy_panel(a, col: dict, rows: list[dict]) -> None:
         lw=0.8,
         label="measured entropy, fresh samples",
     )
-    if "trainer_entropy" in col:  # before each step: the trainer's logged formula on U, the probe's on E
-        before = col["step"] - 1
-        a.plot(before, col["trainer_entropy"], color=GREEN, lw=1, ls="--", label="trainer's logged (U)")
-        a.plot(before, col["probe_entropy"], color=BLUE, lw=1, ls=":", label="probe's result.entropy (E)")
     a.set(xlabel="GRPO step", ylabel="policy entropy (nats per token)", title="Entropy: measured vs forecast")
     a.legend(fontsize=8)
 
@@ -325,6 +348,15 @@ def print_report(console, rows: list[dict], summary: dict, out: Path) -> None:
         "mean truth - forecast per step",
         f"{s['mean_truth_minus_forecast']:+.4f} ± {s['mean_truth_minus_forecast_se']:.4f}",
     )
+    lines.add_row(
+        "SD of z, truth vs forecast: 1st, 2nd order",
+        f"{s['truth_z_sd']:.2f}, {s['truth_z2_sd']:.2f}",
+    )
+    if "probe_minus_logged" in s:
+        lines.add_row(
+            "probe's entropy - trainer's logged, per step",
+            f"{s['probe_minus_logged']:+.4f} ± {s['probe_minus_logged_se']:.4f}",
+        )
     lines.add_row("real AdamW step vs forecast's step (rel. error)", f"{s['max_step_relative_error']:.1e}")
     console.print(lines)
     console.print("wrote " + ", ".join(str(out / n) for n in OUTPUT_FILES))

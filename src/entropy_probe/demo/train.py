@@ -34,14 +34,14 @@ from torch import nn
 from ..batch import RolloutBatch
 from ..config import ProbeConfig
 from ..guard import EntropyGuard
-from ..logprobs import policy_logprobs, sequence_logprobs, token_terms
+from ..logprobs import sequence_logprobs
 from ..loss import policy_loss
-from ..objectives import unit_entropy
 from ..probe import EntropyProbe
 from ..sampling import sample_rollouts
 from ..statistics import Z95
-from ..token_entropy import unit_totals
 from .config import DemoConfig
+from .entropy_plot import entropy_plot
+from .fresh import entropy_mean_se, fresh_sample, mean_se, paired_change, trainer_entropy
 from .layers import INFLUENCE_KEY, influence_plot, layer_plot
 from .report import plot, print_report, summarize, table_rows, write_files
 from .task import SortingTask
@@ -122,46 +122,6 @@ def _seed(cfg: DemoConfig, step: int, role: int) -> int:
     return (cfg.seed * 1_000_003 + step * 16 + role) % (2**63)
 
 
-def fresh_entropy(
-    model: nn.Module, task: SortingTask, prompts, cfg: DemoConfig, seed: int, probe_cfg: ProbeConfig
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(per-unit entropy, per-unit mean reward)``, each ``(B_F,)`` float64, on fresh samples."""
-    batch = sample_rollouts(
-        model,
-        prompts,
-        cfg.group_size,
-        task.max_new_tokens,
-        task.eos,
-        task.reward,
-        probe_cfg.temperature,
-        seed,
-    )
-    with torch.no_grad():
-        weighted = policy_logprobs(model, batch, probe_cfg).weighted
-    h = unit_entropy(weighted, batch).double().cpu()
-    g = batch.unit_sizes.double().cpu()
-    r = (
-        torch.zeros(batch.n_units, dtype=torch.float64).index_add_(
-            0, batch.unit_index.cpu(), batch.rewards.double().cpu()
-        )
-        / g
-    )
-    return h, r
-
-
-@torch.no_grad()
-def trainer_entropy(model: nn.Module, batch: RolloutBatch, temperature: float) -> float:
-    """The ``entropy`` TRL (verl, OpenRLHF) logs for a training batch: ``sum(m H_t) / sum(m)`` over its
-    response tokens, H_t the full-vocabulary entropy at the sampling temperature."""
-    terms = token_terms(model, batch, temperature)
-    totals = unit_totals(terms.entropy, terms.mask, batch)
-    return float(totals.entropy_sum / totals.token_count)
-
-
-def _mean_se(x: torch.Tensor) -> tuple[float, float]:
-    return float(x.mean()), float(x.std() / math.sqrt(x.numel()))
-
-
 def rl_step(
     step: int, probe: EntropyProbe, task: SortingTask, cfg: DemoConfig, prompt_gen: torch.Generator
 ) -> dict:
@@ -179,7 +139,7 @@ def rl_step(
     u_batch = sample(u_prompts, _seed(cfg, step, 0))
     e_batch = sample(task.prompts(cfg.eval_prompts, prompt_gen), _seed(cfg, step, 1))
     f_prompts = task.prompts(cfg.measure_prompts, prompt_gen)
-    h_before, r_before = fresh_entropy(model, task, f_prompts, cfg, _seed(cfg, step, 2), pc)
+    before = fresh_sample(model, task, f_prompts, cfg, _seed(cfg, step, 2), pc)
 
     logged = trainer_entropy(model, u_batch, pc.temperature)  # what a trainer logs for this step's batch
     result = probe.run(u_batch, e_batch, truth=True)
@@ -188,9 +148,9 @@ def rl_step(
     decision = _optimizer_step(probe, u_batch, result, cfg)
     scale = decision.scale if decision is not None else 1.0
     step_error = _step_relative_error(probe, theta, v, scale * result.lr)  # the lr of the step taken
-    h_after, _ = fresh_entropy(model, task, f_prompts, cfg, _seed(cfg, step, 2), pc)  # same seed and prompts
+    after = fresh_sample(model, task, f_prompts, cfg, _seed(cfg, step, 2), pc)  # same seed and prompts
 
-    row = _row(step, result, scale, u_batch, (r_before, h_before, h_after), step_error)
+    row = _row(step, result, scale, u_batch, (before, after), step_error)
     row.update(trainer_entropy=logged, probe_entropy=result.entropy)  # the dashboard's number, the probe's
     # each U prompt's influence on delta_h1 (result.update_influence), for influence.png; not a CSV column
     row[INFLUENCE_KEY] = [
@@ -229,13 +189,14 @@ def _step_relative_error(probe: EntropyProbe, theta: dict, v: dict, eta: float) 
 
 
 def _row(step: int, result, scale: float, u_batch: RolloutBatch, fresh: tuple, step_error: float) -> dict:
-    """One row of steps.csv; ``fresh``: (rewards, entropies before, entropies after) of the fresh samples."""
-    r_before, h_before, h_after = fresh
+    """One row of steps.csv; ``fresh``: the fresh samples before and after the step (``fresh.Fresh``)."""
+    before, after = fresh
     # the first-order forecast of the step taken (at the guard's scale), which the fresh samples measure
     taken, taken_se = scale * result.delta_h1, scale * result.se_cond_e
-    reward, reward_se = _mean_se(r_before)
-    entropy, entropy_se = _mean_se(h_before)
-    measured, measured_se = _mean_se(h_after - h_before)  # paired by unit
+    reward, reward_se = mean_se(before.reward)
+    entropy, entropy_se = entropy_mean_se(before)
+    entropy_after, _ = entropy_mean_se(after)
+    measured, measured_se = paired_change(before, after)  # paired by unit
     t = result.truth
     lo, hi = result.interval(z=Z95)  # the normal interval: the report's error bars are Z95 * forecast_se
     return dict(
@@ -245,7 +206,7 @@ def _row(step: int, result, scale: float, u_batch: RolloutBatch, fresh: tuple, s
         reward_update=float(u_batch.rewards.mean()),
         entropy=entropy,
         entropy_se=entropy_se,
-        entropy_after=float(h_after.mean()),
+        entropy_after=entropy_after,
         forecast=result.delta_h1,
         forecast_se=result.se_cond_e,
         forecast_se_jackknife=result.se_jackknife,
@@ -289,6 +250,23 @@ def second_order_columns(result) -> dict:
 
 
 # ---- the command -----------------------------------------------------------------------------------
+def build(cfg: DemoConfig) -> tuple[SortingTask, EntropyProbe, torch.Generator]:
+    """The task, the probe on the seeded model and its AdamW (warm-up lr), and the data generator."""
+    torch.set_num_threads(cfg.threads)
+    task = SortingTask(n_digits=cfg.n_digits)
+    torch.manual_seed(cfg.seed)  # the model's random init
+    model = build_model(cfg, task).to(cfg.device)
+    data_gen = torch.Generator().manual_seed(cfg.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.warmup_lr, weight_decay=0.0)
+    probe_cfg = ProbeConfig(
+        entropy=cfg.entropy,  # the functional asked for, explicitly (not the library's default)
+        direction="optimizer-step",
+        max_grad_norm=cfg.max_grad_norm if cfg.max_grad_norm else None,
+        second_order=True,
+    )
+    return task, EntropyProbe(model, optimizer, probe_cfg), data_gen
+
+
 def run(cfg: DemoConfig, console=None) -> dict:
     """The whole demo; returns the contents of demo.json."""
     from rich.console import Console
@@ -296,21 +274,8 @@ def run(cfg: DemoConfig, console=None) -> dict:
 
     console = console or Console()
     start = time.perf_counter()
-    torch.set_num_threads(cfg.threads)
-    task = SortingTask(n_digits=cfg.n_digits)
-    torch.manual_seed(cfg.seed)  # the model's random init
-    model = build_model(cfg, task).to(cfg.device)
-    data_gen = torch.Generator().manual_seed(cfg.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.warmup_lr, weight_decay=0.0)
-    probe = EntropyProbe(
-        model,
-        optimizer,
-        ProbeConfig(
-            direction="optimizer-step",
-            max_grad_norm=cfg.max_grad_norm if cfg.max_grad_norm else None,
-            second_order=True,
-        ),
-    )
+    task, probe, data_gen = build(cfg)
+    model, optimizer = probe.model, probe.optimizer
     rows: list[dict] = []
     columns = [
         TextColumn("[bold]{task.description}"),
@@ -352,7 +317,9 @@ def run(cfg: DemoConfig, console=None) -> dict:
     )
     write_files(out, cfg, rows, summary, extra)
     plot(out, rows, summary)
+    entropy_plot(out, rows, summary, cfg.entropy)
     layer_plot(out, rows)
     influence_plot(out, rows)
+    console.print(f"entropy functional: ProbeConfig(entropy={cfg.entropy!r}) (docs/token_entropy.md)")
     print_report(console, rows, summary, out)
     return dict(config=asdict(cfg), summary=summary, steps=table_rows(rows), **extra)

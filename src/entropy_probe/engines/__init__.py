@@ -32,10 +32,8 @@ __all__ = [
 
 
 def uses_token_pieces(cfg: ProbeConfig) -> bool:
-    """Whether E is read through the exact H_t (``token_entropy``): the token-level entropy, and the
-    sequence-level "sum" functional, whose numerator it is (``E[sum_t m_t H_t] = E[-S]``). The note's
-    ``x_estimator="seed"`` keeps its own sampled-token form."""
-    return cfg.entropy == "token" or (cfg.entropy_weighting == "sum" and cfg.x_estimator == "unbiased")
+    """Whether E is read through the exact H_t (``ProbeConfig.token_pieces``)."""
+    return cfg.token_pieces
 
 
 def token_projections(

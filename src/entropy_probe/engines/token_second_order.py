@@ -59,9 +59,17 @@ def token_directional_terms(
 
 
 def eval_token_taylor(
-    module: nn.Module, params: Params, batch: RolloutBatch, v: Vector, temperature: float, units: int
+    module: nn.Module,
+    params: Params,
+    batch: RolloutBatch,
+    v: Vector,
+    temperature: float,
+    units: int,
+    tokens: ResponseTokens | None = None,
 ) -> Tensor:
-    """``(B_E, 3, 2)`` float64 ``unit_taylor`` of every unit of ``batch``, ``units`` units per pass."""
+    """``(B_E, 3, 2)`` float64 ``unit_taylor`` of every unit of ``batch``, ``units`` units per pass.
+    ``tokens``: ``ResponseTokens.zeros(batch)`` to fill with every row's l_k, H_k at theta (the pass has
+    them: ``forecast.shared_token_pass`` keeps them for ``measure_change``)."""
     width = int(batch.response_lengths.max())
     out = torch.empty(batch.n_units, 3, 2, dtype=torch.float64, device=batch.device)
     with second_order_ready(module):
@@ -75,4 +83,7 @@ def eval_token_taylor(
                 ) from e
             taylor = unit_taylor(mb.batch, d.terms, d.d_logp, d.d2_logp, d.d_entropy, d.d2_entropy)
             out[torch.as_tensor(mb.units, device=out.device)] = taylor
+            if tokens is not None:  # same width (the batch's longest response): rows copy as they are
+                tokens.logp[mb.rows], tokens.entropy[mb.rows] = d.terms.logp, d.terms.entropy
+                tokens.mask[mb.rows] = d.terms.mask
     return out

@@ -54,10 +54,13 @@ from transformers.trainer_callback import DefaultFlowCallback
 
 from ..config import ProbeConfig
 from ..control import EntropyController
+from ..from_grad import optimizer_lr
 from ..guard import EntropyGuard
 from ..probe import EntropyProbe
 from ..result import PREFIX
 from ..sampling import sample_rollouts
+from . import eval_size
+from .eval_size import EvalSize
 from .trl_arguments import check_arguments, is_int
 
 JSONL_NAME = "entropy_probe.jsonl"
@@ -77,6 +80,11 @@ class EntropyProbeCallback(TrainerCallback):
         the probed steps take consecutive slices of the list in turn (wrapping around), so every prompt
         is used. The E size and the ``se_cond_e`` it reached are in each record (``n_eval_units``,
         ``se_cond_e``).
+    se_target: None (every probed step takes ``max_eval_units``), or the ``se_cond_e`` to aim for, in
+        nats: from the second probed step on, E takes as few units as the previous probed step's per-unit
+        SD says reach it at the current learning rate, between 2 and ``max_eval_units``
+        (``eval_size``; the target is in each record as ``se_target``). With the token-level estimator
+        (``ProbeConfig(entropy="token")``) a given SE needs fewer units than with "sequence".
     group_size: responses sampled per prompt (G >= 2).
     max_new_tokens: the longest sampled response; None: the run's ``args.max_completion_length``.
     config: the probe's options; default ``ProbeConfig(direction="optimizer-step")``, whose
@@ -117,6 +125,7 @@ class EntropyProbeCallback(TrainerCallback):
         control_mode: str = "scale",
         control_band: float = 0.1,
         control_entropy: str = "probe",
+        se_target: float | None = None,
     ):
         check_arguments(
             eval_prompts,
@@ -128,8 +137,10 @@ class EntropyProbeCallback(TrainerCallback):
             budget=entropy_budget,
             level=level,
             max_eval_units=max_eval_units,
+            se_target=se_target,
         )
-        self.max_eval_units = max_eval_units
+        self.max_eval_units, self.se_target = max_eval_units, se_target
+        self._size = EvalSize(max_eval_units, se_target)
         self.eval_prompts = [p["prompt"] if isinstance(p, dict) else p for p in eval_prompts]
         self.every, self.group_size, self.max_new_tokens, self.seed = every, group_size, max_new_tokens, seed
         self.config = config if config is not None else ProbeConfig(direction="optimizer-step")
@@ -175,8 +186,10 @@ class EntropyProbeCallback(TrainerCallback):
         rank, world = _rank_and_world()
         # a multimodal processor holds its tokenizer in .tokenizer
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
-        prompts = self._step_prompts(self._tokenised(processing_class), args, state.global_step)[rank::world]
         cfg = replace(self.config, temperature=float(getattr(args, "temperature", self.config.temperature)))
+        lr = cfg.lr if cfg.lr is not None or optimizer is None else optimizer_lr(optimizer)
+        prompts = self._step_prompts(self._tokenised(processing_class), args, state.global_step, lr)
+        prompts = prompts[rank::world]
         eval_batch = None
         if prompts:
             eos = tokenizer.eos_token_id
@@ -197,6 +210,7 @@ class EntropyProbeCallback(TrainerCallback):
             model, optimizer, cfg, process_group=torch.distributed.group.WORLD if world > 1 else None
         )
         result = probe.run(eval_batch=eval_batch, from_grad=True)
+        self._size.observe(result.se_cond_e, result.n_eval_units, result.lr)  # the next step's E size
         decision = None
         if self.guard is not None or self.controller is not None:
             now = (model, state.global_step, self._entropy_now(state))
@@ -220,6 +234,7 @@ class EntropyProbeCallback(TrainerCallback):
             **_taken(result, 1.0 if decision is None else decision.scale),
             **measured.to_dict(),
             **guard_metrics,
+            **({} if self.se_target is None else {f"{PREFIX}se_target": self.se_target}),
         }
         metrics = {k: v for k, v in metrics.items() if v is not None}  # se_total: None without a U batch
         # the metrics carry reliable and prediction/* (numbers only); the record also names the method
@@ -292,19 +307,16 @@ class EntropyProbeCallback(TrainerCallback):
             stack, self._guarded = self._guarded, None
             stack.close()
 
-    def eval_units(self, args) -> int:
-        """The number of prompts sampled per probed step (``max_eval_units``, or the trainer's own)."""
-        n = self.max_eval_units
-        if n is None:
-            n = trainer_prompts_per_step(args)
-        return min(n, len(self.eval_prompts)) if n is not None else len(self.eval_prompts)
+    def eval_units(self, args, lr: float | None = None) -> int:
+        """The number of prompts sampled per probed step at learning rate ``lr``: ``max_eval_units`` (or
+        the trainer's own), fewer where ``se_target`` allows (``eval_size.EvalSize``)."""
+        return self._size.units(args, len(self.eval_prompts), lr, _rank_and_world()[1])
 
-    def _step_prompts(self, prompts: list, args, global_step: int) -> list:
-        """This probed step's slice of the prompts: the k-th probed step takes the k-th ``eval_units``
-        consecutive prompts, wrapping around the list."""
-        m = self.eval_units(args)
-        start = (global_step // self.every) * m
-        return [prompts[(start + j) % len(prompts)] for j in range(m)]
+    def _step_prompts(self, prompts: list, args, global_step: int, lr: float | None = None) -> list:
+        """This probed step's slice of the prompts: consecutive ones, wrapping around the list (the k-th
+        probed step takes the k-th slice when every slice has the same size)."""
+        m = self.eval_units(args, lr)
+        return [prompts[i] for i in self._size.step_slice(len(prompts), m, global_step // self.every)]
 
     def _tokenised(self, processing_class) -> list[list[int]]:
         if self._prompt_ids is None:
@@ -333,13 +345,8 @@ def tokenise_prompt(processing_class, prompt) -> list[int]:
 
 
 def trainer_prompts_per_step(args) -> int | None:
-    """Prompts in one optimizer step of a TRL ``GRPOTrainer`` over all ranks (completions /
-    ``num_generations``); None for a trainer whose arguments have no ``num_generations``."""
-    generations = getattr(args, "num_generations", None)
-    if not generations:
-        return None
-    completions = args.per_device_train_batch_size * args.gradient_accumulation_steps * _rank_and_world()[1]
-    return max(1, completions // generations)
+    """Prompts in one optimizer step of a TRL ``GRPOTrainer`` over all ranks (``eval_size``)."""
+    return eval_size.trainer_prompts_per_step(args, _rank_and_world()[1])
 
 
 def _taken(result, scale: float) -> dict:

@@ -3,6 +3,7 @@ a bad one fails at construction rather than at the first probed step (docs/desig
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from ..config import ProbeConfig
@@ -56,3 +57,6 @@ def check_arguments(eval_prompts, **kw) -> None:
     units = kw["max_eval_units"]
     if units is not None and not (is_int(units) and units >= 1):
         raise ValueError(f"{name}max_eval_units must be None or an integer >= 1, got {units!r}")
+    target = kw.get("se_target")
+    if target is not None and not (is_number(target) and math.isfinite(target) and target > 0):
+        raise ValueError(f"{name}se_target must be None or a finite number > 0 (nats), got {target!r}")

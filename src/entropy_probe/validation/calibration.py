@@ -31,9 +31,9 @@ CLIP = 0.5  # optimizer-step's max_grad_norm: about the toy's gradient norm, so 
 LR = 3e-2
 
 
-def _policy_and_optimizer(direction: str, warm_steps: int, seed: int):
+def _policy_and_optimizer(direction: str, warm_steps: int, seed: int, scale: float = 1.0):
     """The toy policy and, for the Adam directions, an AdamW with ``warm_steps`` real steps of state."""
-    policy = TabularPolicy(seed=seed)
+    policy = TabularPolicy(seed=seed, scale=scale)
     if direction == "sgd":
         return policy, None
     optimizer = torch.optim.AdamW(policy.parameters(), lr=LR, weight_decay=0.01)
@@ -46,10 +46,17 @@ def _policy_and_optimizer(direction: str, warm_steps: int, seed: int):
 
 
 def se_total_pairs(
-    direction: str, warm_steps: int, n_pairs: int, update_units: int, eval_units: int, seed: int = 0
+    direction: str,
+    warm_steps: int,
+    n_pairs: int,
+    update_units: int,
+    eval_units: int,
+    seed: int = 0,
+    scale: float = 1.0,
 ) -> dict:
-    """delta_h1, se_total^2 and var_cond_e over ``n_pairs`` independent (U, E) pairs."""
-    policy, optimizer = _policy_and_optimizer(direction, warm_steps, seed)
+    """delta_h1, se_total^2 and var_cond_e over ``n_pairs`` independent (U, E) pairs (policy ``seed``, table
+    ``scale``)."""
+    policy, optimizer = _policy_and_optimizer(direction, warm_steps, seed, scale)
     clip = CLIP if direction == "optimizer-step" else None
     cfg = ProbeConfig(lr=LR, direction=direction, max_grad_norm=clip, entropy="sequence")
     probe = EntropyProbe(policy, optimizer, cfg)
