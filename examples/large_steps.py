@@ -46,8 +46,12 @@ def one_lr(lr: float, init: float, draws: int, second_order: bool, guard: ep.Ent
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     ep.policy_loss(model, sample_enumerated(model, 16, 4, seed=1), ep.ProbeConfig()).backward()
     exact = exact_change(model, lr)
-    cfg = ep.ProbeConfig(
-        direction="optimizer-step", engine="jvp", second_order=second_order, lookahead="always"
+    cfg = ep.ProbeConfig(  # the sequence functional: the exact change above is of it (toy.exact_entropy)
+        direction="optimizer-step",
+        engine="jvp",
+        second_order=second_order,
+        lookahead="always",
+        entropy="sequence",
     )
     probe, rows = ep.EntropyProbe(model, opt, cfg), []
     for d in range(draws):

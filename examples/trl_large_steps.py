@@ -151,7 +151,9 @@ def main() -> None:
         train_dataset=Dataset.from_dict({"prompt": prompts(256, seed=1)}),
         processing_class=tokenizer,
     )
-    config = ProbeConfig(direction="optimizer-step", lookahead="always")
+    # the sequence functional: the fresh-sample measurement below is of -mean S_w (unit_entropy), so the
+    # forecast must be of the same functional (the callback's default, "token", is not)
+    config = ProbeConfig(direction="optimizer-step", lookahead="always", entropy="sequence")
     probe_cb = attach(
         trainer,
         EntropyProbeCallback(

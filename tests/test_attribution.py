@@ -72,7 +72,7 @@ def test_by_group_against_literal_x_n_and_sums_exactly(build):
     v = {n: torch.randn(p.shape, generator=gen) for n, p in params.items()}
     batch = random_batch(5, 3, vocab=VOCAB, seed=3, max_prompt=3, max_response=4)
     lr = 1e-2
-    r = ep.EntropyProbe(model, config=ep.ProbeConfig(lr=lr, unconditional_se=False)).run(
+    r = ep.EntropyProbe(model, config=ep.ProbeConfig(entropy="sequence", lr=lr, unconditional_se=False)).run(
         eval_batch=batch, direction=v
     )
     want = group_values_by_hand(model, batch, v, lr, default_group)
@@ -102,7 +102,7 @@ def test_custom_groups_replace_the_default():
         for n, p in trainable(model).items()
     }
     batch = random_batch(4, 3, vocab=VOCAB, seed=5)
-    cfg = ep.ProbeConfig(lr=1e-2, unconditional_se=False, groups=attention_or_mlp)
+    cfg = ep.ProbeConfig(entropy="sequence", lr=1e-2, unconditional_se=False, groups=attention_or_mlp)
     r = ep.EntropyProbe(model, config=cfg).run(eval_batch=batch, direction=v)
     want = group_values_by_hand(model, batch, v, 1e-2, attention_or_mlp)
     assert set(r.by_group) == {"attention", "rest"}

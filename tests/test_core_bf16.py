@@ -64,7 +64,10 @@ def test_bf16_truth_tends_to_the_derivative_of_the_step_and_to_the_forecast(monk
         random_batch(32, group_size=4, vocab=VOCAB, seed=2),
     )
     probe = ep.EntropyProbe(
-        model, config=ep.ProbeConfig(lr=LR, direction="sgd", truth_alphas=ALPHAS, unconditional_se=False)
+        model,
+        config=ep.ProbeConfig(
+            entropy="sequence", lr=LR, direction="sgd", truth_alphas=ALPHAS, unconditional_se=False
+        ),
     )
     v = probe.update_direction(U)
     params = probe.parameters()

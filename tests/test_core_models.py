@@ -44,7 +44,9 @@ def test_backward_engine_matches_brute_force(kind):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     update = random_batch(3, vocab=VOCAB, seed=1, group_size=[2, 3, 2])
     evaluation = random_batch(3, vocab=VOCAB, seed=2, group_size=[3, 2, 2])
-    probe = ep.EntropyProbe(model, opt, ep.ProbeConfig(direction="optimizer-step", microbatch_units=2))
+    probe = ep.EntropyProbe(
+        model, opt, ep.ProbeConfig(entropy="sequence", direction="optimizer-step", microbatch_units=2)
+    )
     r = probe.run(update, evaluation, truth=True)
     params = trainable(model)
     v = flat(probe.update_direction(update), params)

@@ -104,13 +104,18 @@ def test_chan_merge_keeps_precision_under_a_large_offset():
 
 
 def test_fewer_than_two_eval_units_gives_se_zero_with_a_warning():
+    """The sequence functional's mean of s_n needs one unit; the token default's ratio (jackknifed by
+    deleting a unit) needs two, and says so."""
     model = TinyLM(seed=0)
     update, evaluation = random_batch(3, seed=1), random_batch(1, seed=2)
-    probe = ep.EntropyProbe(model, config=ep.ProbeConfig(lr=ETA, direction="sgd"))
+    probe = ep.EntropyProbe(model, config=ep.ProbeConfig(entropy="sequence", lr=ETA, direction="sgd"))
     with pytest.warns(RuntimeWarning, match="fewer than 2 units"):
         r = probe.run(update, evaluation)
     assert r.n_eval_units == 1 and r.delta_h1 != 0 and math.isfinite(r.delta_h1)
     assert r.se_cond_e == 0.0 and r.var_cond_e == 0.0 and r.se_jackknife == 0.0
+    token = ep.EntropyProbe(model, config=ep.ProbeConfig(lr=ETA, direction="sgd"))
+    with pytest.raises(ValueError, match="eval_batch: .* needs at least 2 evaluation units, got 1"):
+        token.run(update, evaluation)
 
 
 def test_two_eval_units_are_enough_for_a_variance_and_warn_nothing():
@@ -170,7 +175,9 @@ def test_se_total_against_materialised_y(kind, clip):
     update = random_batch(5, group_size=[2, 3, 4, 3, 2], seed=6)
     evaluation = random_batch(6, group_size=[3, 2, 4, 3, 3, 2], seed=7)
     probe = ep.EntropyProbe(
-        model, optimizer, ep.ProbeConfig(direction=kind, max_grad_norm=clip, microbatch_units=2)
+        model,
+        optimizer,
+        ep.ProbeConfig(entropy="sequence", direction=kind, max_grad_norm=clip, microbatch_units=2),
     )
     r = probe.run(update, evaluation)
     eta = probe.lr

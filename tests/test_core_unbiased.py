@@ -90,6 +90,7 @@ def test_exact_entropy_matches_hand_enumeration():
 def test_delta_h1_is_unbiased_against_exact_enumeration(problem, case: Case):
     policy, update, evaluation = problem
     config = ep.ProbeConfig(
+        entropy="sequence",
         lr=ETA,
         entropy_weighting=case.weighting,
         x_estimator=case.estimator,

@@ -83,7 +83,7 @@ def _close(a: float, b: float, rel: float, what: str) -> None:
     [
         ep.ProbeConfig(direction="optimizer-step", max_grad_norm=0.5, truth_alphas=(0.5, 1.0)),
         ep.ProbeConfig(direction="adam-preconditioned", engine="jvp", microbatch_units=2),
-        ep.ProbeConfig(direction="sgd", lr=0.05, entropy_weighting="sum"),
+        ep.ProbeConfig(entropy="sequence", direction="sgd", lr=0.05, entropy_weighting="sum"),
     ],
     ids=["optimizer-step", "jvp", "sgd"],
 )

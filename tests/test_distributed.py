@@ -193,6 +193,7 @@ def _split_cases(rank: int, world: int) -> None:
                 loss_aggregation="seq-mean-token-sum-norm",
                 norm_length=9,
                 advantage_estimator="rloo",
+                entropy="sequence",
                 entropy_weighting="sum",
                 second_order=True,
             ),

@@ -59,6 +59,7 @@ def assert_engines_agree(model, batch, microbatch_units: int, temperature: float
     for weighting in ("token-mean", "sum"):
         for estimator in ("unbiased", "seed"):
             cfg = ProbeConfig(
+                entropy="sequence",
                 temperature=temperature,
                 entropy_weighting=weighting,
                 x_estimator=estimator,
@@ -131,7 +132,7 @@ def test_probe_run_engines_agree():
     update, evaluation = padded_batch(4, 3, "left", seed=10), padded_batch(6, 3, "left", seed=11)
     results = {}
     for engine in ("backward", "jvp"):
-        cfg = ep.ProbeConfig(lr=1e-3, direction="sgd", engine=engine, microbatch_units=4)
+        cfg = ep.ProbeConfig(entropy="sequence", lr=1e-3, direction="sgd", engine=engine, microbatch_units=4)
         results[engine] = ep.EntropyProbe(model, config=cfg).run(update, evaluation)
     bwd, jvp = results["backward"], results["jvp"]
     assert rel_err(jvp.per_unit, bwd.per_unit) <= RTOL
@@ -162,7 +163,7 @@ def test_gradient_checkpointing_survives_and_works():
     v = random_direction(trainable(model))
     results = {}
     for engine in ("backward", "jvp"):
-        cfg = ep.ProbeConfig(lr=1e-3, engine=engine, microbatch_units=3)
+        cfg = ep.ProbeConfig(entropy="sequence", lr=1e-3, engine=engine, microbatch_units=3)
         results[engine] = ep.EntropyProbe(model, config=cfg).run(eval_batch=evaluation, direction=v)
     assert rel_err(results["jvp"].per_unit, results["backward"].per_unit) <= RTOL
     assert model.is_activation_checkpointing and model.training
@@ -191,6 +192,6 @@ def test_hooks_restored_after_an_error():
             params,
             batch,
             random_direction(params),
-            ProbeConfig(microbatch_units=2, entropy_weighting="sum"),
+            ProbeConfig(entropy="sequence", microbatch_units=2, entropy_weighting="sum"),
         )
     assert list(model.get_input_embeddings()._forward_hooks.items()) == embedding_hooks

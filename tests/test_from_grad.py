@@ -169,6 +169,7 @@ def test_a_failure_inside_the_probe_leaves_the_callers_state_intact(monkeypatch)
     model, opt = setup(Case("AdamW", 2, 2))
     model.eval()
     monkeypatch.setattr(passes_module, "eval_projections", draw_flip_and_fail)
+    monkeypatch.setattr(passes_module, "token_projections", draw_flip_and_fail)  # the default's E pass
     before = snapshot(model, opt)
     with pytest.raises(RuntimeError, match="injected failure"):
         ep.EntropyProbe(model, opt, ep.ProbeConfig(direction="optimizer-step")).run(

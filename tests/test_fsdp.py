@@ -48,7 +48,8 @@ from entropy_probe.logprobs import sequence_logprobs
 
 REL = 1e-6  # fp32 summation order only, relative to the terms summed (module docstring)
 TRUTH = ("delta_h", "se", "ess", "se_diff", "slope")
-DEFAULT = [(kind, {}) for kind in ("sgd", "adam-preconditioned", "optimizer-step")]  # the default functional
+# the default functional ("token") and, for the last direction, the sequence one (its own FSDP2 path)
+DEFAULT = [("sgd", {}), ("adam-preconditioned", {}), ("optimizer-step", {"entropy": "sequence"})]
 
 
 def _close(a: float, b: float, what: str, terms: float = 0.0) -> None:

@@ -38,7 +38,10 @@ def toy_setup(lr: float = 3e-3, n_update: int = 32):
     policy = TabularPolicy(seed=0, scale=0.5)
     U = sample_enumerated(policy, n_units=n_update, seed=1, reward_fn=stop_at_once)
     probe = ep.EntropyProbe(
-        policy, config=ep.ProbeConfig(lr=lr, direction="adam-preconditioned", unconditional_se=False)
+        policy,
+        config=ep.ProbeConfig(
+            entropy="sequence", lr=lr, direction="adam-preconditioned", unconditional_se=False
+        ),
     )
     return policy, probe, probe.update_direction(U)
 

@@ -82,7 +82,7 @@ def test_student_t_quantile_matches_scipy():
 
 def test_interval_api_levels_z_and_dict():
     policy = TabularPolicy(seed=0)
-    probe = ep.EntropyProbe(policy, config=ep.ProbeConfig(lr=1e-2, direction="sgd"))
+    probe = ep.EntropyProbe(policy, config=ep.ProbeConfig(entropy="sequence", lr=1e-2, direction="sgd"))
     r = probe.run(sample_enumerated(policy, 6, seed=1), sample_enumerated(policy, 12, seed=2))
     lo90, hi90 = r.interval(0.90)
     lo95, hi95 = r.interval()

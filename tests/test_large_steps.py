@@ -38,7 +38,7 @@ from entropy_probe.lookahead import RELIABLE_ESS_FRACTION, ess_fraction
 from entropy_probe.toy import EnumerableGPT2, sample_enumerated
 
 B_E, G = 32, 4
-CFG = ep.ProbeConfig(direction="optimizer-step", engine="jvp")
+CFG = ep.ProbeConfig(direction="optimizer-step", engine="jvp", entropy="sequence")  # exact: sequence
 
 
 def binomial_floor(n: int, p: float) -> float:

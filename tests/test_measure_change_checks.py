@@ -50,10 +50,16 @@ def test_another_models_result_is_refused_and_the_own_measures_zero_without_a_st
 
 
 @pytest.mark.parametrize(
-    "field, value", [("temperature", 0.7), ("entropy_weighting", "sum")], ids=["temperature", "functional"]
+    "base, field, value",
+    [
+        ({}, "temperature", 0.7),
+        ({}, "entropy", "sequence"),  # the default, "token", against the per-sequence functional
+        ({"entropy": "sequence"}, "entropy_weighting", "sum"),
+    ],
+    ids=["temperature", "functional", "weighting"],
 )
-def test_another_temperature_or_functional_is_refused(field, value):
-    cfg = ep.ProbeConfig(direction="optimizer-step")
+def test_another_temperature_or_functional_is_refused(base, field, value):
+    cfg = ep.ProbeConfig(direction="optimizer-step", **base)
     probe, opt, result = _forecast(TinyLM(seed=1), cfg)
     other = ep.EntropyProbe(probe.model, opt, dataclasses.replace(cfg, **{field: value}))
     before = snapshot(probe.model, opt)
@@ -79,7 +85,7 @@ def _sgd_step_measured(lr: float):
     update, evaluation = sample_enumerated(policy, 16, seed=1), sample_enumerated(policy, 4, seed=2)
     opt = torch.optim.SGD(policy.parameters(), lr=lr)
     ep.policy_loss(policy, update, ep.ProbeConfig()).backward()
-    probe = ep.EntropyProbe(policy, opt, ep.ProbeConfig(direction="sgd"))
+    probe = ep.EntropyProbe(policy, opt, ep.ProbeConfig(entropy="sequence", direction="sgd"))
     result = probe.run(eval_batch=evaluation, from_grad=True)
     with torch.no_grad():
         h0 = float(exact_entropy(policy))

@@ -98,7 +98,7 @@ def test_result_entropy_is_the_mean_unit_entropy_by_hand():
     model = TinyLM(seed=0)
     E = random_batch(5, group_size=[2, 3, 4, 3, 2], seed=2)
     for weighting in ("token-mean", "sum"):
-        cfg = ep.ProbeConfig(lr=1e-2, direction="sgd", entropy_weighting=weighting)
+        cfg = ep.ProbeConfig(entropy="sequence", lr=1e-2, direction="sgd", entropy_weighting=weighting)
         r = ep.EntropyProbe(model, config=cfg).run(random_batch(3, seed=1), E)
         with torch.no_grad():
             lp = hand_token_logprobs(model, E).double()  # (N, T)

@@ -56,7 +56,7 @@ def _update_batch(policy, n_units: int, seed: int) -> ep.RolloutBatch:
 
 def test_sgd_update_influences_are_the_per_unit_terms_and_sum_to_delta_h1():
     policy = TabularPolicy(seed=1)
-    cfg = ep.ProbeConfig(lr=0.05, direction="sgd")
+    cfg = ep.ProbeConfig(entropy="sequence", lr=0.05, direction="sgd")
     probe = ep.EntropyProbe(policy, config=cfg)
     update, evaluation = _update_batch(policy, 6, seed=3), sample_enumerated(policy, 10, seed=4)
     r = probe.run(update, evaluation)
@@ -86,7 +86,9 @@ def test_adam_update_influences_are_delete_one_unit_changes(direction, clip):
             policy_loss(policy, sample_enumerated(policy, 8, seed=50 + k), ep.ProbeConfig()).backward()
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    probe = ep.EntropyProbe(policy, optimizer, ep.ProbeConfig(direction=direction, max_grad_norm=clip))
+    probe = ep.EntropyProbe(
+        policy, optimizer, ep.ProbeConfig(entropy="sequence", direction=direction, max_grad_norm=clip)
+    )
     update, evaluation = _update_batch(policy, 5, seed=5), sample_enumerated(policy, 12, seed=6)
     r = probe.run(update, evaluation)
     for m in range(update.n_units):  # every unit has G = 4, so dropping one leaves J_m of the others alone
@@ -97,7 +99,7 @@ def test_adam_update_influences_are_delete_one_unit_changes(direction, clip):
 
 def test_one_update_unit_warns_and_one_eval_unit_still_gives_finite_numbers():
     policy = TabularPolicy(seed=3)
-    probe = ep.EntropyProbe(policy, config=ep.ProbeConfig(lr=0.05, direction="sgd"))
+    probe = ep.EntropyProbe(policy, config=ep.ProbeConfig(entropy="sequence", lr=0.05, direction="sgd"))
     with pytest.warns(RuntimeWarning, match="fewer than 2 update units"):
         r = probe.run(sample_enumerated(policy, 1, seed=1), sample_enumerated(policy, 6, seed=2))
     assert r.se_total == r.se_cond_e and r.var_update == 0.0  # no variance over U can be estimated

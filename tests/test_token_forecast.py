@@ -71,7 +71,8 @@ def test_unbiased_against_enumeration_and_engines_agree(toy):
 def test_gpt2_entropy_is_the_trainers_formula_and_groups_add_up():
     model = tiny_gpt2(seed=3, vocab=11)
     batch = random_batch(5, group_size=[2, 3, 4, 2, 3], vocab=11, seed=4)
-    cfg = ep.ProbeConfig(lr=1e-3, direction="sgd", entropy="token", temperature=0.8)
+    cfg = ep.ProbeConfig(lr=1e-3, direction="sgd", temperature=0.8)
+    assert cfg.entropy == "token"  # the default
     r = ep.EntropyProbe(model, config=cfg).run(batch, batch)
     want = trainer_entropy(model, batch, 0.8)
     assert abs(r.entropy - want) <= 1e-6 * want, (r.entropy, want)
@@ -95,6 +96,8 @@ def test_caller_state_is_unchanged():
 def test_options_that_do_not_apply_name_both_fields(field, value):
     with pytest.raises(ValueError, match=rf"ProbeConfig\.{field}.*ProbeConfig\.entropy='token'"):
         ep.ProbeConfig(entropy="token", **{field: value})
+    with pytest.raises(ValueError, match=rf"ProbeConfig\.{field}.*ProbeConfig\.entropy='token'"):
+        ep.ProbeConfig(**{field: value})  # the default is "token": the option alone is refused, naming both
     ep.ProbeConfig(entropy="sequence", **{field: value})  # fine for the sequence functionals
     with pytest.raises(ValueError, match="ProbeConfig.entropy: must be one of"):
         ep.ProbeConfig(entropy="tokens")

@@ -52,7 +52,8 @@ def test_probe_entropy_is_trls_logged_entropy(tmp_path):
         model = tiny_qwen2(word_tokenizer())
         model.load_state_dict(state)
         batch = rollout_batch(inputs)
-        cfg = ep.ProbeConfig(lr=1e-2, direction="sgd", entropy="token", temperature=TEMPERATURE)
+        cfg = ep.ProbeConfig(lr=1e-2, direction="sgd", temperature=TEMPERATURE)
+        assert cfg.entropy == "token"  # the default is the number the trainer logs
         v = {n: torch.full_like(p, 1e-3) for n, p in model.named_parameters()}
         r = ep.EntropyProbe(model, config=cfg).run(eval_batch=batch, direction=v)
         assert abs(r.entropy - trl_entropy) <= 1e-6 * trl_entropy, (r.entropy, trl_entropy)

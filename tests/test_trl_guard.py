@@ -194,7 +194,10 @@ def test_the_head_to_head_example_runs(tmp_path, monkeypatch):
     assert runs["guard"]["entropy"][1:] != runs["none"]["entropy"][1:]  # the guard changed the trajectory
     # entropy far below the target 9: TRL raises the coefficient by entropy_coef_delta every step
     assert runs["adaptive"]["entropy_coef"] == pytest.approx([0.02, 0.04, 0.06], abs=1e-12)
-    assert runs["guard"]["guard_reason"] == ["scaled"] * 3  # a budget of 1e-4 nats binds
+    # a budget of 1e-4 nats binds on every step the forecast says removes token entropy (the default
+    # functional; on this run's first step the forecast is a gain, which the guard leaves alone)
+    reasons = runs["guard"]["guard_reason"]
+    assert set(reasons) <= {"scaled", "raises-entropy"} and "scaled" in reasons, reasons
     assert summary["guard"]["mean_scale"] == pytest.approx(sum(runs["guard"]["guard_scale"]) / 3, rel=1e-12)
     assert summary["none"]["entropy_min"] == min(runs["none"]["entropy"])
     # the controller's runs record their decisions; target 9 far above: every scale step moves towards it

@@ -57,7 +57,9 @@ def test_alpha_zero_is_exactly_zero_with_full_ess():
         sample_enumerated(policy, n_units=5, group_size=2, seed=2),
         sample_enumerated(policy, n_units=4, group_size=5, seed=3),
     )
-    probe = ep.EntropyProbe(policy, config=ep.ProbeConfig(lr=0.3, truth_alphas=(0.0, 0.5, 1.0)))
+    probe = ep.EntropyProbe(
+        policy, config=ep.ProbeConfig(entropy="sequence", lr=0.3, truth_alphas=(0.0, 0.5, 1.0))
+    )
     t = probe.run(update, evalb, truth=True).truth
     assert t.delta_h_at[0] == 0.0  # every weight is exactly 1: same forward at theta and theta + 0 v
     assert t.ess_at[0] == evalb.n_sequences == 30
@@ -70,13 +72,13 @@ def test_headline_is_alpha_one_wherever_it_is_in_the_sweep():
     policy = _policy()
     update, evalb = sample_enumerated(policy, 8, seed=1), sample_enumerated(policy, 8, seed=2)
     t = (
-        ep.EntropyProbe(policy, config=ep.ProbeConfig(lr=0.3, truth_alphas=(1.0, 0.25)))
+        ep.EntropyProbe(policy, config=ep.ProbeConfig(entropy="sequence", lr=0.3, truth_alphas=(1.0, 0.25)))
         .run(update, evalb, truth=True)
         .truth
     )
     assert t.delta_h == t.delta_h_at[0] and t.se_diff == t.se_diff_at[0] and t.ess == t.ess_at[0]
     t = (
-        ep.EntropyProbe(policy, config=ep.ProbeConfig(lr=0.3, truth_alphas=(0.25, 0.5)))
+        ep.EntropyProbe(policy, config=ep.ProbeConfig(entropy="sequence", lr=0.3, truth_alphas=(0.25, 0.5)))
         .run(update, evalb, truth=True)
         .truth
     )
@@ -92,7 +94,11 @@ def test_truth_equals_exact_entropy_difference(weighting):
     probe = ep.EntropyProbe(
         policy,
         config=ep.ProbeConfig(
-            lr=lr, entropy_weighting=weighting, truth_alphas=alphas, unconditional_se=False
+            entropy="sequence",
+            lr=lr,
+            entropy_weighting=weighting,
+            truth_alphas=alphas,
+            unconditional_se=False,
         ),
     )
     v = probe.update_direction(update)
@@ -130,7 +136,9 @@ def test_optimizer_step_truth_matches_a_real_step(kind):
     policy.train()
     rng = torch.get_rng_state()
 
-    probe = ep.EntropyProbe(policy, opt, ep.ProbeConfig(direction="optimizer-step", unconditional_se=False))
+    probe = ep.EntropyProbe(
+        policy, opt, ep.ProbeConfig(entropy="sequence", direction="optimizer-step", unconditional_se=False)
+    )
     result = probe.run(update, evalb, truth=True)
     # The live model, its grads, the optimizer, the RNG and the train flag are untouched.
     for n, p in policy.named_parameters():
@@ -191,7 +199,9 @@ def test_se_diff_and_se_match_a_brute_force_jackknife():
     policy = _policy()
     lr, alphas = 0.3, (0.5, 1.0)
     update, evalb = sample_enumerated(policy, 16, seed=31), sample_enumerated(policy, 10, seed=32)
-    probe = ep.EntropyProbe(policy, config=ep.ProbeConfig(lr=lr, truth_alphas=alphas, unconditional_se=False))
+    probe = ep.EntropyProbe(
+        policy, config=ep.ProbeConfig(entropy="sequence", lr=lr, truth_alphas=alphas, unconditional_se=False)
+    )
     v = probe.update_direction(update)
     t = probe.run(eval_batch=evalb, direction=v, truth=True).truth
     params = dict(policy.named_parameters())
@@ -226,7 +236,7 @@ def test_non_finite_alphas_are_rejected_by_name(bad):
     with pytest.raises(ValueError, match=r"ProbeConfig\.truth_alphas.*" + repr(bad).replace("-", r"\-")):
         ep.ProbeConfig(truth_alphas=(0.5, bad))
     # The config is frozen: a bad value cannot be set after construction either, and replace() validates.
-    config = ep.ProbeConfig(lr=0.1)
+    config = ep.ProbeConfig(entropy="sequence", lr=0.1)
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.truth_alphas = (1.0, bad)
     with pytest.raises(ValueError, match=r"ProbeConfig\.truth_alphas"):
@@ -244,7 +254,7 @@ def test_unrepresentable_importance_weight_is_an_error_naming_the_sequence():
     policy = TabularPolicy(seed=0, scale=400.0)
     evalb = sample_enumerated(TabularPolicy(seed=0, scale=0.0), n_units=8, seed=1)  # uniform draws
     v = {"table": -policy.table.detach().clone()}  # theta + 1.0 * v = 0: the uniform policy
-    probe = ep.EntropyProbe(policy, config=ep.ProbeConfig(lr=1.0, unconditional_se=False))
+    probe = ep.EntropyProbe(policy, config=ep.ProbeConfig(entropy="sequence", lr=1.0, unconditional_se=False))
     with pytest.raises(ValueError, match=r"importance weight of eval sequence \d+ is exp\("):
         probe.run(eval_batch=evalb, direction=v, truth=True)
 
@@ -271,13 +281,13 @@ def test_degenerate_weights_are_flagged_and_never_give_nan():
 def test_huge_step_warns_and_marks_the_truth_unreliable():
     policy = TabularPolicy(seed=0)  # scale 1
     update, evalb = sample_enumerated(policy, 8, seed=1), sample_enumerated(policy, 16, seed=2)
-    probe = ep.EntropyProbe(policy, config=ep.ProbeConfig(lr=1e4, direction="sgd"))
+    probe = ep.EntropyProbe(policy, config=ep.ProbeConfig(entropy="sequence", lr=1e4, direction="sgd"))
     with pytest.warns(RuntimeWarning, match="degenerate importance weights"):
         r = probe.run(update, evalb, truth=True)
     assert not r.truth.reliable and r.truth.ess < 8  # ESS 2.2 of 64 sequences
     assert r.to_dict()["entropy_probe/truth/reliable"] is False
     assert all(math.isfinite(v) for v in (r.truth.delta_h, r.truth.se, r.truth.ess, r.truth.se_diff))
-    small_probe = ep.EntropyProbe(policy, config=ep.ProbeConfig(lr=1e-2, direction="sgd"))
+    small_probe = ep.EntropyProbe(policy, config=ep.ProbeConfig(entropy="sequence", lr=1e-2, direction="sgd"))
     small = small_probe.run(update, evalb, truth=True)
     assert small.truth.reliable and small.truth.ess > 60
 
@@ -287,7 +297,7 @@ def test_truth_slope_is_the_least_squares_slope_through_the_origin():
     import numpy as np
 
     policy = _policy(seed=0)
-    cfg = ep.ProbeConfig(lr=60.0, direction="sgd", truth_alphas=(0.25, 1.0, 2.0))
+    cfg = ep.ProbeConfig(entropy="sequence", lr=60.0, direction="sgd", truth_alphas=(0.25, 1.0, 2.0))
     r = ep.EntropyProbe(policy, config=cfg).run(
         sample_enumerated(policy, 8, seed=1), sample_enumerated(policy, 64, seed=2), truth=True
     )
@@ -306,7 +316,7 @@ def test_truth_minus_forecast_is_the_taylor_remainder_on_the_same_e():
     remainder shrinks like alpha, ratio 2 per halving, and this test fails."""
     policy = _policy()
     alphas = (1 / 16, 1 / 8, 1 / 4)
-    cfg = ep.ProbeConfig(lr=10.0, direction="sgd", second_order=True, truth_alphas=alphas)
+    cfg = ep.ProbeConfig(entropy="sequence", lr=10.0, direction="sgd", second_order=True, truth_alphas=alphas)
     r = ep.EntropyProbe(policy, config=cfg).run(
         sample_enumerated(policy, 16, seed=5), sample_enumerated(policy, 32, seed=6), truth=True
     )
@@ -330,7 +340,8 @@ def test_truth_is_unbiased_and_its_se_calibrated_over_independent_draws_of_e(wei
     policy = _policy()
     lr, draws = 1.0, 400
     probe = ep.EntropyProbe(
-        policy, config=ep.ProbeConfig(lr=lr, entropy_weighting=weighting, unconditional_se=False)
+        policy,
+        config=ep.ProbeConfig(entropy="sequence", lr=lr, entropy_weighting=weighting, unconditional_se=False),
     )
     v = probe.update_direction(sample_enumerated(policy, n_units=32, seed=11))
     exact = _exact_entropy_after(policy, v, lr, weighting) - float(exact_entropy(policy, weighting).detach())

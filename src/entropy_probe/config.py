@@ -57,7 +57,7 @@ class ProbeConfig:
     """Sampling temperature; the policy is softmax(logits / temperature)."""
     microbatch_units: int = 4
     """Units per forward in passes that batch units (U gradient, truth, jvp engine)."""
-    entropy: Entropy = "sequence"
+    entropy: Entropy = "token"
     """Which entropy is forecast: "token", the mean over all response tokens of the full-vocabulary
     entropy H_t, as TRL, verl, OpenRLHF and prime-rl log it (docs/token_entropy.md); or "sequence",
     ``E[-S_w]`` with ``entropy_weighting`` (docs/design.md section 2)."""

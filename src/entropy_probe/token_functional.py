@@ -15,7 +15,7 @@ not depend on response i: ``bH_ik`` the mean over the unit's other responses of 
 ``sum_{t>k} m_t H_t`` at theta, ``bL_ik`` the same of their length-to-go. ``N_n, D_n`` are the unit
 means (unbiased for the prompt's two expectations at theta'), and the functional's estimate is the
 ratio of their means over units with the delete-one-unit jackknife bias correction, written as per-unit
-values ``u_n = R_J + (delta-method influence of unit n)`` (``ratio_unit_values``): ``mean_n u_n`` is
+values ``u_n = R_J + (delta-method influence of unit n)`` (``ratio_level_unit_values``): ``mean_n u_n`` is
 the corrected ratio and ``std(u) / sqrt(B)`` its delta-method SE.
 
 In alpha (``theta' = theta + alpha eta v``) the first derivative of ``N_i`` at 0 is the
@@ -87,14 +87,15 @@ def unit_estimates(
     return _unit_sum(torch.stack([num, den], dim=1), batch) / _unit_sizes(batch, num).unsqueeze(1)
 
 
-def ratio_unit_values(units: Tensor) -> Tensor:
-    """``(B,)`` per-unit values ``u_n = R_J + (N_n - R D_n) / Dbar`` of the ratio ``R = Nbar / Dbar``.
+def ratio_level_unit_values(units: Tensor) -> Tensor:
+    """``(B,)`` per-unit values of the ratio ``R = Nbar / Dbar`` itself (its level, not its derivative):
+    ``u_n = R_J + (N_n - R D_n) / Dbar``.
 
     ``units``: ``(B, 2)`` ``(N_n, D_n)``. ``R_J = B R - (B - 1) mean_n R_(-n)`` is the delete-one-unit
     jackknife's bias-corrected ratio and the second term the delta method's influence of unit n (its mean
     is 0), so ``mean_n u_n = R_J`` and ``var(u) / B`` is the delta-method variance. Their derivatives in t
-    are the forecast's per-unit values (``ratio_statistics.ratio_unit_values`` is the first). One unit:
-    the plain ratio.
+    are the forecast's per-unit values: the first is ``ratio_statistics.ratio_unit_values`` (the s_n, from
+    the derivatives dN_n, dD_n). One unit: the plain ratio.
     """
     b = units.shape[0]
     total = units.sum(dim=0)  # (2,)
@@ -107,10 +108,10 @@ def ratio_unit_values(units: Tensor) -> Tensor:
 
 
 def functional_unit_values(units: Tensor, ratio: bool) -> Tensor:
-    """``(B,)`` per-unit values of the functional: the token-level ratio (``ratio_unit_values``), or, for
-    ``entropy="sequence"`` with "sum" weighting (``E_x E_y[sum_t m_t H_t] = E_x E_y[-S]``), the
+    """``(B,)`` per-unit values of the functional: the token-level ratio (``ratio_level_unit_values``), or,
+    for ``entropy="sequence"`` with "sum" weighting (``E_x E_y[sum_t m_t H_t] = E_x E_y[-S]``), the
     numerator ``N_n`` alone."""
-    return ratio_unit_values(units) if ratio else units[:, 0]
+    return ratio_level_unit_values(units) if ratio else units[:, 0]
 
 
 def sequence_weights(before: ResponseTokens, after_logp: Tensor) -> Tensor:

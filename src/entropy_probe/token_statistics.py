@@ -43,6 +43,8 @@ def token_values(comm, proj: TokenProjections, sizes: list[int], ratio: bool) ->
     flat = [proj.pieces.reshape(n_local, 4)]  # explicit widths: a rank without units reshapes 0 rows
     if proj.groups is not None:
         flat.append(proj.groups.reshape(n_local, 2 * proj.groups.shape[-1]))
+    if sum(sizes) == 0:  # every rank knows the sizes: all raise, before the gather (as eval_statistics does)
+        raise ValueError("eval_batch: no rank holds any evaluation unit")
     gathered = comm.gather(torch.cat(flat, dim=1), sizes)  # (B_E, 4 [+ 2 n_groups]) in rank order
     pieces = gathered[:, :4]
     n, d, dn, dd = pieces.unbind(dim=1)

@@ -181,6 +181,17 @@ def exact_token_derivative(policy: TabularPolicy, v: dict[str, Tensor], temperat
     return float((grad * v["table"].double()).sum())
 
 
+def exact_token_second_derivative(
+    policy: TabularPolicy, v: dict[str, Tensor], temperature: float = 1.0
+) -> float:
+    """``v^T (grad^2 H_tok) v`` in float64, by double backward through ``exact_token_entropy``."""
+    table = policy.table.detach().double().requires_grad_(True)
+    direction = v["table"].double()
+    (grad,) = torch.autograd.grad(exact_token_entropy(policy, table, temperature), table, create_graph=True)
+    (hess_v,) = torch.autograd.grad((grad * direction).sum(), table)
+    return float((hess_v * direction).sum())
+
+
 def exact_directional_derivatives(
     policy: TabularPolicy, v: dict[str, Tensor], weighting: str = "token-mean"
 ) -> tuple[float, float]:

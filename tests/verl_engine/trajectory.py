@@ -89,7 +89,9 @@ def run(kind: str, model_dir: Path) -> dict:
     loss = actor_loss(engine)
     probe = None
     if kind != "plain":
-        config = ep.ProbeConfig(direction="optimizer-step", temperature=TEMPERATURE)
+        # "sequence": this test's trajectory and power figures were set on it; the token default (FSDP2
+        # takes it since issue 19) is not yet run through this test (issue 19)
+        config = ep.ProbeConfig(direction="optimizer-step", temperature=TEMPERATURE, entropy="sequence")
         guard = ep.EntropyGuard(max_drop=1e-3) if kind == "guarded" else None
         every = 2 if kind == "given" else 1
         probe = attach(engine, eval_source(kind, rank, world), every=every, config=config, guard=guard)

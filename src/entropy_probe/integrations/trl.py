@@ -87,8 +87,10 @@ class EntropyProbeCallback(TrainerCallback):
         (``ProbeConfig(entropy="token")``) a given SE needs fewer units than with "sequence".
     group_size: responses sampled per prompt (G >= 2).
     max_new_tokens: the longest sampled response; None: the run's ``args.max_completion_length``.
-    config: the probe's options; default ``ProbeConfig(direction="optimizer-step")``. Its temperature is
-        replaced by the run's ``args.temperature`` (the policy the trainer differentiates).
+    config: the probe's options; default ``ProbeConfig(direction="optimizer-step")``, whose
+        ``entropy="token"`` forecasts the ``entropy`` TRL logs (the mean full-vocabulary entropy over the
+        batch's completion tokens; ``entropy="sequence"`` for the per-sequence functionals). Its temperature
+        is replaced by the run's ``args.temperature`` (the policy the trainer differentiates).
     seed: sampling seed of step s on rank r is ``seed + s * world_size + r``.
     entropy_budget: None (observe only), or the guard's ``max_drop`` in nats: each probed step is shrunk
         so that its forecast entropy drop, at its ``level`` lower confidence bound, stays within it.
@@ -98,8 +100,9 @@ class EntropyProbeCallback(TrainerCallback):
         step (docs/control.md); not with ``entropy_budget``. "steer" keeps the halves of E in the probe.
     control_mode, control_band: the controller's mode ("scale" or "steer") and band (nats).
     control_entropy: the entropy now that the controller starts from: "probe" (``result.entropy``, the
-        token-mean entropy of the held-out samples) or "trainer" (the trainer's latest logged ``entropy``,
-        e.g. TRL's per-token entropy of the last batch: the yardstick the target is usually set in).
+        entropy of the held-out samples in the config's functional: with the default "token", TRL's own
+        formula) or "trainer" (the trainer's latest logged ``entropy``, TRL's per-token entropy of the last
+        training batch: the yardstick the target is usually set in).
 
     ``records``: one dict per probed step (what each JSON line holds), in order; a run that starts at
     step 0 starts them, and ``entropy_probe.jsonl``, afresh.

@@ -213,8 +213,10 @@ class EngineProbe:
 def attach(engine, eval_source, every: int = 1, config: ProbeConfig | None = None, guard=None) -> EngineProbe:
     """Probe every ``every``-th optimizer step of verl's FSDP2 ``engine`` on E from ``eval_source``.
 
-    config: the probe's options; default ``ProbeConfig(direction="optimizer-step")``. Its ``temperature``
-        must be the rollout temperature verl trains at (``actor_rollout_ref.rollout.temperature``).
+    config: the probe's options; default ``ProbeConfig(direction="optimizer-step")``, whose
+        ``entropy="token"`` forecasts what verl logs as ``actor/entropy`` (token-mean aggregation). Its
+        ``temperature`` must be the rollout temperature verl trains at
+        (``actor_rollout_ref.rollout.temperature``).
     Call it on every rank, after ``engine.initialize()``; ``EngineProbe.detach()`` undoes it.
     """
     return EngineProbe(engine, eval_source, every, config, guard)

@@ -8,6 +8,7 @@
       max_new_tokens: null         # default: rollout.response_length
       seed: 0
       direction: optimizer-step    # the probe's direction rule (ProbeConfig.direction)
+      entropy: token               # the functional (ProbeConfig.entropy): token = verl's actor/entropy
       entropy_budget: null         # nats: an EntropyGuard shrinks each probed step to this forecast drop
       level: 0.95
 
@@ -24,7 +25,7 @@ from ..guard import EntropyGuard
 from .verl import EngineProbe, HeldOutPrompts, attach
 
 KEYS = {
-    "prompts_file", "prompt_ids", "every", "group_size", "max_new_tokens", "seed", "direction",
+    "prompts_file", "prompt_ids", "every", "group_size", "max_new_tokens", "seed", "direction", "entropy",
     "entropy_budget", "level", "eos_token_id", "pad_token_id",
 }  # fmt: skip
 
@@ -84,7 +85,9 @@ def attach_from_config(engine, config, tokenizer=None) -> EngineProbe | None:
         return None
     check_actor_strategy(config)
     probe_config = ProbeConfig(
-        direction=settings.get("direction", "optimizer-step"), temperature=float(config.rollout.temperature)
+        direction=settings.get("direction", "optimizer-step"),
+        temperature=float(config.rollout.temperature),
+        entropy=settings.get("entropy", "token"),
     )
     budget = settings.get("entropy_budget")
     guard = None if budget is None else EntropyGuard(float(budget), float(settings.get("level", 0.95)))

@@ -58,7 +58,7 @@ def se_total_pairs(
     ``scale``)."""
     policy, optimizer = _policy_and_optimizer(direction, warm_steps, seed, scale)
     clip = CLIP if direction == "optimizer-step" else None
-    cfg = ProbeConfig(lr=LR, direction=direction, max_grad_norm=clip)
+    cfg = ProbeConfig(lr=LR, direction=direction, max_grad_norm=clip, entropy="sequence")
     probe = EntropyProbe(policy, optimizer, cfg)
     out = dict(delta_h1=[], se_total2=[], var_cond_e=[])
     base = 1_000_003 * (seed + 1)
@@ -85,7 +85,9 @@ def interval_coverage(
 ) -> tuple[int, int]:
     """(covering draws, draws) of ``result.interval(level)`` against the exact change, v fixed (sgd)."""
     policy = TabularPolicy(seed=seed)
-    cfg = ProbeConfig(lr=1e-2, direction="sgd", entropy_weighting=weighting, temperature=temperature)
+    cfg = ProbeConfig(
+        lr=1e-2, direction="sgd", entropy="sequence", entropy_weighting=weighting, temperature=temperature
+    )
     probe = EntropyProbe(policy, config=cfg)
     v = probe.update_direction(sample_enumerated(policy, 64, seed=seed + 1, temperature=temperature))
     exact = cfg.lr * exact_directional_derivative(policy, v, weighting, temperature)

@@ -157,7 +157,8 @@ def slope_check(name: str, factors: list[int], var_by_factor: list[list[float]],
 # ---- the experiments --------------------------------------------------------------------------------
 def run_shards(problem: Problem, s: Settings, seed: int, advance) -> dict:
     """K shards of B_E units, each probed with both entropy weightings along the same fixed v (with the
-    second order: delta_h2 and the forecast too), and for the token-level entropy (``TOKEN``).
+    second order: delta_h2 and the forecast too), and for the token-level entropy (``TOKEN``, also with
+    the second order).
 
     Also with the founding note's estimator (``x_estimator="seed"``, no pathwise term), biased for
     "token-mean" with variable lengths (docs/design.md section 4): the control that the unbiasedness check
@@ -167,7 +168,8 @@ def run_shards(problem: Problem, s: Settings, seed: int, advance) -> dict:
         w: _probe(problem, entropy="sequence", entropy_weighting=w, second_order=True) for w in WEIGHTINGS
     }
     probes[CONTROL] = _probe(problem, entropy="sequence", entropy_weighting="token-mean", x_estimator="seed")
-    probes[TOKEN] = _probe(problem, entropy="token")  # the trainers' token-level entropy, through run()
+    # the trainers' token-level entropy (the default), through run(), with its second order
+    probes[TOKEN] = _probe(problem, entropy="token", second_order=True)
     out = {w: dict(delta_h1=[], var=[], se=[], s=[], delta_h2=[], forecast=[]) for w in probes}
     for k in range(s.n_shards):
         batch = sample_enumerated(problem.policy, s.shard_units, s.group_size, seed=_seed(seed, 2, k))
@@ -186,7 +188,7 @@ def run_shards(problem: Problem, s: Settings, seed: int, advance) -> dict:
 
 def run_scaling(problem: Problem, s: Settings, seed: int, advance) -> list[list[float]]:
     """Predicted Var_E of independent shards of B_E = c * scale_units units, R per factor c."""
-    probe = _probe(problem)
+    probe = _probe(problem, entropy="sequence")  # the SE scaling of the sequence functional's s_n
     out = []
     for c in s.scale_factors:
         out.append([])
@@ -215,7 +217,9 @@ def zero_advantage_check(problem: Problem, s: Settings, seed: int) -> Check:
         ),
     }
     eval_batch = sample_enumerated(problem.policy, s.shard_units, s.group_size, seed=_seed(seed, 4))
-    probe = EntropyProbe(problem.policy, config=ProbeConfig(lr=problem.lr))  # with se_total
+    probe = EntropyProbe(
+        problem.policy, config=ProbeConfig(lr=problem.lr, entropy="sequence")
+    )  # with se_total
     figures, ok = {}, True
     for label, batch in cases.items():
         v_max = max(float(t.abs().max()) for t in probe.update_direction(batch).values())
@@ -240,7 +244,8 @@ def truth_checks(problem: Problem, s: Settings, seed: int, k: float) -> tuple[li
     """delta_h_true(alpha) against the exact change and against alpha * delta_h1 as alpha shrinks."""
     alphas = list(s.alphas)
     batch = sample_enumerated(problem.policy, s.truth_units, s.group_size, seed=_seed(seed, 5))
-    r = _probe(problem, truth_alphas=tuple(alphas)).run(eval_batch=batch, direction=problem.v, truth=True)
+    probe = _probe(problem, truth_alphas=tuple(alphas), entropy="sequence")  # exact: token-mean weighting
+    r = probe.run(eval_batch=batch, direction=problem.v, truth=True)
     t = r.truth
     lr, slope = problem.lr, problem.exact_slope["token-mean"]
     exact = [exact_entropy_at(problem.policy, problem.v, a * lr) - problem.entropy for a in alphas]

@@ -19,8 +19,8 @@ fixed; v is the note's Adam-preconditioned direction. The checks (docs/design.md
 5. truth: delta_h_true(alpha) / (alpha * delta_h1) -> 1 as alpha -> 0, with H(theta + alpha eta v)
    by exact enumeration and by the probe's importance-weighted truth;
 6. second order (docs/design.md section 8): the mean delta_h2 over the shards equals the exact
-   (eta^2/2) v^T grad^2 H v, both weightings; the error |truth - forecast| falls as alpha^3 (first
-   order: alpha^2) on a log-log fit; and by_group sums exactly to delta_h1 (section 13).
+   (eta^2/2) v^T grad^2 H v, both weightings and the token level; the error |truth - forecast| falls
+   as alpha^3 (first order: alpha^2) on a log-log fit; and by_group sums exactly to delta_h1 (section 13).
 7. se_total (docs/design.md section 7): over independent (U, E) pairs, var(delta_h1) / mean(se_total^2) in
    its chi-square band for sgd, Adam-preconditioned fresh and warm, optimizer-step warm;
 8. the skew-aware ``result.interval()`` covers the exact change at its level on the skewed case
@@ -51,7 +51,7 @@ from rich.progress import (
 from rich.table import Table
 
 from ..logprobs import WEIGHTINGS
-from ..toy import exact_token_derivative
+from ..toy import exact_token_derivative, exact_token_second_derivative
 from .calibration import (
     SE_TOTAL_CASES,
     coverage_floor_check,
@@ -119,7 +119,8 @@ def run_validation(seed: int, settings: Settings, out: Path, console: Console) -
 
 
 def statistical_tests(s: Settings) -> int:
-    """The statistical tests of a run (the second-order unbiasedness adds one per weighting): k's family."""
+    """The statistical tests of a run (the second-order unbiasedness adds one per weighting and one for the
+    token level): k's family."""
     return (
         2 * len(WEIGHTINGS)
         + 1
@@ -129,6 +130,7 @@ def statistical_tests(s: Settings) -> int:
         + len(SE_TOTAL_CASES)
         + len(INTERVAL_CASES)
         + 1
+        + 1  # the token-level delta_h2
         + TOKEN_TESTS
     )
 
@@ -212,6 +214,15 @@ def _checks(problem, m: Measured, exact: dict, s: Settings, k: float, seed: int)
     checks.append(
         unbiased_check(
             "token: unbiased vs exact (run(), shards)", m.shards[TOKEN]["delta_h1"], exact_token, k
+        )
+    )
+    exact_h2[TOKEN] = 0.5 * problem.lr**2 * exact_token_second_derivative(problem.policy, problem.v)
+    checks.append(
+        unbiased_check(
+            "token: delta_h2 unbiased vs exact (run(), shards)",
+            m.shards[TOKEN]["delta_h2"],
+            exact_h2[TOKEN],
+            k,
         )
     )
     checks += token_checks(problem.policy, problem.v, seed, k)  # vectorised exact draws at B_E = 8, 16, 32
