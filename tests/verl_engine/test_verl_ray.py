@@ -25,8 +25,6 @@ PROBE = [
     "+actor_rollout_ref.entropy_probe.eos_token_id=1",
     f"+actor_rollout_ref.entropy_probe.pad_token_id={PAD}",
     "+actor_rollout_ref.entropy_probe.entropy_budget=0.01",
-    # "sequence": set when FSDP2 refused "token"; it takes it since, not yet run here (issue 19)
-    "+actor_rollout_ref.entropy_probe.entropy=sequence",
 ]
 
 
@@ -67,7 +65,7 @@ def test_attach_from_config_probes_the_real_engine(config, tmp_path):
     engine = build_engine(tiny_qwen2(tmp_path / "qwen2"))
     probe = attach_from_config(engine, config.actor_rollout_ref)
     assert probe.config.temperature == 1.0 and probe.config.direction == "optimizer-step"
-    assert probe.config.entropy == "sequence"  # read from the block (default: "token")
+    assert probe.config.entropy == "token"  # the block's default
     assert probe.guard is not None and probe.guard.max_drop == 0.01
     out = train_step(engine, rollout_dataproto([[3, 4, 5], [6, 7]], 4, 6, seed=0), make_loss(engine))
     (record,) = probe.records
