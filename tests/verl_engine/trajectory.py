@@ -92,7 +92,7 @@ def run(kind: str, model_dir: Path) -> dict:
         # "sequence": run on the token default (2026-12-06), the first-order forecast missed the measured
         # change by a pooled z of -9.6: the token SE is several times smaller and these steps are large
         # (predicted ESS 0.70-0.82, flagged unreliable), so the Taylor remainder shows. Comparing the
-        # prediction (lookahead on flagged steps) instead is open in issue 19.
+        # prediction (lookahead on flagged steps) instead is left for later (noted when issue 19 closed).
         config = ep.ProbeConfig(direction="optimizer-step", temperature=TEMPERATURE, entropy="sequence")
         guard = ep.EntropyGuard(max_drop=1e-3) if kind == "guarded" else None
         every = 2 if kind == "given" else 1
