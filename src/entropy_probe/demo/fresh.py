@@ -5,7 +5,8 @@ Both functionals are a ratio of per-unit means, ``H = sum_n N_n / sum_n D_n`` ov
 - ``entropy="token"``: ``N_n`` the unit's mean of ``sum_t m_t H_t`` (exact full-vocabulary entropies),
   ``D_n`` its mean response length; ``H`` is the trainers' ``sum(m H_t) / sum(m)`` on the batch;
 - ``entropy="sequence"``: ``N_n = -(1/G) sum_i S_w,i``, ``D_n = 1``; ``H`` is the mean over units.
-The SE is the delta method's over units, from the influence ``(N_n - H D_n) / mean(D)`` (for
+The SE is the delta method's over units, from the influence ``(N_n - H D_n) / mean(D)`` (the probe's own
+per-unit values, ``token_functional.ratio_level_unit_values``, less their mean; for
 "sequence" the plain SE of a mean); the paired change before/after on the same units has the
 difference of the two influences.
 """
@@ -24,6 +25,7 @@ from ..logprobs import policy_logprobs, token_terms
 from ..objectives import unit_entropy
 from ..sampling import sample_rollouts
 from ..token_entropy import unit_totals
+from ..token_functional import ratio_level_unit_values
 from .config import DemoConfig
 from .task import SortingTask
 
@@ -72,7 +74,8 @@ def fresh_sample(
 def _ratio_influence(f: Fresh) -> tuple[float, Tensor]:
     """``H = sum N / sum D`` and each unit's influence on it, ``(B,)`` (its mean is 0)."""
     h = float(f.numerator.sum() / f.denominator.sum())
-    return h, (f.numerator - h * f.denominator) / f.denominator.mean()
+    u = ratio_level_unit_values(torch.stack([f.numerator, f.denominator], dim=1))  # (B, 2) -> (B,)
+    return h, u - u.mean()  # the delta method's influences: u less its (jackknife-corrected) mean
 
 
 def _se(influence: Tensor) -> float:
