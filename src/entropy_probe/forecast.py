@@ -61,15 +61,25 @@ def token_second_order_pass(call: ProbeCall, batch: RolloutBatch | None, v: Vect
     collective, also by a rank holding no unit) and every rank differentiates the same per-unit values
     (``token_functional.unit_value_derivatives``), keeping its own units' q_n.
     """
-    cfg, comm = call.config, call.comm
-    device = device_of(call.params)
-    taylor = torch.zeros(0, 3, 2, dtype=torch.float64, device=device)
+    cfg = call.config
+    taylor = torch.zeros(0, 3, 2, dtype=torch.float64, device=device_of(call.params))
     if batch is not None:
         taylor = eval_token_taylor(call.module, call.params, batch, v, cfg.temperature, cfg.microbatch_units)
-    counts = comm.stack(torch.tensor([taylor.shape[0]], device=device)).reshape(-1).tolist()
-    every = comm.gather(taylor, [int(c) for c in counts])  # (B_E, 3, 2) rank order
-    _, _, q = unit_value_derivatives(every, cfg.entropy == "token")
-    start = int(sum(counts[: comm.rank]))
+    return _local_q(call, taylor, _unit_counts(call, taylor))
+
+
+def _unit_counts(call: ProbeCall, taylor: Tensor) -> list[int]:
+    """Every rank's number of E units, rank order (one collective, also by a rank holding none)."""
+    local = torch.tensor([taylor.shape[0]], device=taylor.device)
+    return [int(c) for c in call.comm.stack(local).reshape(-1).tolist()]
+
+
+def _local_q(call: ProbeCall, taylor: Tensor, counts: list[int]) -> Tensor:
+    """This rank's q_n from its ``(B_local, 3, 2)`` Taylor rows: every rank's rows gathered, the same
+    per-unit values differentiated on every rank, this rank's slice kept."""
+    every = call.comm.gather(taylor, counts)  # (B_E, 3, 2) rank order
+    _, _, q = unit_value_derivatives(every, call.config.entropy == "token")
+    start = sum(counts[: call.comm.rank])
     return q[start : start + taylor.shape[0]]
 
 
@@ -85,7 +95,7 @@ def shared_token_pass(
     at theta are kept for ``measure_change`` as the E pass keeps them. The q_n are
     ``token_second_order_pass``'s, from the same rows (no by_group, no halves: those need the E pass).
     """
-    cfg, comm, device = call.config, call.comm, device_of(call.params)
+    cfg, device = call.config, device_of(call.params)
     taylor = torch.zeros(0, 3, 2, dtype=torch.float64, device=device)
     tokens = None
     if batch is not None:
@@ -93,7 +103,7 @@ def shared_token_pass(
         taylor = eval_token_taylor(
             call.module, call.params, batch, v, cfg.temperature, cfg.microbatch_units, tokens
         )
-    counts = [int(c) for c in comm.stack(torch.tensor([taylor.shape[0]], device=device)).reshape(-1).tolist()]
+    counts = _unit_counts(call, taylor)
     n_local = taylor.shape[0]
     tp = TokenProjections.empty(n_local, 0 if batch is None else batch.n_sequences, v, False, None, device)
     tp.pieces = taylor[:, :2, :].reshape(n_local, 4).clone()  # (B, 4): N, D, dN, dD
@@ -101,8 +111,4 @@ def shared_token_pass(
         m = tokens.mask
         tp.sums = torch.stack([tokens.entropy.double()[m].sum(), m.sum().double()])  # sum m H, sum m
         tp.seq_logprob, tp.tokens = tokens.seq, tokens
-    proj = projections_from_pieces(call, tp, counts)
-    every = comm.gather(taylor, counts)  # (B_E, 3, 2) rank order
-    _, _, q = unit_value_derivatives(every, cfg.entropy == "token")
-    start = sum(counts[: comm.rank])
-    return proj, q[start : start + n_local]
+    return projections_from_pieces(call, tp, counts), _local_q(call, taylor, counts)
