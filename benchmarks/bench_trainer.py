@@ -13,6 +13,8 @@ that every arm trains the very same trajectory (the callback leaves it bit-ident
 - **token, se_target**: ``entropy="token"`` (the Rao-Blackwellised estimator) with ``se_target`` the
   sequence arm's median ``se_cond_e`` (``SEQUENCE_SE``, from ``bench_trainer_after.json``) and at most 4
   units: the first probed step takes 4, the next as few as reach the target (at least 2);
+- **token, se_target, jvp**: the same with ``engine="jvp"``: one forward-mode pass per microbatch of E
+  units, whose exact dS_i are the large-step diagnostic (no stepped forward), and no ``by_group``;
 - **token, se_target, every 4**: the same probing every 4th optimizer step;
 - **token, se_target, second order**: with ``second_order=True, by_group=False`` (one nested forward-mode
   pass gives the s_n and the q_n, ``ProbeConfig.shares_second_order_pass``);
@@ -63,6 +65,7 @@ ARMS = {  # name: (held-out prompts, ProbeConfig fields, callback keyword argume
     "off": None,
     "sequence, E = train batch": (4, {"entropy": "sequence"}, {}),
     "token, se_target": (4, TOKEN, SIZED),
+    "token, se_target, jvp": (4, {**TOKEN, "engine": "jvp"}, SIZED),
     "token, se_target, every 4": (4, TOKEN, {**SIZED, "every": 4}),
     "token, se_target, second order": (4, {**TOKEN, "second_order": True, "by_group": False}, SIZED),
     "token, se_target, lookahead": (4, {**TOKEN, "lookahead": "always"}, SIZED),

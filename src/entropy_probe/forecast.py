@@ -92,16 +92,18 @@ def shared_token_pass(
     The pass's Taylor rows hold each unit's ``(N_n, D_n)`` and their first derivatives along v, the
     pieces the first-order engines compute (``test_token_truth``: the same s_n unit by unit), so they go
     through the same ``projections_from_pieces`` and the E pass is not run again; its per-token l_k, H_k
-    at theta are kept for ``measure_change`` as the E pass keeps them. The q_n are
+    at theta are kept for ``measure_change`` as the E pass keeps them, its dS_i for the large-step
+    diagnostic as the jvp engine's (no stepped forward then). The q_n are
     ``token_second_order_pass``'s, from the same rows (no by_group, no halves: those need the E pass).
     """
     cfg, device = call.config, device_of(call.params)
     taylor = torch.zeros(0, 3, 2, dtype=torch.float64, device=device)
-    tokens = None
+    tokens = d_seq = None
     if batch is not None:
         tokens = ResponseTokens.zeros(batch)
+        d_seq = torch.empty(batch.n_sequences, dtype=torch.float32, device=device)  # (N,)
         taylor = eval_token_taylor(
-            call.module, call.params, batch, v, cfg.temperature, cfg.microbatch_units, tokens
+            call.module, call.params, batch, v, cfg.temperature, cfg.microbatch_units, tokens, d_seq
         )
     counts = _unit_counts(call, taylor)
     n_local = taylor.shape[0]
@@ -110,5 +112,5 @@ def shared_token_pass(
     if tokens is not None:
         m = tokens.mask
         tp.sums = torch.stack([tokens.entropy.double()[m].sum(), m.sum().double()])  # sum m H, sum m
-        tp.seq_logprob, tp.tokens = tokens.seq, tokens
+        tp.seq_logprob, tp.tokens, tp.d_seq = tokens.seq, tokens, d_seq
     return projections_from_pieces(call, tp, counts), _local_q(call, taylor, counts)

@@ -14,11 +14,13 @@ and the forecast is ``reliable`` when ``rho >= RELIABLE_ESS_FRACTION`` (0.85; a 
 term must also be small against the first, ``|delta_h2| <= SERIES_RATIO |delta_h1|`` (1/2), for the
 second-order forecast to be the prediction; else the series is used outside its radius (on a GPT-2 at
 its own init, lr 3e-3: a second-order forecast of -0.045 for an exact -0.025, 1.2 of its SEs away, while
-the first order covered) and the prediction is the first-order forecast. The l_i come from one forward
-at a small fraction of the step, ``l_i = (S_i(theta + a eta v) - S_i(theta)) / a`` with
-``a = DIAGNOSTIC_ALPHA``, through the truth's own stepped forward (functional, or in place and undone
-under FSDP2; fp32 for bf16 models): the finite difference is the derivative to O(a eta^2 d2S), which
-moves rho by a few percent where the rule decides. ``rho`` at scale c is ``rho`` of ``c l``: the guard
+the first order covered) and the prediction is the first-order forecast. Where the E pass ran in
+forward mode (``engine="jvp"``) it has computed every dS_i exactly and ``l_i = eta dS_i`` is read from it:
+no forward is added. Otherwise (the backward engine's reverse passes give sums over a unit, not the dS_i)
+the l_i come from one forward at a small fraction of the step, ``l_i = (S_i(theta + a eta v) - S_i(theta))
+/ a`` with ``a = DIAGNOSTIC_ALPHA``, through the truth's own stepped forward (functional, or in place and
+undone under FSDP2; fp32 for bf16 models): the finite difference is the derivative to O(a eta^2 d2S),
+which moves rho by a few percent where the rule decides. ``rho`` at scale c is ``rho`` of ``c l``: the guard
 reads it without another forward. Why this rule and its figures: docs/large_steps.md.
 
 The lookahead is the truth at alpha = 1 (``truth.entropy_change`` of the stepped forward): the step
@@ -224,15 +226,20 @@ def large_step(
     per_unit: Tensor,
     parts: tuple = (None, None),
     truth: TruthResult | None = None,
+    d_seq: Tensor | None = None,
 ) -> tuple[TruthResult | None, Prediction]:
     """``(lookahead, prediction)`` of one call: the diagnostic (``kept_seq``: this rank's S_i from the E
     pass), the lookahead as ``call.config.lookahead`` asks ("auto": when the diagnostic fails), the
     prediction from ``parts`` = (the call's first-order part, its second-order part or None), the
-    warnings. ``truth``: the call's own truth, reused as the lookahead when measured at alpha = 1 alone."""
+    warnings. ``truth``: the call's own truth, reused as the lookahead when measured at alpha = 1 alone.
+    ``d_seq``: this rank's exact dS_i when the E pass computed them (forward mode): the diagnostic is then
+    ``l_i = eta dS_i`` itself, and its stepped forward is not run."""
     stepped = SteppedEval(call, v, batch)
     first, second = parts
     if call.lr == 0.0:  # no step: nothing moves, and no forward is needed to know it
         diagnostic = StepDiagnostic.of(torch.zeros(0, dtype=torch.float64))
+    elif d_seq is not None:  # the derivative itself, where the finite difference approximates it
+        diagnostic = StepDiagnostic.of(call.comm.gather(call.lr * d_seq.double()))
     else:
         diagnostic = StepDiagnostic.of(stepped.log_ratios(kept_seq))
     mode, look = call.config.lookahead, None

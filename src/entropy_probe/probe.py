@@ -342,7 +342,7 @@ class EntropyProbe:
                 truth_result = measure(call, upd.v, eval_batch, stats.s, per_unit_q=q)
             first = stats.first_order(call.lr)  # 6. large steps: diagnostic, lookahead, prediction
             lookahead, prediction = large_step(
-                call, upd.v, eval_batch, proj.logprobs.seq, stats.s, (first, second), truth_result
+                call, upd.v, eval_batch, proj.logprobs.seq, stats.s, (first, second), truth_result, proj.d_seq
             )
         return ProbeResult(
             first=first,

@@ -114,4 +114,6 @@ def projections_from_pieces(call, tp: TokenProjections, sizes: list[int]) -> Eva
     # the sequence functional keeps its documented entropy, mean_n -(1/G) sum_i S_i (from ``weighted``)
     entropy_sum = values.entropy_sum if cfg.entropy == "token" else None
     logprobs = SequenceLogProbs(seq, weighted)
-    return EvalProjections(values.s, logprobs, values.x_half, values.s_groups, entropy_sum, tp.tokens)
+    return EvalProjections(
+        values.s, logprobs, values.x_half, values.s_groups, entropy_sum, tp.tokens, tp.d_seq
+    )

@@ -100,16 +100,19 @@ def eval_projections(
 ) -> EvalProjections:
     """s_n for every E unit, ``cfg.microbatch_units`` units per forward-mode pass.
 
-    With ``halves`` (``(B_E,)`` 0/1 per unit) also the sums of X_n over the two halves: one reverse
+    Also dS_i of every row (``EvalProjections.d_seq``, for the large-step diagnostic). With ``halves``
+    (``(B_E,)`` 0/1 per unit) also the sums of X_n over the two halves: one reverse
     pass per microbatch of each half's units over their summed E surrogate (no per-unit backward).
     """
     out = EvalProjections.empty(batch, v, halves)
+    out.d_seq = torch.empty(batch.n_sequences, dtype=torch.float32, device=batch.device)  # (N,)
     with forward_mode_ready(module):
         for mb in batch.microbatches(cfg.microbatch_units):
             lp = directional_logprobs(module, params, mb.batch, v, cfg)
             units = torch.as_tensor(mb.units, device=out.s.device)
             out.s[units] = entropy_surrogate(lp, mb.batch, cfg.x_estimator, tangent=True)  # (B_mb,)
             out.logprobs.put(mb.rows, lp)
+            out.d_seq[mb.rows] = lp.d_seq
     if out.x_half is not None:
         for h in (0, 1):  # each half's units microbatched on their own: one reverse pass per microbatch
             units = (halves == h).nonzero().reshape(-1).tolist()

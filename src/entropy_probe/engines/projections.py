@@ -35,6 +35,10 @@ class EvalProjections:
     pieces: ``token_statistics``); None: ``objectives.unit_entropy`` of ``logprobs.weighted``."""
     tokens: object | None = None
     """``response_tokens.ResponseTokens`` at theta when E was read through the exact H_t, else None"""
+    d_seq: Tensor | None = None
+    """``(N,)`` fp32 dS_i = grad S_i . v, batch row order, when the pass computed it exactly (forward mode:
+    the jvp engine), else None. The large-step diagnostic reads ``l_i = eta dS_i`` from it instead of
+    running its stepped forward (``lookahead.large_step``)."""
 
     @classmethod
     def empty(cls, batch: RolloutBatch, v: Vector, halves: Tensor | None) -> "EvalProjections":

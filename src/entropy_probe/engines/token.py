@@ -99,6 +99,9 @@ class TokenProjections:
     x_den: tuple[Vector, Vector] | None = None
     tokens: ResponseTokens | None = None
     """per-token log-probs and entropies at theta, response-aligned (``measure_change`` starts from them)"""
+    d_seq: Tensor | None = None
+    """``(N,)`` fp32 dS_i = sum_t m_t dl_t along v, row order, when a forward-mode pass gave the dl_t (the
+    jvp engine), else None: ``EvalProjections.d_seq``"""
 
     @classmethod
     def empty(
@@ -171,13 +174,16 @@ def jvp_token_projections(
     microbatch_units: int,
     halves: Tensor | None = None,
 ) -> TokenProjections:
-    """dN_n, dD_n of a microbatch of units per forward-mode pass; with ``halves`` also the half sums of the
-    surrogates' gradients, by reverse passes over each half's microbatches (no per-unit backward)."""
+    """dN_n, dD_n of a microbatch of units per forward-mode pass (and every row's dS_i); with ``halves``
+    also the half sums of the surrogates' gradients, by reverse passes over each half's microbatches (no
+    per-unit backward)."""
     out = TokenProjections.empty(*_sizes(batch), v, halves is not None, None, batch.device)
     out.tokens = ResponseTokens.zeros(batch)
+    out.d_seq = torch.empty(batch.n_sequences, dtype=torch.float32, device=batch.device)  # (N,)
     with forward_mode_ready(module):
         for mb in batch.microbatches(microbatch_units):
             d = directional_token_terms(module, params, mb.batch, v, temperature)
+            out.d_seq[mb.rows] = (d.d_logprob * d.terms.mask).sum(1)  # (N_mb, K) -> (N_mb,)
             pieces = token_unit_pieces(d, mb.batch, "rao-blackwell")
             idx = torch.as_tensor(mb.units, device=out.pieces.device)
             out.pieces[idx, 2], out.pieces[idx, 3] = pieces.d_numerator, pieces.d_denominator

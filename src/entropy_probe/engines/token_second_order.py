@@ -66,10 +66,12 @@ def eval_token_taylor(
     temperature: float,
     units: int,
     tokens: ResponseTokens | None = None,
+    d_seq: Tensor | None = None,
 ) -> Tensor:
     """``(B_E, 3, 2)`` float64 ``unit_taylor`` of every unit of ``batch``, ``units`` units per pass.
     ``tokens``: ``ResponseTokens.zeros(batch)`` to fill with every row's l_k, H_k at theta (the pass has
-    them: ``forecast.shared_token_pass`` keeps them for ``measure_change``)."""
+    them: ``forecast.shared_token_pass`` keeps them for ``measure_change``); ``d_seq``: an ``(N,)`` fp32
+    buffer to fill with every row's dS_i = sum_k dl_k (the large-step diagnostic's, ``lookahead``)."""
     width = int(batch.response_lengths.max())
     out = torch.empty(batch.n_units, 3, 2, dtype=torch.float64, device=batch.device)
     with second_order_ready(module):
@@ -86,4 +88,6 @@ def eval_token_taylor(
             if tokens is not None:  # same width (the batch's longest response): rows copy as they are
                 tokens.logp[mb.rows], tokens.entropy[mb.rows] = d.terms.logp, d.terms.entropy
                 tokens.mask[mb.rows] = d.terms.mask
+            if d_seq is not None:
+                d_seq[mb.rows] = (d.d_logp * d.terms.mask).sum(1).float()  # (N_mb, L) -> (N_mb,)
     return out
