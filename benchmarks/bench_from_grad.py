@@ -19,6 +19,7 @@ benchmarks/bench_engines.py):
 - **probe, backward engine, step formed whole**: the same with ``ProbeConfig(step_in_hook=False)`` (each
   parameter's step formed once and kept, instead of formed again in the hook for every E unit).
 
+``--floors``: also the parts and the least arithmetic of any E pass (``floor_contenders``).
 ``--profile N``: the probe call (backward engine) under cProfile, N calls; the JSON gets the functions
 with the largest own and cumulative times per call. Writes ``<out>/bench_from_grad.json``.
 """
@@ -43,7 +44,7 @@ sys.path.insert(0, str(HERE))
 from bench_engines import CLOCK, CPU_SIZES, GROUP, build_model, rollout_batch, use_cpu_time  # noqa: E402
 
 import entropy_probe as ep  # noqa: E402
-from entropy_probe.logprobs import sequence_logprobs  # noqa: E402
+from entropy_probe.logprobs import sequence_logprobs, token_terms  # noqa: E402
 from entropy_probe.objectives import UpdateTotals, advantages, policy_gradient_coefficients  # noqa: E402
 
 
@@ -69,7 +70,7 @@ def warm_optimizer(model, update) -> torch.optim.AdamW:
     return opt
 
 
-def contenders(size, units: int, engines) -> dict:
+def contenders(size, units: int, engines, floors: bool = False) -> dict:
     update, evaluation = (
         rollout_batch(size, units, seed=1, device="cpu"),
         rollout_batch(size, units, seed=2, device="cpu"),
@@ -95,7 +96,37 @@ def contenders(size, units: int, engines) -> dict:
             probe.measure_change(probe.run(eval_batch=evaluation, from_grad=True))
 
         out[name] = probe_call
+    if floors:
+        out.update(floor_contenders(size, update, evaluation))
     return out
+
+
+def floor_contenders(size, update, evaluation) -> dict:
+    """What bounds the probe from below (``--floors``): its two parts timed alone, and the least arithmetic
+    any first-order pass over E needs.
+
+    - **run alone, jvp engine** and **measure_change alone** (on a result made before the rounds; it
+      measures and changes nothing);
+    - **entropy gradient over E, once**: one forward and one backward of the pooled token-level entropy
+      surrogate over all of E in microbatches of 4 units, into no ``.grad`` (one derivative for the whole
+      E, no per-unit values): the arithmetic floor of an E pass, whichever engine.
+    """
+    probed = build_model(size, "cpu")
+    opt = warm_optimizer(probed, update)
+    probe = ep.EntropyProbe(probed, opt, ep.ProbeConfig(direction="optimizer-step", engine="jvp"))
+    kept = probe.run(eval_batch=evaluation, from_grad=True)
+    params = [p for p in probed.parameters() if p.requires_grad]
+
+    def entropy_gradient_once():
+        for mb in evaluation.microbatches(4):
+            t = token_terms(probed, mb.batch, 1.0)
+            torch.autograd.grad((t.entropy * t.mask).sum() / t.mask.sum(), params, allow_unused=True)
+
+    return {
+        "run alone, jvp engine": lambda: probe.run(eval_batch=evaluation, from_grad=True),
+        "measure_change alone": lambda: probe.measure_change(kept),
+        "entropy gradient over E, once": entropy_gradient_once,
+    }
 
 
 def rounds(fns: dict, repeats: int) -> dict:
@@ -152,6 +183,9 @@ def main() -> None:
     parser.add_argument("--units", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--profile", type=int, default=0, help="also profile N probe calls per size")
+    parser.add_argument(
+        "--floors", action="store_true", help="also time the parts and the floor (floor_contenders)"
+    )
     parser.add_argument("--out", default="runs/bench")
     parser.add_argument("--name", default="bench_from_grad.json")
     args = parser.parse_args()
@@ -159,7 +193,7 @@ def main() -> None:
     use_cpu_time()
     rows = []
     for size in [s for s in CPU_SIZES if s.name in args.sizes]:
-        fns = contenders(size, args.units, args.engines)
+        fns = contenders(size, args.units, args.engines, args.floors)
         times = rounds(fns, args.repeats)
         train = times["training step"]
         ratios = {

@@ -22,7 +22,8 @@ Cases (peak extra memory / fp32 parameter bytes is the figure of merit):
   (held by the caller before the baseline, like the optimizer state), each direction ("sgd" with an SGD
   optimizer, the others with AdamW); with the defaults it includes the large-step diagnostic's forward
   at ``theta + eta v / 16``; also with ``lookahead="always"``, with ``truth=True`` and on the model in
-  bf16 (still divided by the fp32 parameter bytes);
+  bf16 (still divided by the fp32 parameter bytes); with ``engine="jvp"`` (its tangents read v whole, and
+  its exact dS_i replace the diagnostic's forward), at 4 and at 1 unit per pass;
 - ``update_direction(U)``: v alone, for "sgd", "adam-preconditioned" and "optimizer-step";
 - ``run(U, E)``: the whole call, each direction, with and without ``se_total``.
 Writes ``runs/bench/bench_memory_<device>.json`` and prints a table.
@@ -67,6 +68,11 @@ CASES = {  # name: (call, config fields)
     "run(E, from_grad), optimizer-step, step formed whole": (
         "from_grad",
         {"direction": "optimizer-step", "step_in_hook": False},
+    ),
+    "run(E, from_grad), optimizer-step, jvp": ("from_grad", {"direction": "optimizer-step", "engine": "jvp"}),
+    "run(E, from_grad), optimizer-step, jvp, 1 unit per pass": (
+        "from_grad",
+        {"direction": "optimizer-step", "engine": "jvp", "microbatch_units": 1},
     ),
     "update_direction(U), sgd": ("update_direction", {"direction": "sgd"}),
     "update_direction(U), adam-preconditioned": ("update_direction", {"direction": "adam-preconditioned"}),

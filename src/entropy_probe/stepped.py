@@ -85,7 +85,7 @@ def _formed(x):
     return x
 
 
-def _lazy(like: Tensor, dtype: torch.dtype, form: Callable[[], Tensor]) -> Tensor:
+def on_read(like: Tensor, dtype: torch.dtype, form: Callable[[], Tensor]) -> Tensor:
     """A ``FormedOnRead``, or, below one chunk, the value itself formed now: small tensors are many and
     cheap to hold, and the per-op cost of the wrapper would dominate theirs."""
     if like.numel() < chunk_size(like.device):
@@ -125,7 +125,7 @@ def _cast_form(t: Tensor) -> Callable[[], Tensor]:
 def full_precision_casts(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """``{name: fp32 value of t}`` for every floating tensor of ``state``, each cast when read."""
     floating = {name: t for name, t in state.items() if t.is_floating_point()}
-    return {name: _lazy(t, torch.float32, _cast_form(t)) for name, t in floating.items()}
+    return {name: on_read(t, torch.float32, _cast_form(t)) for name, t in floating.items()}
 
 
 def stepped_state(
@@ -140,5 +140,5 @@ def stepped_state(
     for name, p in params.items():
         dtype = torch.float32 if base is not None else p.dtype
         form = _stepped_form(p, v, name, step, dtype)
-        out[name] = _lazy(p, dtype, form)
+        out[name] = on_read(p, dtype, form)
     return out

@@ -66,7 +66,7 @@ def second_order_ready(module: nn.Module):
     saved = functional.layer_norm, functional.silu
     functional.layer_norm, functional.silu = _layer_norm, _silu
     try:
-        with forward_mode_ready(module):
+        with forward_mode_ready(module, native_gelu=False):  # nested: the composite's derivatives are known
             yield
     finally:
         functional.layer_norm, functional.silu = saved

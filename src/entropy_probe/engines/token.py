@@ -1,7 +1,7 @@
 """The token-level entropy's per-unit pieces (``token_entropy``) from the model, by either engine.
 
 - ``directional_token_terms``: H_t, l_t and their derivatives dH_t, dl_t along one direction for every
-  response token of a batch, one ``torch.func.jvp`` pass (the caller wraps it in
+  response token of a batch, one forward-mode pass (``jvp.along``; the caller wraps it in
   ``jvp.forward_mode_ready``);
 - ``token_unit_pieces``: from those, the per-unit N_n, D_n, dN_n, dD_n (the jvp engine's route);
 - (the backward engine builds the same unit surrogates, ``token_entropy.numerator_surrogate`` and
@@ -28,7 +28,7 @@ from ..token_entropy import (
 )
 from ..vectors import Params, Vector
 from .backward import projected_backward
-from .jvp import forward_mode_ready
+from .jvp import along, forward_mode_ready
 
 
 class DirectionalTokenTerms(NamedTuple):
@@ -54,15 +54,12 @@ def directional_token_terms(
     module: nn.Module, params: Params, batch: RolloutBatch, direction: Vector, temperature: float
 ) -> DirectionalTokenTerms:
     """One forward-mode pass: H_t, l_t and their derivatives along ``direction`` (keyed like ``params``)."""
-    primals = {name: p.detach() for name, p in params.items()}
-    tangents = {name: direction[name].to(dtype=p.dtype) for name, p in params.items()}
 
     def entropy_and_logprob(theta):
         t = token_terms(module, batch, temperature, params=theta)
         return t.entropy, t.logprob
 
-    with torch.no_grad():  # forward mode: nothing is built for a backward
-        (h, lp), (dh, dl) = torch.func.jvp(entropy_and_logprob, (primals,), (tangents,))
+    (h, lp), (dh, dl) = along(entropy_and_logprob, params, direction)
     mask = batch.response_mask[:, batch.input_ids.shape[1] - h.shape[1] :].float()  # (N, K)
     return DirectionalTokenTerms(TokenTerms(h.float(), lp.float(), mask), dh.float(), dl.float())
 
