@@ -118,6 +118,24 @@ def _stepped_form(theta: Tensor, v: Mapping[str, Tensor], name: str, step: float
     return form
 
 
+def direction_form(like: Tensor, v: Mapping[str, Tensor], name: str, dtype: torch.dtype):
+    """``() -> v[name]`` in ``dtype``, formed chunk by chunk into one output tensor: a ``StepView``'s step
+    is never formed whole with its rule's temporaries (the forward-mode tangents, ``jvp.along``)."""
+
+    def form() -> Tensor:
+        if not isinstance(v, StepView):
+            return v[name].to(dtype=dtype)
+        n = like.numel()
+        out = torch.empty(n, dtype=dtype, device=like.device)
+        size = chunk_size(like.device)
+        for start in range(0, n, size):
+            stop = min(start + size, n)
+            out[start:stop] = _v_chunk(v, name, start, stop)
+        return out.reshape(like.shape)
+
+    return form
+
+
 def _cast_form(t: Tensor) -> Callable[[], Tensor]:
     return lambda: t.detach().float()
 

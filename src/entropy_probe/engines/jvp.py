@@ -42,7 +42,7 @@ from ..batch import RolloutBatch
 from ..config import ProbeConfig
 from ..logprobs import policy_logprobs
 from ..objectives import entropy_surrogate
-from ..stepped import on_read
+from ..stepped import direction_form, on_read
 from ..vectors import Params, Vector
 from .backward import projected_backward
 from .projections import EvalProjections
@@ -122,11 +122,13 @@ def along(fn: Callable[[Params], tuple[Tensor, ...]], params: Params, direction:
 
     Each parameter enters as a dual tensor (its value, with ``direction[name]`` cast to its dtype as the
     tangent) formed when an op reads it and dropped when the op returns (``stepped.on_read``): a
-    direction from ``from_grad`` (a ``StepView``) is formed one parameter at a time and never held whole.
+    direction from ``from_grad`` (a ``StepView``) is formed one parameter at a time, chunk by chunk, and
+    never held whole.
     The caller wraps it in ``forward_mode_ready``."""
 
     def dual(p: Tensor, name: str):
-        return lambda: fwAD.make_dual(p.detach(), direction[name].to(dtype=p.dtype))
+        tangent = direction_form(p, direction, name, p.dtype)  # a StepView's step chunk by chunk
+        return lambda: fwAD.make_dual(p.detach(), tangent())
 
     with torch.no_grad(), fwAD.dual_level():  # no_grad: nothing is built for a backward
         theta = {name: on_read(p, p.dtype, dual(p, name)) for name, p in params.items()}
