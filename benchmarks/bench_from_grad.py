@@ -16,10 +16,10 @@ benchmarks/bench_engines.py):
 - **probe, <engine> engine**: ``probe.run(eval_batch=E, from_grad=True)`` (v from the ``.grad`` a
   backward left, the s_n over E, the statistics) plus ``probe.measure_change(result)`` (one forward over
   E), with ``direction="optimizer-step"`` and a warm AdamW (one real step taken before);
-- **probe, backward engine, step formed whole**: the same with ``ProbeConfig(step_in_hook=False)`` (each
+- **probe, backward engine, step formed whole**: the backward engine with ``step_in_hook=False`` (each
   parameter's step formed once and kept, instead of formed again in the hook for every E unit).
 
-``--floors``: also the parts and the least arithmetic of any E pass (``floor_contenders``).
+``--sequence``: also each engine on ``entropy="sequence"``. ``--floors``: also the parts and the least arithmetic of any E pass (``floor_contenders``).
 ``--profile N``: the probe call (backward engine) under cProfile, N calls; the JSON gets the functions
 with the largest own and cumulative times per call. Writes ``<out>/bench_from_grad.json``.
 """
@@ -70,7 +70,7 @@ def warm_optimizer(model, update) -> torch.optim.AdamW:
     return opt
 
 
-def contenders(size, units: int, engines, floors: bool = False) -> dict:
+def contenders(size, units: int, engines, floors: bool = False, sequence: bool = False) -> dict:
     update, evaluation = (
         rollout_batch(size, units, seed=1, device="cpu"),
         rollout_batch(size, units, seed=2, device="cpu"),
@@ -86,7 +86,11 @@ def contenders(size, units: int, engines, floors: bool = False) -> dict:
 
     out = {"training step": training_step}
     variants = [(f"probe, {engine} engine", {"engine": engine}) for engine in engines]
-    variants.append(("probe, backward engine, step formed whole", {"step_in_hook": False}))
+    variants.append(
+        ("probe, backward engine, step formed whole", {"step_in_hook": False, "engine": "backward"})
+    )
+    if sequence:
+        variants += [(f"probe, {e} engine, sequence", {"engine": e, "entropy": "sequence"}) for e in engines]
     for name, fields in variants:
         probed = build_model(size, "cpu")
         opt = warm_optimizer(probed, update)
@@ -193,7 +197,7 @@ def main() -> None:
     use_cpu_time()
     rows = []
     for size in [s for s in CPU_SIZES if s.name in args.sizes]:
-        fns = contenders(size, args.units, args.engines, args.floors)
+        fns = contenders(size, args.units, args.engines, args.floors, args.sequence)
         times = rounds(fns, args.repeats)
         train = times["training step"]
         ratios = {

@@ -72,9 +72,9 @@ def test_by_group_against_literal_x_n_and_sums_exactly(build):
     v = {n: torch.randn(p.shape, generator=gen) for n, p in params.items()}
     batch = random_batch(5, 3, vocab=VOCAB, seed=3, max_prompt=3, max_response=4)
     lr = 1e-2
-    r = ep.EntropyProbe(model, config=ep.ProbeConfig(entropy="sequence", lr=lr, unconditional_se=False)).run(
-        eval_batch=batch, direction=v
-    )
+    r = ep.EntropyProbe(
+        model, config=ep.ProbeConfig(entropy="sequence", lr=lr, unconditional_se=False, engine="backward")
+    ).run(eval_batch=batch, direction=v)
     want = group_values_by_hand(model, batch, v, lr, default_group)
     assert list(r.by_group) == list(want)
     scale = max(abs(value) for value, _ in want.values())
@@ -102,7 +102,9 @@ def test_custom_groups_replace_the_default():
         for n, p in trainable(model).items()
     }
     batch = random_batch(4, 3, vocab=VOCAB, seed=5)
-    cfg = ep.ProbeConfig(entropy="sequence", lr=1e-2, unconditional_se=False, groups=attention_or_mlp)
+    cfg = ep.ProbeConfig(
+        entropy="sequence", lr=1e-2, unconditional_se=False, groups=attention_or_mlp, engine="backward"
+    )
     r = ep.EntropyProbe(model, config=cfg).run(eval_batch=batch, direction=v)
     want = group_values_by_hand(model, batch, v, 1e-2, attention_or_mlp)
     assert set(r.by_group) == {"attention", "rest"}
@@ -118,7 +120,7 @@ def test_jvp_engine_by_group_on_and_off():
         for n, p in trainable(model).items()
     }
     batch = random_batch(4, 3, vocab=VOCAB, seed=7)
-    base = ep.ProbeConfig(lr=1e-2, unconditional_se=False)
+    base = ep.ProbeConfig(lr=1e-2, unconditional_se=False, engine="backward")
     off = ep.EntropyProbe(model, config=dataclasses.replace(base, engine="jvp")).run(
         eval_batch=batch, direction=v
     )
@@ -133,7 +135,7 @@ def test_jvp_engine_by_group_on_and_off():
 
 def test_bad_group_function_is_a_clear_error():
     model = tiny_gpt2(vocab=VOCAB)
-    cfg = ep.ProbeConfig(lr=1e-2, unconditional_se=False, groups=lambda name: None)
+    cfg = ep.ProbeConfig(lr=1e-2, unconditional_se=False, groups=lambda name: None, by_group=True)
     v = {n: torch.zeros(p.shape) for n, p in trainable(model).items()}
     with pytest.raises(
         ValueError, match="ProbeConfig.groups returned None for parameter 'transformer.wte.weight'"

@@ -64,7 +64,9 @@ def test_eval_pass_never_holds_x_n_whole(monkeypatch):
     engine's hook sees one parameter's gradient, every gradient it saw before is already freed."""
     model = tiny_gpt2(seed=0, vocab=VOCAB)
     U, E = random_batch(3, vocab=VOCAB, seed=1), random_batch(5, vocab=VOCAB, seed=2)
-    probe = ep.EntropyProbe(model, config=ep.ProbeConfig(lr=1e-2, direction="sgd", unconditional_se=False))
+    probe = ep.EntropyProbe(
+        model, config=ep.ProbeConfig(lr=1e-2, direction="sgd", unconditional_se=False, engine="backward")
+    )
     v = probe.update_direction(U)
     seen: list[weakref.ref] = []
     alive_at_each_call: list[int] = []

@@ -164,7 +164,10 @@ def _fsdp_equals_one_process(rank: int, world: int, build, cases, unsupported=No
     grads = [p.grad for p in params.values()]
     for kind, fields in cases:
         # one unit per forward in the truth, on both sides: the same rows padded alike, the same logits
-        cfg = ep.ProbeConfig(direction=kind, microbatch_units=1, truth_alphas=(0.0, 0.5, 1.0), **fields)
+        # engine="backward": the reference runs the per-unit reverse passes FSDP2's lock-step loop runs
+        cfg = ep.ProbeConfig(
+            direction=kind, microbatch_units=1, truth_alphas=(0.0, 0.5, 1.0), engine="backward", **fields
+        )
         # "sgd" is not AdamW's step: the plain gradient step, at the optimizer's lr, with no optimizer
         o, o_ref = (None, None) if kind == "sgd" else (opt, opt_ref)
         cfg = dataclasses.replace(cfg, lr=0.02) if kind == "sgd" else cfg

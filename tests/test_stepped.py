@@ -161,7 +161,8 @@ def test_a_failing_stepped_forward_leaves_the_parameters_untouched(monkeypatch):
 
     monkeypatch.setattr("entropy_probe.passes.stepped_state", failing)
     with pytest.raises(RuntimeError, match="injected failure"):
-        ep.EntropyProbe(model, opt, ep.ProbeConfig(direction="optimizer-step")).run(
+        # the backward engine: its large-step diagnostic is a stepped forward (jvp reads the exact dS_i)
+        ep.EntropyProbe(model, opt, ep.ProbeConfig(direction="optimizer-step", engine="backward")).run(
             eval_batch=random_batch(3, seed=4), from_grad=True
         )
     assert_unchanged(before, model, opt)

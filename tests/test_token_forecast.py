@@ -71,7 +71,7 @@ def test_unbiased_against_enumeration_and_engines_agree(toy):
 def test_gpt2_entropy_is_the_trainers_formula_and_groups_add_up():
     model = tiny_gpt2(seed=3, vocab=11)
     batch = random_batch(5, group_size=[2, 3, 4, 2, 3], vocab=11, seed=4)
-    cfg = ep.ProbeConfig(lr=1e-3, direction="sgd", temperature=0.8)
+    cfg = ep.ProbeConfig(lr=1e-3, direction="sgd", temperature=0.8, by_group=True)
     assert cfg.entropy == "token"  # the default
     r = ep.EntropyProbe(model, config=cfg).run(batch, batch)
     want = trainer_entropy(model, batch, 0.8)

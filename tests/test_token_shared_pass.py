@@ -45,6 +45,9 @@ def test_one_pass_gives_the_two_passes_numbers(build, functional, monkeypatch):
     model, E = build()
     v = _direction(model)
     base = dict(lr=0.05, direction="sgd", second_order=True, temperature=T, lookahead="never", **functional)
+    base["engine"] = (
+        "backward"  # the two-pass baseline: the backward engine (by_group on), then the nested pass
+    )
     shared_cfg, two_cfg = ep.ProbeConfig(**base, by_group=False), ep.ProbeConfig(**base)
     assert shared_cfg.shares_second_order_pass and not two_cfg.shares_second_order_pass  # opt-in only
     two = ep.EntropyProbe(model, config=two_cfg).run(eval_batch=E, direction=v)

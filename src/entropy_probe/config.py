@@ -77,8 +77,11 @@ class ProbeConfig:
     advantage_estimator: AdvantageEstimator | None = None
     """"grpo", "rloo", "dr-grpo" (from rewards) or "given" (batch.advantages). None: "given" when the
     batch carries advantages, else "grpo"."""
-    engine: Engine = "backward"
-    """How the s_n are computed: "backward" (one backward per E unit) or "jvp" (forward mode)."""
+    engine: Engine = "jvp"
+    """How the s_n are computed: "jvp" (forward mode, a microbatch of units per pass; its exact dS_i are the
+    large-step diagnostic) or "backward" (one backward per E unit, two through the exact H_t). "jvp" is the
+    default because it measured faster on every model and functional, at lower memory (docs/performance.md,
+    issue 24); "backward" gives ``by_group`` for free."""
     max_grad_norm: float | None = None
     """The run's clip_grad_norm_ threshold, applied by direction="optimizer-step". None: no clipping."""
     norm_length: int | None = None
@@ -97,7 +100,8 @@ class ProbeConfig:
     the only pass over E (``shares_second_order_pass``)."""
     by_group: bool | None = None
     """Compute result.by_group (delta_h1 split by parameter group). None: on with engine="backward", where it
-    is free; off with "jvp", where it makes the call run the backward engine's per-unit loop instead.
+    is free; off with "jvp" (the default), where it makes the call run the backward engine's per-unit loop
+    instead (docs/performance.md: about 1.7x the time of the jvp call on the token level).
     False with ``second_order`` through the exact H_t: one pass over E (``shares_second_order_pass``)."""
     groups: Callable[[str], str] | None = None
     """f(parameter name) -> group name for by_group. None: embeddings, block.<i>, head, other

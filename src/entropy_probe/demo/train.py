@@ -263,6 +263,7 @@ def build(cfg: DemoConfig) -> tuple[SortingTask, EntropyProbe, torch.Generator]:
         direction="optimizer-step",
         max_grad_norm=cfg.max_grad_norm if cfg.max_grad_norm else None,
         second_order=True,
+        by_group=True,  # layers.png: the split by layer, from the backward engine's per-unit loop
     )
     return task, EntropyProbe(model, optimizer, probe_cfg), data_gen
 

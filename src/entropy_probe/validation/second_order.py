@@ -122,7 +122,7 @@ def by_group_check(seed: int) -> Check:
         rewards=torch.rand(n_units * g, generator=gen),
     )
     v = {n: torch.randn(p.shape, generator=gen) for n, p in model.named_parameters()}
-    r = EntropyProbe(model, config=ProbeConfig(lr=1e-3, unconditional_se=False)).run(
+    r = EntropyProbe(model, config=ProbeConfig(lr=1e-3, unconditional_se=False, by_group=True)).run(
         eval_batch=batch, direction=v
     )
     total = sum(value for value, _ in r.by_group.values())
