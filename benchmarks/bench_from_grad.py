@@ -19,7 +19,8 @@ benchmarks/bench_engines.py):
 - **probe, backward engine, step formed whole**: the backward engine with ``step_in_hook=False`` (each
   parameter's step formed once and kept, instead of formed again in the hook for every E unit).
 
-``--sequence``: also each engine on ``entropy="sequence"``. ``--floors``: also the parts and the least arithmetic of any E pass (``floor_contenders``).
+``--sequence``: also each engine on ``entropy="sequence"``. ``--floors``: also the parts and the least
+arithmetic of any E pass (``floor_contenders``).
 ``--profile N``: the probe call (backward engine) under cProfile, N calls; the JSON gets the functions
 with the largest own and cumulative times per call. Writes ``<out>/bench_from_grad.json``.
 """
