@@ -191,6 +191,7 @@ def main() -> None:
     parser.add_argument(
         "--floors", action="store_true", help="also time the parts and the floor (floor_contenders)"
     )
+    parser.add_argument("--sequence", action="store_true", help='also each engine on entropy="sequence"')
     parser.add_argument("--out", default="runs/bench")
     parser.add_argument("--name", default="bench_from_grad.json")
     args = parser.parse_args()
