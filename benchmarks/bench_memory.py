@@ -23,7 +23,8 @@ Cases (peak extra memory / fp32 parameter bytes is the figure of merit):
   optimizer, the others with AdamW); with the defaults it includes the large-step diagnostic's forward
   at ``theta + eta v / 16``; also with ``lookahead="always"``, with ``truth=True`` and on the model in
   bf16 (still divided by the fp32 parameter bytes); with ``engine="jvp"`` (its tangents read v whole, and
-  its exact dS_i replace the diagnostic's forward), at 4 and at 1 unit per pass;
+  its exact dS_i replace the diagnostic's forward), at 4 and at 1 unit per pass. Every case without
+  ``engine`` in its name runs ``engine="backward"``, the default when these records began;
 - ``update_direction(U)``: v alone, for "sgd", "adam-preconditioned" and "optimizer-step";
 - ``run(U, E)``: the whole call, each direction, with and without ``se_total``.
 Writes ``runs/bench/bench_memory_<device>.json`` and prints a table.
@@ -129,7 +130,7 @@ def batch(seed: int, device: str) -> ep.RolloutBatch:
 def child(case: str, device: str) -> dict:
     torch.set_num_threads(1)
     call, fields = CASES[case]
-    fields = dict(fields)
+    fields = {"engine": "backward", **fields}  # the engine of the first records; the jvp cases name theirs
     bf16, truth = fields.pop("bf16", False), fields.pop("truth", False)
     model = build(device)
     if bf16:  # the ratio stays against the fp32 parameter bytes (4 bytes per parameter)

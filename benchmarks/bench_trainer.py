@@ -5,7 +5,9 @@
 The job is ``examples/trl_grpo.py``'s (tiny Qwen2 from config, word-level tokenizer built with
 ``tokenizers``, prompts from ``Dataset.from_dict``, DAPO loss, 4 prompts x 8 completions = 32 rows per
 optimizer step, CPU, fp32), run for ``--steps`` optimizer steps with the same seed in every arm, so
-that every arm trains the very same trajectory (the callback leaves it bit-identical). Arms:
+that every arm trains the very same trajectory (the callback leaves it bit-identical). Every arm but the
+jvp one and the shared second-order pass names ``engine="backward"``, the default when their first
+records were taken. Arms:
 
 - **off**: no callback;
 - **sequence, E = train batch**: ``EntropyProbeCallback`` on every step with ``entropy="sequence"``, 4
@@ -60,16 +62,17 @@ from entropy_probe.probe import EntropyProbe  # noqa: E402
 GROUP = 8
 SEQUENCE_SE = 3.3e-3  # the sequence arm's median se_cond_e (bench_trainer_after.json: E = 4 units x 8)
 TOKEN = {"entropy": "token"}
+BACKWARD = {"engine": "backward"}  # the engine of the records before issue 24's third pass, named
 SIZED = {"se_target": SEQUENCE_SE}
 ARMS = {  # name: (held-out prompts, ProbeConfig fields, callback keyword arguments) or None for no callback
     "off": None,
-    "sequence, E = train batch": (4, {"entropy": "sequence"}, {}),
-    "token, se_target": (4, TOKEN, SIZED),
+    "sequence, E = train batch": (4, {"entropy": "sequence", **BACKWARD}, {}),
+    "token, se_target": (4, {**TOKEN, **BACKWARD}, SIZED),
     "token, se_target, jvp": (4, {**TOKEN, "engine": "jvp"}, SIZED),
-    "token, se_target, every 4": (4, TOKEN, {**SIZED, "every": 4}),
+    "token, se_target, every 4": (4, {**TOKEN, **BACKWARD}, {**SIZED, "every": 4}),
     "token, se_target, second order": (4, {**TOKEN, "second_order": True, "by_group": False}, SIZED),
-    "token, se_target, lookahead": (4, {**TOKEN, "lookahead": "always"}, SIZED),
-    "sequence, second order": (4, {"entropy": "sequence", "second_order": True}, {}),
+    "token, se_target, lookahead": (4, {**TOKEN, **BACKWARD, "lookahead": "always"}, SIZED),
+    "sequence, second order": (4, {"entropy": "sequence", "second_order": True, **BACKWARD}, {}),
 }
 
 
