@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from entropy_probe.logprobs import token_entropies
+from entropy_probe.logprobs import token_entropies, token_logprobs, token_logprobs_and_entropies
 
 
 def hand_entropies(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -104,3 +104,24 @@ def test_token_entropies_memory_is_chunked():
         token_entropies(logits, 1.0, vocab_chunk=256).sum().backward()
     full_fp32 = logits.numel() * 4
     assert sum(saved) < full_fp32 / 4, (sum(saved), full_fp32)
+
+
+@pytest.mark.parametrize("chunk", [3, 8192])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_one_normaliser_gives_both_terms(chunk, temperature):
+    """``token_logprobs_and_entropies`` (one log-normaliser for both) against the two functions: bit for
+    bit in one chunk; across chunks the normaliser is a logsumexp of chunk logsumexps (fp32 rounding).
+    Gradients too (reverse mode through the checkpointed chunks)."""
+    gen = torch.Generator().manual_seed(1)
+    logits = (3 * torch.randn(3, 6, 10, generator=gen)).requires_grad_(True)
+    ids = torch.randint(0, 10, (3, 6), generator=gen)
+    lp, h = token_logprobs_and_entropies(logits, ids, temperature, chunk)
+    ref_lp, ref_h = token_logprobs(logits, ids, temperature), token_entropies(logits, temperature, chunk)
+    if chunk >= 10:
+        assert torch.equal(lp, ref_lp) and torch.equal(h, ref_h)
+    torch.testing.assert_close(lp, ref_lp, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(h, ref_h, rtol=1e-6, atol=1e-6)
+    w = torch.randn(3, 6, generator=gen)
+    (g,) = torch.autograd.grad(((lp + h) * w).sum(), logits)
+    (ref,) = torch.autograd.grad(((ref_lp + ref_h) * w).sum(), logits)
+    torch.testing.assert_close(g, ref, rtol=1e-5, atol=1e-6)

@@ -49,7 +49,10 @@ def test_one_pass_gives_the_two_passes_numbers(build, functional, monkeypatch):
         "backward"  # the two-pass baseline: the backward engine (by_group on), then the nested pass
     )
     shared_cfg, two_cfg = ep.ProbeConfig(**base, by_group=False), ep.ProbeConfig(**base)
-    assert shared_cfg.shares_second_order_pass and not two_cfg.shares_second_order_pass  # opt-in only
+    # the backward engine shares only when asked (by_group=False); the jvp default shares (below)
+    assert shared_cfg.shares_second_order_pass and not two_cfg.shares_second_order_pass
+    jvp_default = ep.ProbeConfig(**{**base, "engine": "jvp"})
+    assert jvp_default.shares_second_order_pass and not jvp_default.computes_groups
     two = ep.EntropyProbe(model, config=two_cfg).run(eval_batch=E, direction=v)
 
     def first_order_engine_runs(*args, **kwargs):

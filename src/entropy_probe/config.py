@@ -96,13 +96,13 @@ class ProbeConfig:
     second_order: bool = False
     """Also estimate delta_h2 = (eta^2/2) v^T (grad^2 H) v and forecast = delta_h1 + delta_h2 (one nested
     forward-mode pass over E; off by default: it costs more than half the E pass, docs/performance.md).
-    Through the exact H_t (``token_pieces``) with ``by_group=False``, that pass gives the s_n too and is
-    the only pass over E (``shares_second_order_pass``)."""
+    Through the exact H_t (``token_pieces``) without ``by_group`` (the default engine's default), that
+    pass gives the s_n too and is the only pass over E (``shares_second_order_pass``)."""
     by_group: bool | None = None
     """Compute result.by_group (delta_h1 split by parameter group). None: on with engine="backward", where it
     is free; off with "jvp" (the default), where it makes the call run the backward engine's per-unit loop
-    instead (docs/performance.md: about 1.7x the time of the jvp call on the token level).
-    False with ``second_order`` through the exact H_t: one pass over E (``shares_second_order_pass``)."""
+    instead (docs/performance.md: about 1.7x the time of the jvp call on the token level). Off, with
+    ``second_order`` through the exact H_t: one pass over E (``shares_second_order_pass``)."""
     groups: Callable[[str], str] | None = None
     """f(parameter name) -> group name for by_group. None: embeddings, block.<i>, head, other
     (``attribution.default_group``). Enters the DDP agreement check by its qualified name."""
@@ -217,11 +217,11 @@ class ProbeConfig:
 
     @property
     def shares_second_order_pass(self) -> bool:
-        """second_order through the exact H_t with ``by_group=False``: the s_n are the first derivatives of
-        the nested forward-mode pass that gives the q_n (``forecast.shared_token_pass``), one pass over E.
-        Asked for explicitly: the s_n then come by another route than the first-order engine's, equal to
-        fp32 rounding, so a default call keeps the engine's numbers."""
-        return self.second_order and self.token_pieces and self.by_group is False
+        """second_order through the exact H_t without ``by_group``: the s_n are the first derivatives of the
+        nested forward-mode pass that gives the q_n (``forecast.shared_token_pass``), one pass over E. The
+        default with ``engine="jvp"`` (forward mode either way, equal to fp32 rounding); with the backward
+        engine only when ``by_group=False`` asks for it, so that its call keeps its own s_n."""
+        return self.second_order and self.token_pieces and not self.computes_groups
 
     @property
     def computes_groups(self) -> bool:

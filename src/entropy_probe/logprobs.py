@@ -119,6 +119,20 @@ def token_entropies(logits: Tensor, temperature: float, vocab_chunk: int = ENTRO
     term is recomputed in the backward (``torch.utils.checkpoint``), so the saved activations stay
     at the size of one chunk plus the (bf16/fp32) logits the model already holds.
     """
+    return _normalised_terms(logits, None, temperature, vocab_chunk)[1]
+
+
+def token_logprobs_and_entropies(
+    logits: Tensor, input_ids: Tensor, temperature: float, vocab_chunk: int = ENTROPY_VOCAB_CHUNK
+) -> tuple[Tensor, Tensor]:
+    """``(token_logprobs, token_entropies)`` of the same logits, ``(N, T)`` fp32 each, from one log-normaliser
+    (the two functions would each walk the vocabulary for it). Equal to them: the same ops per element,
+    bit for bit while the vocabulary fits one chunk."""
+    return _normalised_terms(logits, input_ids, temperature, vocab_chunk)
+
+
+def _normalised_terms(logits: Tensor, input_ids: Tensor | None, temperature: float, vocab_chunk: int):
+    """``(l_t or None, H_t)``, ``(N, T)`` each (entry 0 is 0), from one chunked log-normaliser."""
     z = logits[:, :-1]  # (N, T-1, V): position t-1 predicts token t
     bounds = [(lo, min(lo + vocab_chunk, z.shape[-1])) for lo in range(0, z.shape[-1], vocab_chunk)]
     recompute = torch.is_grad_enabled() and logits.requires_grad
@@ -131,7 +145,11 @@ def token_entropies(logits: Tensor, temperature: float, vocab_chunk: int = ENTRO
     h = torch.zeros_like(lse)
     for lo, hi in bounds:
         h = h + run(_entropy_chunk, z[..., lo:hi], lse, temperature)
-    return torch.nn.functional.pad(h, (1, 0))  # (N, T)
+    lp = None
+    if input_ids is not None:  # gather - the normaliser, as token_logprobs
+        lp = z.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1).float() / temperature - lse  # (N, T-1)
+        lp = torch.nn.functional.pad(lp, (1, 0))
+    return lp, torch.nn.functional.pad(h, (1, 0))  # (N, T) each
 
 
 def _chunk_lse(z: Tensor, temperature: float) -> Tensor:
@@ -219,8 +237,8 @@ def token_terms(
     """H_t and l_t of every response token, differentiable in the model (or in ``params``)."""
     logits, ids, resp = _response_logits(model, batch, params)
     real = resp.bool()
-    lp = torch.where(real, token_logprobs(logits, ids, temperature), 0.0)  # (N, K)
-    h = torch.where(real, token_entropies(logits, temperature), 0.0)  # (N, K)
+    lp, h = token_logprobs_and_entropies(logits, ids, temperature)  # (N, K) each, one normaliser
+    lp, h = torch.where(real, lp, 0.0), torch.where(real, h, 0.0)
     return TokenTerms(entropy=h, logprob=lp, mask=resp.float())
 
 
