@@ -101,7 +101,7 @@ class ProbeConfig:
     by_group: bool | None = None
     """Compute result.by_group (delta_h1 split by parameter group). None: on with engine="backward", where it
     is free; off with "jvp" (the default), where it makes the call run the backward engine's per-unit loop
-    instead (docs/performance.md: about 1.7x the time of the jvp call on the token level). Off, with
+    instead (docs/performance.md: 1.7-1.9x the time of the jvp call on the token level). Off, with
     ``second_order`` through the exact H_t: one pass over E (``shares_second_order_pass``)."""
     groups: Callable[[str], str] | None = None
     """f(parameter name) -> group name for by_group. None: embeddings, block.<i>, head, other
