@@ -18,6 +18,7 @@ records were taken. Arms:
 - **token, se_target, jvp**: the same with ``engine="jvp"``: one forward-mode pass per microbatch of E
   units, whose exact dS_i are the large-step diagnostic (no stepped forward), and no ``by_group``;
 - **token, se_target, every 4**: the same probing every 4th optimizer step;
+- **token, se_target, jvp, every 4**: the jvp arm probing every 4th optimizer step;
 - **token, se_target, second order**: with ``second_order=True, by_group=False`` (one nested forward-mode
   pass gives the s_n and the q_n, ``ProbeConfig.shares_second_order_pass``);
 - **token, se_target, lookahead**: with ``lookahead="always"`` instead (the step applied on E before it
@@ -70,6 +71,7 @@ ARMS = {  # name: (held-out prompts, ProbeConfig fields, callback keyword argume
     "token, se_target": (4, {**TOKEN, **BACKWARD}, SIZED),
     "token, se_target, jvp": (4, {**TOKEN, "engine": "jvp"}, SIZED),
     "token, se_target, every 4": (4, {**TOKEN, **BACKWARD}, {**SIZED, "every": 4}),
+    "token, se_target, jvp, every 4": (4, {**TOKEN, "engine": "jvp"}, {**SIZED, "every": 4}),
     "token, se_target, second order": (4, {**TOKEN, "second_order": True, "by_group": False}, SIZED),
     "token, se_target, lookahead": (4, {**TOKEN, **BACKWARD, "lookahead": "always"}, SIZED),
     "sequence, second order": (4, {"entropy": "sequence", "second_order": True, **BACKWARD}, {}),
