@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import json
-import platform
 import pstats
 import statistics
 import sys
@@ -43,6 +41,7 @@ sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE))
 
 from bench_engines import CLOCK, CPU_SIZES, GROUP, build_model, rollout_batch, use_cpu_time  # noqa: E402
+from bench_json import write_bench_json  # noqa: E402
 
 import entropy_probe as ep  # noqa: E402
 from entropy_probe.logprobs import sequence_logprobs, token_terms  # noqa: E402
@@ -224,17 +223,7 @@ def main() -> None:
             ),
             flush=True,
         )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "torch": torch.__version__,
-        "machine": platform.processor() or platform.machine(),
-        "threads": 1,
-        "clock": CLOCK["name"],
-        "command": " ".join(["python", *sys.argv]),
-    }
-    (out / args.name).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    print(f"wrote {out / args.name}")
+    write_bench_json(args.out, args.name, {"rows": rows}, clock=CLOCK["name"])
 
 
 if __name__ == "__main__":

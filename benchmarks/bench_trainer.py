@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -52,8 +51,10 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE.parent / "examples"))
+sys.path.insert(0, str(HERE))
 
 import trl_grpo  # noqa: E402  (the example's tokenizer, model, prompts, reward and GRPOConfig)
+from bench_json import write_bench_json  # noqa: E402
 
 import entropy_probe.integrations.trl as trl_integration  # noqa: E402
 from entropy_probe import ProbeConfig  # noqa: E402
@@ -225,18 +226,9 @@ def main() -> None:
             line += " | " + ", ".join(f"{p} {s['median']:.0%}" for p, s in row["split"].items())
             line += f" | se_cond_e {row['se_cond_e']['median']:.2e} | units {row['n_eval_units']['median']}"
         print(line)
-    meta = {
-        "torch": torch.__version__,
-        "machine": platform.processor() or platform.machine(),
-        "threads": 1,
-        "steps": args.steps,
-        "repeats": args.repeats,
-        "command": " ".join(["python", *sys.argv]),
-    }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / args.name).write_text(json.dumps({"meta": meta, "arms": result, "runs": runs}, indent=1))
-    print(f"wrote {out / args.name}")
+    write_bench_json(
+        args.out, args.name, {"arms": result, "runs": runs}, steps=args.steps, repeats=args.repeats
+    )
 
 
 if __name__ == "__main__":

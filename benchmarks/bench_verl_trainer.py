@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -28,10 +27,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE.parent / "tests" / "verl_engine"))
+sys.path.insert(0, str(HERE))
 
-import torch  # noqa: E402
 import trajectory  # noqa: E402  (verl_support sets 1 torch thread and the CPU platform on import)
 import verl_support  # noqa: E402
+from bench_json import write_bench_json  # noqa: E402
 
 
 def one_run(kind: str, model_dir: Path, steps: int) -> dict:
@@ -79,18 +79,9 @@ def main() -> None:
     }
     summary["se_cond_e_median"] = statistics.median(s for r in runs["sampled"] for s in r["se_cond_e"])
     print(json.dumps(summary, indent=1))
-    meta = {
-        "torch": torch.__version__,
-        "machine": platform.processor() or platform.machine(),
-        "threads": 1,
-        "steps": args.steps,
-        "repeats": args.repeats,
-        "command": " ".join(["python", *sys.argv]),
-    }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / args.name).write_text(json.dumps({"meta": meta, "summary": summary, "runs": runs}, indent=1))
-    print(f"wrote {out / args.name}")
+    write_bench_json(
+        args.out, args.name, {"summary": summary, "runs": runs}, steps=args.steps, repeats=args.repeats
+    )
 
 
 if __name__ == "__main__":
