@@ -36,17 +36,6 @@ def test_se_total_is_calibrated_over_independent_update_and_eval_batches(directi
     assert check.passed, (check.measured, check.tolerance)
 
 
-def _without_unit(batch: ep.RolloutBatch, m: int) -> ep.RolloutBatch:
-    keep = batch.unit_index != m
-    return ep.RolloutBatch(
-        batch.input_ids[keep],
-        batch.attention_mask[keep],
-        batch.response_mask[keep],
-        batch.group_ids[keep],
-        advantages=batch.advantages[keep],
-    )
-
-
 def _update_batch(policy, n_units: int, seed: int) -> ep.RolloutBatch:
     """U with random advantages given: dropping a unit leaves the other units' advantages alone."""
     b = sample_enumerated(policy, n_units, seed=seed)
@@ -92,7 +81,7 @@ def test_adam_update_influences_are_delete_one_unit_changes(direction, clip):
     update, evaluation = _update_batch(policy, 5, seed=5), sample_enumerated(policy, 12, seed=6)
     r = probe.run(update, evaluation)
     for m in range(update.n_units):  # every unit has G = 4, so dropping one leaves J_m of the others alone
-        v_minus = probe.update_direction(_without_unit(update, m))
+        v_minus = probe.update_direction(_without_units(update, [m]))
         expected = r.delta_h1 - probe.run(eval_batch=evaluation, direction=v_minus).delta_h1
         assert float(r.update_influence[m]) == pytest.approx(expected, rel=1e-3, abs=1e-5 * abs(r.delta_h1))
 

@@ -120,6 +120,21 @@ def exact_second_directional(policy, v, weighting):
     return float(sum((h.double() * v[n].double()).sum() for n, h in zip(params, hv)))
 
 
+def assert_se_calibrated(d: torch.Tensor, ses: list[float]) -> None:
+    """The reported SEs ``ses`` are calibrated over the K independent draws ``d``: the spread of the draws
+    over the mean predicted variance is 1 within 3 SDs. A sample variance of K draws with excess kurtosis
+    kappa has relative SD sqrt(2/(K-1) + kappa/K); the mean of K predicted variances adds its own
+    relative SE; the two in quadrature."""
+    k = len(d)
+    pred = torch.tensor(ses, dtype=torch.float64).square()
+    kappa = float(((d - d.mean()) ** 4).mean() / d.var(unbiased=False) ** 2 - 3)
+    rel = math.hypot(
+        math.sqrt(2 / (k - 1) + max(kappa, 0.0) / k), float(pred.std() / pred.mean()) / math.sqrt(k)
+    )
+    ratio = float(d.var()) / float(pred.mean())
+    assert abs(ratio - 1.0) <= 3 * rel, (ratio, rel)
+
+
 @pytest.mark.parametrize("weighting", ["token-mean", "sum"])
 def test_delta_h2_unbiased_against_enumeration(weighting):
     """Over K independent E draws, mean delta_h2 = (eta^2/2) v^T grad^2 H v exactly (|z| <= 3).
@@ -152,17 +167,7 @@ def test_delta_h2_unbiased_against_enumeration(weighting):
     d = torch.tensor(draws, dtype=torch.float64)
     z = (float(d.mean()) - exact) / float(d.std() / math.sqrt(len(draws)))
     assert abs(z) <= 3.0, (z, float(d.mean()), exact)
-    # The reported SE is calibrated too: the spread of the draws over the mean predicted variance. A
-    # sample variance of K draws with excess kurtosis kappa has relative SD sqrt(2/(K-1) + kappa/K);
-    # the mean of K predicted variances adds its own relative SE; 3 SDs of both in quadrature.
-    k = len(draws)
-    pred = torch.tensor(ses, dtype=torch.float64).square()
-    kappa = float(((d - d.mean()) ** 4).mean() / d.var(unbiased=False) ** 2 - 3)
-    rel = math.hypot(
-        math.sqrt(2 / (k - 1) + max(kappa, 0.0) / k), float(pred.std() / pred.mean()) / math.sqrt(k)
-    )
-    ratio = float(d.var()) / float(pred.mean())
-    assert abs(ratio - 1.0) <= 3 * rel, (ratio, rel)
+    assert_se_calibrated(d, ses)
 
 
 def test_delta_h2_of_the_token_default_unbiased_against_enumeration():
@@ -194,14 +199,7 @@ def test_delta_h2_of_the_token_default_unbiased_against_enumeration():
     z = (float(d.mean()) - exact) / se_mean
     assert abs(exact) > 10 * se_mean  # the term is far from 0: the test can tell a wrong one
     assert abs(z) <= 3.0, (z, float(d.mean()), exact)  # k = 3 SE
-    k = len(draws)
-    pred = torch.tensor(ses, dtype=torch.float64).square()
-    kappa = float(((d - d.mean()) ** 4).mean() / d.var(unbiased=False) ** 2 - 3)
-    rel = math.hypot(
-        math.sqrt(2 / (k - 1) + max(kappa, 0.0) / k), float(pred.std() / pred.mean()) / math.sqrt(k)
-    )
-    ratio = float(d.var()) / float(pred.mean())
-    assert abs(ratio - 1.0) <= 3 * rel, (ratio, rel)  # 3 SDs of the variance ratio
+    assert_se_calibrated(d, ses)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
