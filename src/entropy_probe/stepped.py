@@ -101,39 +101,32 @@ def _v_chunk(v: Mapping[str, Tensor], name: str, start: int, stop: int) -> Tenso
     return v[name].reshape(-1)[start:stop]
 
 
+def _chunkwise(like: Tensor, dtype: torch.dtype, chunk: Callable[[int, int], Tensor]) -> Tensor:
+    """A tensor shaped like ``like`` in ``dtype``, written ``chunk(start, stop)`` by flat chunk of
+    ``step_view.chunk_size`` elements: no temporary larger than a chunk."""
+    n = like.numel()
+    out = torch.empty(n, dtype=dtype, device=like.device)
+    size = chunk_size(like.device)
+    for start in range(0, n, size):
+        stop = min(start + size, n)
+        out[start:stop] = chunk(start, stop)
+    return out.reshape(like.shape)
+
+
 def _stepped_form(theta: Tensor, v: Mapping[str, Tensor], name: str, step: float, dtype: torch.dtype):
     """``() -> theta + step * v[name]`` in ``dtype``, formed chunk by chunk into one output tensor. The
     ops of ``vectors.stepped_parameters`` on each element (``theta.float() + step * v``, cast to
     ``dtype``), so the same bits."""
-
-    def form() -> Tensor:
-        flat, n = theta.detach().reshape(-1), theta.numel()
-        out = torch.empty(n, dtype=dtype, device=theta.device)
-        size = chunk_size(theta.device)
-        for start in range(0, n, size):
-            stop = min(start + size, n)
-            out[start:stop] = flat[start:stop].float() + step * _v_chunk(v, name, start, stop)
-        return out.reshape(theta.shape)
-
-    return form
+    flat = theta.detach().reshape(-1)
+    return lambda: _chunkwise(theta, dtype, lambda a, b: flat[a:b].float() + step * _v_chunk(v, name, a, b))
 
 
 def direction_form(like: Tensor, v: Mapping[str, Tensor], name: str, dtype: torch.dtype):
-    """``() -> v[name]`` in ``dtype``, formed chunk by chunk into one output tensor: a ``StepView``'s step
-    is never formed whole with its rule's temporaries (the forward-mode tangents, ``jvp.along``)."""
-
-    def form() -> Tensor:
-        if not isinstance(v, StepView):
-            return v[name].to(dtype=dtype)
-        n = like.numel()
-        out = torch.empty(n, dtype=dtype, device=like.device)
-        size = chunk_size(like.device)
-        for start in range(0, n, size):
-            stop = min(start + size, n)
-            out[start:stop] = _v_chunk(v, name, start, stop)
-        return out.reshape(like.shape)
-
-    return form
+    """``() -> v[name]`` in ``dtype``: a ``StepView``'s step formed chunk by chunk, never whole with its
+    rule's temporaries (the forward-mode tangents, ``jvp.along``); a stored v read as it is."""
+    if not isinstance(v, StepView):
+        return lambda: v[name].to(dtype=dtype)
+    return lambda: _chunkwise(like, dtype, lambda a, b: _v_chunk(v, name, a, b))
 
 
 def _cast_form(t: Tensor) -> Callable[[], Tensor]:
